@@ -1,0 +1,148 @@
+"""Build a Stable Diffusion pipeline from config with random weights, saved with save_pretrained. No download.
+
+    python examples/make_tiny_model.py --output_dir models/tiny-sd
+    python examples/make_tiny_model.py --output_dir models/sd15-random --preset sd15
+
+Presets:
+  tiny  SD 1.x layout, attention widths 40, 80, 160 and a 96-wide text context (those of ../shared/a1111/),
+        epsilon prediction; for tests and the quickstart.
+  sd2   the tiny model with a 128-wide text context and v-prediction, standing in for SD 2.x (1024).
+  sd15  the real SD 1.5 UNet, text encoder and VAE architectures at random weights, for benchmarks.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def write_tokenizer_files(directory):
+    """A character-level CLIP BPE vocabulary (no merges): every byte, alone and word-final, plus the specials."""
+    os.makedirs(directory, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({token: i for i, token in enumerate(tokens)}, f, ensure_ascii=False)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(
+        os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=77
+    )
+
+
+PRESETS = {
+    "tiny": dict(
+        unet=dict(
+            sample_size=16,
+            block_out_channels=(40, 80, 160),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=96,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3,
+            up_block_types=("CrossAttnUpBlock2D",) * 3,
+        ),
+        text=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4),
+        vae=dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8),
+        prediction_type="epsilon",
+    ),
+    "sd15": dict(
+        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+        prediction_type="epsilon",
+    ),
+}
+PRESETS["sd2"] = dict(
+    PRESETS["tiny"],
+    unet=dict(PRESETS["tiny"]["unet"], cross_attention_dim=128),
+    text=dict(PRESETS["tiny"]["text"], hidden_size=128, intermediate_size=256),
+    prediction_type="v_prediction",
+)
+
+
+def make_tiny_model(output_dir, preset="tiny", seed=0):
+    """Build the preset's pipeline with seeded random weights, save it to output_dir, and return it."""
+    config = PRESETS[preset]
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer_files(os.path.join(output_dir, "tokenizer"))
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **config["unet"])
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=config["text"]["hidden_size"],
+            **config["text"],
+        )
+    )
+    vae_blocks = len(config["vae"]["block_out_channels"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+        sample_size=config["unet"]["sample_size"] * 2 ** (vae_blocks - 1),
+        **config["vae"],
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=config["prediction_type"],
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(output_dir)
+    return pipeline
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="Folder to write the diffusers pipeline to.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="Which architecture to build.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the random weights.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    make_tiny_model(args.output_dir, args.preset, args.seed)
+    print(f"wrote a random-weight {args.preset} Stable Diffusion to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+import json
+import os
+import pickle
+import shutil
+import warnings
+
+import pytest
+import torch
+from conftest import A1111, CASES, a1111_file
+from safetensors.torch import load_file
+
+import hypernet
+from hypernet.formats import shorthash
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return load_file(os.path.join(A1111, "expected.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def cases():
+    with open(os.path.join(A1111, "cases.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reproduces_a1111_outputs(case, expected):
+    hn = hypernet.load(a1111_file(case))
+    contexts = [key for key in expected if key.startswith(case + "/") and key.endswith("/ctx")]
+    assert len(contexts) == len(hn.widths)
+    for key in contexts:
+        width = key.split("/")[1]
+        for multiplier in (1.0, 0.5):
+            hn.set_multiplier(multiplier)
+            k, v = hypernet.apply_hypernetworks([hn], expected[key])
+            assert (k - expected[f"{case}/{width}/k@{multiplier}"]).abs().max() < 1e-5
+            assert (v - expected[f"{case}/{width}/v@{multiplier}"]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reads_what_a1111_reads(case, cases):
+    want = cases[case]
+    hn = hypernet.load(a1111_file(case))
+    assert sorted(hn.widths) == sorted(want["dims"])
+    assert hn.layer_structure == want["layer_structure"]
+    assert hn.activation_func == want["activation_func"]
+    assert hn.add_layer_norm == want["add_layer_norm"]
+    assert hn.activate_output == want["activate_output"]
+    assert hn.dropout_structure == want["dropout_structure"]
+    assert (hn.optimizer_state_dict is not None) == want["optimizer_state_loaded"]
+    assert shorthash(a1111_file(case)) == want["shorthash"]
+    k, _ = hn.pair(hn.widths[0])
+    assert sorted(k.state_dict()) == want["state_dict_keys"]
+
+
+def assert_same_structure(a, b, where="file"):
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
+        for key in a:
+            assert_same_structure(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_structure(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pt_safetensors_pt_round_trip_is_key_for_key_identical(case, tmp_path):
+    original = a1111_file(case)
+    hypernet.save(hypernet.load(original), tmp_path / "x.safetensors")
+    hypernet.save(hypernet.load(tmp_path / "x.safetensors"), tmp_path / "x.pt")
+    assert_same_structure(
+        torch.load(original, weights_only=True), torch.load(tmp_path / "x.pt", weights_only=True)
+    )
+
+
+def test_safetensors_header_carries_every_a1111_key(tmp_path):
+    hypernet.save(hypernet.load(a1111_file("case3_layernorm_swish")), tmp_path / "x.safetensors")
+    meta = hypernet.formats.read_safetensors_header(tmp_path / "x.safetensors")["__metadata__"]
+    assert json.loads(meta["activation_func"]) == "swish"
+    assert json.loads(meta["is_layer_norm"]) is True
+    assert json.loads(meta["optional_info"]) == "fixture: layer norm + hardswish"
+    assert json.loads(meta["widths"]) == [96, 40, 80, 160]
+    tensors = load_file(tmp_path / "x.safetensors")
+    assert tensors["96.k.linear.3.weight"].shape == (96, 192)
+
+
+def test_new_hypernetwork_saves_a1111_dict(tmp_path):
+    hn = hypernet.Hypernetwork([96, 40], name="fresh", activation_func="relu", step=7)
+    hypernet.save(hn, tmp_path / "fresh.pt")
+    data = torch.load(tmp_path / "fresh.pt", weights_only=True)
+    reference = torch.load(a1111_file("case8_with_optim"), weights_only=True)
+    assert list(data) == [96, 40] + [key for key in reference if not isinstance(key, int)]
+    assert {key: type(value) for key, value in data.items()} == {
+        key: type(value) for key, value in reference.items() if key not in ("sd_checkpoint", "sd_checkpoint_name")
+    } | {"sd_checkpoint": type(None), "sd_checkpoint_name": type(None)}
+    assert data["step"] == 7 and data["name"] == "fresh" and data["activate_output"] is False
+
+
+def test_optimizer_state_accepted_when_hash_matches(tmp_path):
+    hn = hypernet.load(a1111_file("case8_with_optim"))
+    assert hn.optimizer_name == "AdamW"
+    assert set(hn.optimizer_state_dict) == {"state", "param_groups"}
+    optimizer = torch.optim.AdamW(hn.parameters())
+    optimizer.load_state_dict(hn.optimizer_state_dict)
+    assert int(optimizer.state_dict()["state"][0]["step"]) == 1
+
+
+def test_optimizer_state_refused_when_pt_altered(tmp_path):
+    shutil.copy(a1111_file("case8_with_optim"), tmp_path / "c.pt")
+    shutil.copy(a1111_file("case8_with_optim", ".pt.optim"), tmp_path / "c.pt.optim")
+    with open(tmp_path / "c.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.warns(UserWarning, match="saved for another file"):
+        hn = hypernet.load(tmp_path / "c.pt")
+    assert hn.optimizer_state_dict is None and hn.optimizer_name is None
+
+
+def test_optimizer_state_with_wrong_shapes_ignored(tmp_path):
+    hn = hypernet.load(a1111_file("case8_with_optim"))
+    state = hn.optimizer_state_dict
+    state["state"][0]["exp_avg"] = torch.zeros(3, 3)
+    hypernet.save(hn, tmp_path / "w.pt", optimizer_state_dict=state)
+    with pytest.warns(UserWarning, match=r"exp_avg of parameter 0 has shape \(3, 3\)"):
+        assert hypernet.load(tmp_path / "w.pt").optimizer_state_dict is None
+
+
+def test_save_writes_optim_companion_with_file_hash(tmp_path):
+    hn = hypernet.Hypernetwork([40], name="o")
+    optimizer = torch.optim.AdamW(hn.parameters())
+    for path in (tmp_path / "o.pt", tmp_path / "o.safetensors"):
+        hypernet.save(hn, path, optimizer_state_dict=optimizer.state_dict(), optimizer_name="AdamW")
+        optim = torch.load(str(path) + ".optim", weights_only=True)
+        assert optim["hash"] == shorthash(path) and optim["optimizer_name"] == "AdamW"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert hypernet.load(path).optimizer_state_dict is not None
+
+
+class Payload:
+    def __reduce__(self):
+        return (open, ("PWNED_MARKER", "w"))
+
+
+def test_malicious_pickle_refused_and_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("evil.pt", "wb") as f:
+        pickle.dump({768: Payload()}, f)
+    torch.save({768: Payload(), "step": 1}, "evil2.pt")
+    for name in ("evil.pt", "evil2.pt"):
+        with pytest.raises(hypernet.FormatError, match=f"{name}: refused, the file needs arbitrary code"):
+            hypernet.load(name)
+    assert not os.path.exists("PWNED_MARKER")
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    data = open(a1111_file("case1_default_relu"), "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(hypernet.FormatError, match=r"cut\.pt: not a readable PyTorch file.*truncated or corrupted"):
+        hypernet.load(tmp_path / "cut.pt")
+
+
+def test_wrong_layer_structure_and_activation_name_the_file(tmp_path):
+    data = torch.load(a1111_file("case1_default_relu"), weights_only=True)
+    torch.save(dict(data, layer_structure=[2, 1]), tmp_path / "ls.pt")
+    with pytest.raises(hypernet.FormatError, match=r"ls\.pt: layer_structure \[2, 1\] must start and end with 1"):
+        hypernet.load(tmp_path / "ls.pt")
+    torch.save(dict(data, layer_structure=[1, 3, 1]), tmp_path / "shape.pt")
+    with pytest.raises(hypernet.FormatError, match=r"shape\.pt: layers\.96\.0\.linear\.0\.weight has shape"):
+        hypernet.load(tmp_path / "shape.pt")
+    torch.save(dict(data, activation_func="wobbly"), tmp_path / "act.pt")
+    with pytest.raises(hypernet.FormatError, match=r"act\.pt: unknown activation_func 'wobbly'"):
+        hypernet.load(tmp_path / "act.pt")
+
+
+def test_not_a_hypernetwork(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(hypernet.FormatError, match=r"ckpt\.pt: not a hypernetwork \(no integer width keys"):
+        hypernet.load(tmp_path / "ckpt.pt")
+    with pytest.raises(hypernet.FormatError, match=r"missing\.pt: no such file"):
+        hypernet.load(tmp_path / "missing.pt")
