@@ -3,7 +3,14 @@
 from .errors import FormatError, HypernetError, WidthMismatchError
 from .formats import load, save, shorthash
 from .module import SD1_WIDTHS, SD2_WIDTHS, SDXL_WIDTHS, Hypernetwork, HypernetworkModule
-from .processor import Attachment, ContextCache, HypernetworkAttnProcessor, apply_hypernetworks, attach, attention_widths
+from .processor import (
+    Attachment,
+    ContextCache,
+    HypernetworkAttnProcessor,
+    apply_hypernetworks,
+    attach,
+    attention_widths,
+)
 
 __version__ = "0.1.0"
 

@@ -68,7 +68,9 @@ def atomic_write(path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise HypernetError(f"{path}: could not write ({e.strerror or e}); the previous file, if any, is intact") from e
+        raise HypernetError(
+            f"{path}: could not write ({e.strerror or e}); the previous file, if any, is intact"
+        ) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -123,7 +125,10 @@ def hypernetwork_from_pt_dict(data, path, name=None):
     if meta["dropout_structure"] is not None and any(meta["dropout_structure"]):
         meta["use_dropout"] = True
     legacy = any(
-        isinstance(data[w], (tuple, list)) and data[w] and isinstance(data[w][0], dict) and "linear1.weight" in data[w][0]
+        isinstance(data[w], (tuple, list))
+        and data[w]
+        and isinstance(data[w][0], dict)
+        and "linear1.weight" in data[w][0]
         for w in widths
     )
     meta["name"] = meta["name"] if meta["name"] is not None else name
@@ -291,7 +296,9 @@ def load_safetensors(path, name=None):
         legacy = bool(json.loads(metadata.get("pt_legacy_layout", "false")))
         extra = json.loads(metadata.get("pt_extra", "{}"))
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise FormatError(f"{path}: corrupted safetensors file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        raise FormatError(
+            f"{path}: corrupted safetensors file ({str(e).splitlines()[0] if str(e) else e!r})"
+        ) from None
     if not isinstance(widths, list) or not widths or not all(isinstance(w, int) for w in widths):
         raise FormatError(f"{path}: corrupted metadata: widths {metadata.get('widths')!r} is not a list of integers")
     meta = {attribute: decoded.get(key, LOAD_DEFAULTS[attribute]) for key, attribute in PT_KEYS.items()}
@@ -378,4 +385,16 @@ def optimizer_state_mismatch(state_dict, parameters):
         for key, value in values.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shape:
                 return f"{key} of parameter {index} has shape {tuple(value.shape)}, the weight has {tuple(shape)}"
+    return None
+
+
+def base_model_hash(path):
+    """The short hash recorded as sd_checkpoint: A1111's for a single checkpoint file; for a diffusers folder,
+    the same hash of its UNet weights file (a diffusers folder has no single file that A1111 would hash)."""
+    if os.path.isfile(path):
+        return shorthash(path)
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        candidate = os.path.join(path, "unet", name)
+        if os.path.isfile(candidate):
+            return shorthash(candidate)
     return None

@@ -33,9 +33,7 @@ SDXL_WIDTHS = (2048, 640, 1280)
 
 def check_layer_structure(layer_structure):
     if len(layer_structure) < 2 or layer_structure[0] != 1 or layer_structure[-1] != 1:
-        raise HypernetError(
-            f"layer_structure {list(layer_structure)} must start and end with 1, e.g. 1,2,1"
-        )
+        raise HypernetError(f"layer_structure {list(layer_structure)} must start and end with 1, e.g. 1,2,1")
     if any(not isinstance(a, (int, float)) or a <= 0 for a in layer_structure):
         raise HypernetError(f"layer_structure {list(layer_structure)} must hold positive numbers")
 
@@ -166,9 +164,7 @@ class Hypernetwork(nn.Module):
         layer_structure = list(layer_structure)
         check_layer_structure(layer_structure)
         if dropout_structure is None:
-            dropout_structure = default_dropout_structure(
-                layer_structure, use_dropout, bool(last_layer_dropout)
-            )
+            dropout_structure = default_dropout_structure(layer_structure, use_dropout, bool(last_layer_dropout))
         dropout_structure = list(dropout_structure)
         check_dropout_structure(dropout_structure, layer_structure)
         use_dropout = use_dropout or any(dropout_structure)

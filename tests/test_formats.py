@@ -75,9 +75,7 @@ def test_pt_safetensors_pt_round_trip_is_key_for_key_identical(case, tmp_path):
     original = a1111_file(case)
     hypernet.save(hypernet.load(original), tmp_path / "x.safetensors")
     hypernet.save(hypernet.load(tmp_path / "x.safetensors"), tmp_path / "x.pt")
-    assert_same_structure(
-        torch.load(original, weights_only=True), torch.load(tmp_path / "x.pt", weights_only=True)
-    )
+    assert_same_structure(torch.load(original, weights_only=True), torch.load(tmp_path / "x.pt", weights_only=True))
 
 
 def test_safetensors_header_carries_every_a1111_key(tmp_path):
