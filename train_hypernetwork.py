@@ -804,6 +804,18 @@ def save_hypernetwork_file(hn, path, optimizer_state=None, optimizer_name=None):
     hypernet.save(hn, path, optimizer_state_dict=optimizer_state, optimizer_name=optimizer_name)
 
 
+def share_loss_and_stop_request(accelerator, loss, stop_requested):
+    """The loss averaged over processes; a stop request (SIGTERM) seen by any process is recorded on all of them.
+
+    One collective per micro-step carries both, so that every process skips, stops and saves at the same step.
+    """
+    local = torch.stack([loss.detach().float(), torch.tensor(float(bool(stop_requested)), device=loss.device)])
+    shared = accelerator.gather(local.unsqueeze(0))
+    if shared[:, 1].max().item() > 0 and not stop_requested:
+        stop_requested.append("another process")
+    return shared[:, 0].mean().item()
+
+
 def fault_injection():
     """Test hooks (environment variables): steps whose loss becomes NaN, and a slowed checkpoint save."""
     nan_steps = {int(s) for s in os.environ.get("HYPERNET_FAULT_NAN_STEPS", "").split(",") if s.strip()}
@@ -1086,7 +1098,6 @@ def main(input_args=None):
     progress = tqdm(
         total=args.max_train_steps, initial=step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    micro_step = 0
     bad_in_step = False
     step_loss = 0.0
     outcome = "finished"
@@ -1115,15 +1126,7 @@ def main(input_args=None):
                 loss = diffusion_loss(model, noise_scheduler, batch, args.snr_gamma)
                 if step + 1 in nan_steps:
                     loss = loss * float("nan")
-                # One collective per micro-step carries both the loss and any process's stop request.
-                shared = accelerator.gather(
-                    torch.stack(
-                        [loss.detach().float(), torch.tensor(float(bool(stop_requested)), device=loss.device)]
-                    ).unsqueeze(0)
-                )
-                mean_loss = shared[:, 0].mean().item()
-                if shared[:, 1].max().item() > 0 and not stop_requested:
-                    stop_requested.append("peer")
+                mean_loss = share_loss_and_stop_request(accelerator, loss, stop_requested)
                 bad_in_step = bad_in_step or not math.isfinite(mean_loss)
                 step_loss += mean_loss / args.gradient_accumulation_steps
                 accelerator.backward(loss)
@@ -1132,21 +1135,18 @@ def main(input_args=None):
                     if bad_in_step:
                         optimizer.zero_grad(set_to_none=True)
                     else:
-                        hn_step = initial_step + (step - initial_step)
+                        clip_value = rate_at(args.clip_grad_schedule, step)
                         if args.clip_grad_mode == "norm":
-                            grad_norm = accelerator.clip_grad_norm_(
-                                trainable, rate_at(args.clip_grad_schedule, hn_step)
-                            )
+                            grad_norm = accelerator.clip_grad_norm_(trainable, clip_value)
                         else:
                             if args.clip_grad_mode == "value":
-                                accelerator.clip_grad_value_(trainable, rate_at(args.clip_grad_schedule, hn_step))
+                                accelerator.clip_grad_value_(trainable, clip_value)
                             else:
                                 accelerator.unscale_gradients()
                             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     lr_scheduler.step()
-            micro_step += 1
             if not accelerator.sync_gradients:
                 continue
 
