@@ -526,10 +526,10 @@ def encode_prompts(prompts, text_encoder, tokenizer, device):
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """Full batches of equal-sized images, in an order that depends only on the seed and the epoch.
+    """Full global batches of equal-sized images, in an order that depends only on the seed and the epoch.
 
-    That makes the data order the same for any number of processes (accelerate shards whole batches) and
-    lets a resumed run skip exactly the batches it already trained on.
+    accelerate splits each global batch across the processes, so the data seen at each step is the same for any
+    number of processes, and a resumed run skips exactly the batches it already trained on.
     """
 
     def __init__(self, sizes, batch_size, seed):
@@ -816,6 +816,24 @@ def share_loss_and_stop_request(accelerator, loss, stop_requested):
     return shared[:, 0].mean().item()
 
 
+def check_ranks_agree(accelerator, hn):
+    """With several processes, confirm that every one ends with bit-identical hypernetwork weights."""
+    if accelerator.num_processes == 1:
+        return
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256()
+    for tensor in hn.state_dict().values():
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    digests = gather_object([digest.hexdigest()[:16]])
+    if len(set(digests)) == 1:
+        logger.info(f"hypernetwork weights identical on all {len(digests)} processes (sha256 {digests[0]})")
+    else:
+        logger.error(f"hypernetwork weights differ between processes: {digests}; gradients were not synchronised")
+
+
 def fault_injection():
     """Test hooks (environment variables): steps whose loss becomes NaN, and a slowed checkpoint save."""
     nan_steps = {int(s) for s in os.environ.get("HYPERNET_FAULT_NAN_STEPS", "").split(",") if s.strip()}
@@ -856,7 +874,7 @@ def main(input_args=None):
     args = parse_args(input_args)
 
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
     # Everything cheap is checked before any model or image is loaded.
@@ -875,6 +893,7 @@ def main(input_args=None):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(unused_widths))],
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
         step_scheduler_with_optimizer=False,
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
@@ -924,7 +943,8 @@ def main(input_args=None):
     hn.optimizer_state_dict = None
     lr_scheduler = make_lr_scheduler(args, optimizer, initial_step)
 
-    sampler = EpochBatchSampler(cache.sizes, args.train_batch_size, args.seed)
+    # Global batches, which accelerate splits across processes: every process count sees the same global batches.
+    sampler = EpochBatchSampler(cache.sizes, args.train_batch_size * accelerator.num_processes, args.seed)
     # Its own generator: a new iterator would otherwise draw from the global RNG that dropout uses, at a point
     # that differs between a resumed run and an uninterrupted one.
     dataloader = torch.utils.data.DataLoader(
@@ -1192,6 +1212,7 @@ def main(input_args=None):
             epoch += 1
 
     progress.close()
+    check_ranks_agree(accelerator, hn_unwrapped)
     if (outcome == "stopped" or args.checkpointing_steps) and not os.path.isdir(
         os.path.join(args.output_dir, f"checkpoint-{step}")
     ):

@@ -7,6 +7,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 A1111 = os.path.join(os.path.dirname(ROOT), "shared", "a1111")
 sys.path.insert(0, os.path.join(ROOT, "examples"))
+sys.path.insert(0, ROOT)
 
 CASES = ["case1_default_relu", "case3_layernorm_swish", "case7_old_format", "case8_with_optim"]
 
@@ -44,3 +45,57 @@ def unet(tiny_pipeline):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def sd2_model_dir(tmp_path_factory):
+    from make_tiny_model import make_tiny_model
+
+    directory = str(tmp_path_factory.mktemp("tiny-sd2"))
+    make_tiny_model(directory, "sd2")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """Eight of the shipped style images with their captions."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("style8")
+    source = os.path.join(ROOT, "examples", "style_dataset")
+    for name in sorted(n for n in os.listdir(source) if n.endswith(".png"))[::3]:
+        shutil.copy(os.path.join(source, name), directory / name)
+        shutil.copy(os.path.join(source, name[:-4] + ".txt"), directory / (name[:-4] + ".txt"))
+    return str(directory)
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def train(model_dir, data_dir, output_dir, *flags, steps=6):
+    """Run train_hypernetwork.py in this process; returns its exit code."""
+    import train_hypernetwork
+
+    reset_accelerate()
+    argv = [
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--output_dir", str(output_dir),
+        "--resolution", "64",
+        "--max_train_steps", str(steps),
+        "--learning_rate", "1e-3",
+        "--save_every", "0",
+        "--preview_every", "0",
+        "--checkpointing_steps", "0",
+        "--preview_steps", "3",
+    ]  # fmt: skip
+    if not any(f in ("--train_data_dir", "--dataset_name") for f in flags):
+        argv += ["--train_data_dir", str(data_dir)]
+    try:
+        return train_hypernetwork.main(argv + [str(f) for f in flags])
+    finally:
+        reset_accelerate()

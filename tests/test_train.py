@@ -1,0 +1,169 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, train
+from PIL import Image
+
+import hypernet
+import train_hypernetwork
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def hn_tensors(path):
+    data = torch.load(path, weights_only=True)
+    return {
+        f"{w}.{i}.{k}": t for w in data if isinstance(w, int) for i, sd in enumerate(data[w]) for k, t in sd.items()
+    }
+
+
+def assert_same_weights(a, b, atol=0.0):
+    ta, tb = hn_tensors(a), hn_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        if atol == 0:
+            assert torch.equal(ta[key], tb[key]), key
+        else:
+            assert (ta[key] - tb[key]).abs().max() <= atol, key
+
+
+def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
+    captured = {}
+    real_load_models = train_hypernetwork.load_models
+
+    def spy(args, dtype):
+        models = real_load_models(args, dtype)
+        captured["before"] = [{k: v.clone() for k, v in m.state_dict().items()} for m in models[1:4]]
+        captured["models"] = models[1:4]
+        return models
+
+    monkeypatch.setattr(train_hypernetwork, "load_models", spy)
+    template = tmp_path / "t.txt"
+    template.write_text("a painting of [filewords], art by [name]\n")
+    out = tmp_path / "run"
+    rc = train(
+        tiny_model_dir, small_dataset, out,
+        "--hypernetwork_name", "inky", "--template_file", template, "--activation_func", "relu",
+        "--save_every", 4, "--checkpointing_steps", 4, "--checkpoints_total_limit", 1, "--preview_every", 4,
+        "--preview_prompt", "a red circle", "--preview_prompt", "a blue square", "--preview_negative_prompt", "blurry",
+        "--preview_seed", 5, "--preview_guidance_scale", 4.0, "--preview_width", 64, "--preview_height", 128,
+        "--save_safetensors", "--report_to", "tensorboard", "--tracker_project_name", "proj", "--seed", 3,
+        steps=8,
+    )  # fmt: skip
+    assert rc == 0
+    names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
+    for expected in [
+        "inky.pt", "inky.pt.optim", "inky.safetensors", "loss.csv", "loss.png", "training_settings.json",
+        "hypernetworks/inky-4.pt", "hypernetworks/inky-4.pt.optim", "hypernetworks/inky-8.pt",
+        "images/inky-4-0.png", "images/inky-4-1.png", "images/inky-8-0.png", "images/inky-8-1.png",
+        "checkpoint-8/hypernetwork.safetensors", "checkpoint-8/optimizer.bin",
+    ]:  # fmt: skip
+        assert expected in names, f"{expected} missing from {sorted(names)}"
+    assert not os.path.exists(out / "checkpoint-4"), "--checkpoints_total_limit 1 keeps only the newest"
+    assert any(n.startswith("logs/proj/events.out.tfevents") for n in names)
+
+    rows = read_csv(out / "loss.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert set(rows[0]) == {"step", "epoch", "epoch_step", "loss", "learn_rate"}
+    assert [int(r["epoch"]) for r in rows] == [0] * 8 and int(rows[-1]["epoch_step"]) == 8
+
+    settings = json.load(open(out / "training_settings.json"))
+    assert settings["dataset_size"] == 8 and settings["template_file"] == str(template)
+    assert settings["model_hash"] == hypernet.formats.base_model_hash(tiny_model_dir)
+
+    hn = hypernet.load(out / "inky.pt")
+    assert hn.step == 8 and hn.name == "inky" and hn.activation_func == "relu"
+    assert hn.sd_checkpoint == settings["model_hash"] and hn.sd_checkpoint_name == os.path.basename(tiny_model_dir)
+    assert hn.optimizer_name == "AdamW" and hn.optimizer_state_dict is not None
+    from_st = hypernet.load(out / "inky.safetensors")
+    x = torch.randn(2, 77, 96)
+    assert torch.equal(hypernet.apply_hypernetworks([hn], x)[0], hypernet.apply_hypernetworks([from_st], x)[0])
+    assert not torch.equal(hypernet.apply_hypernetworks([hn], x)[0], x)
+
+    preview = Image.open(out / "images" / "inky-8-1.png")
+    assert preview.size == (64, 128)
+    assert preview.info["parameters"].startswith("a blue square\nNegative prompt: blurry\nSteps: 3,")
+    assert "Seed: 5" in preview.info["parameters"] and "Hypernet: inky" in preview.info["parameters"]
+
+    for model, before in zip(captured["models"], captured["before"]):
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), f"{type(model).__name__} changed"
+        assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_loss_on_a_fixed_batch_falls(tiny_model_dir, small_dataset, tmp_path):
+    out = tmp_path / "fit"
+    assert train(tiny_model_dir, small_dataset, out, "--learning_rate", "3e-3", "--activation_func", "relu",
+                 "--weight_init", "XavierNormal", "--center_crop", steps=40) == 0  # fmt: skip
+    args = train_hypernetwork.parse_args(
+        ["--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", small_dataset, "--output_dir",
+         str(tmp_path / "eval"), "--resolution", "64", "--center_crop", "--hypernetwork_name", "fit"]
+    )  # fmt: skip
+    tokenizer, text_encoder, vae, unet, scheduler = train_hypernetwork.load_models(args)
+    entries = train_hypernetwork.read_dataset_entries(args)
+    template = train_hypernetwork.load_template(None)
+    cache = train_hypernetwork.cache_dataset(
+        entries, template, args, vae, text_encoder, tokenizer, "cpu", torch.float32, False
+    )
+    batch = train_hypernetwork.make_batch(
+        torch.arange(8), cache, 0, args, text_encoder, tokenizer, template, "cpu", 1000
+    )
+
+    def fixed_batch_loss(hn):
+        model = train_hypernetwork.UNetWithHypernetwork(unet, hn)
+        with torch.no_grad():
+            loss = train_hypernetwork.diffusion_loss(model, scheduler, batch).item()
+        model.attachment.detach()
+        return loss
+
+    untrained = hypernet.Hypernetwork([96, 40, 80, 160], activation_func="relu").set_multiplier(0.0)
+    before, after = fixed_batch_loss(untrained), fixed_batch_loss(hypernet.load(out / "fit.pt"))
+    assert after < before * 0.97, (before, after)
+
+
+def test_resume_from_checkpoint_is_bitwise_exact(tiny_model_dir, small_dataset, tmp_path):
+    flags = ["--hypernetwork_name", "x", "--checkpointing_steps", 3, "--train_batch_size", 2,
+             "--gradient_accumulation_steps", 2, "--random_flip", "--latent_sampling_method", "random",
+             "--shuffle_tags", "--tag_drop_out", 0.2, "--use_dropout", "--layer_structure", "1,2,2,1",
+             "--learning_rate", "1e-3:4, 5e-4", "--clip_grad_mode", "norm", "--clip_grad_value", "1.0"]  # fmt: skip
+    assert train(tiny_model_dir, small_dataset, tmp_path / "full", *flags, steps=10) == 0
+    assert train(tiny_model_dir, small_dataset, tmp_path / "half", *flags, steps=5) == 0
+    assert os.path.isdir(tmp_path / "half" / "checkpoint-5")
+    assert train(tiny_model_dir, small_dataset, tmp_path / "half", *flags, "--resume_from_checkpoint", "latest",
+                 steps=10) == 0  # fmt: skip
+    assert_same_weights(tmp_path / "full" / "x.pt", tmp_path / "half" / "x.pt")
+    assert read_csv(tmp_path / "full" / "loss.csv") == read_csv(tmp_path / "half" / "loss.csv")
+    rates = [float(r["learn_rate"]) for r in read_csv(tmp_path / "full" / "loss.csv")]
+    assert rates == [1e-3] * 3 + [5e-4] * 7, "A1111 schedule: rate until step, the last to the end"
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model_dir, small_dataset, tmp_path):
+    common = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "{n}", "--master_port", "{port}",
+        os.path.join(ROOT, "train_hypernetwork.py"), "--pretrained_model_name_or_path", tiny_model_dir,
+        "--train_data_dir", small_dataset, "--resolution", "64", "--optimizer", "SGD", "--learning_rate", "0.05",
+        "--activation_func", "relu", "--save_every", "0", "--preview_every", "0", "--checkpointing_steps", "0",
+        "--max_train_steps", "5", "--hypernetwork_name", "x", "--random_flip",
+    ]  # fmt: skip
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    logs = {}
+    for n, batch, port in ((2, 1, 29611), (1, 2, 29612)):
+        command = [c.format(n=n, port=port) for c in common]
+        command += ["--output_dir", str(tmp_path / f"p{n}"), "--train_batch_size", str(batch)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[n] = result.stderr
+    assert "hypernetwork weights identical on all 2 processes" in logs[2]
+    assert "2 process(es), total batch 2" in logs[2]
+    assert_same_weights(tmp_path / "p1" / "x.pt", tmp_path / "p2" / "x.pt", atol=1e-6)
+    l1 = [float(r["loss"]) for r in read_csv(tmp_path / "p1" / "loss.csv")]
+    l2 = [float(r["loss"]) for r in read_csv(tmp_path / "p2" / "loss.csv")]
+    assert l1 == pytest.approx(l2, abs=1e-5)

@@ -1,0 +1,210 @@
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import a1111_file, train
+from PIL import Image
+
+import hypernet
+import train_hypernetwork
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    """Fail the test if the run gets as far as loading model weights."""
+
+    def refuse(*a, **k):
+        raise AssertionError("model weights were loaded before the error was reported")
+
+    monkeypatch.setattr(train_hypernetwork, "load_models", refuse)
+
+
+def run_cli(capsys, argv):
+    code = None
+    try:
+        train_hypernetwork.main(argv)
+    except train_hypernetwork.HypernetError as e:
+        code, message = 2, str(e)
+    else:
+        code, message = 0, ""
+    return code, message
+
+
+def base_argv(model, data, out):
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out)]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layer_structure", "2,2,1"], r"--layer_structure \[2, 2, 1\]: must start and end with 1"),
+        (["--layer_structure", "1,x,1"], r"--layer_structure '1,x,1': expected comma-separated numbers"),
+        (["--activation_func", "wobbly"], r"--activation_func 'wobbly': unknown"),
+        (["--template_file", "nope.txt"], r"--template_file nope.txt: no such file"),
+        (["--learning_rate", "fast"], r"--learning_rate 'fast': expected a number or a schedule"),
+        (["--optimizer", "Adamish"], r"--optimizer 'Adamish': not a torch.optim class"),
+        (["--enable_sizes", "768,320,640,1280"], r"widths \[768, 320, 640, 1280\] do not match the model's attention widths \[40, 80, 96, 160\]"),
+        (["--learning_rate", "1e-3:10, 1e-4", "--lr_scheduler", "cosine"], r"is an A1111 schedule; use it with --lr_scheduler constant"),
+        (["--resolution", "60"], r"--resolution 60: must be a multiple of 8"),
+    ],
+)  # fmt: skip
+def test_bad_flags_are_one_line_errors_before_heavy_work(
+    tiny_model_dir, small_dataset, tmp_path, capsys, no_heavy_work, extra, message
+):
+    code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") + extra)
+    assert code == 2 and "\n" not in text
+    assert __import__("re").search(message, text), text
+
+
+def test_bad_data_is_reported_by_file_before_heavy_work(
+    tiny_model_dir, small_dataset, tmp_path, capsys, no_heavy_work
+):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, text = run_cli(capsys, base_argv(tiny_model_dir, empty, tmp_path / "o"))
+    assert code == 2 and f"--train_data_dir {empty}: no images found" in text
+
+    broken = tmp_path / "broken"
+    shutil.copytree(small_dataset, broken)
+    (broken / "zz-bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    code, text = run_cli(capsys, base_argv(tiny_model_dir, broken, tmp_path / "o"))
+    assert code == 2 and f"{broken / 'zz-bad.png'}: unreadable image" in text
+
+    (broken / "zz-bad.png").write_bytes(b"")
+    code, text = run_cli(capsys, base_argv(tiny_model_dir, broken, tmp_path / "o"))
+    assert code == 2 and f"{broken / 'zz-bad.png'}: empty file (0 bytes)" in text
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o")[:-2])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --output_dir" in capsys.readouterr().err
+
+    other = tmp_path / "sd1.pt"
+    hypernet.save(hypernet.Hypernetwork(hypernet.SD1_WIDTHS, name="sd1"), other)
+    code, text = run_cli(
+        capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") + ["--resume_hypernetwork", str(other)]
+    )
+    assert code == 2 and "widths [768, 320, 640, 1280] do not match the model's attention widths" in text
+
+
+def test_cli_prints_one_line_and_exits_2(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(
+        "sys.argv", ["train_hypernetwork.py"] + base_argv(tiny_model_dir, tmp_path / "none", tmp_path / "o")
+    )
+    assert train_hypernetwork.cli() == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"train_hypernetwork.py: error: --train_data_dir {tmp_path / 'none'}: no such folder"
+
+
+def test_continue_an_a1111_file_with_its_optimizer_state(tiny_model_dir, small_dataset, tmp_path):
+    shutil.copy(a1111_file("case8_with_optim"), tmp_path / "case8.pt")
+    shutil.copy(a1111_file("case8_with_optim", ".pt.optim"), tmp_path / "case8.pt.optim")
+    out = tmp_path / "more"
+    assert train(tiny_model_dir, small_dataset, out, "--resume_hypernetwork", tmp_path / "case8.pt",
+                 "--hypernetwork_name", "case8b", steps=4) == 0  # fmt: skip
+    hn = hypernet.load(out / "case8b.pt")
+    assert hn.step == 4 and hn.widths == [96, 40] and hn.activation_func == "relu"
+    state = hn.optimizer_state_dict["state"]
+    assert int(state[0]["step"]) == 4, "3 steps on top of the file's 1: its AdamW state carried on"
+    original = torch.load(a1111_file("case8_with_optim"), weights_only=True)
+    assert list(torch.load(out / "case8b.pt", weights_only=True)) == list(original)
+
+
+def test_v_prediction_snr_noise_offset_checkpointing_bf16(sd2_model_dir, small_dataset, tmp_path):
+    out = tmp_path / "sd2"
+    assert train(sd2_model_dir, small_dataset, out, "--snr_gamma", 5, "--noise_offset", 0.05,
+                 "--gradient_checkpointing", "--mixed_precision", "bf16", "--enable_sizes", "auto",
+                 "--add_layer_norm", "--activation_func", "swish", "--weight_init", "KaimingNormal",
+                 "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--allow_tf32", steps=5) == 0  # fmt: skip
+    hn = hypernet.load(out / "sd2.pt")
+    assert hn.widths == [40, 80, 128, 160] and hn.add_layer_norm
+    assert all(t.dtype == torch.float32 for t in hn.state_dict().values()), "master weights stay float32"
+    rows = [line.split(",") for line in open(out / "loss.csv").read().split()[1:]]
+    rates = [float(r[4]) for r in rows]
+    assert rates[0] == pytest.approx(5e-4) and rates[1] == pytest.approx(1e-3) and rates[-1] < rates[1]
+    assert all(float(r[3]) > 0 for r in rows)
+
+
+def test_8bit_adam_on_cpu_and_a_clear_error_without_bitsandbytes(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "bnb"
+    assert train(tiny_model_dir, small_dataset, out, "--use_8bit_adam", "--clip_grad_mode", "value",
+                 "--clip_grad_value", "0.05:2, 0.01", steps=3) == 0  # fmt: skip
+    hn = hypernet.load(out / "bnb.pt")
+    assert hn.optimizer_name == "AdamW8bit" and hn.optimizer_state_dict is not None
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    with pytest.raises(train_hypernetwork.HypernetError, match=r"--use_8bit_adam needs bitsandbytes: pip install"):
+        train_hypernetwork.parse_args(base_argv(tiny_model_dir, small_dataset, out) + ["--use_8bit_adam"])
+
+
+def test_imagefolder_dataset_varsize_and_alpha_weights(tiny_model_dir, tmp_path):
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    rows = []
+    for i, size in enumerate([(64, 64), (128, 64), (64, 64), (128, 64)]):
+        image = Image.new("RGBA", size, (200, 50 * i, 20, 255))
+        image.putalpha(Image.linear_gradient("L").resize(size))
+        image.save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "caption": f"thing {i}", "text": "unused"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "ds"
+    assert train(tiny_model_dir, None, out, "--dataset_name", folder, "--caption_column", "caption",
+                 "--image_column", "image", "--varsize", "--use_weight", "--train_batch_size", 2, steps=4) == 0  # fmt: skip
+    settings = json.load(open(out / "training_settings.json"))
+    assert settings["dataset_size"] == 4 and settings["varsize"] is True
+
+    code = None
+    try:
+        train_hypernetwork.parse_args(["--pretrained_model_name_or_path", tiny_model_dir, "--output_dir", str(out)])
+    except train_hypernetwork.HypernetError as e:
+        code = str(e)
+    assert code == "give exactly one of --train_data_dir and --dataset_name"
+
+
+def test_alpha_weight_is_normalised_like_a1111():
+    image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    image.paste((0, 0, 0, 255), (0, 0, 32, 64))
+    weight = train_hypernetwork.alpha_weight(image, (4, 8, 8))
+    assert weight.shape == (4, 8, 8) and weight.min() == 0 and weight.mean().item() == pytest.approx(1.0)
+    assert weight[:, :, :3].min() > 1.5 and weight[:, :, 5:].max() == 0
+
+
+def test_captions_templates_and_tags():
+    assert train_hypernetwork.filewords_from_name("00012-a red fox.png") == "a red fox"
+    line = "a painting of [filewords], art by [name]"
+    assert (
+        train_hypernetwork.make_caption(line, "fox, red, snow", "inky") == "a painting of fox, red, snow, art by inky"
+    )
+    rng = __import__("random").Random(0)
+    shuffled = train_hypernetwork.make_caption("[filewords]", "a,b,c,d,e,f", "n", rng, shuffle_tags=True)
+    assert sorted(shuffled.split(",")) == list("abcdef") and shuffled != "a,b,c,d,e,f"
+    dropped = train_hypernetwork.make_caption("[filewords]", ",".join("abcdefghijklmnop"), "n", rng, tag_drop_out=0.5)
+    assert 0 < len(dropped.split(",")) < 16
+    schedule = train_hypernetwork.parse_schedule("5e-5:100, 5e-6:1500, 5e-7", "--learning_rate")
+    assert [train_hypernetwork.rate_at(schedule, s) for s in (0, 99, 100, 1499, 1500, 99999)] == [
+        5e-5, 5e-5, 5e-6, 5e-6, 5e-7, 5e-7
+    ]  # fmt: skip
+
+
+def test_template_without_filewords_warns_by_name(tmp_path, caplog):
+    path = tmp_path / "style.txt"
+    path.write_text("a painting, art by [name]\n")
+    assert train_hypernetwork.load_template(str(path)) == ["a painting, art by [name]"]
+    assert f"{path} has no [filewords]" in caplog.text
+
+
+def test_wandb_offline_logs_loss_and_previews(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    assert train(tiny_model_dir, small_dataset, out, "--report_to", "wandb", "--run_name", "my-run",
+                 "--preview_every", 2, steps=2) == 0  # fmt: skip
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    run_dir = tmp_path / "wandb" / runs[0]
+    assert any(name.startswith("preview_2_") for name in os.listdir(run_dir / "files" / "media" / "images"))
+    log = next(run_dir.glob("*.wandb")).read_bytes()
+    for key in (b"loss", b"lr", b"grad_norm", b"my-run"):
+        assert key in log, key
