@@ -7,6 +7,7 @@ Presets:
   tiny  SD 1.x layout, attention widths 40, 80, 160 and a 96-wide text context (those of ../shared/a1111/),
         epsilon prediction; for tests and the quickstart.
   sd2   the tiny model with a 128-wide text context and v-prediction, standing in for SD 2.x (1024).
+  sdxl  an SDXL layout (two text encoders, 32 + 64 = 96-wide context, attention widths 80 and 160).
   sd15  the real SD 1.5 UNet, text encoder and VAE architectures at random weights, for benchmarks.
 """
 
@@ -16,8 +17,15 @@ import os
 import sys
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 
 def bytes_to_unicode():
@@ -71,6 +79,19 @@ PRESETS = {
         prediction_type="epsilon",
     ),
 }
+PRESETS["sdxl"] = dict(
+    PRESETS["tiny"],
+    unet=dict(
+        PRESETS["tiny"]["unet"],
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 64,
+    ),
+    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    text_2=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+)
 PRESETS["sd2"] = dict(
     PRESETS["tiny"],
     unet=dict(PRESETS["tiny"]["unet"], cross_attention_dim=128),
@@ -85,17 +106,19 @@ def make_tiny_model(output_dir, preset="tiny", seed=0):
     torch.manual_seed(seed)
     tokenizer = write_tokenizer_files(os.path.join(output_dir, "tokenizer"))
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **config["unet"])
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
+
+    def text_config(sizes):
+        return CLIPTextConfig(
             vocab_size=len(tokenizer),
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            projection_dim=config["text"]["hidden_size"],
-            **config["text"],
+            projection_dim=sizes["hidden_size"],
+            **sizes,
         )
-    )
+
+    text_encoder = CLIPTextModel(text_config(config["text"]))
     vae_blocks = len(config["vae"]["block_out_channels"])
     vae = AutoencoderKL(
         in_channels=3,
@@ -115,6 +138,19 @@ def make_tiny_model(output_dir, preset="tiny", seed=0):
         steps_offset=1,
         prediction_type=config["prediction_type"],
     )
+    if preset == "sdxl":
+        scheduler = EulerDiscreteScheduler.from_config(scheduler.config)
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=CLIPTextModelWithProjection(text_config(config["text_2"])),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
+        pipeline.save_pretrained(output_dir)
+        return pipeline
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

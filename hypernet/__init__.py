@@ -1,6 +1,6 @@
 """AUTOMATIC1111-style hypernetworks for diffusers: the module, the file formats, the attention processor."""
 
-from .errors import FormatError, HypernetError, WidthMismatchError
+from .errors import FormatError, HypernetError, NotAHypernetworkError, WidthMismatchError
 from .formats import load, save, shorthash
 from .module import SD1_WIDTHS, SD2_WIDTHS, SDXL_WIDTHS, Hypernetwork, HypernetworkModule
 from .processor import (
@@ -22,6 +22,7 @@ __all__ = [
     "HypernetworkAttnProcessor",
     "HypernetError",
     "HypernetworkModule",
+    "NotAHypernetworkError",
     "SD1_WIDTHS",
     "SD2_WIDTHS",
     "SDXL_WIDTHS",

@@ -8,3 +8,7 @@ class FormatError(HypernetError):
 
 class WidthMismatchError(HypernetError):
     """A hypernetwork has no width that the model's attention layers use."""
+
+
+class NotAHypernetworkError(FormatError):
+    """A readable file that holds something else (a checkpoint, a LoRA)."""

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save_file as save_safetensors_file
 
-from .errors import FormatError, HypernetError
+from .errors import FormatError, HypernetError, NotAHypernetworkError
 from .module import LOAD_DEFAULTS, Hypernetwork
 
 # A1111's file keys, in the order its Hypernetwork.save() writes them, and the attribute each one holds.
@@ -117,10 +117,10 @@ def _modern_state_dict(module_state, legacy):
 def hypernetwork_from_pt_dict(data, path, name=None):
     """Build a Hypernetwork from the dict in an A1111 .pt file, taking A1111's load defaults for absent keys."""
     if not isinstance(data, dict):
-        raise FormatError(f"{path}: not a hypernetwork (the file holds a {type(data).__name__}, not a dict)")
+        raise NotAHypernetworkError(f"{path}: not a hypernetwork (the file holds a {type(data).__name__}, not a dict)")
     widths = [key for key in data if isinstance(key, int) and not isinstance(key, bool)]
     if not widths:
-        raise FormatError(f"{path}: not a hypernetwork (no integer width keys such as 768 or 320)")
+        raise NotAHypernetworkError(f"{path}: not a hypernetwork (no integer width keys such as 768 or 320)")
     meta = {attribute: data.get(key, LOAD_DEFAULTS[attribute]) for key, attribute in PT_KEYS.items()}
     if meta["dropout_structure"] is not None and any(meta["dropout_structure"]):
         meta["use_dropout"] = True
@@ -284,7 +284,7 @@ def load_safetensors(path, name=None):
     header = read_safetensors_header(path)
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or metadata.get("format") != SAFETENSORS_FORMAT:
-        raise FormatError(
+        raise NotAHypernetworkError(
             f"{path}: not a hypernet safetensors file (its metadata lacks format={SAFETENSORS_FORMAT}); "
             "LoRA and checkpoint files are not hypernetworks"
         )

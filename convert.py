@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Convert hypernetworks between A1111's .pt and safetensors, and inspect them.
+
+    python convert.py style.pt style.safetensors          # format by suffix
+    python convert.py style.safetensors style.pt --dtype fp16
+    python convert.py hypernetworks/ converted/ --to safetensors   # every file in a folder
+    python convert.py --info style.pt [--json]
+
+Every conversion is verified before it is reported: the written file is read back and its outputs are compared with
+the input's on a random context for every width; they must be equal (fp32) or within the stated tolerance
+(fp16/bf16). The optimizer state companion (FILE.optim) is carried along with its hash recomputed for the new file.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+import hypernet
+from hypernet.errors import HypernetError
+from hypernet.formats import OPTIM_SUFFIX, shorthash
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Largest allowed |output(converted) - output(original)|, relative to the largest |output(original)|.
+TOLERANCE = {"fp32": 0.0, "fp16": 2e-3, "bf16": 2e-2}
+SUFFIXES = (".pt", ".safetensors")
+
+
+class UsageError(HypernetError):
+    """A bad flag or path."""
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(
+        description="Convert hypernetworks between .pt and .safetensors, and inspect them.",
+        epilog=f"Tolerances after --dtype, relative to the largest output: {TOLERANCE}.",
+    )
+    parser.add_argument("input", nargs="?", help="A .pt/.safetensors file, or a folder of them.")
+    parser.add_argument("output", nargs="?", help="The file to write (format by suffix), or a folder.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Store the weights in this precision.")
+    parser.add_argument(
+        "--to", choices=["pt", "safetensors"], default=None, help="Target format for folders (default: the other one)."
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace existing output files.")
+    parser.add_argument("--info", metavar="FILE", default=None, help="Print what a hypernetwork file holds.")
+    parser.add_argument("--json", action="store_true", help="With --info: print JSON.")
+    args = parser.parse_args(input_args)
+    if args.info is None and (args.input is None or args.output is None):
+        parser.error("give INPUT and OUTPUT, or --info FILE")
+    return args
+
+
+def outputs(hn, seed=0):
+    """Each width's K and V outputs on a fixed random context, computed in float32."""
+    generator = torch.Generator().manual_seed(seed)
+    results = {}
+    for width in hn.widths:
+        context = torch.randn(2, 7, width, generator=generator)
+        k, v = (module.float() for module in hn.pair(width))
+        results[width] = (k(context), v(context))
+    return results
+
+
+def verify(original, path, dtype_name):
+    """Read `path` back and compare its outputs with `original`'s; raise if they disagree."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        written = hypernet.load(path)
+    if written.widths != original.widths:
+        raise HypernetError(f"{path}: verification failed: widths {written.widths} != {original.widths}")
+    tolerance = TOLERANCE[dtype_name]
+    with torch.no_grad():
+        want, got = outputs(original), outputs(written)
+    worst = 0.0
+    for width in want:
+        for a, b in zip(want[width], got[width]):
+            scale = a.abs().max().item()
+            worst = max(worst, (a - b).abs().max().item() / max(scale, 1e-12))
+    if worst > tolerance:
+        raise HypernetError(f"{path}: verification failed: outputs differ by {worst:.2e} (relative), over {tolerance}")
+    return worst
+
+
+def convert_file(source, target, dtype_name=None, overwrite=False):
+    """Convert one file; return a one-line report."""
+    if os.path.abspath(source) == os.path.abspath(target):
+        raise UsageError(f"{target}: the output must be a different file from the input")
+    if not target.endswith(SUFFIXES):
+        raise UsageError(f"{target}: name the output .pt or .safetensors")
+    if os.path.exists(target) and not overwrite:
+        raise UsageError(f"{target}: exists; pass --overwrite to replace it")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hn = hypernet.load(source)
+    original_dtype = next(hn.parameters()).dtype
+    dtype = DTYPES[dtype_name] if dtype_name else None
+    hypernet.save(hn, target, hn.optimizer_state_dict, hn.optimizer_name, dtype=dtype)
+    if hn.optimizer_state_dict is None and os.path.exists(target + OPTIM_SUFFIX):
+        os.remove(target + OPTIM_SUFFIX)  # a stale companion of an overwritten file would not match it
+    effective = dtype_name or {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(original_dtype, "fp32")
+    if original_dtype != torch.float32 and dtype_name in (None, "fp32"):
+        effective = "fp32"  # widening is exact
+    worst = verify(hn, target, effective)
+    notes = []
+    if hn.optimizer_state_dict is not None:
+        notes.append(f"optimizer state carried to {os.path.basename(target)}{OPTIM_SUFFIX}")
+    elif os.path.exists(source + OPTIM_SUFFIX):
+        reason = str(caught[-1].message) if caught else "unreadable"
+        notes.append(f"optimizer state NOT carried ({reason})")
+    check = "outputs identical" if worst == 0 else f"outputs within {worst:.1e} (relative)"
+    return f"{source} -> {target}: {check}" + "".join(f"; {n}" for n in notes)
+
+
+def convert_folder(source_dir, target_dir, to=None, dtype_name=None, overwrite=False):
+    """Convert every hypernetwork file in a folder; return (reports, skipped files, failures)."""
+    files = sorted(f for f in os.listdir(source_dir) if f.endswith(SUFFIXES) and not f.startswith("."))
+    if not files:
+        raise UsageError(f"{source_dir}: no .pt or .safetensors files")
+    reports, skipped, failures = [], [], []
+    for name in files:
+        stem, suffix = os.path.splitext(name)
+        new_suffix = "." + to if to else (".safetensors" if suffix == ".pt" else ".pt")
+        target = os.path.join(target_dir, stem + new_suffix)
+        try:
+            reports.append(convert_file(os.path.join(source_dir, name), target, dtype_name, overwrite))
+        except hypernet.NotAHypernetworkError as e:
+            skipped.append(str(e))
+        except HypernetError as e:
+            failures.append(str(e))
+    return reports, skipped, failures
+
+
+def info(path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hn = hypernet.load(path)
+    optim_path = path + OPTIM_SUFFIX
+    if hn.optimizer_state_dict is not None:
+        optimizer = f"present, valid ({hn.optimizer_name})"
+    elif os.path.exists(optim_path):
+        optimizer = "present, INVALID: " + (str(caught[-1].message) if caught else "unreadable")
+    else:
+        optimizer = "absent"
+    return {
+        "file": path,
+        "name": hn.name,
+        "step": hn.step,
+        "widths": hn.widths,
+        "layer_structure": hn.layer_structure,
+        "activation_func": hn.activation_func,
+        "add_layer_norm": hn.add_layer_norm,
+        "use_dropout": hn.use_dropout,
+        "dropout_structure": hn.dropout_structure,
+        "weight_init": hn.weight_init,
+        "activate_output": hn.activate_output,
+        "sd_checkpoint": hn.sd_checkpoint,
+        "sd_checkpoint_name": hn.sd_checkpoint_name,
+        "parameters": sum(p.numel() for p in hn.parameters()),
+        "dtype": str(next(hn.parameters()).dtype).replace("torch.", ""),
+        "shorthash": shorthash(path),
+        "optimizer_state": optimizer,
+        "optional_info": hn.optional_info,
+    }
+
+
+def main(input_args=None):
+    args = parse_args(input_args)
+    if args.info:
+        fields = info(args.info)
+        if args.json:
+            print(json.dumps(fields, indent=2))
+        else:
+            width = max(len(k) for k in fields)
+            print("\n".join(f"{k:<{width}}  {v}" for k, v in fields.items()))
+        return 0
+    if os.path.isdir(args.input):
+        if os.path.exists(args.output) and not os.path.isdir(args.output):
+            raise UsageError(f"{args.output}: the input is a folder, so the output must be a folder too")
+        reports, skipped, failures = convert_folder(args.input, args.output, args.to, args.dtype, args.overwrite)
+        print("\n".join(reports + [f"skipped: {s}" for s in skipped] + [f"FAILED: {f}" for f in failures]))
+        print(f"converted {len(reports)} file(s), skipped {len(skipped)}, {len(failures)} failed")
+        return 2 if failures else 0
+    if not os.path.exists(args.input):
+        raise UsageError(f"{args.input}: no such file or folder")
+    print(convert_file(args.input, args.output, args.dtype, args.overwrite))
+    return 0
+
+
+def cli():
+    try:
+        return main()
+    except HypernetError as e:
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

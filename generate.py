@@ -1,0 +1,350 @@
+#!/usr/bin/env python
+"""Text-to-image with hypernetworks stacked at chosen strengths.
+
+    python generate.py --pretrained_model_name_or_path MODEL --prompt "a castle" \\
+        --hypernetwork style.pt:0.8 --hypernetwork detail.safetensors:0.5 --output_dir out
+
+A1111's prompt syntax works too: "<hypernet:style:0.8> a castle" loads style.pt or style.safetensors from
+--hypernetwork_dir. Every PNG carries its parameters as A1111 infotext, readable in the webui's PNG Info.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+
+import hypernet
+from hypernet.errors import HypernetError
+from hypernet.formats import base_model_hash
+from hypernet.images import infotext, save_png
+
+PROMPT_HYPERNET = re.compile(r"<hypernet:([^:>]+)(?::([^>]*))?>")
+
+# A1111 sampler names -> (diffusers scheduler class, extra config). diffusers class names work as well.
+SCHEDULERS = {
+    "DDIM": ("DDIMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),
+    "PLMS": ("PNDMScheduler", {}),
+    "DDPM": ("DDPMScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ SDE": ("DPMSolverSinglestepScheduler", {}),
+    "DPM++ SDE Karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class UsageError(HypernetError):
+    """A bad flag, file or prompt, reported before the pipeline loads."""
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Generate images with hypernetworks stacked at chosen strengths.")
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="A local diffusers folder (SD 1.x, SD 2.x or SDXL), or a .safetensors/.ckpt file with --from_single_file.",
+    )
+    model.add_argument(
+        "--from_single_file", action="store_true", help="The model is one .safetensors/.ckpt checkpoint file."
+    )
+    model.add_argument(
+        "--original_config", default=None, help="Local original (LDM) .yaml config of a --from_single_file model."
+    )
+    model.add_argument(
+        "--config", default=None, help="Local diffusers folder whose configs describe a --from_single_file model."
+    )
+    model.add_argument(
+        "--scheduler",
+        default=None,
+        help=f"Sampler: an A1111 name ({', '.join(SCHEDULERS)}) or a diffusers scheduler class name. "
+        "Default: the model's own.",
+    )
+    model.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Default: fp16 on CUDA, else fp32.")
+    model.add_argument("--device", default=None, help="cuda, cpu, mps... Default: cuda when available.")
+
+    hn = parser.add_argument_group("hypernetworks")
+    hn.add_argument(
+        "--hypernetwork",
+        action="append",
+        default=[],
+        metavar="FILE[:MULTIPLIER]",
+        help="A .pt/.safetensors hypernetwork and its strength (default 1.0); repeat to stack, applied in order.",
+    )
+    hn.add_argument(
+        "--hypernetwork_dir",
+        default="models/hypernetworks",
+        help="Where <hypernet:NAME:M> in a prompt looks for NAME.pt or NAME.safetensors.",
+    )
+
+    prompts = parser.add_argument_group("prompts and sampling")
+    prompts.add_argument("--prompt", action="append", default=[], help="Prompt; repeat for several.")
+    prompts.add_argument("--prompts_file", default=None, help="A text file with one prompt per line.")
+    prompts.add_argument("--negative_prompt", default="", help="Negative prompt.")
+    prompts.add_argument("--num_images", type=int, default=1, help="Images per prompt.")
+    prompts.add_argument("--batch_size", type=int, default=1, help="Images generated at once.")
+    prompts.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i.")
+    prompts.add_argument("--num_inference_steps", type=int, default=20, help="Denoising steps.")
+    prompts.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance (CFG) scale.")
+    prompts.add_argument("--width", type=int, default=None, help="Image width; default: the model's.")
+    prompts.add_argument("--height", type=int, default=None, help="Image height; default: the model's.")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_dir", required=True, help="Where the PNGs are written.")
+    out.add_argument("--no_grid", action="store_true", help="Do not write grid.png of all images.")
+    out.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
+
+    args = parser.parse_args(input_args)
+    validate_args(args)
+    return args
+
+
+def parse_hypernetwork_flag(value):
+    """'FILE[:MULTIPLIER]' -> (path, multiplier); a Windows drive letter's colon is not a separator."""
+    path, multiplier = value, 1.0
+    head, sep, tail = value.rpartition(":")
+    if sep and not re.fullmatch(r"[A-Za-z]", head) and not tail.startswith(("\\", "/")):
+        try:
+            multiplier = float(tail)
+        except ValueError:
+            raise UsageError(
+                f"--hypernetwork {value!r}: the multiplier after ':' must be a number, as in FILE:0.8"
+            ) from None
+        path = head
+    if not path:
+        raise UsageError(f"--hypernetwork {value!r}: give a file, as in FILE or FILE:0.8")
+    if not os.path.isfile(path):
+        raise UsageError(f"--hypernetwork {value!r}: no such file {path}")
+    return path, multiplier
+
+
+def parse_prompt(prompt, hypernetwork_dir):
+    """Remove <hypernet:NAME:M> tags from a prompt; return (clean prompt, [(path, multiplier), ...])."""
+    found = []
+    for name, multiplier in PROMPT_HYPERNET.findall(prompt):
+        try:
+            value = float(multiplier) if multiplier else 1.0
+        except ValueError:
+            raise UsageError(
+                f"prompt {prompt!r}: <hypernet:{name}:{multiplier}> needs a number after the name"
+            ) from None
+        for suffix in (".pt", ".safetensors"):
+            path = os.path.join(hypernetwork_dir, name + suffix)
+            if os.path.isfile(path):
+                found.append((path, value))
+                break
+        else:
+            raise UsageError(
+                f"prompt {prompt!r}: no {name}.pt or {name}.safetensors in --hypernetwork_dir {hypernetwork_dir}"
+            )
+    clean = re.sub(r"\s{2,}", " ", PROMPT_HYPERNET.sub("", prompt)).strip(" ,")
+    return clean, found
+
+
+def validate_args(args):
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise UsageError(f"--prompts_file {args.prompts_file}: no such file")
+        with open(args.prompts_file, encoding="utf-8-sig") as f:
+            args.prompt += [line.strip() for line in f if line.strip()]
+    if not args.prompt:
+        raise UsageError("give a --prompt or a --prompts_file")
+    for flag in ("num_images", "batch_size", "num_inference_steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1")
+    for flag in ("width", "height"):
+        if getattr(args, flag) is not None and getattr(args, flag) % 8:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be a multiple of 8")
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+        import diffusers
+
+        if not args.scheduler.endswith("Scheduler") or not hasattr(diffusers, args.scheduler):
+            raise UsageError(f"--scheduler {args.scheduler!r}: unknown; use one of: {', '.join(SCHEDULERS)}")
+    model = args.pretrained_model_name_or_path
+    if args.from_single_file:
+        if not os.path.isfile(model):
+            raise UsageError(f"--pretrained_model_name_or_path {model}: no such checkpoint file")
+        if args.original_config is None and args.config is None:
+            raise UsageError(
+                "--from_single_file needs a local --original_config (.yaml) or --config (diffusers folder)"
+            )
+        for flag in ("original_config", "config"):
+            if getattr(args, flag) is not None and not os.path.exists(getattr(args, flag)):
+                raise UsageError(f"--{flag} {getattr(args, flag)}: not found")
+    elif not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise UsageError(
+            f"--pretrained_model_name_or_path {model}: not a local diffusers folder (no model_index.json); "
+            "for a .safetensors/.ckpt file add --from_single_file"
+        )
+    args.hypernetwork = [parse_hypernetwork_flag(value) for value in args.hypernetwork]
+    args.jobs = [parse_prompt(prompt, args.hypernetwork_dir) for prompt in args.prompt]
+
+
+def model_widths_from_config(args):
+    """The UNet's attention widths, from its config alone (meta device, no weights), or None if unknown."""
+    from diffusers import UNet2DConditionModel
+
+    folder = args.config if args.from_single_file else args.pretrained_model_name_or_path
+    if folder is None or not os.path.isfile(os.path.join(folder, "unet", "config.json")):
+        return None
+    with torch.device("meta"):
+        return hypernet.attention_widths(
+            UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+        )
+
+
+def load_hypernetworks(args):
+    """Every file named by a flag or a prompt, loaded once, checked against the model's widths."""
+    loaded = {}
+    for path, _ in args.hypernetwork + [hn for _, found in args.jobs for hn in found]:
+        if path not in loaded:
+            loaded[path] = hypernet.load(path)
+    widths = model_widths_from_config(args)
+    if widths is not None:
+        check_widths(loaded, widths)
+    return loaded
+
+
+def check_widths(hypernetworks, widths):
+    for path, hn in hypernetworks.items():
+        if not set(hn.widths) & set(widths):
+            raise UsageError(
+                f"{path}: hypernetwork widths {hn.widths} do not fit this model's attention widths {widths} "
+                "(text width: SD 1.x 768, SD 2.x 1024, SDXL 2048)"
+            )
+
+
+def load_pipeline(args, dtype, device):
+    import diffusers
+
+    common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if args.from_single_file:
+        class_name = "StableDiffusionPipeline"
+        if args.config:
+            with open(os.path.join(args.config, "model_index.json")) as f:
+                class_name = json.load(f)["_class_name"]
+        elif "conditioner" in open(args.original_config, encoding="utf-8").read():
+            class_name = "StableDiffusionXLPipeline"
+        cls = getattr(diffusers, class_name)
+        kwargs = dict(config=args.config) if args.config else dict(original_config=args.original_config)
+        if "XL" in class_name:
+            common.pop("safety_checker"), common.pop("requires_safety_checker")
+        pipeline = cls.from_single_file(args.pretrained_model_name_or_path, local_files_only=True, **kwargs, **common)
+    else:
+        with open(os.path.join(args.pretrained_model_name_or_path, "model_index.json")) as f:
+            if "XL" in json.load(f)["_class_name"]:
+                common.pop("safety_checker"), common.pop("requires_safety_checker")
+        pipeline = diffusers.DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **common)
+    if args.scheduler:
+        class_name, extra = SCHEDULERS.get(args.scheduler, (args.scheduler, {}))
+        pipeline.scheduler = getattr(diffusers, class_name).from_config(pipeline.scheduler.config, **extra)
+    pipeline.set_progress_bar_config(disable=args.no_progress)
+    return pipeline.to(device)
+
+
+def sampler_name(args, pipeline):
+    if args.scheduler in SCHEDULERS:
+        return args.scheduler
+    return type(pipeline.scheduler).__name__
+
+
+def main(input_args=None):
+    args = parse_args(input_args)
+    hypernetworks = load_hypernetworks(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    pipeline = load_pipeline(args, dtype, device)
+    for hn in hypernetworks.values():
+        hn.to(device)
+    check_widths(hypernetworks, hypernet.attention_widths(pipeline.unet))  # a single file's widths show only now
+    attachment = hypernet.attach(pipeline.unet, [])
+    model_hash = base_model_hash(args.pretrained_model_name_or_path)
+    model_name = os.path.splitext(os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)))[0]
+    width = args.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    height = args.height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+
+    from tqdm.auto import tqdm
+
+    written, images = [], []
+    total = len(args.jobs) * args.num_images
+    progress = tqdm(total=total, desc="Images", disable=args.no_progress)
+    index = 0
+    for prompt, prompt_hypernetworks in args.jobs:
+        stack = args.hypernetwork + prompt_hypernetworks
+        attachment.hypernetworks[:] = [hypernetworks[path].set_multiplier(m) for path, m in stack]
+        names = [(hypernetworks[path].name or os.path.splitext(os.path.basename(path))[0], m) for path, m in stack]
+        for start in range(0, args.num_images, args.batch_size):
+            count = min(args.batch_size, args.num_images - start)
+            seeds = [args.seed + index + i for i in range(count)]
+            generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+            batch = pipeline(
+                prompt,
+                negative_prompt=args.negative_prompt or None,
+                num_images_per_prompt=count,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                width=width,
+                height=height,
+                generator=generators,
+            ).images
+            for image, seed in zip(batch, seeds):
+                parameters = infotext(
+                    prompt,
+                    args.negative_prompt,
+                    steps=args.num_inference_steps,
+                    sampler=sampler_name(args, pipeline),
+                    cfg_scale=args.guidance_scale,
+                    seed=seed,
+                    width=width,
+                    height=height,
+                    model_hash=model_hash,
+                    model=model_name,
+                    hypernetworks=names,
+                )
+                path = os.path.join(args.output_dir, f"{index:05d}-{seed}.png")
+                save_png(image, path, parameters)
+                written.append(path)
+                images.append(image)
+                index += 1
+                progress.update(1)
+    progress.close()
+    attachment.detach()
+    if not args.no_grid and len(images) > 1:
+        from diffusers.utils import make_image_grid
+
+        columns = min(len(images), args.num_images if args.num_images > 1 else len(images))
+        rows = -(-len(images) // columns)
+        images += [images[0].copy().point(lambda _: 0)] * (rows * columns - len(images))
+        save_png(make_image_grid(images, rows, columns), os.path.join(args.output_dir, "grid.png"))
+    print(f"wrote {len(written)} image(s) to {args.output_dir}")
+    return written
+
+
+def cli():
+    try:
+        main()
+    except HypernetError as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,122 @@
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import A1111, CASES, a1111_file
+from test_formats import assert_same_structure
+
+import convert
+import hypernet
+from hypernet.formats import shorthash
+
+
+def run(capsys, *argv):
+    code = convert.main([str(a) for a in argv])
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_a1111_file_round_trips_with_identical_outputs(case, tmp_path, capsys):
+    code, out = run(capsys, a1111_file(case), tmp_path / "x.safetensors")
+    assert code == 0 and "outputs identical" in out
+    code, out = run(capsys, tmp_path / "x.safetensors", tmp_path / "x.pt")
+    assert code == 0 and "outputs identical" in out
+    assert_same_structure(
+        torch.load(a1111_file(case), weights_only=True), torch.load(tmp_path / "x.pt", weights_only=True)
+    )
+
+
+def test_optimizer_state_is_carried_with_a_new_hash(tmp_path, capsys):
+    code, out = run(capsys, a1111_file("case8_with_optim"), tmp_path / "c.safetensors")
+    assert "optimizer state carried to c.safetensors.optim" in out
+    optim = torch.load(str(tmp_path / "c.safetensors") + ".optim", weights_only=True)
+    assert optim["hash"] == shorthash(tmp_path / "c.safetensors") != shorthash(a1111_file("case8_with_optim"))
+    run(capsys, tmp_path / "c.safetensors", tmp_path / "c.pt")
+    assert hypernet.load(tmp_path / "c.pt").optimizer_state_dict is not None
+
+    shutil.copy(a1111_file("case1_default_relu"), tmp_path / "stale.pt")
+    shutil.copy(a1111_file("case8_with_optim", ".pt.optim"), tmp_path / "stale.pt.optim")
+    code, out = run(capsys, tmp_path / "stale.pt", tmp_path / "stale.safetensors")
+    assert "optimizer state NOT carried (ignoring optimizer state:" in out
+    assert not os.path.exists(tmp_path / "stale.safetensors.optim")
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_reduced_precision_within_stated_tolerance(dtype, torch_dtype, tmp_path, capsys):
+    code, out = run(capsys, a1111_file("case3_layernorm_swish"), tmp_path / "h.pt", "--dtype", dtype)
+    assert code == 0 and "outputs within" in out
+    data = torch.load(tmp_path / "h.pt", weights_only=True)
+    assert data[96][0]["linear.0.weight"].dtype == torch_dtype
+    worst = float(out.split("outputs within ")[1].split()[0])
+    assert 0 < worst <= convert.TOLERANCE[dtype]
+    code, out = run(capsys, tmp_path / "h.pt", tmp_path / "back.safetensors", "--dtype", "fp32")
+    assert "outputs identical" in out, "widening is exact"
+
+
+def test_verification_catches_a_wrong_file(tmp_path):
+    original = hypernet.load(a1111_file("case1_default_relu"))
+    hypernet.save(hypernet.load(a1111_file("case8_with_optim")), tmp_path / "other.pt")
+    with pytest.raises(hypernet.HypernetError, match=r"verification failed: widths \[96, 40\]"):
+        convert.verify(original, str(tmp_path / "other.pt"), "fp32")
+    tweaked = hypernet.load(a1111_file("case1_default_relu"))
+    with torch.no_grad():
+        tweaked.pair(40)[1].linear[0].bias.add_(1e-3)
+    hypernet.save(tweaked, tmp_path / "tweaked.pt")
+    with pytest.raises(hypernet.HypernetError, match=r"verification failed: outputs differ by .* over 0.0"):
+        convert.verify(original, str(tmp_path / "tweaked.pt"), "fp32")
+
+
+def test_folder_conversion_with_summary(tmp_path, capsys):
+    code, out = run(capsys, A1111, tmp_path / "st", "--to", "safetensors")
+    assert code == 0
+    assert sorted(os.listdir(tmp_path / "st")) == sorted(
+        [c + ".safetensors" for c in CASES] + ["case8_with_optim.safetensors.optim"]
+    )
+    assert "skipped: " in out and "expected.safetensors: not a hypernet safetensors file" in out
+    assert out.strip().endswith("converted 4 file(s), skipped 1, 0 failed")
+    code, out = run(capsys, tmp_path / "st", tmp_path / "pt")
+    assert code == 0 and sorted(f for f in os.listdir(tmp_path / "pt") if f.endswith(".pt")) == [
+        c + ".pt" for c in CASES
+    ]
+
+
+def test_refuses_to_overwrite_and_leaves_no_temporary_files(tmp_path, capsys, monkeypatch):
+    target = tmp_path / "x.safetensors"
+    target.write_bytes(b"keep me")
+    monkeypatch.setattr("sys.argv", ["convert.py", a1111_file("case1_default_relu"), str(target)])
+    assert convert.cli() == 2
+    assert f"convert.py: error: {target}: exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert target.read_bytes() == b"keep me"
+    code, _ = run(capsys, a1111_file("case1_default_relu"), target, "--overwrite")
+    assert code == 0 and hypernet.load(target).widths == [96, 40, 80, 160]
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_info_prints_every_field(tmp_path, capsys):
+    shutil.copy(a1111_file("case8_with_optim"), tmp_path / "c.pt")
+    shutil.copy(a1111_file("case8_with_optim", ".pt.optim"), tmp_path / "c.pt.optim")
+    code, out = run(capsys, "--info", tmp_path / "c.pt", "--json")
+    fields = json.loads(out)
+    assert fields["name"] == "case8_with_optim" and fields["step"] == 1 and fields["widths"] == [96, 40]
+    assert fields["layer_structure"] == [1, 2, 1] and fields["activation_func"] == "relu"
+    assert (
+        fields["add_layer_norm"] is False
+        and fields["use_dropout"] is False
+        and fields["dropout_structure"] == [0, 0, 0]
+    )
+    assert fields["weight_init"] == "Normal" and fields["activate_output"] is False
+    assert fields["parameters"] == 2 * (2 * (96 * 192 + 192 + 192 * 96 + 96)) // 2 + 2 * (40 * 80 + 80 + 80 * 40 + 40)
+    assert fields["shorthash"] == "d830892773" and fields["optimizer_state"] == "present, valid (AdamW)"
+    assert "sd_checkpoint" in fields and "sd_checkpoint_name" in fields
+    code, out = run(capsys, "--info", a1111_file("case3_layernorm_swish"))
+    assert (
+        "activation_func     swish" in out
+        and "add_layer_norm      True" in out
+        and "optimizer_state     absent" in out
+    )
+    with open(tmp_path / "c.pt", "ab") as f:
+        f.write(b"\0")
+    code, out = run(capsys, "--info", tmp_path / "c.pt")
+    assert "optimizer_state     present, INVALID: ignoring optimizer state:" in out

@@ -1,0 +1,159 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import a1111_file
+from PIL import Image
+
+import generate
+import hypernet
+
+
+@pytest.fixture(scope="module")
+def hn_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hypernetworks")
+    shutil.copy(a1111_file("case1_default_relu"), directory / "case1.pt")
+    hypernet.save(hypernet.load(a1111_file("case3_layernorm_swish")), directory / "swish.safetensors")
+    return directory
+
+
+def gen(model, out, *flags):
+    argv = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(out), "--num_inference_steps", "4",
+            "--no_progress"]  # fmt: skip
+    return generate.main(argv + [str(f) for f in flags])
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_multiplier_zero_is_the_plain_pipeline_and_the_image_follows_the_multiplier(tiny_model_dir, hn_dir, tmp_path):
+    case1 = a1111_file("case1_default_relu")
+    plain = pixels(gen(tiny_model_dir, tmp_path / "plain", "--prompt", "a cat")[0])
+    images = {m: pixels(gen(tiny_model_dir, tmp_path / f"m{m}", "--prompt", "a cat", "--hypernetwork", f"{case1}:{m}")[0])
+              for m in (0, 0.5, 1)}  # fmt: skip
+    assert np.array_equal(images[0], plain)
+    assert np.abs(images[1] - plain).mean() > 1 and np.abs(images[0.5] - plain).mean() > 0.3
+    assert not np.array_equal(images[0.5], images[1])
+    tagged = gen(
+        tiny_model_dir, tmp_path / "tag", "--prompt", "<hypernet:case1:1> a cat", "--hypernetwork_dir", hn_dir
+    )
+    assert np.array_equal(pixels(tagged[0]), images[1]), "prompt syntax = flag at the same strength"
+    info = Image.open(tagged[0]).info["parameters"]
+    assert info.startswith("a cat\nSteps: 4, ") and "Hypernet: case1_default_relu, Hypernet strength: 1" in info
+
+
+def test_stacking_order_and_both_syntaxes(tiny_model_dir, hn_dir, tmp_path):
+    case1 = a1111_file("case1_default_relu")
+    both = gen(tiny_model_dir, tmp_path / "a", "--prompt", "a dog <hypernet:swish:0.7>", "--hypernetwork_dir", hn_dir,
+               "--hypernetwork", f"{case1}:0.5")[0]  # fmt: skip
+    swapped = gen(tiny_model_dir, tmp_path / "b", "--prompt", "a dog <hypernet:case1:0.5>", "--hypernetwork_dir",
+                  hn_dir, "--hypernetwork", f"{hn_dir / 'swish.safetensors'}:0.7")[0]  # fmt: skip
+    assert not np.array_equal(pixels(both), pixels(swapped)), "order matters, as in A1111"
+    info = Image.open(both).info["parameters"]
+    assert "Hypernet: case1_default_relu, case3_layernorm_swish, Hypernet strength: 0.5, 0.7" in info
+
+
+def test_text_mlp_runs_once_per_prompt(tiny_model_dir, hn_dir, tmp_path, monkeypatch):
+    calls = []
+    real = generate.load_hypernetworks
+
+    def spy(args):
+        loaded = real(args)
+        for hn in loaded.values():
+            hn.pair(96)[0].register_forward_hook(lambda *a: calls.append(1))
+        return loaded
+
+    monkeypatch.setattr(generate, "load_hypernetworks", spy)
+    gen(tiny_model_dir, tmp_path / "o", "--prompt", "one", "--prompt", "two", "--hypernetwork",
+        a1111_file("case1_default_relu"), "--num_inference_steps", 6)  # fmt: skip
+    assert len(calls) == 2
+
+
+def test_options_seed_batch_size_negative_scheduler_prompts_file(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    written = gen(tiny_model_dir, tmp_path / "o", "--prompts_file", prompts, "--num_images", 3, "--batch_size", 2,
+                  "--seed", 10, "--negative_prompt", "blurry", "--guidance_scale", 5.5, "--width", 64, "--height", 96,
+                  "--scheduler", "DPM++ 2M Karras", "--dtype", "fp32", "--device", "cpu")  # fmt: skip
+    assert [os.path.basename(p) for p in written] == [f"{i:05d}-{10 + i}.png" for i in range(6)]
+    assert Image.open(written[0]).size == (64, 96)
+    info = Image.open(written[4]).info["parameters"]
+    assert info == (
+        "a blue square\nNegative prompt: blurry\nSteps: 4, Sampler: DPM++ 2M Karras, CFG scale: 5.5, Seed: 14, "
+        f"Size: 64x96, Model hash: {hypernet.formats.base_model_hash(tiny_model_dir)}, Model: {os.path.basename(tiny_model_dir)}"
+    )
+    grid = Image.open(tmp_path / "o" / "grid.png")
+    assert grid.size == (3 * 64, 2 * 96)
+    single = gen(tiny_model_dir, tmp_path / "s", "--prompt", "a red circle", "--seed", 11, "--negative_prompt", "blurry",
+                 "--guidance_scale", 5.5, "--width", 64, "--height", 96, "--scheduler", "DPMSolverMultistepScheduler")[0]  # fmt: skip
+    assert "Sampler: DPMSolverMultistepScheduler" in Image.open(single).info["parameters"]
+    assert not os.path.exists(tmp_path / "s" / "grid.png")
+
+
+@pytest.mark.parametrize("preset", ["sd2", "sdxl"])
+def test_sd2_v_prediction_and_sdxl_pipelines(preset, tmp_path):
+    from make_tiny_model import make_tiny_model
+
+    make_tiny_model(str(tmp_path / "m"), preset)
+    case1 = a1111_file("case1_default_relu")
+    plain = pixels(gen(tmp_path / "m", tmp_path / "p", "--prompt", "x", "--num_inference_steps", 3)[0])
+    with_hn = pixels(
+        gen(tmp_path / "m", tmp_path / "h", "--prompt", "x", "--num_inference_steps", 3, "--hypernetwork", case1)[0]
+    )
+    zero = pixels(
+        gen(
+            tmp_path / "m", tmp_path / "z", "--prompt", "x", "--num_inference_steps", 3, "--hypernetwork", f"{case1}:0"
+        )[0]
+    )
+    assert np.array_equal(zero, plain) and not np.array_equal(with_hn, plain)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--hypernetwork", "nope.pt"], r"--hypernetwork 'nope.pt': no such file nope.pt"),
+        (["--hypernetwork", "{case1}:strong"], r"the multiplier after ':' must be a number, as in FILE:0.8"),
+        (["--prompt", "<hypernet:ghost:0.5> a cat"], r"no ghost.pt or ghost.safetensors in --hypernetwork_dir"),
+        (["--hypernetwork", "{sd1}"], r"sd1.pt: hypernetwork widths \[768, 320, 640, 1280\] do not fit this model's attention widths \[40, 80, 96, 160\]"),
+        (["--scheduler", "Warp drive"], r"--scheduler 'Warp drive': unknown"),
+        (["--from_single_file"], r"no such checkpoint file"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_clear_error_before_the_pipeline_loads(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, flags, message
+):
+    sd1 = tmp_path / "sd1.pt"
+    hypernet.save(hypernet.Hypernetwork(hypernet.SD1_WIDTHS), sd1)
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a: pytest.fail("the pipeline was loaded"))
+    flags = [f.format(case1=a1111_file("case1_default_relu"), sd1=sd1) for f in flags]
+    argv = ["generate.py", "--pretrained_model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "o"),
+            "--hypernetwork_dir", str(tmp_path)] + (["--prompt", "a cat"] if "--prompt" not in flags else []) + flags  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    assert generate.cli() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("generate.py: error: ") and "\n" not in err
+    assert __import__("re").search(message, err), err
+
+
+def test_single_file_needs_a_local_config(tmp_path, monkeypatch, capsys):
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")
+    monkeypatch.setattr("sys.argv", ["generate.py", "--pretrained_model_name_or_path", str(checkpoint), "--from_single_file",
+                                     "--prompt", "x", "--output_dir", str(tmp_path)])  # fmt: skip
+    assert generate.cli() == 2
+    assert (
+        "--from_single_file needs a local --original_config (.yaml) or --config (diffusers folder)"
+        in capsys.readouterr().err
+    )
+
+
+def test_hypernetwork_flag_parsing(tmp_path):
+    path = tmp_path / "a.pt"
+    path.write_bytes(b"x")
+    assert generate.parse_hypernetwork_flag(str(path)) == (str(path), 1.0)
+    assert generate.parse_hypernetwork_flag(f"{path}:1.5") == (str(path), 1.5)
+    assert generate.parse_prompt("<hypernet:a:0.3> a cat, <hypernet:a>", str(tmp_path)) == (
+        "a cat", [(str(tmp_path / "a.pt"), 0.3), (str(tmp_path / "a.pt"), 1.0)]
+    )  # fmt: skip
