@@ -320,13 +320,12 @@ def validate_args(args):
 
 def read_caption(path):
     """A caption file's text: UTF-8 (with or without BOM) or UTF-16 with BOM; other encodings are refused."""
-    raw = open(path, "rb").read()
-    for encoding in ("utf-8-sig", "utf-16") if raw[:2] not in (b"\xff\xfe", b"\xfe\xff") else ("utf-16",):
-        try:
-            return raw.decode(encoding).strip()
-        except UnicodeDecodeError:
-            continue
-    raise UsageError(f"{path}: caption is not UTF-8 or UTF-16 text; re-save it as UTF-8")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: caption is not UTF-8 or UTF-16 text; re-save it as UTF-8") from None
 
 
 def filewords_from_name(filename):
@@ -835,9 +834,11 @@ def check_ranks_agree(accelerator, hn):
 
 
 def fault_injection():
-    """Test hooks (environment variables): steps whose loss becomes NaN, and a slowed checkpoint save."""
+    """Test hooks (environment variables): HYPERNET_FAULT_NAN_STEPS=3,4 makes those steps' loss NaN;
+    HYPERNET_FAULT_SLOW_SAVE=STEP:SECONDS pauses the checkpoint save at STEP half-way, before it is complete."""
     nan_steps = {int(s) for s in os.environ.get("HYPERNET_FAULT_NAN_STEPS", "").split(",") if s.strip()}
-    slow_save = float(os.environ.get("HYPERNET_FAULT_SLOW_SAVE", "0") or 0)
+    slow_step, _, seconds = os.environ.get("HYPERNET_FAULT_SLOW_SAVE", "").partition(":")
+    slow_save = (int(slow_step), float(seconds)) if seconds else None
     return nan_steps, slow_save
 
 
@@ -1027,8 +1028,8 @@ def main(input_args=None):
         accelerator.wait_for_everyone()
         training_state.update(step=step, losses=list(loss_window))
         accelerator.save_state(partial)
-        if slow_save:
-            time.sleep(slow_save)
+        if slow_save and slow_save[0] == step:
+            time.sleep(slow_save[1])
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
@@ -1220,15 +1221,15 @@ def main(input_args=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_loss_csv(csv_path, loss_rows)
-        final = os.path.join(args.output_dir, f"{args.hypernetwork_name}.pt")
-        save_snapshot(final)
-        if args.save_safetensors:
-            save_snapshot(os.path.join(args.output_dir, f"{args.hypernetwork_name}.safetensors"), with_optimizer=False)
-        if outcome == "finished":
+        if outcome == "finished":  # this step's periodic outputs first: the final file below may still fail
             if args.save_every and step % args.save_every == 0:
                 save_snapshot(os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{step}.pt"))
             if args.preview_every and step % args.preview_every == 0:
                 make_previews()
+        final = os.path.join(args.output_dir, f"{args.hypernetwork_name}.pt")
+        save_snapshot(final)
+        if args.save_safetensors:
+            save_snapshot(os.path.join(args.output_dir, f"{args.hypernetwork_name}.safetensors"), with_optimizer=False)
         plot_loss(loss_rows, os.path.join(args.output_dir, "loss.png"), f"{args.hypernetwork_name}: loss per step")
         logger.info(f"wrote {final} at step {step}")
     accelerator.end_training()

@@ -102,9 +102,18 @@ PRESETS["sd2"] = dict(
 
 def make_tiny_model(output_dir, preset="tiny", seed=0):
     """Build the preset's pipeline with seeded random weights, save it to output_dir, and return it."""
+    pipeline = build_pipeline(preset, seed, tokenizer_dir=os.path.join(output_dir, "tokenizer"))
+    pipeline.save_pretrained(output_dir)
+    return pipeline
+
+
+def build_pipeline(preset="tiny", seed=0, tokenizer_dir=None):
+    """The preset's pipeline with seeded random weights, in memory."""
+    import tempfile
+
     config = PRESETS[preset]
     torch.manual_seed(seed)
-    tokenizer = write_tokenizer_files(os.path.join(output_dir, "tokenizer"))
+    tokenizer = write_tokenizer_files(tokenizer_dir or tempfile.mkdtemp(prefix="hypernet-tokenizer-"))
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **config["unet"])
 
     def text_config(sizes):
@@ -149,9 +158,8 @@ def make_tiny_model(output_dir, preset="tiny", seed=0):
             unet=unet,
             scheduler=scheduler,
         )
-        pipeline.save_pretrained(output_dir)
         return pipeline
-    pipeline = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -161,8 +169,6 @@ def make_tiny_model(output_dir, preset="tiny", seed=0):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(output_dir)
-    return pipeline
 
 
 def parse_args(argv=None):

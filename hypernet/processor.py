@@ -15,12 +15,15 @@ def apply_hypernetworks(hypernetworks, context):
     A hypernetwork without a module for context's width leaves both unchanged.
     """
     context_k = context_v = context
+    # Under autocast the matmuls already run in the autocast dtype; casting the context to the weights' dtype and
+    # back would only add copies. Without it, compute in the weights' dtype, as A1111 computes in float32.
+    autocast = torch.is_autocast_enabled(context.device.type)
     for hypernetwork in hypernetworks:
         pair = hypernetwork.pair(context.shape[-1])
         if pair is None:
             continue
         module_k, module_v = pair
-        dtype = module_k.linear[0].weight.dtype
+        dtype = context.dtype if autocast else module_k.linear[0].weight.dtype
         context_k = module_k(context_k.to(dtype)).to(context.dtype)
         context_v = module_v(context_v.to(dtype)).to(context.dtype)
     return context_k, context_v

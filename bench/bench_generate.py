@@ -1,0 +1,82 @@
+"""Seconds per image at 20 steps: the plain pipeline, one hypernetwork, two stacked; interleaved in one process.
+
+    python bench/bench_generate.py --preset sd15 --resolution 512
+
+Prints one JSON line with the medians and the ratios to the plain pipeline.
+"""
+
+import argparse
+import json
+
+import torch
+from common import DTYPES, PeakMemory, build, machine, median, timed
+
+import hypernet
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--preset", choices=["sd15", "tiny"], default="sd15", help="Model architecture (random weights)."
+    )
+    parser.add_argument("--resolution", type=int, default=512, help="Image side in pixels.")
+    parser.add_argument("--num_inference_steps", type=int, default=20, help="Denoising steps per image.")
+    parser.add_argument("--rounds", type=int, default=3, help="Timed rounds (each generates once per variant).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: fp16 on CUDA, else fp32.")
+    args = parser.parse_args()
+
+    dtype_name = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    pipeline = build(args.preset, args.device, DTYPES[dtype_name])
+    widths = hypernet.attention_widths(pipeline.unet)
+    stacks = {
+        "plain": [],
+        "one": [hypernet.Hypernetwork(widths, activation_func="relu", weight_init="XavierNormal")],
+        "two": [hypernet.Hypernetwork(widths, activation_func="relu", weight_init="XavierNormal").set_multiplier(0.6)
+                for _ in range(2)],
+    }  # fmt: skip
+    attachment = hypernet.attach(pipeline.unet, [])
+
+    def generate(stack):
+        attachment.hypernetworks[:] = [hn.to(args.device) for hn in stack]
+        pipeline(
+            "a castle on a hill",
+            num_inference_steps=args.num_inference_steps,
+            width=args.resolution,
+            height=args.resolution,
+            generator=torch.Generator(args.device).manual_seed(0),
+        )
+
+    for stack in stacks.values():
+        generate(stack)
+    times = {name: [] for name in stacks}
+    peaks = {name: 0 for name in stacks}
+    for _ in range(args.rounds):
+        for name, stack in stacks.items():
+            with PeakMemory(args.device) as peak:
+                times[name].append(timed(args.device, lambda stack=stack: generate(stack)))
+            peaks[name] = max(peaks[name], peak.peak_above_start)
+    seconds = {name: median(values) for name, values in times.items()}
+    print(
+        json.dumps(
+            {
+                "bench": "generate",
+                "machine": machine(),
+                "preset": args.preset,
+                "resolution": args.resolution,
+                "dtype": dtype_name,
+                "num_inference_steps": args.num_inference_steps,
+                "rounds": args.rounds,
+                "seconds_per_image": seconds,
+                "peak_memory_mib_above_weights": {name: round(p / 2**20, 1) for name, p in peaks.items()},
+                "ratios": {
+                    "one/plain": seconds["one"] / seconds["plain"],
+                    "two/plain": seconds["two"] / seconds["plain"],
+                },
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

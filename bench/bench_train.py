@@ -1,0 +1,230 @@
+"""Seconds per optimizer step of hypernetwork training against the floor and the alternatives, side by side.
+
+    python bench/bench_train.py --preset sd15 --resolution 256 --steps 5
+
+Variants, timed interleaved in one process after warm-up, batch 1, median over --steps rounds:
+  floor     the frozen UNet's forward and backward to its inputs: no trainable weights at all
+  hypernet  our hypernetwork step (train_hypernetwork.py's diffusion_loss, UNetWithHypernetwork, AdamW)
+  lora      a rank-4 LoRA on to_q/to_k/to_v/to_out.0 through peft, as diffusers' LoRA script trains
+  a1111     the same hypernetwork applied A1111's way: every attention layer runs its own text-context MLPs
+  hypernet_8bit (with --use_8bit_adam) the hypernetwork step with bitsandbytes' AdamW8bit
+The FLOP floor of hypernet/floor is measured with torch.utils.flop_counter on one step of each.
+Prints one JSON line.
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+
+import torch
+import torch.nn.functional as F
+from common import DTYPES, PeakMemory, build, machine, median, timed
+
+import hypernet
+from hypernet.processor import ContextCache, apply_hypernetworks
+from train_hypernetwork import UNetWithHypernetwork, diffusion_loss
+
+
+class NoCache(ContextCache):
+    """A1111's behaviour: the text-context MLPs run again in every cross-attention layer."""
+
+    def contexts(self, hypernetworks, context):
+        return apply_hypernetworks(hypernetworks, context)
+
+
+def make_batch(pipeline, resolution, device, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    side = resolution // pipeline.vae_scale_factor
+    width = pipeline.unet.config.cross_attention_dim
+    return {
+        "latents": torch.randn(1, 4, side, side, generator=generator).to(device, dtype),
+        "noise": torch.randn(1, 4, side, side, generator=generator).to(device, dtype),
+        "timesteps": torch.randint(0, 1000, (1,), generator=generator).to(device),
+        "encoder_hidden_states": torch.randn(1, 77, width, generator=generator).to(device, dtype),
+        "weight": None,
+    }
+
+
+def make_variants(pipeline, args, device, dtype):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    unet = pipeline.unet
+    amp = dict(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    batch = make_batch(pipeline, args.resolution, device, dtype)
+
+    def floor_step():
+        latents = batch["latents"].clone().requires_grad_(True)
+        with torch.autocast(**amp):
+            noisy = scheduler.add_noise(latents, batch["noise"], batch["timesteps"])
+            prediction = unet(noisy, batch["timesteps"], batch["encoder_hidden_states"]).sample
+            loss = F.mse_loss(prediction.float(), batch["noise"].float())
+        scaler.scale(loss).backward()
+
+    def trainer(model, parameters, optimizer_class):
+        optimizer = optimizer_class(parameters, lr=1e-5)
+
+        def step():
+            with torch.autocast(**amp):
+                loss = diffusion_loss(model, scheduler, batch)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        step.optimizer = optimizer
+        return step
+
+    widths = hypernet.attention_widths(unet)
+    hn = hypernet.Hypernetwork(widths, activation_func="relu").to(device).train()
+    ours = UNetWithHypernetwork(unet, hn)
+    ours.attachment.detach()  # attached per step below, so the variants can share the UNet
+
+    class Attached:
+        """A step run with the hypernetwork attached; attaching happens outside the timed step."""
+
+        def __init__(self, step, cache_class):
+            self.step, self.cache_class, self.optimizer = step, cache_class, step.optimizer
+
+        def __enter__(self):
+            self.attachment = hypernet.attach(unet, [hn])
+            self.attachment.cache = self.attachment.processor.cache = self.cache_class()
+
+        def __exit__(self, *exc):
+            self.attachment.detach()
+
+        def __call__(self):
+            self.step()
+
+    variants = {
+        "floor": floor_step,
+        "hypernet": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), ContextCache),
+        "a1111": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), NoCache),
+    }
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        variants["hypernet_8bit"] = Attached(
+            trainer(ours, hn.parameters(), bitsandbytes.optim.AdamW8bit), ContextCache
+        )
+    if not args.no_lora:
+        from peft import LoraConfig
+
+        lora_unet = copy.deepcopy(unet)
+        lora_unet.add_adapter(
+            LoraConfig(
+                r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+            )
+        )
+        lora_parameters = [p for p in lora_unet.parameters() if p.requires_grad]
+        for p in lora_parameters:
+            p.data = p.data.float()
+
+        class LoraModel(torch.nn.Module):
+            def forward(self, noisy, timesteps, context):
+                return lora_unet(noisy, timesteps, context).sample
+
+        variants["lora"] = trainer(LoraModel(), lora_parameters, torch.optim.AdamW)
+    return variants, hn
+
+
+@contextlib.contextmanager
+def prepared(step):
+    """Enter a variant's setup (attaching the hypernetwork) if it has one."""
+    if hasattr(step, "__enter__"):
+        with step:
+            yield
+    else:
+        yield
+
+
+def optimizer_state_bytes(optimizer):
+    return sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
+
+
+def measure_flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--preset", choices=["sd15", "tiny"], default="sd15", help="Model architecture (random weights)."
+    )
+    parser.add_argument("--resolution", type=int, default=256, help="Image side in pixels.")
+    parser.add_argument("--steps", type=int, default=5, help="Timed rounds (each runs every variant once).")
+    parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds first.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Frozen weights and autocast dtype.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Checkpoint the UNet's blocks.")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="Add the AdamW8bit hypernetwork variant.")
+    parser.add_argument("--no_lora", action="store_true", help="Leave out the LoRA variant.")
+    parser.add_argument("--no_flops", action="store_true", help="Skip the FLOP count.")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = DTYPES[args.dtype]
+    pipeline = build(args.preset, args.device, dtype)
+    if args.gradient_checkpointing:
+        pipeline.unet.enable_gradient_checkpointing()
+        pipeline.unet.train()
+    variants, hn = make_variants(pipeline, args, args.device, dtype)
+
+    for _ in range(args.warmup):
+        for step in variants.values():
+            with prepared(step):
+                step()
+    times = {name: [] for name in variants}
+    peaks = {name: 0 for name in variants}
+    for _ in range(args.steps):
+        for name, step in variants.items():
+            with prepared(step), PeakMemory(args.device) as peak:
+                times[name].append(timed(args.device, step))
+            peaks[name] = max(peaks[name], peak.peak_above_start)
+    seconds = {name: median(values) for name, values in times.items()}
+
+    result = {
+        "bench": "train",
+        "machine": machine(),
+        "preset": args.preset,
+        "resolution": args.resolution,
+        "dtype": args.dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "steps": args.steps,
+        "hypernetwork_parameters": sum(p.numel() for p in hn.parameters()),
+        "seconds_per_step": seconds,
+        "steps_per_second": {name: 1 / s for name, s in seconds.items()},
+        "peak_memory_mib_above_weights": {name: round(p / 2**20, 1) for name, p in peaks.items()},
+        "ratios": {
+            f"hypernet/{other}": seconds["hypernet"] / seconds[other] for other in seconds if other != "hypernet"
+        },
+    }
+    if args.use_8bit_adam:
+        result["optimizer_state_mib"] = {
+            name: round(optimizer_state_bytes(variants[name].optimizer) / 2**20, 2)
+            for name in ("hypernet", "hypernet_8bit")
+        }
+    if not args.no_flops:
+        flops = {}
+        for name in ("floor", "hypernet", "a1111"):
+            with prepared(variants[name]):
+                flops[name] = measure_flops(variants[name])
+        result["gflop_per_step"] = {name: round(f / 1e9, 1) for name, f in flops.items()}
+        result["flop_floor_hypernet/floor"] = flops["hypernet"] / flops["floor"]
+        result["flop_floor_hypernet/a1111"] = flops["hypernet"] / flops["a1111"]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Shared pieces of the benchmarks: model building, timing, peak memory."""
+
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build(preset, device, dtype):
+    from make_tiny_model import build_pipeline
+
+    pipeline = build_pipeline(preset)
+    pipeline.set_progress_bar_config(disable=True)
+    for model in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        model.requires_grad_(False)
+        model.eval()
+    return pipeline.to(device, dtype)
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(device, fn):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use when it started: CUDA allocator stats on a GPU, else the
+    process's peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device):
+        self.device = str(device)
+        self.peak_above_start = 0
+        self.peak_total = 0
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.start = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak_total = torch.cuda.max_memory_allocated()
+        else:
+            self.peak_total = self._status("VmHWM")
+        self.peak_above_start = self.peak_total - self.start
+
+    @staticmethod
+    def _status(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+
+def median(values):
+    values = sorted(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def machine():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {os.cpu_count()} cores"

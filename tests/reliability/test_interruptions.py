@@ -1,0 +1,147 @@
+"""Crash safety, preemption and exact resume: a run killed or stopped at any moment loses nothing."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from conftest import ROOT
+from test_train import assert_same_weights, read_csv
+
+import hypernet
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def command(model, data, out, steps, *extra):
+    return [
+        sys.executable, os.path.join(ROOT, "train_hypernetwork.py"), "--pretrained_model_name_or_path", model,
+        "--train_data_dir", data, "--output_dir", str(out), "--hypernetwork_name", "x", "--resolution", "64",
+        "--learning_rate", "1e-3", "--max_train_steps", str(steps), "--preview_every", "0", "--random_flip",
+        "--use_dropout", "--layer_structure", "1,2,2,1", *map(str, extra),
+    ]  # fmt: skip
+
+
+def wait_for(predicate, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_sigkill_during_a_checkpoint_save_leaves_the_last_good_files(tiny_model_dir, small_dataset, tmp_path):
+    out = tmp_path / "killed"
+    env = dict(ENV, HYPERNET_FAULT_SLOW_SAVE="6:60")
+    process = subprocess.Popen(command(tiny_model_dir, small_dataset, out, 9, "--checkpointing_steps", 3,
+                                       "--save_every", 3), env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for(
+        lambda: os.path.isdir(out / "checkpoint-6.partial") and os.path.exists(out / "hypernetworks" / "x-6.pt"),
+        process,
+    )
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-6.partial"]
+    assert hypernet.load(out / "checkpoint-3" / "hypernetwork.safetensors").step == 3
+    for step in (3, 6):
+        saved = hypernet.load(out / "hypernetworks" / f"x-{step}.pt")
+        assert saved.step == step and saved.optimizer_state_dict is not None
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")], "no half-written file left in place"
+
+    resumed = subprocess.run(command(tiny_model_dir, small_dataset, out, 9, "--checkpointing_steps", 3,
+                                     "--resume_from_checkpoint", "latest"), env=ENV, capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "checkpoint-3 at step 3" in resumed.stderr
+    assert not os.path.exists(out / "checkpoint-6.partial")
+    straight = subprocess.run(
+        command(tiny_model_dir, small_dataset, tmp_path / "straight", 9), env=ENV, capture_output=True, text=True
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert_same_weights(out / "x.pt", tmp_path / "straight" / "x.pt")
+
+
+def test_sigterm_saves_and_exits_0_then_resumes_bitwise(tiny_model_dir, small_dataset, tmp_path):
+    out = tmp_path / "preempted"
+    process = subprocess.Popen(command(tiny_model_dir, small_dataset, out, 100000, "--checkpointing_steps", 0),
+                               env=ENV, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines = []
+    while True:
+        line = process.stderr.readline()
+        assert line or process.poll() is None, "".join(lines)[-3000:]
+        lines.append(line)
+        if "training x:" in line:
+            break
+    time.sleep(2)
+    started = time.time()
+    process.send_signal(signal.SIGTERM)
+    rest = process.communicate(timeout=60)[1]
+    assert process.returncode == 0, rest[-3000:]
+    assert time.time() - started < 30
+    stopped_at = hypernet.load(out / "x.pt").step
+    assert 0 < stopped_at < 100000
+    assert os.path.isdir(out / f"checkpoint-{stopped_at}")
+    assert f"stopped by SIGTERM at step {stopped_at}; continue with --resume_from_checkpoint latest" in rest
+    assert [int(r["step"]) for r in read_csv(out / "loss.csv")] == list(range(1, stopped_at + 1))
+
+    target = stopped_at + 3
+    resumed = subprocess.run(command(tiny_model_dir, small_dataset, out, target, "--resume_from_checkpoint", "latest"),
+                             env=ENV, capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = subprocess.run(command(tiny_model_dir, small_dataset, tmp_path / "straight", target), env=ENV,
+                              capture_output=True, text=True)  # fmt: skip
+    assert straight.returncode == 0
+    assert_same_weights(out / "x.pt", tmp_path / "straight" / "x.pt")
+
+
+def test_two_process_resume_equals_uninterrupted_two_process_run(tiny_model_dir, small_dataset, tmp_path):
+    def launch(out, steps, port, *extra):
+        run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+        run += command(tiny_model_dir, small_dataset, out, steps, "--checkpointing_steps", 2, *extra)[1:]
+        result = subprocess.run(
+            run, env=dict(ENV, ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    launch(tmp_path / "full", 6, 29621)
+    launch(tmp_path / "half", 3, 29622)
+    log = launch(tmp_path / "half", 6, 29623, "--resume_from_checkpoint", "latest")
+    assert "checkpoint-3 at step 3" in log and "identical on all 2 processes" in log
+    assert_same_weights(tmp_path / "full" / "x.pt", tmp_path / "half" / "x.pt")
+
+
+def test_nan_loss_is_skipped_and_reported(tiny_model_dir, small_dataset, tmp_path, monkeypatch, caplog):
+    from conftest import train
+
+    monkeypatch.setenv("HYPERNET_FAULT_NAN_STEPS", "3")
+    out = tmp_path / "nan"
+    assert train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", steps=5) == 0
+    assert "step 3: non-finite loss (nan); step skipped, weights unchanged" in caplog.text
+    rows = read_csv(out / "loss.csv")
+    assert rows[2]["loss"] == "nan" and all(r["loss"] != "nan" for r in rows[:2] + rows[3:])
+    hn = hypernet.load(out / "x.pt")
+    assert hn.step == 5 and all(torch.isfinite(p).all() for p in hn.parameters())
+
+
+def test_too_many_bad_steps_stop_with_the_last_good_hypernetwork(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
+    from conftest import train
+
+    import train_hypernetwork
+
+    monkeypatch.setenv("HYPERNET_FAULT_NAN_STEPS", "3,4,5,6")
+    out = tmp_path / "bad"
+    try:
+        train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--max_bad_steps", 2,
+              "--save_every", 2, steps=10)  # fmt: skip
+    except train_hypernetwork.HypernetError as e:
+        message = str(e)
+    assert message.startswith("stopped at step 4: 2 non-finite losses in a row; the last good hypernetwork is saved")
+    last_good, final = hypernet.load(out / "hypernetworks" / "x-2.pt"), hypernet.load(out / "x.pt")
+    assert final.step == 4
+    for a, b in zip(last_good.parameters(), final.parameters()):
+        assert torch.equal(a, b), "the skipped steps changed nothing"

@@ -1,0 +1,136 @@
+"""The README stays true: its commands run (scaled down to the tiny model), and every flag it names exists."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, a1111_file
+
+SCRIPTS = ["train_hypernetwork.py", "generate.py", "convert.py", "examples/make_tiny_model.py"]
+# Run where the project runs them: CI (quickstart, install, tests) or only on a cluster.
+NOT_RUN_HERE = ("bash examples/quickstart.sh", "python -m pytest", "pip install", "sbatch ", "--config_file")
+
+
+def readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def code_blocks(text, language):
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+def commands(block):
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
+
+
+def help_text(script):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def helps():
+    return {script: help_text(script) for script in SCRIPTS}
+
+
+def flags_of(command):
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", command))
+
+
+def script_of(command):
+    return next((s for s in SCRIPTS if os.path.basename(s) in command), None)
+
+
+def test_every_flag_named_in_the_readme_and_examples_exists(helps):
+    text = readme()
+    checked = 0
+    sources = [c for b in code_blocks(text, "bash") for c in commands(b)]
+    for name in os.listdir(os.path.join(ROOT, "examples")):
+        if name.endswith((".sh", ".sbatch")):
+            with open(os.path.join(ROOT, "examples", name)) as f:
+                sources += [c for c in commands(f.read()) if script_of(c)]
+    for command in sources:
+        script = script_of(command)
+        if script is None:
+            continue
+        own = command[command.index(os.path.basename(script)) :]
+        for flag in flags_of(own):
+            assert re.search(rf"(?<![\w-]){flag}\b", helps[script]), (
+                f"{flag} (in: {command[:80]}...) not in {script} --help"
+            )
+            checked += 1
+    # Flags in the prose and tables belong to train_hypernetwork.py, generate.py or convert.py.
+    union = " ".join(helps.values())
+    for flag in flags_of(text.replace("--index-url", "")):
+        if flag in ("--config_file", "--machine_rank", "--main_process_ip"):
+            continue  # accelerate launch's own
+        assert re.search(rf"(?<![\w-]){flag}\b", union), f"README names {flag}, which no script has"
+        checked += 1
+    assert checked > 80
+
+
+def test_every_file_the_readme_points_to_exists():
+    for path in re.findall(r"`((?:examples|docs|bench)/[\w./-]+)`", readme()):
+        assert os.path.exists(os.path.join(ROOT, path)), path
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory, tiny_model_dir, small_dataset):
+    """A folder laid out like the README's examples, backed by the tiny model and a small dataset."""
+    import shutil
+
+    import hypernet
+
+    root = tmp_path_factory.mktemp("readme")
+    (root / "models").mkdir()
+    os.symlink(tiny_model_dir, root / "models" / "stable-diffusion-v1-5")
+    (root / "data").mkdir()
+    os.symlink(small_dataset, root / "data" / "my-style")
+    os.symlink(os.path.join(ROOT, "examples"), root / "examples")
+    shutil.copy(a1111_file("case1_default_relu"), root / "my-style.pt")
+    hypernet.save(hypernet.load(a1111_file("case3_layernorm_swish")), root / "other.safetensors")
+    (root / "hypernetworks").mkdir()
+    shutil.copy(a1111_file("case8_with_optim"), root / "hypernetworks" / "a.pt")
+    return root
+
+
+def scaled_down(command):
+    """The README's command on the tiny model: small sizes, few steps, `python` for `accelerate launch`."""
+    command = command.replace("accelerate launch ", "python ")
+    command = re.sub(r"--resolution \d+", "--resolution 64", command)
+    command = re.sub(r"--max_train_steps \d+", "--max_train_steps 3 --preview_every 0 --save_every 2", command)
+    command = re.sub(r"--num_images \d+", "--num_images 2", command)
+    if "generate.py" in command:
+        command += " --num_inference_steps 2 --no_progress"
+    words = shlex.split(command)
+    script = script_of(command)
+    words[0:2] = [sys.executable, os.path.join(ROOT, script)]
+    return words
+
+
+def test_readme_commands_run(sandbox):
+    ran = []
+    for block in code_blocks(readme(), "bash"):
+        for command in commands(block):
+            if command.startswith(NOT_RUN_HERE) or "...same flags..." in command or command.endswith("..."):
+                continue
+            result = subprocess.run(scaled_down(command), cwd=sandbox, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
+            ran.append(command.split()[1] if command.startswith("python") else command.split()[2])
+    assert ran.count("train_hypernetwork.py") == 1 and ran.count("generate.py") == 2 and ran.count("convert.py") == 4
+    assert os.path.isfile(sandbox / "outputs" / "my-style" / "my-style.pt")
+    assert len([f for f in os.listdir(sandbox / "out") if f.endswith(".png")]) >= 3
+    assert os.path.isfile(sandbox / "converted" / "a.safetensors")
+
+
+def test_readme_python_snippet_runs(sandbox):
+    (snippet,) = code_blocks(readme(), "python")
+    result = subprocess.run([sys.executable, "-c", snippet + "\nimage.save('snippet.png')"], cwd=sandbox,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.getsize(sandbox / "snippet.png") > 0
