@@ -20,17 +20,13 @@ import warnings
 import torch
 
 import hypernet
-from hypernet.errors import HypernetError
+from hypernet.errors import HypernetError, UsageError, run_script
 from hypernet.formats import OPTIM_SUFFIX, shorthash
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Largest allowed |output(converted) - output(original)|, relative to the largest |output(original)|.
 TOLERANCE = {"fp32": 0.0, "fp16": 2e-3, "bf16": 2e-2}
 SUFFIXES = (".pt", ".safetensors")
-
-
-class UsageError(HypernetError):
-    """A bad flag or path."""
 
 
 def parse_args(input_args=None):
@@ -190,11 +186,7 @@ def main(input_args=None):
 
 
 def cli():
-    try:
-        return main()
-    except HypernetError as e:
-        print(f"convert.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_script(main, "convert.py")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import torch
 
 import hypernet
-from hypernet.errors import HypernetError
+from hypernet.errors import UsageError, run_script
 from hypernet.formats import base_model_hash
 from hypernet.images import infotext, save_png
 
@@ -48,10 +48,6 @@ SCHEDULERS = {
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class UsageError(HypernetError):
-    """A bad flag, file or prompt, reported before the pipeline loads."""
 
 
 def parse_args(input_args=None):
@@ -338,12 +334,7 @@ def main(input_args=None):
 
 
 def cli():
-    try:
-        main()
-    except HypernetError as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(main, "generate.py")
 
 
 if __name__ == "__main__":

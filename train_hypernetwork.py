@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
 import hypernet
-from hypernet.errors import HypernetError
+from hypernet.errors import HypernetError, UsageError, run_script
 from hypernet.formats import atomic_write, base_model_hash
 from hypernet.images import infotext, save_png
 from hypernet.module import ACTIVATIONS, WEIGHT_INITS
@@ -36,10 +36,6 @@ from hypernet.module import ACTIVATIONS, WEIGHT_INITS
 logger = logging.getLogger("train_hypernetwork")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class UsageError(HypernetError):
-    """A bad flag or bad training data, reported before any heavy work."""
 
 
 def parse_args(input_args=None):
@@ -1245,11 +1241,7 @@ def main(input_args=None):
 
 
 def cli():
-    try:
-        return main()
-    except HypernetError as e:
-        print(f"train_hypernetwork.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_script(main, "train_hypernetwork.py")
 
 
 if __name__ == "__main__":

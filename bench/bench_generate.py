@@ -31,8 +31,8 @@ def main():
     widths = hypernet.attention_widths(pipeline.unet)
     stacks = {
         "plain": [],
-        "one": [hypernet.Hypernetwork(widths, activation_func="relu", weight_init="XavierNormal")],
-        "two": [hypernet.Hypernetwork(widths, activation_func="relu", weight_init="XavierNormal").set_multiplier(0.6)
+        "one": [hypernet.Hypernetwork(widths, activation_func="relu", weight_init="XavierNormal").eval()],
+        "two": [hypernet.Hypernetwork(widths, activation_func="relu", weight_init="XavierNormal").eval().set_multiplier(0.6)
                 for _ in range(2)],
     }  # fmt: skip
     attachment = hypernet.attach(pipeline.unet, [])

@@ -16,10 +16,11 @@ import argparse
 import contextlib
 import copy
 import json
+import sys
 
 import torch
 import torch.nn.functional as F
-from common import DTYPES, PeakMemory, build, machine, median, timed
+from common import DTYPES, PeakMemory, build, machine, median, sync, timed
 
 import hypernet
 from hypernet.processor import ContextCache, apply_hypernetworks
@@ -154,6 +155,20 @@ def measure_flops(fn):
     return counter.get_total_flops()
 
 
+def profile(variants, device):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    for name in ("floor", "hypernet"):
+        with prepared(variants[name]), torch_profile(activities=activities) as prof:
+            variants[name]()
+            sync(device)
+        print(f"--- profile: {name}", file=sys.stderr)
+        print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60), file=sys.stderr)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -168,6 +183,7 @@ def main():
     parser.add_argument("--use_8bit_adam", action="store_true", help="Add the AdamW8bit hypernetwork variant.")
     parser.add_argument("--no_lora", action="store_true", help="Leave out the LoRA variant.")
     parser.add_argument("--no_flops", action="store_true", help="Skip the FLOP count.")
+    parser.add_argument("--profile", action="store_true", help="Print torch.profiler's top ops of floor and hypernet.")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -223,6 +239,8 @@ def main():
         result["gflop_per_step"] = {name: round(f / 1e9, 1) for name, f in flops.items()}
         result["flop_floor_hypernet/floor"] = flops["hypernet"] / flops["floor"]
         result["flop_floor_hypernet/a1111"] = flops["hypernet"] / flops["a1111"]
+    if args.profile:
+        profile(variants, args.device)
     print(json.dumps(result))
 
 

@@ -1,6 +1,6 @@
 """AUTOMATIC1111-style hypernetworks for diffusers: the module, the file formats, the attention processor."""
 
-from .errors import FormatError, HypernetError, NotAHypernetworkError, WidthMismatchError
+from .errors import FormatError, HypernetError, NotAHypernetworkError, UsageError, WidthMismatchError
 from .formats import load, save, shorthash
 from .module import SD1_WIDTHS, SD2_WIDTHS, SDXL_WIDTHS, Hypernetwork, HypernetworkModule
 from .processor import (
@@ -26,6 +26,7 @@ __all__ = [
     "SD1_WIDTHS",
     "SD2_WIDTHS",
     "SDXL_WIDTHS",
+    "UsageError",
     "WidthMismatchError",
     "apply_hypernetworks",
     "attach",

@@ -12,3 +12,19 @@ class WidthMismatchError(HypernetError):
 
 class NotAHypernetworkError(FormatError):
     """A readable file that holds something else (a checkpoint, a LoRA)."""
+
+
+class UsageError(HypernetError):
+    """A bad flag, path or piece of training data, reported before any heavy work."""
+
+
+def run_script(main, prog):
+    """Run a script's main(); a HypernetError becomes one line on stderr and exit code 2."""
+    import sys
+
+    try:
+        result = main()
+    except HypernetError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0

@@ -150,7 +150,14 @@ def test_imagefolder_dataset_varsize_and_alpha_weights(tiny_model_dir, tmp_path)
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "ds"
     assert train(tiny_model_dir, None, out, "--dataset_name", folder, "--caption_column", "caption",
-                 "--image_column", "image", "--varsize", "--use_weight", "--train_batch_size", 2, steps=4) == 0  # fmt: skip
+                 "--image_column", "image", "--varsize", "--use_weight", "--train_batch_size", 2,
+                 "--layer_structure", "1,1.5,1.5,1", "--dropout_structure", "0,0.1,0.2,0", "--activate_output",
+                 "--activation_func", "elu", "--dataloader_num_workers", 1, steps=4) == 0  # fmt: skip
+    hn = hypernet.load(out / "ds.pt")
+    assert hn.dropout_structure == [0, 0.1, 0.2, 0] and hn.use_dropout and hn.activate_output
+    assert [type(m).__name__ for m in hn.pair(96)[0].linear] == [
+        "Linear", "ELU", "Dropout", "Linear", "ELU", "Dropout", "Linear", "ELU"
+    ]  # fmt: skip
     settings = json.load(open(out / "training_settings.json"))
     assert settings["dataset_size"] == 4 and settings["varsize"] is True
 
