@@ -795,10 +795,6 @@ def plot_loss(rows, path, title):
     save_png(image, path)
 
 
-def save_hypernetwork_file(hn, path, optimizer_state=None, optimizer_name=None):
-    hypernet.save(hn, path, optimizer_state_dict=optimizer_state, optimizer_name=optimizer_name)
-
-
 def share_loss_and_stop_request(accelerator, loss, stop_requested):
     """The loss averaged over processes; a stop request (SIGTERM) seen by any process is recorded on all of them.
 
@@ -910,7 +906,6 @@ def main(input_args=None):
     vae.to(accelerator.device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        unet.train()  # diffusers checkpoints only in training mode; the UNet has no dropout or batch norm to change
 
     cache = cache_dataset(
         entries,
@@ -1036,7 +1031,7 @@ def main(input_args=None):
     def save_snapshot(path, with_optimizer=True):
         hn_unwrapped.step = step
         state = optimizer.state_dict() if with_optimizer else None
-        save_hypernetwork_file(hn_unwrapped, path, state, optimizer_name)
+        hypernet.save(hn_unwrapped, path, optimizer_state_dict=state, optimizer_name=optimizer_name)
 
     def make_previews():
         from diffusers import StableDiffusionPipeline
@@ -1058,8 +1053,6 @@ def main(input_args=None):
         )
         pipeline.set_progress_bar_config(disable=True)
         images = []
-        was_training = pipeline.unet.training
-        pipeline.unet.eval()
         for i, prompt in enumerate(args.preview_prompt):
             generator = torch.Generator(accelerator.device).manual_seed(args.preview_seed)
             with torch.no_grad(), accelerator.autocast():
@@ -1092,7 +1085,6 @@ def main(input_args=None):
                 parameters,
             )
             images.append((prompt, image))
-        pipeline.unet.train(was_training)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_images(

@@ -194,7 +194,6 @@ def main():
     pipeline = build(args.preset, args.device, dtype)
     if args.gradient_checkpointing:
         pipeline.unet.enable_gradient_checkpointing()
-        pipeline.unet.train()
     variants, hn = make_variants(pipeline, args, args.device, dtype)
 
     for _ in range(args.warmup):
