@@ -119,6 +119,7 @@ def test_sd2_v_prediction_and_sdxl_pipelines(preset, tmp_path):
         (["--hypernetwork", "{sd1}"], r"sd1.pt: hypernetwork widths \[768, 320, 640, 1280\] do not fit this model's attention widths \[40, 80, 96, 160\]"),
         (["--scheduler", "Warp drive"], r"--scheduler 'Warp drive': unknown"),
         (["--from_single_file"], r"no such checkpoint file"),
+        (["--from_single_file", "--pretrained_model_name_or_path", "{case1}", "--config", "nowhere"], r"--config nowhere: not found"),
     ],
 )  # fmt: skip
 def test_bad_input_is_a_clear_error_before_the_pipeline_loads(
@@ -157,3 +158,17 @@ def test_hypernetwork_flag_parsing(tmp_path):
     assert generate.parse_prompt("<hypernet:a:0.3> a cat, <hypernet:a>", str(tmp_path)) == (
         "a cat", [(str(tmp_path / "a.pt"), 0.3), (str(tmp_path / "a.pt"), 1.0)]
     )  # fmt: skip
+
+
+def test_from_single_file_with_a_local_config_matches_the_folder(tiny_model_dir, tiny_pipeline, tmp_path):
+    from ldm_checkpoint import write_ldm_checkpoint
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    write_ldm_checkpoint(tiny_pipeline, checkpoint)
+    case1 = f"{a1111_file('case1_default_relu')}:0.8"
+    folder = gen(tiny_model_dir, tmp_path / "folder", "--prompt", "a cat", "--hypernetwork", case1)[0]
+    single = gen(checkpoint, tmp_path / "single", "--from_single_file", "--config", tiny_model_dir, "--prompt", "a cat",
+                 "--hypernetwork", case1)[0]  # fmt: skip
+    assert np.array_equal(pixels(single), pixels(folder))
+    info = Image.open(single).info["parameters"]
+    assert f"Model hash: {hypernet.shorthash(checkpoint)}, Model: tiny," in info
