@@ -2,6 +2,6 @@
 # Move hypernetworks between the webui's .pt and safetensors, and look inside one.
 set -euo pipefail
 IN=${IN:-quickstart/run/quick-style.pt}
-python convert.py "$IN" quickstart/converted/quick-style.safetensors --overwrite
-python convert.py quickstart/converted/quick-style.safetensors quickstart/converted/quick-style-fp16.pt --dtype fp16 --overwrite
-python convert.py --info quickstart/converted/quick-style-fp16.pt
+python "$(dirname "$0")/../convert.py" "$IN" quickstart/converted/quick-style.safetensors --overwrite
+python "$(dirname "$0")/../convert.py" quickstart/converted/quick-style.safetensors quickstart/converted/quick-style-fp16.pt --dtype fp16 --overwrite
+python "$(dirname "$0")/../convert.py" --info quickstart/converted/quick-style-fp16.pt

@@ -2,7 +2,7 @@
 # Log loss, learning rate, gradient norm and preview images to Weights & Biases.
 # Offline (no account needed; sync later with `wandb sync`): WANDB_MODE=offline bash examples/wandb.sh
 set -euo pipefail
-python train_hypernetwork.py \
+python "$(dirname "$0")/../train_hypernetwork.py" \
   --pretrained_model_name_or_path "${MODEL:-quickstart/tiny-sd}" \
   --train_data_dir examples/style_dataset \
   --output_dir "${OUT:-quickstart/wandb-run}" \

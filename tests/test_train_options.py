@@ -201,13 +201,14 @@ def test_template_without_filewords_warns_by_name(tmp_path, caplog):
     assert f"{path} has no [filewords]" in caplog.text
 
 
-def test_wandb_offline_logs_loss_and_previews(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
+def test_report_to_all_logs_to_wandb_offline_and_tensorboard(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
-    assert train(tiny_model_dir, small_dataset, out, "--report_to", "wandb", "--run_name", "my-run",
-                 "--preview_every", 2, steps=2) == 0  # fmt: skip
+    assert train(tiny_model_dir, small_dataset, out, "--report_to", "all", "--run_name", "my-run",
+                 "--preview_every", 2, "--latent_sampling_method", "deterministic", steps=2) == 0  # fmt: skip
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "logs" / "hypernet")), "tensorboard too"
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1
     run_dir = tmp_path / "wandb" / runs[0]
