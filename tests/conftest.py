@@ -19,13 +19,17 @@ def a1111_file(case, suffix=".pt"):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def build_model(tmp_path_factory, preset):
     from make_tiny_model import make_tiny_model
 
-    directory = str(tmp_path_factory.mktemp("tiny-sd"))
-    make_tiny_model(directory, "tiny")
+    directory = str(tmp_path_factory.mktemp(f"{preset}-model"))
+    make_tiny_model(directory, preset)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_model(tmp_path_factory, "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +53,12 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def sd2_model_dir(tmp_path_factory):
-    from make_tiny_model import make_tiny_model
+    return build_model(tmp_path_factory, "sd2")
 
-    directory = str(tmp_path_factory.mktemp("tiny-sd2"))
-    make_tiny_model(directory, "sd2")
-    return directory
+
+@pytest.fixture(scope="session")
+def sdxl_model_dir(tmp_path_factory):
+    return build_model(tmp_path_factory, "sdxl")
 
 
 @pytest.fixture(scope="session")

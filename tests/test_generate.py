@@ -92,20 +92,16 @@ def test_options_seed_batch_size_negative_scheduler_prompts_file(tiny_model_dir,
     assert not os.path.exists(tmp_path / "s" / "grid.png")
 
 
-@pytest.mark.parametrize("preset", ["sd2", "sdxl"])
-def test_sd2_v_prediction_and_sdxl_pipelines(preset, tmp_path):
-    from make_tiny_model import make_tiny_model
-
-    make_tiny_model(str(tmp_path / "m"), preset)
+@pytest.mark.parametrize("model_fixture", ["sd2_model_dir", "sdxl_model_dir"])
+def test_sd2_v_prediction_and_sdxl_pipelines(model_fixture, tmp_path, request):
+    model = request.getfixturevalue(model_fixture)
     case1 = a1111_file("case1_default_relu")
-    plain = pixels(gen(tmp_path / "m", tmp_path / "p", "--prompt", "x", "--num_inference_steps", 3)[0])
+    plain = pixels(gen(model, tmp_path / "p", "--prompt", "x", "--num_inference_steps", 3)[0])
     with_hn = pixels(
-        gen(tmp_path / "m", tmp_path / "h", "--prompt", "x", "--num_inference_steps", 3, "--hypernetwork", case1)[0]
+        gen(model, tmp_path / "h", "--prompt", "x", "--num_inference_steps", 3, "--hypernetwork", case1)[0]
     )
     zero = pixels(
-        gen(
-            tmp_path / "m", tmp_path / "z", "--prompt", "x", "--num_inference_steps", 3, "--hypernetwork", f"{case1}:0"
-        )[0]
+        gen(model, tmp_path / "z", "--prompt", "x", "--num_inference_steps", 3, "--hypernetwork", f"{case1}:0")[0]
     )
     assert np.array_equal(zero, plain) and not np.array_equal(with_hn, plain)
 
