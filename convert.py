@@ -91,15 +91,11 @@ def convert_file(source, target, dtype_name=None, overwrite=False):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hn = hypernet.load(source)
-    original_dtype = next(hn.parameters()).dtype
     dtype = DTYPES[dtype_name] if dtype_name else None
     hypernet.save(hn, target, hn.optimizer_state_dict, hn.optimizer_name, dtype=dtype)
     if hn.optimizer_state_dict is None and os.path.exists(target + OPTIM_SUFFIX):
         os.remove(target + OPTIM_SUFFIX)  # a stale companion of an overwritten file would not match it
-    effective = dtype_name or {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(original_dtype, "fp32")
-    if original_dtype != torch.float32 and dtype_name in (None, "fp32"):
-        effective = "fp32"  # widening is exact
-    worst = verify(hn, target, effective)
+    worst = verify(hn, target, dtype_name or "fp32")  # keeping or widening the precision must be exact
     notes = []
     if hn.optimizer_state_dict is not None:
         notes.append(f"optimizer state carried to {os.path.basename(target)}{OPTIM_SUFFIX}")

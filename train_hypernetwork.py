@@ -329,8 +329,8 @@ def filewords_from_name(filename):
     return re.sub(r"^[-\d]+\s*", "", os.path.splitext(os.path.basename(filename))[0])
 
 
-def open_image(path, use_weight):
-    """Open and fully decode an image as RGB (RGBA with --use_weight); any mode PIL reads is accepted."""
+def read_image_file(path):
+    """Open and fully decode an image file; a file PIL cannot read is refused by name."""
     try:
         if os.path.getsize(path) == 0:
             raise UsageError(f"{path}: empty file (0 bytes); remove it or replace it with the real image")
@@ -343,6 +343,13 @@ def open_image(path, use_weight):
         raise UsageError(f"{path}: image too large to read safely ({e}); downscale it first") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UsageError(f"{path}: unreadable image ({e}); fix or remove it") from None
+    return image
+
+
+def open_image(source, use_weight):
+    """An image file, or an image from a datasets dataset, as RGB (RGBA with --use_weight when it has alpha);
+    any mode PIL reads is accepted, 16-bit images are scaled to 8 bits."""
+    image = read_image_file(source) if isinstance(source, str) else source
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float64)
         scale = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
@@ -423,7 +430,7 @@ class CachedData:
 
     def __init__(self):
         self.means, self.stds, self.flipped_means, self.flipped_stds = [], [], [], []
-        self.captions, self.filewords, self.embeddings, self.weights, self.sizes, self.paths = [], [], [], [], [], []
+        self.captions, self.filewords, self.embeddings, self.weights, self.sizes = [], [], [], [], []
 
     def __len__(self):
         return len(self.means)
@@ -452,11 +459,7 @@ def read_dataset_entries(args):
 def check_images(entries, args):
     """Open every image once before any model loads, so a bad file stops the run at once, by name."""
     for source, _ in entries:
-        if isinstance(source, str):
-            with open_image(source, args.use_weight) as image:
-                size = image.size
-        else:
-            size = source.size
+        size = open_image(source, args.use_weight).size
         if min(size) < 8:
             raise UsageError(f"{source}: image is {size[0]}x{size[1]}, too small to train on")
 
@@ -471,7 +474,7 @@ def cache_dataset(entries, template, args, vae, text_encoder, tokenizer, device,
     fixed_captions = not (args.shuffle_tags or args.tag_drop_out)
     for index, (source, filewords) in enumerate(tqdm(entries, desc="Caching latents", disable=not show_progress)):
         generator = torch.Generator().manual_seed(sample_key(args.seed, 1, index))
-        image = open_image(source, args.use_weight) if isinstance(source, str) else source.convert("RGB")
+        image = open_image(source, args.use_weight)
         size = training_size(image, args)
         image = to_training_pixels(image, size, args.center_crop, generator)
         variants = [image, image.transpose(Image.FLIP_LEFT_RIGHT)] if args.random_flip else [image]
@@ -488,7 +491,6 @@ def cache_dataset(entries, template, args, vae, text_encoder, tokenizer, device,
         cache.flipped_means.append(mean[-1])
         cache.flipped_stds.append(std[-1])
         cache.sizes.append(size)
-        cache.paths.append(source if isinstance(source, str) else f"{args.dataset_name}[{index}]")
         cache.filewords.append(filewords)
         line = template[int(torch.randint(0, len(template), (1,), generator=generator))]
         cache.captions.append(make_caption(line, filewords, args.hypernetwork_name))
@@ -1101,6 +1103,12 @@ def main(input_args=None):
             torch.cuda.set_rng_state_all(cuda_states)
         hn_unwrapped.train()
 
+    def periodic_outputs():
+        if args.save_every and step % args.save_every == 0:
+            save_snapshot(os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{step}.pt"))
+        if args.preview_every and step % args.preview_every == 0:
+            make_previews()
+
     stop_requested = []
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
 
@@ -1187,12 +1195,7 @@ def main(input_args=None):
             if outcome != "finished" or step >= args.max_train_steps:
                 break
             if accelerator.is_main_process:
-                if args.save_every and step % args.save_every == 0:
-                    save_snapshot(
-                        os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{step}.pt")
-                    )
-                if args.preview_every and step % args.preview_every == 0:
-                    make_previews()
+                periodic_outputs()
                 if step % 50 == 0:
                     write_loss_csv(csv_path, loss_rows)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
@@ -1209,11 +1212,8 @@ def main(input_args=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_loss_csv(csv_path, loss_rows)
-        if outcome == "finished":  # this step's periodic outputs first: the final file below may still fail
-            if args.save_every and step % args.save_every == 0:
-                save_snapshot(os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{step}.pt"))
-            if args.preview_every and step % args.preview_every == 0:
-                make_previews()
+        if outcome == "finished":
+            periodic_outputs()  # before the final file, which may still fail
         final = os.path.join(args.output_dir, f"{args.hypernetwork_name}.pt")
         save_snapshot(final)
         if args.save_safetensors:

@@ -28,6 +28,8 @@ def test_alpha_is_kept_for_use_weight(tmp_path):
     assert train.open_image(str(tmp_path / "a.png"), use_weight=True).mode == "RGBA"
     image.convert("P").save(tmp_path / "p.png", transparency=0)
     assert train.open_image(str(tmp_path / "p.png"), use_weight=True).mode == "RGBA"
+    assert train.open_image(image, use_weight=True).mode == "RGBA", "a datasets image keeps its alpha too"
+    assert train.open_image(image, use_weight=False).mode == "RGB"
 
 
 def test_huge_image_is_refused_by_name(tmp_path, monkeypatch):
