@@ -9,6 +9,7 @@ A1111's prompt syntax works too: "<hypernet:style:0.8> a castle" loads style.pt 
 """
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -261,6 +262,18 @@ def sampler_name(args, pipeline):
     return type(pipeline.scheduler).__name__
 
 
+def stacked(hypernetworks, stack):
+    """The loaded hypernetworks for a stack of (path, multiplier), each at its multiplier. A file named twice is
+    applied twice, each time at its own strength, so its repeats are copies (made once, kept in `hypernetworks`)."""
+    result, seen = [], {}
+    for path, multiplier in stack:
+        repeat = seen[path] = seen.get(path, -1) + 1
+        if repeat and (path, repeat) not in hypernetworks:
+            hypernetworks[path, repeat] = copy.deepcopy(hypernetworks[path])
+        result.append(hypernetworks[(path, repeat) if repeat else path].set_multiplier(multiplier))
+    return result
+
+
 def main(input_args=None):
     args = parse_args(input_args)
     hypernetworks = load_hypernetworks(args)
@@ -284,7 +297,7 @@ def main(input_args=None):
     index = 0
     for prompt, prompt_hypernetworks in args.jobs:
         stack = args.hypernetwork + prompt_hypernetworks
-        attachment.hypernetworks[:] = [hypernetworks[path].set_multiplier(m) for path, m in stack]
+        attachment.hypernetworks[:] = stacked(hypernetworks, stack)
         names = [(hypernetworks[path].name or os.path.splitext(os.path.basename(path))[0], m) for path, m in stack]
         for start in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - start)

@@ -20,6 +20,9 @@ def main():
         "--preset", choices=["sd15", "tiny"], default="sd15", help="Model architecture (random weights)."
     )
     parser.add_argument("--resolution", type=int, default=512, help="Image side in pixels.")
+    parser.add_argument(
+        "--activation_func", default="linear", help="The hypernetworks' activation (the webui's default: linear)."
+    )
     parser.add_argument("--num_inference_steps", type=int, default=20, help="Denoising steps per image.")
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds (each generates once per variant).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
@@ -31,8 +34,8 @@ def main():
     widths = hypernet.attention_widths(pipeline.unet)
     stacks = {
         "plain": [],
-        "one": [hypernet.Hypernetwork(widths, activation_func="relu", weight_init="XavierNormal").eval()],
-        "two": [hypernet.Hypernetwork(widths, activation_func="relu", weight_init="XavierNormal").eval().set_multiplier(0.6)
+        "one": [hypernet.Hypernetwork(widths, activation_func=args.activation_func, weight_init="XavierNormal").eval()],
+        "two": [hypernet.Hypernetwork(widths, activation_func=args.activation_func, weight_init="XavierNormal").eval().set_multiplier(0.6)
                 for _ in range(2)],
     }  # fmt: skip
     attachment = hypernet.attach(pipeline.unet, [])
@@ -65,6 +68,7 @@ def main():
                 "preset": args.preset,
                 "resolution": args.resolution,
                 "dtype": dtype_name,
+                "activation_func": args.activation_func,
                 "num_inference_steps": args.num_inference_steps,
                 "rounds": args.rounds,
                 "seconds_per_image": seconds,

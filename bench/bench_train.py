@@ -6,7 +6,8 @@ Variants, timed interleaved in one process after warm-up, batch 1, median over -
   floor     the frozen UNet's forward and backward to its inputs: no trainable weights at all
   hypernet  our hypernetwork step (train_hypernetwork.py's diffusion_loss, UNetWithHypernetwork, AdamW)
   lora      a rank-4 LoRA on to_q/to_k/to_v/to_out.0 through peft, as diffusers' LoRA script trains
-  a1111     the same hypernetwork applied A1111's way: every attention layer runs its own text-context MLPs
+  a1111     the same hypernetwork applied A1111's way: every attention layer runs its own MLPs (no text-context
+            cache, linear modules not multiplied out)
   hypernet_8bit (with --use_8bit_adam) the hypernetwork step with bitsandbytes' AdamW8bit
 The FLOP floor of hypernet/floor is measured with torch.utils.flop_counter on one step of each.
 Prints one JSON line.
@@ -79,18 +80,19 @@ def make_variants(pipeline, args, device, dtype):
         return step
 
     widths = hypernet.attention_widths(unet)
-    hn = hypernet.Hypernetwork(widths, activation_func="relu").to(device).train()
+    hn = hypernet.Hypernetwork(widths, activation_func=args.activation_func).to(device).train()
     ours = UNetWithHypernetwork(unet, hn)
     ours.attachment.detach()  # attached per step below, so the variants can share the UNet
 
     class Attached:
         """A step run with the hypernetwork attached; attaching happens outside the timed step."""
 
-        def __init__(self, step, cache_class):
+        def __init__(self, step, cache_class, multiply_out_linear=True):
             self.step, self.cache_class, self.optimizer = step, cache_class, step.optimizer
+            self.multiply_out_linear = multiply_out_linear
 
         def __enter__(self):
-            self.attachment = hypernet.attach(unet, [hn])
+            self.attachment = hypernet.attach(unet, [hn], multiply_out_linear=self.multiply_out_linear)
             self.attachment.cache = self.attachment.processor.cache = self.cache_class()
 
         def __exit__(self, *exc):
@@ -102,7 +104,7 @@ def make_variants(pipeline, args, device, dtype):
     variants = {
         "floor": floor_step,
         "hypernet": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), ContextCache),
-        "a1111": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), NoCache),
+        "a1111": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), NoCache, multiply_out_linear=False),
     }
     if args.use_8bit_adam:
         import bitsandbytes
@@ -175,6 +177,11 @@ def main():
         "--preset", choices=["sd15", "tiny"], default="sd15", help="Model architecture (random weights)."
     )
     parser.add_argument("--resolution", type=int, default=256, help="Image side in pixels.")
+    parser.add_argument(
+        "--activation_func",
+        default="linear",
+        help="The hypernetwork's activation (train_hypernetwork.py's and the webui's default: linear).",
+    )
     parser.add_argument("--steps", type=int, default=5, help="Timed rounds (each runs every variant once).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds first.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
@@ -217,6 +224,7 @@ def main():
         "dtype": args.dtype,
         "gradient_checkpointing": args.gradient_checkpointing,
         "steps": args.steps,
+        "activation_func": args.activation_func,
         "hypernetwork_parameters": sum(p.numel() for p in hn.parameters()),
         "seconds_per_step": seconds,
         "steps_per_second": {name: 1 / s for name, s in seconds.items()},

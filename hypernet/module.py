@@ -3,6 +3,7 @@
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import HypernetError
@@ -115,8 +116,27 @@ class HypernetworkModule(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x):
-        multiplier = 1.0 if self.training else self.multiplier
-        return x + self.linear(x) * multiplier
+        return x + self.linear(x) * self.effective_multiplier
+
+    @property
+    def effective_multiplier(self):
+        return 1.0 if self.training else self.multiplier
+
+    @property
+    def is_linear(self):
+        """Whether the MLP is only Linear layers as it runs now: no activation, no layer norm, no active dropout."""
+        return all(
+            isinstance(layer, (nn.Linear, nn.Identity)) or (isinstance(layer, nn.Dropout) and not self.training)
+            for layer in self.linear
+        )
+
+    def multiplied_out(self):
+        """(weight, bias) with self(x) == x + F.linear(x, weight, bias), for a module whose MLP is_linear."""
+        linears = [layer for layer in self.linear if isinstance(layer, nn.Linear)]
+        weight, bias = linears[0].weight, linears[0].bias
+        for layer in linears[1:]:
+            weight, bias = layer.weight @ weight, F.linear(bias, layer.weight, layer.bias)
+        return weight * self.effective_multiplier, bias * self.effective_multiplier
 
 
 # Metadata attributes under A1111's names, with the value A1111's loader assumes when a file lacks the key.

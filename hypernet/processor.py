@@ -9,24 +9,58 @@ from diffusers.models.attention_processor import Attention
 from .errors import WidthMismatchError
 
 
-def apply_hypernetworks(hypernetworks, context):
+def apply_hypernetworks(hypernetworks, context, linear_maps=None):
     """A1111's apply_hypernetworks: each hypernetwork in turn maps the running K and V contexts.
 
-    A hypernetwork without a module for context's width leaves both unchanged.
+    A hypernetwork without a module for context's width leaves both unchanged. `linear_maps`, where given, holds
+    for each hypernetwork its K and V modules multiplied out (see multiply_out), or None to run the modules.
     """
     context_k = context_v = context
     # Under autocast the matmuls already run in the autocast dtype; casting the context to the weights' dtype and
     # back would only add copies. Without it, compute in the weights' dtype, as A1111 computes in float32.
     autocast = torch.is_autocast_enabled(context.device.type)
-    for hypernetwork in hypernetworks:
+    for i, hypernetwork in enumerate(hypernetworks):
         pair = hypernetwork.pair(context.shape[-1])
         if pair is None:
             continue
         module_k, module_v = pair
         dtype = context.dtype if autocast else module_k.linear[0].weight.dtype
-        context_k = module_k(context_k.to(dtype)).to(context.dtype)
-        context_v = module_v(context_v.to(dtype)).to(context.dtype)
+        multiplied_out = linear_maps[i] if linear_maps is not None else None
+        if multiplied_out is not None:
+            context_k, context_v = _apply_multiplied_out(*multiplied_out, context_k, context_v, dtype)
+        else:
+            context_k = module_k(context_k.to(dtype)).to(context.dtype)
+            context_v = module_v(context_v.to(dtype)).to(context.dtype)
     return context_k, context_v
+
+
+def _apply_multiplied_out(weight, bias, context_k, context_v, dtype):
+    """K and V modules as one matrix product when they share their input (2w outputs), else one each."""
+    width, out_dtype = context_k.shape[-1], context_k.dtype
+    if context_k is context_v:
+        x = context_k.to(dtype)
+        both = F.linear(x, weight, bias)
+        return (x + both[..., :width]).to(out_dtype), (x + both[..., width:]).to(out_dtype)
+    k, v = context_k.to(dtype), context_v.to(dtype)
+    k = k + F.linear(k, weight[:width], bias[:width])
+    v = v + F.linear(v, weight[width:], bias[width:])
+    return k.to(out_dtype), v.to(out_dtype)
+
+
+def multiply_out(module_k, module_v, tokens=None):
+    """The K and V modules' Linear layers multiplied out into one (2w, w) weight and (2w,) bias, or None where
+    either is not linear, or where `tokens` (the self-attention tokens of one forward at this width) are too few
+    for the one-off product to cost less than the multiply-adds it saves."""
+    if not (module_k.is_linear and module_v.is_linear):
+        return None
+    if tokens is not None:
+        weights = [layer.weight for layer in module_k.linear if isinstance(layer, torch.nn.Linear)]
+        width, per_token = weights[0].shape[1], sum(w.numel() for w in weights)
+        if tokens * (per_token - width * width) <= (per_token - weights[0].numel()) * width:
+            return None
+    weight_k, bias_k = module_k.multiplied_out()
+    weight_v, bias_v = module_v.multiplied_out()
+    return torch.cat([weight_k, weight_v]), torch.cat([bias_k, bias_v])
 
 
 def _state_signature(hypernetworks, width):
@@ -43,12 +77,19 @@ def _state_signature(hypernetworks, width):
 
 
 class ContextCache:
-    """The K and V contexts computed from the last text context, reused while nothing they depend on changed.
+    """What the processor keeps between calls: the K and V contexts of the last text context, and the
+    self-attention modules multiplied out, each reused while nothing it depends on changed.
 
     Cross-attention layers all receive the same text-embedding tensor, in every layer of a forward and at every
     denoising step of a generation, so the text-width MLPs need to run once per prompt, not once per layer and
-    step. An entry is keyed by the tensor's identity and version (it is held weakly), grad mode, and the
-    hypernetworks' weight versions, multipliers and train/eval mode, so a change to any of those recomputes it.
+    step. That entry is keyed by the tensor's identity and version (it is held weakly), grad mode, autocast, and
+    the hypernetworks' weight versions, multipliers and train/eval mode, so a change to any of those recomputes it.
+
+    In self-attention the context is new in every layer, but a linear hypernetwork (A1111's default activation)
+    is one matrix: x + x @ (m W2 W1).T + m (W2 b1 + b2). Multiplied out once per width, K and V take one
+    w-by-2w product per layer instead of four 2w²-sized ones. Those entries are keyed like the text context's,
+    minus the tensor.
+
     Entries that carry an autograd graph live for one UNet forward only (new_forward() drops them), since the
     graph is freed by the backward pass.
     """
@@ -57,6 +98,7 @@ class ContextCache:
         self._context = None
         self._key = None
         self._value = None
+        self._linear_maps = {}
         self.misses = 0
 
     def contexts(self, hypernetworks, context):
@@ -67,8 +109,7 @@ class ContextCache:
             context.shape,
             context.dtype,
             context.device,
-            torch.is_grad_enabled(),
-            torch.is_autocast_enabled(context.device.type),
+            *_mode_key(context.device.type),
             _state_signature(hypernetworks, context.shape[-1]),
         )
         if self._context is not None and self._context() is context and self._key == key:
@@ -79,12 +120,39 @@ class ContextCache:
         self._key = key
         return self._value
 
+    def linear_maps(self, hypernetworks, width, device_type):
+        """The multiplied-out modules stored for this width by multiply_out_width(), if still valid, else None."""
+        entry = self._linear_maps.get(width)
+        if entry is None or torch.compiler.is_compiling():
+            return None
+        key, maps = entry
+        return maps if key == (*_mode_key(device_type), _state_signature(hypernetworks, width)) else None
+
+    def multiply_out_width(self, hypernetworks, width, device_type, tokens=None):
+        if self.linear_maps(hypernetworks, width, device_type) is not None:
+            return
+        maps = []
+        for hypernetwork in hypernetworks:
+            pair = hypernetwork.pair(width)
+            maps.append(None if pair is None else multiply_out(*pair, tokens=tokens))
+        key = (*_mode_key(device_type), _state_signature(hypernetworks, width))
+        self._linear_maps[width] = (key, maps if any(m is not None for m in maps) else None)
+
     def new_forward(self):
         if self._value is not None and self._value[0].requires_grad:
-            self.clear()
+            self._context = self._key = self._value = None
+        for width, (_, maps) in list(self._linear_maps.items()):
+            if maps is not None and any(m is not None and m[0].requires_grad for m in maps):
+                del self._linear_maps[width]
 
     def clear(self):
         self._context = self._key = self._value = None
+        self._linear_maps.clear()
+
+
+def _mode_key(device_type):
+    autocast = torch.is_autocast_enabled(device_type)
+    return torch.is_grad_enabled(), autocast, torch.get_autocast_dtype(device_type) if autocast else None
 
 
 class HypernetworkAttnProcessor:
@@ -120,7 +188,10 @@ class HypernetworkAttnProcessor:
         query = attn.to_q(hidden_states)
 
         if encoder_hidden_states is None:
-            context_k, context_v = apply_hypernetworks(self.hypernetworks, hidden_states)
+            linear_maps = self.cache.linear_maps(
+                self.hypernetworks, hidden_states.shape[-1], hidden_states.device.type
+            )
+            context_k, context_v = apply_hypernetworks(self.hypernetworks, hidden_states, linear_maps)
         else:
             if attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
@@ -161,16 +232,48 @@ def attention_widths(unet):
     return sorted({module.to_k.in_features for module in unet.modules() if isinstance(module, Attention)})
 
 
+def self_attention_levels(unet):
+    """{width: [level, ...]}: one entry per self-attention layer, at level i when it runs on the latent downsampled
+    i times (diffusers' UNet2DConditionModel block names), or None where the level cannot be told."""
+    down = len(getattr(unet, "down_blocks", ()))
+    levels = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, Attention) or module.is_cross_attention:
+            continue
+        block, _, rest = name.partition(".")
+        index = rest.partition(".")[0]
+        if block == "down_blocks" and index.isdigit():
+            level = int(index)
+        elif block == "up_blocks" and index.isdigit():
+            level = len(unet.up_blocks) - 1 - int(index)
+        elif block == "mid_block":
+            level = down - 1
+        else:
+            level = None
+        levels.setdefault(module.to_k.in_features, []).append(level)
+    return levels
+
+
+def self_attention_tokens(levels, sample):
+    """Tokens one forward on `sample` (batch, channels, height, width) feeds to self-attention at one width."""
+    if any(level is None for level in levels) or sample.ndim != 4:
+        return None
+    batch, _, height, width = sample.shape
+    return sum(batch * -(-height // 2**level) * -(-width // 2**level) for level in levels)
+
+
 class Attachment:
     """Hypernetworks installed in a UNet; detach() (or leaving a `with` block) restores the original processors.
 
     `hypernetworks` is a live list: reorder, add or remove entries and the next forward uses them.
     """
 
-    def __init__(self, unet, hypernetworks):
+    def __init__(self, unet, hypernetworks, multiply_out_linear=True):
         self.unet = unet
         self.hypernetworks = list(hypernetworks)
+        self.multiply_out_linear = multiply_out_linear
         self.cache = ContextCache()
+        self.levels = self_attention_levels(unet)
         self.original_processors = unet.attn_processors
         self.processor = HypernetworkAttnProcessor(self.hypernetworks, self.cache)
         unet.set_attn_processor(self.processor)
@@ -183,6 +286,14 @@ class Attachment:
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if isinstance(context, torch.Tensor):
             self.cache.contexts(self.hypernetworks, context)
+        sample = kwargs.get("sample", args[0] if args else None)
+        if self.multiply_out_linear and isinstance(sample, torch.Tensor) and not torch.compiler.is_compiling():
+            for width, levels in self.levels.items():
+                # Without grad the product is kept for as long as the weights do not change: every forward of a
+                # generation reuses it. With grad it is made again each forward, so it must pay for itself in one.
+                tokens = self_attention_tokens(levels, sample) if torch.is_grad_enabled() else None
+                if tokens is not None or not torch.is_grad_enabled():
+                    self.cache.multiply_out_width(self.hypernetworks, width, sample.device.type, tokens)
 
     def detach(self):
         if self._hook is None:
@@ -199,8 +310,12 @@ class Attachment:
         self.detach()
 
 
-def attach(unet, hypernetworks):
-    """Install hypernetworks, applied in order at their own multipliers, on every attention layer of `unet`."""
+def attach(unet, hypernetworks, multiply_out_linear=True):
+    """Install hypernetworks, applied in order at their own multipliers, on every attention layer of `unet`.
+
+    With multiply_out_linear, the self-attention modules of a linear hypernetwork run as one matrix each (the same
+    function up to float rounding, about a quarter of the arithmetic); pass False to run A1111's layers as they are.
+    """
     if not isinstance(hypernetworks, (list, tuple)):
         hypernetworks = [hypernetworks]
     model_widths = attention_widths(unet)
@@ -214,4 +329,4 @@ def attach(unet, hypernetworks):
         device = next(unet.parameters()).device
         if next(hypernetwork.parameters()).device != device:
             hypernetwork.to(device)
-    return Attachment(unet, hypernetworks)
+    return Attachment(unet, hypernetworks, multiply_out_linear)

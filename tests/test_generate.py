@@ -55,6 +55,15 @@ def test_stacking_order_and_both_syntaxes(tiny_model_dir, hn_dir, tmp_path):
     assert "Hypernet: case1_default_relu, case3_layernorm_swish, Hypernet strength: 0.5, 0.7" in info
 
 
+def test_a_file_stacked_twice_applies_twice_at_each_strength(tiny_model_dir, hn_dir, tmp_path):
+    once = gen(tiny_model_dir, tmp_path / "a", "--prompt", "a dog <hypernet:case1:0.8>", "--hypernetwork_dir", hn_dir)
+    twice = gen(tiny_model_dir, tmp_path / "b", "--prompt", "a dog <hypernet:case1:0.8> <hypernet:case1:0>",
+                "--hypernetwork_dir", hn_dir)  # fmt: skip
+    assert np.array_equal(pixels(once[0]), pixels(twice[0]))
+    info = Image.open(twice[0]).info["parameters"]
+    assert "Hypernet: case1_default_relu, case1_default_relu, Hypernet strength: 0.8, 0" in info
+
+
 def test_text_mlp_runs_once_per_prompt(tiny_model_dir, hn_dir, tmp_path, monkeypatch):
     calls = []
     real = generate.load_hypernetworks

@@ -168,3 +168,117 @@ def test_works_under_torch_compile(unet):
         eager = attn(x, encoder_hidden_states=text)
         compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)
         assert torch.allclose(compiled(x, encoder_hidden_states=text), eager, atol=1e-5)
+
+
+def linear_hypernetwork(**kwargs):
+    return hypernet.Hypernetwork([96, 40, 80, 160], weight_init="XavierNormal", **kwargs).double()
+
+
+def forward_flops_and_grads(unet, hypernetworks, inputs, multiply_out_linear, train):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for hn in hypernetworks:
+        hn.train(train).zero_grad()
+    with hypernet.attach(unet, hypernetworks, multiply_out_linear), torch.set_grad_enabled(train):
+        with FlopCounterMode(display=False) as counter:
+            out = unet(*inputs).sample
+        if train:
+            out.square().mean().backward()
+    grads = [p.grad.clone() for hn in hypernetworks for p in hn.parameters()] if train else []
+    return out.detach(), counter.get_total_flops(), grads
+
+
+@pytest.fixture
+def unet64(unet):
+    import copy
+
+    return copy.deepcopy(unet).double()
+
+
+def double_inputs(side=8, batch=2):
+    g = torch.Generator().manual_seed(3)
+    sample = torch.randn(batch, 4, side, side, generator=g, dtype=torch.float64)
+    return sample, torch.tensor([10, 500][:batch]), torch.randn(batch, 77, 96, generator=g, dtype=torch.float64)
+
+
+def test_linear_hypernetworks_multiplied_out_give_the_same_images_for_a_quarter_of_the_arithmetic(unet64):
+    stack = [linear_hypernetwork().set_multiplier(0.7), linear_hypernetwork().set_multiplier(-0.4)]
+    inputs = double_inputs(side=16)
+    plain = unet64(*inputs).sample
+    want, module_flops, _ = forward_flops_and_grads(unet64, stack, inputs, False, train=False)
+    got, flops, _ = forward_flops_and_grads(unet64, stack, inputs, True, train=False)
+    assert (got - want).abs().max() < 1e-12 and (want - plain).abs().max() > 1e-2
+    # Self-attention at width w over n tokens: the two modules cost 2 x 8w²n multiply-add FLOPs as layers and
+    # 4w²n as one matrix, after a one-off (2w x w)(w x 2w) product per module.
+    levels = {40: (3, 0), 80: (3, 1), 160: (4, 2)}
+    saved = sum(
+        layers * (2 * 8 - 4) * w * w * 2 * (16 >> level) ** 2 - 2 * 4 * w**3 for w, (layers, level) in levels.items()
+    )
+    assert module_flops - flops == pytest.approx(len(stack) * saved, rel=0.01)
+
+
+def test_multiplied_out_training_matches_the_layers_gradient_for_gradient(unet64):
+    hn = linear_hypernetwork()
+    inputs = double_inputs()
+    for checkpointing in (False, True):
+        unet64.enable_gradient_checkpointing() if checkpointing else unet64.disable_gradient_checkpointing()
+        want, _, want_grads = forward_flops_and_grads(unet64, [hn], inputs, False, train=True)
+        got, _, grads = forward_flops_and_grads(unet64, [hn], inputs, True, train=True)
+        assert (got - want).abs().max() < 1e-12
+        scale = max(g.abs().max() for g in want_grads)
+        assert max((a - b).abs().max() for a, b in zip(grads, want_grads)) < 1e-10 * scale
+
+
+@pytest.mark.parametrize("side", [4, 8, 16, 32])
+def test_with_grad_a_width_is_multiplied_out_only_where_it_pays_for_itself(unet64, side):
+    hn = linear_hypernetwork()
+    inputs = double_inputs(side=side, batch=1)
+    _, module_flops, _ = forward_flops_and_grads(unet64, [hn], inputs, False, train=True)
+    _, flops, _ = forward_flops_and_grads(unet64, [hn], inputs, True, train=True)
+    assert flops <= module_flops
+    if side >= 16:
+        assert flops < module_flops
+
+
+@pytest.mark.parametrize(
+    "settings, modes",
+    [
+        (dict(activation_func="relu"), (False, True)),
+        (dict(add_layer_norm=True), (False, True)),
+        (dict(use_dropout=True, layer_structure=[1, 2, 2, 1]), (True,)),  # in eval mode dropout is the identity
+    ],
+)
+def test_hypernetworks_that_are_not_linear_run_their_layers_exactly(unet64, settings, modes):
+    hn = linear_hypernetwork(**settings)
+    inputs = double_inputs(side=16)
+    for train in modes:
+        torch.manual_seed(5)
+        want, want_flops, _ = forward_flops_and_grads(unet64, [hn], inputs, False, train=train)
+        torch.manual_seed(5)
+        got, flops, _ = forward_flops_and_grads(unet64, [hn], inputs, True, train=train)
+        assert torch.equal(got, want) and flops == want_flops
+
+
+def test_multiplied_out_modules_follow_weight_and_multiplier_changes(unet64):
+    import copy
+
+    hn = linear_hypernetwork().eval()
+    inputs = double_inputs()
+    reference_unet = copy.deepcopy(unet64)
+    with hypernet.attach(unet64, [hn]), hypernet.attach(reference_unet, [hn], multiply_out_linear=False):
+
+        def check():
+            with torch.no_grad():
+                got, want = unet64(*inputs).sample, reference_unet(*inputs).sample
+            assert (got - want).abs().max() < 1e-12
+            return got
+
+        first = check()
+        hn.set_multiplier(0.3)
+        assert not torch.allclose(check(), first)
+        with torch.no_grad():  # as an optimizer step changes the weights
+            for p in hn.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        check()
+        hn.train()
+        check()
