@@ -27,6 +27,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds (each generates once per variant).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: fp16 on CUDA, else fp32.")
+    parser.add_argument("--no_flops", action="store_true", help="Skip the FLOP count of one image per variant.")
     args = parser.parse_args()
 
     dtype_name = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
@@ -60,6 +61,14 @@ def main():
                 times[name].append(timed(args.device, lambda stack=stack: generate(stack)))
             peaks[name] = max(peaks[name], peak.peak_above_start)
     seconds = {name: median(values) for name, values in times.items()}
+    flops = {}
+    if not args.no_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        for name, stack in stacks.items():
+            with FlopCounterMode(display=False) as counter:
+                generate(stack)
+            flops[name] = counter.get_total_flops()
     print(
         json.dumps(
             {
@@ -77,6 +86,8 @@ def main():
                     "one/plain": seconds["one"] / seconds["plain"],
                     "two/plain": seconds["two"] / seconds["plain"],
                 },
+                "gflop_per_image": {name: round(f / 1e9, 1) for name, f in flops.items()},
+                "flop_ratios": {f"{name}/plain": flops[name] / flops["plain"] for name in flops if name != "plain"},
             }
         )
     )

@@ -8,6 +8,7 @@ Variants, timed interleaved in one process after warm-up, batch 1, median over -
   lora      a rank-4 LoRA on to_q/to_k/to_v/to_out.0 through peft, as diffusers' LoRA script trains
   a1111     the same hypernetwork applied A1111's way: every attention layer runs its own MLPs (no text-context
             cache, linear modules not multiplied out)
+  hypernet_layers (linear hypernetworks) our step with the layers run one by one, not multiplied out
   hypernet_8bit (with --use_8bit_adam) the hypernetwork step with bitsandbytes' AdamW8bit
 The FLOP floor of hypernet/floor is measured with torch.utils.flop_counter on one step of each.
 Prints one JSON line.
@@ -106,6 +107,10 @@ def make_variants(pipeline, args, device, dtype):
         "hypernet": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), ContextCache),
         "a1111": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), NoCache, multiply_out_linear=False),
     }
+    if all(module.is_linear for module in hn.modules() if isinstance(module, hypernet.HypernetworkModule)):
+        variants["hypernet_layers"] = Attached(
+            trainer(ours, hn.parameters(), torch.optim.AdamW), ContextCache, multiply_out_linear=False
+        )
     if args.use_8bit_adam:
         import bitsandbytes
 
@@ -240,12 +245,15 @@ def main():
         }
     if not args.no_flops:
         flops = {}
-        for name in ("floor", "hypernet", "a1111"):
+        for name in ("floor", "hypernet", "a1111", "lora", "hypernet_layers"):
+            if name not in variants:
+                continue
             with prepared(variants[name]):
                 flops[name] = measure_flops(variants[name])
         result["gflop_per_step"] = {name: round(f / 1e9, 1) for name, f in flops.items()}
-        result["flop_floor_hypernet/floor"] = flops["hypernet"] / flops["floor"]
-        result["flop_floor_hypernet/a1111"] = flops["hypernet"] / flops["a1111"]
+        result["flop_ratios"] = {
+            f"hypernet/{other}": flops["hypernet"] / flops[other] for other in flops if other != "hypernet"
+        }
     if args.profile:
         profile(variants, args.device)
     print(json.dumps(result))
