@@ -9,6 +9,7 @@ Only the hypernetwork trains; UNet, text encoder and VAE stay frozen. See README
 
 import argparse
 import csv
+import inspect
 import io
 import json
 import logging
@@ -655,12 +656,29 @@ def make_optimizer(args, parameters):
         cls, name = bitsandbytes.optim.AdamW8bit, "AdamW8bit"
     else:
         cls, name = getattr(torch.optim, args.optimizer), args.optimizer
-    kwargs = {"lr": 1.0}
+    kwargs = {"lr": 1.0, **fused_kwargs(cls, parameters)}
     if "Adam" in name:
         kwargs.update(
             betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
         )
     return cls(parameters, **kwargs), name
+
+
+def fused_kwargs(cls, parameters):
+    """fused=True where torch has a fused kernel for this optimizer and these parameters: on the CPU, AdamW's
+    default for-loop takes about 9x as long for a 22M-parameter hypernetwork, a tenth of a training step."""
+    supported = "fused" in inspect.signature(cls.__init__).parameters
+    on_fused_devices = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+    return {"fused": True} if supported and on_fused_devices else {}
+
+
+def load_optimizer_state(optimizer, state):
+    """Load saved moments and hyperparameters; how this optimizer computes (fused, foreach) stays as it was built,
+    whatever the optimizer that saved the state used."""
+    implementation = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keys in zip(optimizer.param_groups, implementation):
+        group.update(keys)
 
 
 def make_lr_scheduler(args, optimizer, initial_step):
@@ -932,7 +950,7 @@ def main(input_args=None):
     model = UNetWithHypernetwork(unet, hn)
     optimizer, optimizer_name = make_optimizer(args, list(hn.parameters()))
     if hn.optimizer_state_dict is not None and hn.optimizer_name == optimizer_name:
-        optimizer.load_state_dict(hn.optimizer_state_dict)
+        load_optimizer_state(optimizer, hn.optimizer_state_dict)
         logger.info(f"continuing the optimizer state of {args.resume_hypernetwork}")
     hn.optimizer_state_dict = None
     lr_scheduler = make_lr_scheduler(args, optimizer, initial_step)

@@ -36,11 +36,10 @@ def main():
                               "--output_dir", "unused", "--resolution", str(args.resolution)])  # fmt: skip
     entries = train.read_dataset_entries(targs)
     template = train.load_template(None)
-    hn = (
-        hypernet.Hypernetwork(hypernet.attention_widths(pipeline.unet), activation_func="relu").to(args.device).train()
-    )
+    hn = hypernet.Hypernetwork(hypernet.attention_widths(pipeline.unet)).to(args.device).train()
     model = train.UNetWithHypernetwork(pipeline.unet, hn)
-    optimizer = torch.optim.AdamW(hn.parameters(), lr=1e-5)
+    parameters = list(hn.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5, **train.fused_kwargs(torch.optim.AdamW, parameters))
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)

@@ -4,11 +4,12 @@
 
 Variants, timed interleaved in one process after warm-up, batch 1, median over --steps rounds:
   floor     the frozen UNet's forward and backward to its inputs: no trainable weights at all
-  hypernet  our hypernetwork step (train_hypernetwork.py's diffusion_loss, UNetWithHypernetwork, AdamW)
+  hypernet  our hypernetwork step (train_hypernetwork.py's diffusion_loss, UNetWithHypernetwork, fused AdamW)
   lora      a rank-4 LoRA on to_q/to_k/to_v/to_out.0 through peft, as diffusers' LoRA script trains
   a1111     the same hypernetwork applied A1111's way: every attention layer runs its own MLPs (no text-context
-            cache, linear modules not multiplied out)
+            cache, linear modules not multiplied out), torch's default AdamW as the webui uses
   hypernet_layers (linear hypernetworks) our step with the layers run one by one, not multiplied out
+  hypernet_unfused the hypernetwork step with torch's default (for-loop) AdamW instead of the fused one
   hypernet_8bit (with --use_8bit_adam) the hypernetwork step with bitsandbytes' AdamW8bit
 The FLOP floor of hypernet/floor is measured with torch.utils.flop_counter on one step of each.
 Prints one JSON line.
@@ -26,7 +27,7 @@ from common import DTYPES, PeakMemory, build, machine, median, sync, timed
 
 import hypernet
 from hypernet.processor import ContextCache, apply_hypernetworks
-from train_hypernetwork import UNetWithHypernetwork, diffusion_loss
+from train_hypernetwork import UNetWithHypernetwork, diffusion_loss, fused_kwargs
 
 
 class NoCache(ContextCache):
@@ -66,8 +67,11 @@ def make_variants(pipeline, args, device, dtype):
             loss = F.mse_loss(prediction.float(), batch["noise"].float())
         scaler.scale(loss).backward()
 
-    def trainer(model, parameters, optimizer_class):
-        optimizer = optimizer_class(parameters, lr=1e-5)
+    def trainer(model, parameters, optimizer_class, fused=False):
+        parameters = list(parameters)
+        optimizer = optimizer_class(
+            parameters, lr=1e-5, **(fused_kwargs(optimizer_class, parameters) if fused else {})
+        )
 
         def step():
             with torch.autocast(**amp):
@@ -104,12 +108,13 @@ def make_variants(pipeline, args, device, dtype):
 
     variants = {
         "floor": floor_step,
-        "hypernet": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), ContextCache),
+        "hypernet": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW, fused=True), ContextCache),
         "a1111": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), NoCache, multiply_out_linear=False),
     }
+    variants["hypernet_unfused"] = Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), ContextCache)
     if all(module.is_linear for module in hn.modules() if isinstance(module, hypernet.HypernetworkModule)):
         variants["hypernet_layers"] = Attached(
-            trainer(ours, hn.parameters(), torch.optim.AdamW), ContextCache, multiply_out_linear=False
+            trainer(ours, hn.parameters(), torch.optim.AdamW, fused=True), ContextCache, multiply_out_linear=False
         )
     if args.use_8bit_adam:
         import bitsandbytes

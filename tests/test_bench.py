@@ -1,0 +1,44 @@
+"""The benchmark scripts run, on the tiny model, and report what bench/RESULTS.md is made of."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench(script, *flags):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", script), "--preset", "tiny", "--resolution", "64", *flags],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_bench_train_reports_every_variant_and_the_multiplied_out_step_does_less_arithmetic():
+    result = bench("bench_train.py", "--steps", "1", "--warmup", "0")
+    variants = {"floor", "a1111", "lora", "hypernet_layers", "hypernet_unfused"}
+    assert set(result["seconds_per_step"]) == variants | {"hypernet"}
+    assert set(result["ratios"]) == {f"hypernet/{name}" for name in variants}
+    flops = result["flop_ratios"]
+    assert flops["hypernet/hypernet_layers"] < 1 and flops["hypernet/a1111"] < 1 < flops["hypernet/floor"]
+
+
+def test_bench_train_with_relu_has_nothing_to_multiply_out():
+    result = bench("bench_train.py", "--steps", "1", "--warmup", "0", "--no_lora", "--activation_func", "relu")
+    assert set(result["seconds_per_step"]) == {"floor", "hypernet", "a1111", "hypernet_unfused"}
+
+
+def test_bench_generate_reports_one_and_two_stacked_against_plain():
+    result = bench("bench_generate.py", "--num_inference_steps", "2", "--rounds", "1")
+    assert set(result["seconds_per_image"]) == {"plain", "one", "two"}
+    assert 1 < result["flop_ratios"]["one/plain"] < result["flop_ratios"]["two/plain"]
+
+
+def test_bench_data_times_cached_and_uncached_epochs():
+    result = bench("bench_data.py", "--epochs", "1")
+    assert result["images"] == 24 and result["first_epoch_seconds"] > result["caching_seconds"] > 0
+    assert result["cached_steps_per_second"] > 0 and result["uncached_steps_per_second"] > 0
