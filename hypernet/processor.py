@@ -123,31 +123,35 @@ class ContextCache:
     def linear_maps(self, hypernetworks, width, device_type):
         """The multiplied-out modules stored for this width by multiply_out_width(), if still valid, else None."""
         entry = self._linear_maps.get(width)
-        if entry is None or torch.compiler.is_compiling():
+        if entry is None or torch.compiler.is_compiling() or entry[0] != _maps_key(hypernetworks, width, device_type):
             return None
-        key, maps = entry
-        return maps if key == (*_mode_key(device_type), _state_signature(hypernetworks, width)) else None
+        return entry[2]
 
     def multiply_out_width(self, hypernetworks, width, device_type, tokens=None):
-        if self.linear_maps(hypernetworks, width, device_type) is not None:
+        key = _maps_key(hypernetworks, width, device_type)
+        entry = self._linear_maps.get(width)
+        if entry is not None and entry[:2] == (key, tokens):
             return
         maps = []
         for hypernetwork in hypernetworks:
             pair = hypernetwork.pair(width)
             maps.append(None if pair is None else multiply_out(*pair, tokens=tokens))
-        key = (*_mode_key(device_type), _state_signature(hypernetworks, width))
-        self._linear_maps[width] = (key, maps if any(m is not None for m in maps) else None)
+        self._linear_maps[width] = (key, tokens, maps if any(m is not None for m in maps) else None)
 
     def new_forward(self):
         if self._value is not None and self._value[0].requires_grad:
             self._context = self._key = self._value = None
-        for width, (_, maps) in list(self._linear_maps.items()):
+        for width, (_, _, maps) in list(self._linear_maps.items()):
             if maps is not None and any(m is not None and m[0].requires_grad for m in maps):
                 del self._linear_maps[width]
 
     def clear(self):
         self._context = self._key = self._value = None
         self._linear_maps.clear()
+
+
+def _maps_key(hypernetworks, width, device_type):
+    return (*_mode_key(device_type), _state_signature(hypernetworks, width))
 
 
 def _mode_key(device_type):

@@ -282,3 +282,15 @@ def test_multiplied_out_modules_follow_weight_and_multiplier_changes(unet64):
         check()
         hn.train()
         check()
+
+
+def test_with_grad_the_choice_follows_the_input_size(unet64):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hn = linear_hypernetwork().train()
+    _, module_flops, _ = forward_flops_and_grads(unet64, [hn], double_inputs(side=32, batch=1), False, train=True)
+    with hypernet.attach(unet64, [hn]):
+        unet64(*double_inputs(side=2, batch=1)).sample.sum().backward()  # too small to multiply out anything
+        with FlopCounterMode(display=False) as counter:
+            unet64(*double_inputs(side=32, batch=1))
+    assert counter.get_total_flops() < module_flops
