@@ -88,7 +88,7 @@ class ContextCache:
     In self-attention the context is new in every layer, but a linear hypernetwork (A1111's default activation)
     is one matrix: x + x @ (m W2 W1).T + m (W2 b1 + b2). Multiplied out once per width, K and V take one
     w-by-2w product per layer instead of four 2w²-sized ones. Those entries are keyed like the text context's,
-    minus the tensor.
+    minus the tensor, plus the token count that decided whether multiplying out pays (with grad; see Attachment).
 
     Entries that carry an autograd graph live for one UNet forward only (new_forward() drops them), since the
     graph is freed by the backward pass.
