@@ -262,15 +262,15 @@ def sampler_name(args, pipeline):
     return type(pipeline.scheduler).__name__
 
 
-def stacked(hypernetworks, stack):
+def stacked(hypernetworks, stack, repeats):
     """The loaded hypernetworks for a stack of (path, multiplier), each at its multiplier. A file named twice is
-    applied twice, each time at its own strength, so its repeats are copies (made once, kept in `hypernetworks`)."""
+    applied twice, each time at its own strength, so its repeats are copies, made once and kept in `repeats`."""
     result, seen = [], {}
     for path, multiplier in stack:
-        repeat = seen[path] = seen.get(path, -1) + 1
-        if repeat and (path, repeat) not in hypernetworks:
-            hypernetworks[path, repeat] = copy.deepcopy(hypernetworks[path])
-        result.append(hypernetworks[(path, repeat) if repeat else path].set_multiplier(multiplier))
+        occurrence = seen[path] = seen.get(path, -1) + 1
+        if occurrence and (path, occurrence) not in repeats:
+            repeats[path, occurrence] = copy.deepcopy(hypernetworks[path])
+        result.append((repeats[path, occurrence] if occurrence else hypernetworks[path]).set_multiplier(multiplier))
     return result
 
 
@@ -284,6 +284,7 @@ def main(input_args=None):
         hn.to(device)
     check_widths(hypernetworks, hypernet.attention_widths(pipeline.unet))  # a single file's widths show only now
     attachment = hypernet.attach(pipeline.unet, [])
+    repeats = {}  # copies of files stacked more than once in one prompt
     model_hash = base_model_hash(args.pretrained_model_name_or_path)
     model_name = os.path.splitext(os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)))[0]
     width = args.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
@@ -297,7 +298,7 @@ def main(input_args=None):
     index = 0
     for prompt, prompt_hypernetworks in args.jobs:
         stack = args.hypernetwork + prompt_hypernetworks
-        attachment.hypernetworks[:] = stacked(hypernetworks, stack)
+        attachment.hypernetworks[:] = stacked(hypernetworks, stack, repeats)
         names = [(hypernetworks[path].name or os.path.splitext(os.path.basename(path))[0], m) for path, m in stack]
         for start in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - start)

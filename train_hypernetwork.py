@@ -672,7 +672,7 @@ def fused_kwargs(cls, parameters):
     return {"fused": True} if supported and on_fused_devices else {}
 
 
-def load_optimizer_state(optimizer, state):
+def resume_optimizer_state(optimizer, state):
     """Load saved moments and hyperparameters; how this optimizer computes (fused, foreach) stays as it was built,
     whatever the optimizer that saved the state used."""
     implementation = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
@@ -950,7 +950,7 @@ def main(input_args=None):
     model = UNetWithHypernetwork(unet, hn)
     optimizer, optimizer_name = make_optimizer(args, list(hn.parameters()))
     if hn.optimizer_state_dict is not None and hn.optimizer_name == optimizer_name:
-        load_optimizer_state(optimizer, hn.optimizer_state_dict)
+        resume_optimizer_state(optimizer, hn.optimizer_state_dict)
         logger.info(f"continuing the optimizer state of {args.resume_hypernetwork}")
     hn.optimizer_state_dict = None
     lr_scheduler = make_lr_scheduler(args, optimizer, initial_step)

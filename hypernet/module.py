@@ -130,9 +130,13 @@ class HypernetworkModule(nn.Module):
             for layer in self.linear
         )
 
+    @property
+    def linears(self):
+        return [layer for layer in self.linear if isinstance(layer, nn.Linear)]
+
     def multiplied_out(self):
         """(weight, bias) with self(x) == x + F.linear(x, weight, bias), for a module whose MLP is_linear."""
-        linears = [layer for layer in self.linear if isinstance(layer, nn.Linear)]
+        linears = self.linears
         weight, bias = linears[0].weight, linears[0].bias
         for layer in linears[1:]:
             weight, bias = layer.weight @ weight, F.linear(bias, layer.weight, layer.bias)

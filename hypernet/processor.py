@@ -54,7 +54,7 @@ def multiply_out(module_k, module_v, tokens=None):
     if not (module_k.is_linear and module_v.is_linear):
         return None
     if tokens is not None:
-        weights = [layer.weight for layer in module_k.linear if isinstance(layer, torch.nn.Linear)]
+        weights = [layer.weight for layer in module_k.linears]
         width, per_token = weights[0].shape[1], sum(w.numel() for w in weights)
         if tokens * (per_token - width * width) <= (per_token - weights[0].numel()) * width:
             return None
@@ -291,13 +291,16 @@ class Attachment:
         if isinstance(context, torch.Tensor):
             self.cache.contexts(self.hypernetworks, context)
         sample = kwargs.get("sample", args[0] if args else None)
-        if self.multiply_out_linear and isinstance(sample, torch.Tensor) and not torch.compiler.is_compiling():
-            for width, levels in self.levels.items():
-                # Without grad the product is kept for as long as the weights do not change: every forward of a
-                # generation reuses it. With grad it is made again each forward, so it must pay for itself in one.
-                tokens = self_attention_tokens(levels, sample) if torch.is_grad_enabled() else None
-                if tokens is not None or not torch.is_grad_enabled():
-                    self.cache.multiply_out_width(self.hypernetworks, width, sample.device.type, tokens)
+        if not self.multiply_out_linear or not isinstance(sample, torch.Tensor) or torch.compiler.is_compiling():
+            return
+        grad = torch.is_grad_enabled()
+        for width, levels in self.levels.items():
+            # Without grad the product is kept for as long as the weights do not change: every forward of a
+            # generation reuses it. With grad it is made again each forward, so it must pay for itself in one.
+            tokens = self_attention_tokens(levels, sample) if grad else None
+            if grad and tokens is None:
+                continue  # the layers' token count is unknown, so whether multiplying out pays cannot be told
+            self.cache.multiply_out_width(self.hypernetworks, width, sample.device.type, tokens)
 
     def detach(self):
         if self._hook is None:
