@@ -21,6 +21,7 @@ import hypernet
 from hypernet.errors import UsageError, run_script
 from hypernet.formats import base_model_hash
 from hypernet.images import infotext, save_png
+from hypernet.memory import retain_freed_memory
 
 PROMPT_HYPERNET = re.compile(r"<hypernet:([^:>]+)(?::([^>]*))?>")
 
@@ -278,6 +279,8 @@ def main(input_args=None):
     args = parse_args(input_args)
     hypernetworks = load_hypernetworks(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        retain_freed_memory()  # every denoising step reuses the last one's memory instead of page-faulting it in
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     pipeline = load_pipeline(args, dtype, device)
     for hn in hypernetworks.values():

@@ -32,6 +32,7 @@ import hypernet
 from hypernet.errors import HypernetError, UsageError, run_script
 from hypernet.formats import atomic_write, base_model_hash
 from hypernet.images import infotext, save_png
+from hypernet.memory import retain_freed_memory
 from hypernet.module import ACTIVATIONS, WEIGHT_INITS
 
 logger = logging.getLogger("train_hypernetwork")
@@ -909,6 +910,8 @@ def main(input_args=None):
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         step_scheduler_with_optimizer=False,
     )
+    if accelerator.device.type == "cpu":
+        retain_freed_memory()  # every step reuses the last one's memory instead of page-faulting it in again
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)

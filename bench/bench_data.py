@@ -16,6 +16,7 @@ from common import DTYPES, ROOT, build, machine, median, timed
 
 import hypernet
 import train_hypernetwork as train
+from hypernet.memory import retain_freed_memory
 
 
 def main():
@@ -31,6 +32,8 @@ def main():
     args = parser.parse_args()
 
     dtype = DTYPES[args.dtype]
+    if args.device == "cpu":
+        retain_freed_memory()  # as train_hypernetwork.py does on the CPU
     pipeline = build(args.preset, args.device, dtype)
     targs = train.parse_args(["--pretrained_model_name_or_path", ".", "--train_data_dir", args.train_data_dir,
                               "--output_dir", "unused", "--resolution", str(args.resolution)])  # fmt: skip

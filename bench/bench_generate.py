@@ -9,9 +9,10 @@ import argparse
 import json
 
 import torch
-from common import DTYPES, PeakMemory, build, machine, median, timed
+from common import DTYPES, PageFaults, PeakMemory, build, machine, median, timed
 
 import hypernet
+from hypernet.memory import retain_freed_memory
 
 
 def main():
@@ -27,6 +28,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds (each generates once per variant).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: fp16 on CUDA, else fp32.")
+    parser.add_argument(
+        "--release_freed_memory",
+        action="store_true",
+        help="On the CPU, leave glibc's default of returning freed memory to the kernel (hypernet.memory).",
+    )
     parser.add_argument("--no_flops", action="store_true", help="Skip the FLOP count of one image per variant.")
     args = parser.parse_args()
 
@@ -53,13 +59,21 @@ def main():
 
     for stack in stacks.values():
         generate(stack)
+    # Peak memory first: on the CPU it is read from the resident set, which stops moving once freed memory is kept.
+    peaks = {}
+    for name, stack in stacks.items():
+        with PeakMemory(args.device) as peak:
+            generate(stack)
+        peaks[name] = peak.peak_above_start
+    if args.device == "cpu" and not args.release_freed_memory:
+        retain_freed_memory()  # the first round grows the heap to its peak: the median leaves that out
     times = {name: [] for name in stacks}
-    peaks = {name: 0 for name in stacks}
+    faults = {name: [] for name in stacks}
     for _ in range(args.rounds):
         for name, stack in stacks.items():
-            with PeakMemory(args.device) as peak:
+            with PageFaults() as counted:
                 times[name].append(timed(args.device, lambda stack=stack: generate(stack)))
-            peaks[name] = max(peaks[name], peak.peak_above_start)
+            faults[name].append(counted.faults)
     seconds = {name: median(values) for name, values in times.items()}
     flops = {}
     if not args.no_flops:
@@ -82,6 +96,8 @@ def main():
                 "rounds": args.rounds,
                 "seconds_per_image": seconds,
                 "peak_memory_mib_above_weights": {name: round(p / 2**20, 1) for name, p in peaks.items()},
+                "retain_freed_memory": args.device == "cpu" and not args.release_freed_memory,
+                "page_faults_per_image": {name: median(values) for name, values in faults.items()},
                 "ratios": {
                     "one/plain": seconds["one"] / seconds["plain"],
                     "two/plain": seconds["two"] / seconds["plain"],

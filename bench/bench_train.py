@@ -22,9 +22,10 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import DTYPES, PeakMemory, build, machine, median, sync, timed
+from common import DTYPES, PageFaults, PeakMemory, build, machine, median, sync, timed
 
 import hypernet
+from hypernet.memory import retain_freed_memory
 from hypernet.processor import ContextCache, apply_hypernetworks
 from train_hypernetwork import UNetWithHypernetwork, diffusion_loss, fused_kwargs
 
@@ -214,6 +215,11 @@ def main():
     parser.add_argument("--use_8bit_adam", action="store_true", help="Add the AdamW8bit hypernetwork variant.")
     parser.add_argument("--no_lora", action="store_true", help="Leave out the LoRA variant.")
     parser.add_argument("--no_flops", action="store_true", help="Skip the FLOP count.")
+    parser.add_argument(
+        "--release_freed_memory",
+        action="store_true",
+        help="On the CPU, leave glibc's default of returning freed memory to the kernel (hypernet.memory).",
+    )
     parser.add_argument("--profile", action="store_true", help="Print torch.profiler's top ops of floor and hypernet.")
     args = parser.parse_args()
 
@@ -231,16 +237,27 @@ def main():
         for step in variants.values():
             with prepared(step):
                 step()
+    # Peak memory first: on the CPU it is read from the resident set, which stops moving once freed memory is kept.
+    peaks = {}
+    for name, step in variants.items():
+        with prepared(step), PeakMemory(args.device) as peak:
+            step()
+        peaks[name] = peak.peak_above_start
+    if args.device == "cpu" and not args.release_freed_memory:
+        retain_freed_memory()
+        for step in variants.values():  # the heap grows to its peak once
+            with prepared(step):
+                step()
     times = {name: [] for name in variants}
-    peaks = {name: 0 for name in variants}
+    faults = {name: [] for name in variants}
     names = list(variants)
     for round_ in range(args.steps):
         # Each round starts at the next variant, so that no variant always follows the same one.
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             step = variants[name]
-            with prepared(step), PeakMemory(args.device) as peak:
+            with prepared(step), PageFaults() as counted:
                 times[name].append(timed(args.device, step))
-            peaks[name] = max(peaks[name], peak.peak_above_start)
+            faults[name].append(counted.faults)
     seconds = {name: median(values) for name, values in times.items()}
 
     result = {
@@ -257,6 +274,8 @@ def main():
         "fastest_seconds_per_step": {name: min(values) for name, values in times.items()},
         "steps_per_second": {name: 1 / s for name, s in seconds.items()},
         "peak_memory_mib_above_weights": {name: round(p / 2**20, 1) for name, p in peaks.items()},
+        "retain_freed_memory": args.device == "cpu" and not args.release_freed_memory,
+        "page_faults_per_step": {name: median(values) for name, values in faults.items()},
         "ratios": {
             f"hypernet/{other}": seconds["hypernet"] / seconds[other] for other in seconds if other != "hypernet"
         },

@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: model building, timing, peak memory."""
 
 import os
+import resource
 import sys
 import time
 
@@ -71,6 +72,17 @@ class PeakMemory:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
         return 0
+
+
+class PageFaults:
+    """Minor page faults the process took during a block: memory the kernel had to map (and zero) again."""
+
+    def __enter__(self):
+        self.start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        return self
+
+    def __exit__(self, *exc):
+        self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.start
 
 
 def median(values):

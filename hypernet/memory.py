@@ -1,0 +1,32 @@
+"""Host memory: keeping freed memory in the process for the next CPU step."""
+
+import ctypes
+import sys
+
+# glibc's mallopt() options (malloc.h).
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
+
+
+def retain_freed_memory():
+    """Have glibc's malloc keep the memory a step frees for the next step, instead of handing it back to the kernel.
+
+    A training or denoising step on the CPU allocates and frees the same activations every time. glibc returns
+    large freed blocks to the kernel (unmapping them, trimming the heap), so each step gets them back one page
+    fault at a time: on SD 1.5 at 256x256 about 600,000 faults and a fifth of the step's CPU time. With these
+    settings the heap grows to a step's peak once and stays there; the process's resident memory stays at that
+    peak too, which is why only CPU runs use this. Returns False where it does not apply (not glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    settings = (
+        (M_ARENA_MAX, 1),  # threads other than the main one allocate from the same, never-trimmed heap
+        (M_MMAP_THRESHOLD, 1 << 30),  # blocks below 1 GiB come from the heap, not from mmap/munmap each time
+        (M_TRIM_THRESHOLD, -1),  # never give the top of the heap back
+        (M_TOP_PAD, 1 << 30),  # grow it in large steps (address space only: pages are mapped when touched)
+    )
+    return all(mallopt(option, value) == 1 for option, value in settings)
