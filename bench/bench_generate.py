@@ -69,10 +69,12 @@ def main():
         retain_freed_memory()  # the first round grows the heap to its peak: the median leaves that out
     times = {name: [] for name in stacks}
     faults = {name: [] for name in stacks}
-    for _ in range(args.rounds):
-        for name, stack in stacks.items():
+    names = list(stacks)
+    for round_ in range(args.rounds):
+        # Each round starts at the next variant, so that no variant always follows the same one.
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             with PageFaults() as counted:
-                times[name].append(timed(args.device, lambda stack=stack: generate(stack)))
+                times[name].append(timed(args.device, lambda stack=stacks[name]: generate(stack)))
             faults[name].append(counted.faults)
     seconds = {name: median(values) for name, values in times.items()}
     flops = {}

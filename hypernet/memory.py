@@ -12,7 +12,7 @@ def retain_freed_memory():
 
     A training or denoising step on the CPU allocates and frees the same activations every time. glibc returns
     large freed blocks to the kernel (unmapping them, trimming the heap), so each step gets them back one page
-    fault at a time: on SD 1.5 at 256x256 about 600,000 faults and a fifth of the step's CPU time. With these
+    fault at a time: on SD 1.5 at 256x256, 300,000 to 600,000 faults and a fifth of the step's CPU time. With these
     settings the heap grows to a step's peak once and stays there; the process's resident memory stays at that
     peak too, which is why only CPU runs use this. Returns False where it does not apply (not glibc).
     """
@@ -29,4 +29,4 @@ def retain_freed_memory():
         (M_TRIM_THRESHOLD, -1),  # never give the top of the heap back
         (M_TOP_PAD, 1 << 30),  # grow it in large steps (address space only: pages are mapped when touched)
     )
-    return all(mallopt(option, value) == 1 for option, value in settings)
+    return all([mallopt(option, value) == 1 for option, value in settings])
