@@ -9,7 +9,7 @@ import argparse
 import json
 
 import torch
-from common import DTYPES, PageFaults, PeakMemory, build, machine, median, timed
+from common import DTYPES, PageFaults, PeakMemory, build, machine, median, rotated, timed
 
 import hypernet
 from hypernet.memory import retain_freed_memory
@@ -65,14 +65,13 @@ def main():
         with PeakMemory(args.device) as peak:
             generate(stack)
         peaks[name] = peak.peak_above_start
-    if args.device == "cpu" and not args.release_freed_memory:
+    retain = args.device == "cpu" and not args.release_freed_memory
+    if retain:
         retain_freed_memory()  # the first round grows the heap to its peak: the median leaves that out
     times = {name: [] for name in stacks}
     faults = {name: [] for name in stacks}
-    names = list(stacks)
     for round_ in range(args.rounds):
-        # Each round starts at the next variant, so that no variant always follows the same one.
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+        for name in rotated(list(stacks), round_):
             with PageFaults() as counted:
                 times[name].append(timed(args.device, lambda stack=stacks[name]: generate(stack)))
             faults[name].append(counted.faults)
@@ -98,7 +97,7 @@ def main():
                 "rounds": args.rounds,
                 "seconds_per_image": seconds,
                 "peak_memory_mib_above_weights": {name: round(p / 2**20, 1) for name, p in peaks.items()},
-                "retain_freed_memory": args.device == "cpu" and not args.release_freed_memory,
+                "retain_freed_memory": retain,
                 "page_faults_per_image": {name: median(values) for name, values in faults.items()},
                 "ratios": {
                     "one/plain": seconds["one"] / seconds["plain"],

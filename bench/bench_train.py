@@ -22,7 +22,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import DTYPES, PageFaults, PeakMemory, build, machine, median, sync, timed
+from common import DTYPES, PageFaults, PeakMemory, build, machine, median, rotated, sync, timed
 
 import hypernet
 from hypernet.memory import retain_freed_memory
@@ -243,17 +243,16 @@ def main():
         with prepared(step), PeakMemory(args.device) as peak:
             step()
         peaks[name] = peak.peak_above_start
-    if args.device == "cpu" and not args.release_freed_memory:
+    retain = args.device == "cpu" and not args.release_freed_memory
+    if retain:
         retain_freed_memory()
         for step in variants.values():  # the heap grows to its peak once
             with prepared(step):
                 step()
     times = {name: [] for name in variants}
     faults = {name: [] for name in variants}
-    names = list(variants)
     for round_ in range(args.steps):
-        # Each round starts at the next variant, so that no variant always follows the same one.
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+        for name in rotated(list(variants), round_):
             step = variants[name]
             with prepared(step), PageFaults() as counted:
                 times[name].append(timed(args.device, step))
@@ -274,7 +273,7 @@ def main():
         "fastest_seconds_per_step": {name: min(values) for name, values in times.items()},
         "steps_per_second": {name: 1 / s for name, s in seconds.items()},
         "peak_memory_mib_above_weights": {name: round(p / 2**20, 1) for name, p in peaks.items()},
-        "retain_freed_memory": args.device == "cpu" and not args.release_freed_memory,
+        "retain_freed_memory": retain,
         "page_faults_per_step": {name: median(values) for name, values in faults.items()},
         "ratios": {
             f"hypernet/{other}": seconds["hypernet"] / seconds[other] for other in seconds if other != "hypernet"

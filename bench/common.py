@@ -85,6 +85,13 @@ class PageFaults:
         self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.start
 
 
+def rotated(names, round_):
+    """The variants in the order round `round_` runs them: each round starts at the next one, so that no variant
+    always follows the same one."""
+    shift = round_ % len(names)
+    return names[shift:] + names[:shift]
+
+
 def median(values):
     values = sorted(values)
     middle = len(values) // 2
