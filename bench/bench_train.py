@@ -258,6 +258,13 @@ def main():
                 times[name].append(timed(args.device, step))
             faults[name].append(counted.faults)
     seconds = {name: median(values) for name, values in times.items()}
+    # Each round's own ratio too: the machine's speed drifts between rounds, and the steps of one round see nearly
+    # the same machine.
+    paired = {
+        f"hypernet/{other}": [a / b for a, b in zip(times["hypernet"], times[other])]
+        for other in times
+        if other != "hypernet"
+    }
 
     result = {
         "bench": "train",
@@ -277,6 +284,10 @@ def main():
         "page_faults_per_step": {name: median(values) for name, values in faults.items()},
         "ratios": {
             f"hypernet/{other}": seconds["hypernet"] / seconds[other] for other in seconds if other != "hypernet"
+        },
+        "paired_ratios": {name: median(values) for name, values in paired.items()},
+        "paired_ratio_range": {
+            name: [round(min(values), 3), round(max(values), 3)] for name, values in paired.items()
         },
     }
     result["optimizer_step_seconds"] = optimizer_step_seconds(hn, args.device)

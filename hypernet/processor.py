@@ -63,6 +63,43 @@ def multiply_out(module_k, module_v, tokens=None):
     return torch.cat([weight_k, weight_v]), torch.cat([bias_k, bias_v])
 
 
+def fold_into_projections(attn, hypernetworks, linear_maps, hidden_states):
+    """[(weight, bias) of K, of V]: to_k and to_v with the multiplied-out modules folded in, or None where a module
+    applying at this width is not multiplied out, a projection is not a plain Linear (a LoRA layer, say), or the
+    layer's tokens are too few for folding to pay.
+
+    to_k(x + F.linear(x, m, c)) == F.linear(x, W + W @ m, W @ c + b): the map costs one (out, w) @ (w, w) product per
+    layer instead of a (tokens, w) @ (w, w) one, and with grad the input's gradient takes one product, as it would
+    without the hypernetwork.
+    """
+    if linear_maps is None or not all(type(linear) is torch.nn.Linear for linear in (attn.to_k, attn.to_v)):
+        return None
+    width = hidden_states.shape[-1]
+    maps = [m for hypernetwork, m in zip(hypernetworks, linear_maps) if hypernetwork.pair(width) is not None]
+    if not maps or any(m is None for m in maps):
+        return None
+    tokens, out = hidden_states.shape[:-1].numel(), max(attn.to_k.out_features, attn.to_v.out_features)
+    if torch.is_grad_enabled() and maps[0][0].requires_grad:
+        # Multiply-adds per module besides the projection: applied to the tokens, 3 tokens·w² (forward, the map's
+        # gradient, the input's); folded, 2 out·w² (W @ m and its gradient) + tokens·out·w (the folded W's gradient).
+        pays = tokens * width * (3 * width - out) > 2 * out * width * width
+    else:
+        pays = tokens > out
+    if not pays:
+        return None
+    autocast = torch.is_autocast_enabled(hidden_states.device.type)
+    dtype = hidden_states.dtype if autocast else maps[0][0].dtype
+    folded = []
+    for half, linear in enumerate((attn.to_k, attn.to_v)):
+        weight, bias = linear.weight.to(dtype), None if linear.bias is None else linear.bias.to(dtype)
+        for map_weight, map_bias in reversed(maps):  # the last hypernetwork applied is the first folded in
+            part = slice(half * width, (half + 1) * width)
+            bias = F.linear(map_bias[part].to(dtype), weight, bias)
+            weight = weight + weight @ map_weight[part].to(dtype)
+        folded.append((weight.to(hidden_states.dtype), None if bias is None else bias.to(hidden_states.dtype)))
+    return folded
+
+
 def _state_signature(hypernetworks, width):
     """Everything the MLP output for this width depends on besides the input: weights, multiplier, mode."""
     signature = []
@@ -191,18 +228,24 @@ class HypernetworkAttnProcessor:
 
         query = attn.to_q(hidden_states)
 
+        folded = None
         if encoder_hidden_states is None:
             linear_maps = self.cache.linear_maps(
                 self.hypernetworks, hidden_states.shape[-1], hidden_states.device.type
             )
-            context_k, context_v = apply_hypernetworks(self.hypernetworks, hidden_states, linear_maps)
+            folded = fold_into_projections(attn, self.hypernetworks, linear_maps, hidden_states)
+            if folded is None:
+                context_k, context_v = apply_hypernetworks(self.hypernetworks, hidden_states, linear_maps)
         else:
             if attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             context_k, context_v = self.cache.contexts(self.hypernetworks, encoder_hidden_states)
 
-        key = attn.to_k(context_k)
-        value = attn.to_v(context_v)
+        if folded is not None:
+            key, value = (F.linear(hidden_states, weight, bias) for weight, bias in folded)
+        else:
+            key = attn.to_k(context_k)
+            value = attn.to_v(context_v)
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -321,7 +364,8 @@ def attach(unet, hypernetworks, multiply_out_linear=True):
     """Install hypernetworks, applied in order at their own multipliers, on every attention layer of `unet`.
 
     With multiply_out_linear, the self-attention modules of a linear hypernetwork run as one matrix each (the same
-    function up to float rounding, about a quarter of the arithmetic); pass False to run A1111's layers as they are.
+    function up to float rounding, about a quarter of the arithmetic), folded into to_k and to_v in layers with more
+    tokens than channels; pass False to run A1111's layers as they are.
     """
     if not isinstance(hypernetworks, (list, tuple)):
         hypernetworks = [hypernetworks]

@@ -22,7 +22,9 @@ def test_bench_train_reports_every_variant_and_the_multiplied_out_step_does_less
     result = bench("bench_train.py", "--steps", "1", "--warmup", "0")
     variants = {"floor", "a1111", "lora", "hypernet_layers"}
     assert set(result["seconds_per_step"]) == variants | {"hypernet"}
-    assert set(result["ratios"]) == {f"hypernet/{name}" for name in variants}
+    assert set(result["ratios"]) == set(result["paired_ratios"]) == {f"hypernet/{name}" for name in variants}
+    for low, high in result["paired_ratio_range"].values():
+        assert 0 < low <= high
     flops = result["flop_ratios"]
     assert flops["hypernet/hypernet_layers"] < 1 and flops["hypernet/a1111"] < 1 < flops["hypernet/floor"]
     assert set(result["optimizer_step_seconds"]) == {"default", "fused"}
