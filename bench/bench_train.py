@@ -22,7 +22,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import DTYPES, PageFaults, PeakMemory, build, machine, median, rotated, sync, timed
+from common import DTYPES, PageFaults, PeakMemory, build, machine, median, median_interval, rotated, sync, timed
 
 import hypernet
 from hypernet.memory import retain_freed_memory
@@ -214,6 +214,12 @@ def main():
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Checkpoint the UNet's blocks.")
     parser.add_argument("--use_8bit_adam", action="store_true", help="Add the AdamW8bit hypernetwork variant.")
     parser.add_argument("--no_lora", action="store_true", help="Leave out the LoRA variant.")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="Time only these variants besides floor and hypernet (none named: just those two, for more rounds).",
+    )
     parser.add_argument("--no_flops", action="store_true", help="Skip the FLOP count.")
     parser.add_argument(
         "--release_freed_memory",
@@ -232,6 +238,11 @@ def main():
     if args.gradient_checkpointing:
         pipeline.unet.enable_gradient_checkpointing()
     variants, hn = make_variants(pipeline, args, args.device, dtype)
+    if args.only is not None:
+        unknown = set(args.only) - set(variants)
+        if unknown:
+            parser.error(f"--only: no variant {sorted(unknown)}; the variants are {sorted(variants)}")
+        variants = {name: step for name, step in variants.items() if name in {"floor", "hypernet", *args.only}}
 
     for _ in range(args.warmup):
         for step in variants.values():
@@ -286,12 +297,16 @@ def main():
             f"hypernet/{other}": seconds["hypernet"] / seconds[other] for other in seconds if other != "hypernet"
         },
         "paired_ratios": {name: median(values) for name, values in paired.items()},
+        "paired_ratio_interval_95": {
+            name: [round(bound, 3) for bound in median_interval(values)] for name, values in paired.items()
+        },
+        "seconds_by_round": {name: [round(t, 5) for t in values] for name, values in times.items()},
         "paired_ratio_range": {
             name: [round(min(values), 3), round(max(values), 3)] for name, values in paired.items()
         },
     }
     result["optimizer_step_seconds"] = optimizer_step_seconds(hn, args.device)
-    if args.use_8bit_adam:
+    if "hypernet_8bit" in variants:
         result["optimizer_state_mib"] = {
             name: round(optimizer_state_bytes(variants[name].optimizer) / 2**20, 2)
             for name in ("hypernet", "hypernet_8bit")

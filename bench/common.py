@@ -1,6 +1,8 @@
 """Shared pieces of the benchmarks: model building, timing, peak memory."""
 
+import ctypes
 import os
+import random
 import resource
 import sys
 import time
@@ -52,6 +54,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
+            _return_free_memory()  # else memory freed earlier but still resident hides the block's own growth
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.start = self._status("VmRSS")
@@ -72,6 +75,14 @@ class PeakMemory:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
         return 0
+
+
+def _return_free_memory():
+    """glibc's malloc_trim(0): give every free page back to the kernel, so that the resident set is live memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PageFaults:
@@ -96,6 +107,14 @@ def median(values):
     values = sorted(values)
     middle = len(values) // 2
     return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def median_interval(values, level=0.95, resamples=2000):
+    """A percentile-bootstrap interval for the median of values (seeded, so a result file can be recomputed)."""
+    rng = random.Random(0)
+    medians = sorted(median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return [medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]]
 
 
 def machine():

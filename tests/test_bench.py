@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,6 +32,23 @@ def test_bench_train_reports_every_variant_and_the_multiplied_out_step_does_less
     assert set(result["optimizer_step_seconds"]) == {"default", "fused"}
 
 
+def test_bench_train_only_times_floor_and_hypernet_with_the_named_variants_and_pairs_them_by_round():
+    result = bench("bench_train.py", "--steps", "3", "--warmup", "0", "--no_flops", "--only", "a1111")
+    assert set(result["seconds_per_step"]) == {"floor", "hypernet", "a1111"}
+    rounds = result["seconds_by_round"]
+    assert all(len(times) == 3 for times in rounds.values())
+    per_round = sorted(h / f for h, f in zip(rounds["hypernet"], rounds["floor"]))
+    assert result["paired_ratios"]["hypernet/floor"] == pytest.approx(per_round[1], rel=0.01)
+    low, high = result["paired_ratio_interval_95"]["hypernet/floor"]
+    assert per_round[0] - 0.001 <= low <= high <= per_round[-1] + 0.001
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench_train.py"), "--preset", "tiny", "--only", "dora"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "--only: no variant ['dora']" in out.stderr
+
+
 def test_bench_generate_reports_one_and_two_stacked_against_plain():
     result = bench("bench_generate.py", "--num_inference_steps", "2", "--rounds", "1")
     assert set(result["seconds_per_image"]) == {"plain", "one", "two"}
@@ -40,3 +59,25 @@ def test_bench_data_times_cached_and_uncached_epochs(small_dataset):
     result = bench("bench_data.py", "--epochs", "1", "--train_data_dir", small_dataset)
     assert result["images"] == 8 and result["first_epoch_seconds"] > result["caching_seconds"] > 0
     assert result["cached_steps_per_second"] > 0 and result["uncached_steps_per_second"] > 0
+
+
+PEAK = """
+import json, sys, torch
+from common import PeakMemory
+def step():
+    return [torch.ones(1 << 20) for _ in range(64)]  # 64 blocks of 4 MiB, kept in glibc's heap when freed
+for _ in range(2):
+    activations = step()
+    del activations
+with PeakMemory("cpu") as peak:
+    activations = step()
+print(json.dumps(peak.peak_above_start))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc/self")
+def test_cpu_peak_memory_counts_a_step_whose_memory_was_freed_by_the_step_before():
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK], capture_output=True, text=True, check=True, cwd=os.path.join(ROOT, "bench")
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) >= 0.9 * 256 * 2**20
