@@ -79,7 +79,7 @@ def fold_into_projections(attn, hypernetworks, linear_maps, hidden_states):
     if not maps or any(m is None for m in maps):
         return None
     tokens, out = hidden_states.shape[:-1].numel(), max(attn.to_k.out_features, attn.to_v.out_features)
-    if torch.is_grad_enabled() and maps[0][0].requires_grad:
+    if torch.is_grad_enabled() and any(weight.requires_grad for weight, _ in maps):
         # Multiply-adds per module besides the projection: applied to the tokens, 3 tokens·w² (forward, the map's
         # gradient, the input's); folded, 2 out·w² (W @ m and its gradient) + tokens·out·w (the folded W's gradient).
         pays = tokens * width * (3 * width - out) > 2 * out * width * width
@@ -91,9 +91,9 @@ def fold_into_projections(attn, hypernetworks, linear_maps, hidden_states):
     dtype = hidden_states.dtype if autocast else maps[0][0].dtype
     folded = []
     for half, linear in enumerate((attn.to_k, attn.to_v)):
+        part = slice(half * width, (half + 1) * width)
         weight, bias = linear.weight.to(dtype), None if linear.bias is None else linear.bias.to(dtype)
         for map_weight, map_bias in reversed(maps):  # the last hypernetwork applied is the first folded in
-            part = slice(half * width, (half + 1) * width)
             bias = F.linear(map_bias[part].to(dtype), weight, bias)
             weight = weight + weight @ map_weight[part].to(dtype)
         folded.append((weight.to(hidden_states.dtype), None if bias is None else bias.to(hidden_states.dtype)))
