@@ -121,7 +121,7 @@ def make_variants(pipeline, args, device, dtype):
         variants["hypernet_8bit"] = Attached(
             trainer(ours, hn.parameters(), bitsandbytes.optim.AdamW8bit), ContextCache
         )
-    if not args.no_lora:
+    if not args.no_lora and (args.only is None or "lora" in args.only):  # LoRA copies the whole UNet
         from peft import LoraConfig
 
         lora_unet = copy.deepcopy(unet)
