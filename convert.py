@@ -20,6 +20,7 @@ import warnings
 import torch
 
 import hypernet
+from hypernet.clients import comfyui_verdict, webui_verdict
 from hypernet.errors import HypernetError, UsageError, run_script
 from hypernet.formats import OPTIM_SUFFIX, shorthash
 
@@ -155,6 +156,8 @@ def info(path):
         "shorthash": shorthash(path),
         "optimizer_state": optimizer,
         "optional_info": hn.optional_info,
+        "webui": webui_verdict(path),
+        "comfyui": comfyui_verdict(hn, path),
     }
 
 

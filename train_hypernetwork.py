@@ -738,6 +738,8 @@ def make_hypernetwork(args, model_widths):
         hn = hypernet.load(args.resume_hypernetwork)
         hn.pt_keys, hn.pt_legacy_layout = None, False  # continue in the current A1111 layout
         hn.name = args.hypernetwork_name
+        if hn.activation_func is None:
+            hn.activation_func = "linear"  # the same modules; ComfyUI refuses None
     else:
         widths = model_widths if args.enable_sizes == "auto" else args.enable_sizes
         hn = hypernet.Hypernetwork(

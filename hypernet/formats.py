@@ -6,12 +6,15 @@ before anything in it runs.
 """
 
 import hashlib
+import io
 import json
 import os
 import pickle
+import re
+import secrets
 import struct
-import tempfile
 import warnings
+import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
 
@@ -40,7 +43,7 @@ PT_KEYS = {
     "optional_info": "optional_info",
 }
 # The pre-2022-10 layout named the two Linears of a [1, 2, 1] module linear1 and linear2, and held each width's
-# pair as a list of plain dicts where the current one holds a tuple of OrderedDicts.
+# pair of OrderedDicts in a list where the current one holds a tuple.
 LEGACY_NAMES = {"linear1.": "linear.0.", "linear2.": "linear.1."}
 SAFETENSORS_FORMAT = "hypernet.a1111"
 OPTIM_SUFFIX = ".optim"
@@ -57,12 +60,15 @@ def shorthash(path):
 
 @contextmanager
 def atomic_write(path):
-    """Yield a temporary path beside `path`; it is renamed onto `path` only when the block succeeds."""
+    """Yield a temporary path beside `path`; it is renamed onto `path` only when the block succeeds.
+
+    The temporary file is created with the umask's mode, as open() would create `path` itself.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -74,6 +80,32 @@ def atomic_write(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# The zip members every webui 1.x admits (modules/safe.py, v1.0 to v1.9.4; v1.10 also admits byteorder and
+# .data/serialization_id). Recent torch.save also writes .format_version and .storage_alignment, which every
+# webui refuses, so a .pt is written with these members alone.
+WEBUI_RECORD = re.compile(r"data\.pkl|data/\d+|version")
+STORAGE_ALIGNMENT = 64
+
+
+def torch_save_for_webui(obj, tmp, path):
+    """torch.save(obj) into `tmp`, as a zip whose members are ROOT/data.pkl, ROOT/data/N and ROOT/version, with
+    ROOT the stem of `path`, the file's final name (what torch.save names it). Storages stay 64-byte aligned, so
+    torch.load(mmap=True) reads them in place."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    root = os.path.splitext(os.path.basename(path))[0]
+    with zipfile.ZipFile(buffer) as source, open(tmp, "wb") as f, zipfile.ZipFile(f, "w") as target:
+        for member in source.infolist():
+            record = member.filename.partition("/")[2]
+            if not WEBUI_RECORD.fullmatch(record):
+                continue
+            info = zipfile.ZipInfo(f"{root}/{record}", date_time=(1980, 1, 1, 0, 0, 0))
+            header = 30 + len(info.filename.encode()) + 4  # local header, name, the padding field's own 4 bytes
+            padding = -(f.tell() + header) % STORAGE_ALIGNMENT
+            info.extra = struct.pack("<HH", 0x4246, padding) + b"Z" * padding  # torch's own padding field ("FB")
+            target.writestr(info, source.read(member))
 
 
 def torch_load_safely(path):
@@ -210,7 +242,7 @@ def pt_dict(hn, dtype=None):
 
 
 def _pt_state_dict(module, legacy, dtype):
-    state = {} if legacy else OrderedDict()
+    state = OrderedDict()
     for key, tensor in module.state_dict().items():
         tensor = tensor.detach().to("cpu", dtype=dtype or tensor.dtype).clone()
         if legacy:
@@ -233,7 +265,7 @@ def save(hn, path, optimizer_state_dict=None, optimizer_name=None, dtype=None):
             save_safetensors_file(tensors, tmp, metadata=metadata)
     elif path.endswith(".pt"):
         with atomic_write(path) as tmp:
-            torch.save(pt_dict(hn, dtype), tmp)
+            torch_save_for_webui(pt_dict(hn, dtype), tmp, path)
     else:
         raise HypernetError(f"{path}: unknown format; name the file .pt (A1111) or .safetensors")
     if optimizer_state_dict is not None:
@@ -243,7 +275,7 @@ def save(hn, path, optimizer_state_dict=None, optimizer_name=None, dtype=None):
             "optimizer_state_dict": optimizer_state_dict,
         }
         with atomic_write(path + OPTIM_SUFFIX) as tmp:
-            torch.save(optim, tmp)
+            torch_save_for_webui(optim, tmp, path + OPTIM_SUFFIX)
 
 
 def safetensors_tensors_and_metadata(hn, dtype=None):

@@ -83,7 +83,8 @@ def test_safetensors_header_carries_every_a1111_key(tmp_path):
     meta = hypernet.formats.read_safetensors_header(tmp_path / "x.safetensors")["__metadata__"]
     assert json.loads(meta["activation_func"]) == "swish"
     assert json.loads(meta["is_layer_norm"]) is True
-    assert json.loads(meta["optional_info"]) == "fixture: layer norm + hardswish"
+    optional_info = torch.load(a1111_file("case3_layernorm_swish"), weights_only=True)["optional_info"]
+    assert optional_info and json.loads(meta["optional_info"]) == optional_info
     assert json.loads(meta["widths"]) == [96, 40, 80, 160]
     tensors = load_file(tmp_path / "x.safetensors")
     assert tensors["96.k.linear.3.weight"].shape == (96, 192)

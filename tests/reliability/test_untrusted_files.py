@@ -71,12 +71,12 @@ def test_disk_full_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):
     hypernet.save(hypernet.load(a1111_file("case1_default_relu")), path)
     before = path.read_bytes()
 
-    def full_disk(obj, f, *a, **k):
-        with open(f, "wb") as handle:
+    def full_disk(obj, tmp, path):
+        with open(tmp, "wb") as handle:
             handle.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(hypernet.formats.torch, "save", full_disk)
+    monkeypatch.setattr(hypernet.formats, "torch_save_for_webui", full_disk)
     with pytest.raises(
         HypernetError,
         match=r"keep.pt: could not write \(No space left on device\); the previous file, if any, is intact",
@@ -89,14 +89,14 @@ def test_disk_full_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):
 def test_disk_full_during_training_is_one_clear_error(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
     from conftest import train
 
-    real_save = hypernet.formats.torch.save
+    real_save = hypernet.formats.torch_save_for_webui
 
-    def full_disk_for_final(obj, f, *a, **k):
-        if os.path.basename(str(f)).startswith(".x.pt."):
+    def full_disk_for_final(obj, tmp, path):
+        if os.path.basename(path) == "x.pt":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **k)
+        return real_save(obj, tmp, path)
 
-    monkeypatch.setattr(hypernet.formats.torch, "save", full_disk_for_final)
+    monkeypatch.setattr(hypernet.formats, "torch_save_for_webui", full_disk_for_final)
     with pytest.raises(HypernetError, match=r"x.pt: could not write \(No space left on device\)"):
         train(tiny_model_dir, small_dataset, tmp_path / "o", "--hypernetwork_name", "x", "--save_every", 2, steps=2)
     assert hypernet.load(tmp_path / "o" / "hypernetworks" / "x-2.pt").step == 2
