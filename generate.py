@@ -108,6 +108,12 @@ def parse_args(input_args=None):
     out.add_argument("--output_dir", required=True, help="Where the PNGs are written.")
     out.add_argument("--no_grid", action="store_true", help="Do not write grid.png of all images.")
     out.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
+    hn.add_argument(
+        "--no_merge",
+        action="store_true",
+        help="Run linear hypernetworks' modules in every layer and step instead of merging them into the "
+        "attention projections once (the same images up to float rounding; merged is faster).",
+    )
 
     args = parser.parse_args(input_args)
     validate_args(args)
@@ -286,7 +292,7 @@ def main(input_args=None):
     for hn in hypernetworks.values():
         hn.to(device)
     check_widths(hypernetworks, hypernet.attention_widths(pipeline.unet))  # a single file's widths show only now
-    attachment = hypernet.attach(pipeline.unet, [])
+    attachment = hypernet.attach(pipeline.unet, [], merge=not args.no_merge)
     repeats = {}  # copies of files stacked more than once in one prompt
     model_hash = base_model_hash(args.pretrained_model_name_or_path)
     model_name = os.path.splitext(os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)))[0]
@@ -302,6 +308,8 @@ def main(input_args=None):
     for prompt, prompt_hypernetworks in args.jobs:
         stack = args.hypernetwork + prompt_hypernetworks
         attachment.hypernetworks[:] = stacked(hypernetworks, stack, repeats)
+        if attachment.merged:
+            attachment.merge()  # now, once for the prompt's images
         names = [(hypernetworks[path].name or os.path.splitext(os.path.basename(path))[0], m) for path, m in stack]
         for start in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - start)

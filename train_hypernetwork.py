@@ -1244,6 +1244,7 @@ def main(input_args=None):
         plot_loss(loss_rows, os.path.join(args.output_dir, "loss.png"), f"{args.hypernetwork_name}: loss per step")
         logger.info(f"wrote {final} at step {step}")
     accelerator.end_training()
+    accelerator.unwrap_model(model).attachment.detach()
     signal.signal(signal.SIGTERM, previous_handler)
     if outcome == "bad":
         raise HypernetError(

@@ -1,5 +1,9 @@
 """Seconds per image at 20 steps: the plain pipeline, one hypernetwork, two stacked; interleaved in one process.
 
+Hypernetworks are attached as generate.py attaches them, merged into to_k/to_v where they are linear, once per
+prompt (setup_seconds_per_prompt, outside the per-image time); the `one_wrapped` variant runs the same
+hypernetwork unmerged (its modules applied in every layer and step).
+
     python bench/bench_generate.py --preset sd15 --resolution 512
 
 Prints one JSON line with the medians and the ratios to the plain pipeline.
@@ -45,10 +49,19 @@ def main():
         "two": [hypernet.Hypernetwork(widths, activation_func=args.activation_func, weight_init="XavierNormal").eval().set_multiplier(0.6)
                 for _ in range(2)],
     }  # fmt: skip
-    attachment = hypernet.attach(pipeline.unet, [])
+    stacks["one_wrapped"] = stacks["one"]
+    attachment = hypernet.attach(pipeline.unet, [], merge=True)
 
-    def generate(stack):
-        attachment.hypernetworks[:] = [hn.to(args.device) for hn in stack]
+    for stack in stacks.values():
+        for hn in stack:
+            hn.to(args.device)
+
+    def use(name):
+        """Set up a variant's stack as generate.py does for a prompt: merged once, before its images."""
+        attachment.hypernetworks[:] = stacks[name]
+        attachment.unmerge() if name == "one_wrapped" else attachment.merge()
+
+    def generate():
         pipeline(
             "a castle on a hill",
             num_inference_steps=args.num_inference_steps,
@@ -57,32 +70,37 @@ def main():
             generator=torch.Generator(args.device).manual_seed(0),
         )
 
-    for stack in stacks.values():
-        generate(stack)
+    for name in stacks:
+        use(name)
+        generate()
     # Peak memory first: on the CPU it is read from the resident set, which stops moving once freed memory is kept.
     peaks = {}
-    for name, stack in stacks.items():
+    for name in stacks:
+        use(name)
         with PeakMemory(args.device) as peak:
-            generate(stack)
+            generate()
         peaks[name] = peak.peak_above_start
     retain = args.device == "cpu" and not args.release_freed_memory
     if retain:
         retain_freed_memory()  # the first round grows the heap to its peak: the median leaves that out
     times = {name: [] for name in stacks}
     faults = {name: [] for name in stacks}
+    setup = {name: [] for name in stacks}
     for round_ in range(args.rounds):
         for name in rotated(list(stacks), round_):
+            setup[name].append(timed(args.device, lambda name=name: use(name)))
             with PageFaults() as counted:
-                times[name].append(timed(args.device, lambda stack=stacks[name]: generate(stack)))
+                times[name].append(timed(args.device, generate))
             faults[name].append(counted.faults)
     seconds = {name: median(values) for name, values in times.items()}
     flops = {}
     if not args.no_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
-        for name, stack in stacks.items():
+        for name in stacks:
+            use(name)
             with FlopCounterMode(display=False) as counter:
-                generate(stack)
+                generate()
             flops[name] = counter.get_total_flops()
     print(
         json.dumps(
@@ -96,12 +114,14 @@ def main():
                 "num_inference_steps": args.num_inference_steps,
                 "rounds": args.rounds,
                 "seconds_per_image": seconds,
+                "setup_seconds_per_prompt": {name: median(values) for name, values in setup.items()},
                 "peak_memory_mib_above_weights": {name: round(p / 2**20, 1) for name, p in peaks.items()},
                 "retain_freed_memory": retain,
                 "page_faults_per_image": {name: median(values) for name, values in faults.items()},
                 "ratios": {
                     "one/plain": seconds["one"] / seconds["plain"],
                     "two/plain": seconds["two"] / seconds["plain"],
+                    "one_wrapped/plain": seconds["one_wrapped"] / seconds["plain"],
                 },
                 "gflop_per_image": {name: round(f / 1e9, 1) for name, f in flops.items()},
                 "flop_ratios": {f"{name}/plain": flops[name] / flops["plain"] for name in flops if name != "plain"},

@@ -26,15 +26,7 @@ from common import DTYPES, PageFaults, PeakMemory, build, machine, median, media
 
 import hypernet
 from hypernet.memory import retain_freed_memory
-from hypernet.processor import ContextCache, apply_hypernetworks
 from train_hypernetwork import UNetWithHypernetwork, diffusion_loss, fused_kwargs
-
-
-class NoCache(ContextCache):
-    """A1111's behaviour: the text-context MLPs run again in every cross-attention layer."""
-
-    def contexts(self, hypernetworks, context):
-        return apply_hypernetworks(hypernetworks, context)
 
 
 def make_batch(pipeline, resolution, device, dtype, seed=0):
@@ -92,13 +84,13 @@ def make_variants(pipeline, args, device, dtype):
     class Attached:
         """A step run with the hypernetwork attached; attaching happens outside the timed step."""
 
-        def __init__(self, step, cache_class, multiply_out_linear=True):
-            self.step, self.cache_class, self.optimizer = step, cache_class, step.optimizer
-            self.multiply_out_linear = multiply_out_linear
+        def __init__(self, step, text_context_once=True, use_linear_maps=True):
+            self.step, self.optimizer = step, step.optimizer
+            self.text_context_once, self.use_linear_maps = text_context_once, use_linear_maps
 
         def __enter__(self):
-            self.attachment = hypernet.attach(unet, [hn], multiply_out_linear=self.multiply_out_linear)
-            self.attachment.cache = self.attachment.processor.cache = self.cache_class()
+            self.attachment = hypernet.attach(unet, [hn], use_linear_maps=self.use_linear_maps)
+            self.attachment.text_context_once = self.text_context_once
 
         def __exit__(self, *exc):
             self.attachment.detach()
@@ -108,19 +100,19 @@ def make_variants(pipeline, args, device, dtype):
 
     variants = {
         "floor": floor_step,
-        "hypernet": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW, fused=True), ContextCache),
-        "a1111": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW), NoCache, multiply_out_linear=False),
+        "hypernet": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW, fused=True)),
+        "a1111": Attached(
+            trainer(ours, hn.parameters(), torch.optim.AdamW), text_context_once=False, use_linear_maps=False
+        ),
     }
     if all(module.is_linear for module in hn.modules() if isinstance(module, hypernet.HypernetworkModule)):
         variants["hypernet_layers"] = Attached(
-            trainer(ours, hn.parameters(), torch.optim.AdamW, fused=True), ContextCache, multiply_out_linear=False
+            trainer(ours, hn.parameters(), torch.optim.AdamW, fused=True), use_linear_maps=False
         )
     if args.use_8bit_adam:
         import bitsandbytes
 
-        variants["hypernet_8bit"] = Attached(
-            trainer(ours, hn.parameters(), bitsandbytes.optim.AdamW8bit), ContextCache
-        )
+        variants["hypernet_8bit"] = Attached(trainer(ours, hn.parameters(), bitsandbytes.optim.AdamW8bit))
     if not args.no_lora and (args.only is None or "lora" in args.only):  # LoRA copies the whole UNet
         from peft import LoraConfig
 

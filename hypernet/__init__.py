@@ -1,25 +1,16 @@
-"""AUTOMATIC1111-style hypernetworks for diffusers: the module, the file formats, the attention processor."""
+"""AUTOMATIC1111-style hypernetworks for diffusers: the module, the file formats, attaching to a UNet."""
 
 from .errors import FormatError, HypernetError, NotAHypernetworkError, UsageError, WidthMismatchError
 from .formats import load, save, shorthash
 from .module import SD1_WIDTHS, SD2_WIDTHS, SDXL_WIDTHS, Hypernetwork, HypernetworkModule
-from .processor import (
-    Attachment,
-    ContextCache,
-    HypernetworkAttnProcessor,
-    apply_hypernetworks,
-    attach,
-    attention_widths,
-)
+from .attachment import Attachment, apply_hypernetworks, attach, attention_widths
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Attachment",
-    "ContextCache",
     "FormatError",
     "Hypernetwork",
-    "HypernetworkAttnProcessor",
     "HypernetError",
     "HypernetworkModule",
     "NotAHypernetworkError",

@@ -1,10 +1,13 @@
 """The hypernetwork itself, exactly as AUTOMATIC1111 defines it (modules/hypernetworks/hypernetwork.py)."""
 
 import inspect
+import itertools
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import HypernetError
 
@@ -134,13 +137,28 @@ class HypernetworkModule(nn.Module):
     def linears(self):
         return [layer for layer in self.linear if isinstance(layer, nn.Linear)]
 
-    def multiplied_out(self):
+    def linear_map(self):
         """(weight, bias) with self(x) == x + F.linear(x, weight, bias), for a module whose MLP is_linear."""
         linears = self.linears
         weight, bias = linears[0].weight, linears[0].bias
         for layer in linears[1:]:
             weight, bias = layer.weight @ weight, F.linear(bias, layer.weight, layer.bias)
         return weight * self.effective_multiplier, bias * self.effective_multiplier
+
+
+# Revisions are unique across hypernetworks, so that a stack's tuple of revisions names its exact state.
+_revisions = itertools.count()
+_live = weakref.WeakSet()
+
+
+def _after_optimizer_step(optimizer, args, kwargs):
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for hypernetwork in list(_live):
+        if any(id(p) in stepped for p in hypernetwork.parameters()):
+            hypernetwork.changed()
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 # Metadata attributes under A1111's names, with the value A1111's loader assumes when a file lacks the key.
@@ -164,7 +182,10 @@ LOAD_DEFAULTS = {
 class Hypernetwork(nn.Module):
     """A K and a V HypernetworkModule for each enabled attention width, plus A1111's metadata.
 
-    An nn.Module so that accelerate can prepare it and state_dict() is the one source for every format.
+    An nn.Module so that accelerate can prepare it and state_dict() is the one source for every format. `revision`
+    changes whenever what it computes may have: set_multiplier, train()/eval(), load_state_dict, a move to another
+    dtype or device, and a step of any torch optimizer over its parameters. Writes it cannot see (through .data, say) need a
+    call to changed().
     """
 
     def __init__(
@@ -229,6 +250,34 @@ class Hypernetwork(nn.Module):
         self.layers = nn.ModuleDict()
         for dim in enable_sizes:
             self.layers[str(int(dim))] = nn.ModuleList([make(), make()])
+        self.changed()
+        _live.add(self)
+
+    def changed(self):
+        """Give this hypernetwork a new revision: anything merged or kept from the old one is made again."""
+        self.revision = next(_revisions)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.changed()
+        return self
+
+    def load_state_dict(self, *args, **kwargs):
+        result = super().load_state_dict(*args, **kwargs)
+        self.changed()
+        return result
+
+    def __setstate__(self, state):  # a copy is a hypernetwork of its own
+        super().__setstate__(state)
+        self.changed()
+        _live.add(self)
+
+    def _apply(self, *args, **kwargs):
+        before = [(p.dtype, p.device) for p in self.parameters()]
+        result = super()._apply(*args, **kwargs)
+        if [(p.dtype, p.device) for p in self.parameters()] != before:
+            self.changed()
+        return result
 
     @property
     def widths(self):
@@ -243,6 +292,7 @@ class Hypernetwork(nn.Module):
         for module in self.modules():
             if isinstance(module, HypernetworkModule):
                 module.multiplier = float(multiplier)
+        self.changed()
         return self
 
     @property

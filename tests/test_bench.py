@@ -49,10 +49,12 @@ def test_bench_train_only_times_floor_and_hypernet_with_the_named_variants_and_p
     assert out.returncode == 2 and "--only: no variant ['dora']" in out.stderr
 
 
-def test_bench_generate_reports_one_and_two_stacked_against_plain():
+def test_bench_generate_reports_merged_and_wrapped_hypernetworks_against_plain():
     result = bench("bench_generate.py", "--num_inference_steps", "2", "--rounds", "1")
-    assert set(result["seconds_per_image"]) == {"plain", "one", "two"}
-    assert 1 < result["flop_ratios"]["one/plain"] < result["flop_ratios"]["two/plain"]
+    assert set(result["seconds_per_image"]) == {"plain", "one", "two", "one_wrapped"}
+    flop_ratios = result["flop_ratios"]
+    assert flop_ratios["one/plain"] == flop_ratios["two/plain"] == 1.0, "merged: the plain pipeline's arithmetic"
+    assert flop_ratios["one_wrapped/plain"] > 1
 
 
 def test_bench_data_times_cached_and_uncached_epochs(small_dataset):

@@ -64,20 +64,24 @@ def test_a_file_stacked_twice_applies_twice_at_each_strength(tiny_model_dir, hn_
     assert "Hypernet: case1_default_relu, case1_default_relu, Hypernet strength: 0.8, 0" in info
 
 
-def test_text_mlp_runs_once_per_prompt(tiny_model_dir, hn_dir, tmp_path, monkeypatch):
-    calls = []
+def test_text_mlp_runs_once_per_step_and_linear_ones_are_merged(tiny_model_dir, hn_dir, tmp_path, monkeypatch):
+    calls = {}
     real = generate.load_hypernetworks
 
     def spy(args):
         loaded = real(args)
-        for hn in loaded.values():
-            hn.pair(96)[0].register_forward_hook(lambda *a: calls.append(1))
+        for path, hn in loaded.items():
+            hn.pair(96)[0].register_forward_hook(lambda *a, path=path: calls.setdefault(path, []).append(1))
         return loaded
 
     monkeypatch.setattr(generate, "load_hypernetworks", spy)
-    gen(tiny_model_dir, tmp_path / "o", "--prompt", "one", "--prompt", "two", "--hypernetwork",
-        a1111_file("case1_default_relu"), "--num_inference_steps", 6)  # fmt: skip
-    assert len(calls) == 2
+    hypernet.save(hypernet.Hypernetwork([96, 40, 80, 160]), tmp_path / "linear.pt")
+    for hypernetwork in (a1111_file("case1_default_relu"), str(tmp_path / "linear.pt")):
+        gen(tiny_model_dir, tmp_path / "o", "--prompt", "one", "--prompt", "two", "--hypernetwork", hypernetwork,
+            "--num_inference_steps", 6)  # fmt: skip
+    # relu: once per UNet forward (6 steps x 2 prompts), not in each of the 7 cross-attention layers
+    assert len(calls[a1111_file("case1_default_relu")]) == 12
+    assert str(tmp_path / "linear.pt") not in calls, "a linear hypernetwork is merged into to_k/to_v"
 
 
 def test_options_seed_batch_size_negative_scheduler_prompts_file(tiny_model_dir, tmp_path):

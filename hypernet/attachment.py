@@ -1,0 +1,375 @@
+"""Hypernetworks on a diffusers UNet: each attention layer's to_k and to_v wrapped, as peft wraps a Linear.
+
+The webui's rule is k = to_k(context + mlp_k(context)·m) and v = to_v(context + mlp_v(context)·m), applied by
+the context's width, so a wrapper around to_k and to_v needs no attention processor: SDPA, attention slicing,
+xformers, IP-Adapter and any custom processor keep working.
+
+A linear hypernetwork (the webui's default activation) is an affine map per module, x + F.linear(x, m, c), its
+"linear map". Linear maps let a self-attention layer apply K and V modules with one (w, w) product each, fold them
+into to_k/to_v where the layer's tokens outnumber its width, and, merged for inference, bake every stacked linear
+hypernetwork into the projections once so that a generation costs what the plain UNet costs.
+"""
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .errors import HypernetError, WidthMismatchError
+
+K, V = 0, 1
+
+
+def apply_side(hypernetworks, context, side, maps=None):
+    """The context after the K (side 0) or V (side 1) module of each hypernetwork in turn, as the webui applies them.
+
+    A hypernetwork without a module for the context's width passes it through. maps[i], where given and not None,
+    is hypernetwork i's (K, V) linear maps, used instead of running its layers.
+    """
+    # Under autocast the matmuls already run in the autocast dtype; casting to the weights' dtype and back would
+    # only add copies. Without it, compute in the weights' dtype, as the webui computes in float32.
+    autocast = torch.is_autocast_enabled(context.device.type)
+    out = context
+    for i, hypernetwork in enumerate(hypernetworks):
+        pair = hypernetwork.pair(context.shape[-1])
+        if pair is None:
+            continue
+        module = pair[side]
+        x = out.to(context.dtype if autocast else module.linear[0].weight.dtype)
+        if maps is not None and maps[i] is not None:
+            weight, bias = maps[i][side]
+            out = (x + F.linear(x, weight, bias)).to(context.dtype)
+        else:
+            out = module(x).to(context.dtype)
+    return out
+
+
+def apply_hypernetworks(hypernetworks, context):
+    """The webui's apply_hypernetworks: the (K, V) contexts after every hypernetwork in turn."""
+    return apply_side(hypernetworks, context, K), apply_side(hypernetworks, context, V)
+
+
+def linear_maps(hypernetworks, width, tokens=None):
+    """Per hypernetwork, its (K, V) modules at `width` as linear maps, or None where it has none there or is not
+    linear; None for all where no hypernetwork gets one. With `tokens` (the self-attention tokens of one forward at
+    this width) a map is made only where it costs less than the multiply-adds it saves over those tokens."""
+    maps = []
+    for hypernetwork in hypernetworks:
+        pair = hypernetwork.pair(width)
+        if pair is None or not all(module.is_linear for module in pair):
+            maps.append(None)
+            continue
+        if tokens is not None:
+            weights = [layer.weight for layer in pair[K].linears]
+            per_token = sum(w.numel() for w in weights)
+            if tokens * (per_token - width * width) <= (per_token - weights[0].numel()) * width:
+                maps.append(None)
+                continue
+        maps.append((pair[K].linear_map(), pair[V].linear_map()))
+    return maps if any(m is not None for m in maps) else None
+
+
+def all_linear(hypernetworks, width):
+    """Whether every hypernetwork module at `width` is linear as it runs now."""
+    pairs = [hypernetwork.pair(width) for hypernetwork in hypernetworks]
+    return all(module.is_linear for pair in pairs if pair is not None for module in pair)
+
+
+def fold(weight, bias, maps):
+    """(W', b') with F.linear(x, W', b') == F.linear(x_after_maps, W, b), for affine maps x + F.linear(x, m, c)
+    applied in order: to_k(x + F.linear(x, m, c)) == F.linear(x, W + W @ m, W @ c + b)."""
+    for map_weight, map_bias in reversed(maps):  # the last map applied is the first folded in
+        bias = F.linear(map_bias, weight, bias)
+        weight = weight + weight @ map_weight
+    return weight, bias
+
+
+def attention_widths(unet):
+    """The context widths the UNet's attention layers feed to K and V (text width and self-attention widths)."""
+    return sorted({module.to_k.in_features for module in unet.modules() if isinstance(module, Attention)})
+
+
+def self_attention_levels(unet):
+    """{width: [level, ...]}: one entry per self-attention layer, at level i when it runs on the latent downsampled
+    i times (diffusers' UNet2DConditionModel block names), or None where the level cannot be told."""
+    down = len(getattr(unet, "down_blocks", ()))
+    levels = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, Attention) or module.is_cross_attention:
+            continue
+        block, _, rest = name.partition(".")
+        index = rest.partition(".")[0]
+        if block == "down_blocks" and index.isdigit():
+            level = int(index)
+        elif block == "up_blocks" and index.isdigit():
+            level = len(unet.up_blocks) - 1 - int(index)
+        elif block == "mid_block":
+            level = down - 1
+        else:
+            level = None
+        levels.setdefault(module.to_k.in_features, []).append(level)
+    return levels
+
+
+def self_attention_tokens(levels, sample):
+    """Tokens one forward on `sample` (batch, channels, height, width) feeds to self-attention at one width."""
+    if any(level is None for level in levels) or sample.ndim != 4:
+        return None
+    batch, _, height, width = sample.shape
+    return sum(batch * -(-height // 2**level) * -(-width // 2**level) for level in levels)
+
+
+class _Forward:
+    """What one UNet forward shares between its layers: the text context's K and V outputs, and the linear maps of
+    each self-attention width. Valid while the hypernetworks keep the revisions it was made at."""
+
+    def __init__(self, revisions):
+        self.revisions = revisions
+        self.context = None
+        self.contexts = None
+        self.maps = {}
+
+
+class HypernetworkProjection(nn.Module):
+    """An attention layer's to_k (side 0) or to_v (side 1), fed the context after each hypernetwork's K or V module.
+
+    The original layer is `base_layer`, untouched; detach() puts it back.
+    """
+
+    def __init__(self, base_layer, side, attachment):
+        super().__init__()
+        self.base_layer = base_layer
+        self.side = side
+        self.attachment = attachment
+        self._merged = None  # (key, weight, bias)
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self):
+        return self.base_layer.out_features
+
+    def forward(self, x, *args, **kwargs):
+        attachment = self.attachment
+        hypernetworks = attachment.hypernetworks
+        width = x.shape[-1]
+        if not any(hypernetwork.pair(width) is not None for hypernetwork in hypernetworks):
+            return self.base_layer(x, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            return self.base_layer(apply_side(hypernetworks, x, self.side), *args, **kwargs)
+        if attachment.merged and not args and not kwargs:
+            merged = self.merged_weights(hypernetworks)
+            if merged is not None:
+                return F.linear(x, *merged)
+        state = attachment.forward_state()
+        if state is not None and state.context is not None and x is state.context:
+            return self.base_layer(state.contexts[self.side], *args, **kwargs)
+        maps = None if state is None else state.maps.get(width)
+        folded = self.folded(hypernetworks, maps, x) if not args and not kwargs else None
+        if folded is not None:
+            return F.linear(x, *folded)
+        return self.base_layer(apply_side(hypernetworks, x, self.side, maps), *args, **kwargs)
+
+    def foldable(self, hypernetworks, maps, width):
+        """The linear maps of this side for every hypernetwork at `width`, or None where one is missing or the base
+        layer is not a plain Linear (a LoRA or quantized layer keeps its own forward)."""
+        if maps is None or type(self.base_layer) is not nn.Linear:
+            return None
+        applying = [m for hypernetwork, m in zip(hypernetworks, maps) if hypernetwork.pair(width) is not None]
+        if any(m is None for m in applying):
+            return None
+        return [m[self.side] for m in applying]
+
+    def folded(self, hypernetworks, maps, x):
+        """to_k/to_v's weight and bias with this forward's linear maps folded in, where that costs less."""
+        side_maps = self.foldable(hypernetworks, maps, x.shape[-1])
+        if side_maps is None:
+            return None
+        width, out, tokens = x.shape[-1], self.base_layer.out_features, x.shape[:-1].numel()
+        if torch.is_grad_enabled() and any(weight.requires_grad for weight, _ in side_maps):
+            # Multiply-adds besides the projection: applied to the tokens, 3 tokens·w² (forward, the map's gradient,
+            # the input's); folded, 2 out·w² (W @ m and its gradient) + tokens·out·w (the folded W's gradient).
+            pays = tokens * width * (3 * width - out) > 2 * out * width * width
+        else:
+            pays = tokens > out
+        if not pays:
+            return None
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = x.dtype if autocast else side_maps[0][0].dtype
+        base = self.base_layer
+        bias = None if base.bias is None else base.bias.to(dtype)
+        weight, bias = fold(base.weight.to(dtype), bias, [(m.to(dtype), c.to(dtype)) for m, c in side_maps])
+        return weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+
+    @torch.no_grad()
+    def merged_weights(self, hypernetworks):
+        """This projection with every hypernetwork at its width baked in, made once per revision of the stack, or
+        None where one of them is not linear, the base layer is not a plain Linear, or gradients must flow."""
+        if torch.is_grad_enabled() and any(p.requires_grad for hn in hypernetworks for p in hn.parameters()):
+            return None
+        base = self.base_layer
+        key = (tuple(hn.revision for hn in hypernetworks), base.weight.device, base.weight.dtype)
+        if self._merged is None or self._merged[0] != key:
+            self._merged = (key, self.merge(hypernetworks))
+        return self._merged[1]
+
+    def merge(self, hypernetworks):
+        width = self.base_layer.in_features
+        side_maps = self.foldable(hypernetworks, linear_maps(hypernetworks, width), width)
+        if side_maps is None:
+            return None
+        base = self.base_layer
+        dtype = torch.promote_types(base.weight.dtype, torch.float32)  # fp16/bf16 models merge in float32
+        bias = None if base.bias is None else base.bias.to(dtype)
+        weight, bias = fold(base.weight.to(dtype), bias, [(m.to(dtype), c.to(dtype)) for m, c in side_maps])
+        return weight.to(base.weight.dtype), None if bias is None else bias.to(base.weight.dtype)
+
+    def unmerge(self):
+        self._merged = None
+
+
+class Attachment:
+    """Hypernetworks installed in a UNet; detach() (or leaving a `with` block) restores the original to_k/to_v.
+
+    `hypernetworks` is a live list: reorder, add or remove entries and the next forward uses them.
+    """
+
+    def __init__(self, unet, hypernetworks, use_linear_maps=True):
+        self.unet = unet
+        self.hypernetworks = list(hypernetworks)
+        self.merged = False
+        self.use_linear_maps = use_linear_maps
+        # False runs the text-context modules in every cross-attention layer, as the webui does (for comparison).
+        self.text_context_once = True
+        self.levels = self_attention_levels(unet)
+        self._state = None
+        self.projections = []
+        for attn in attention_layers(unet):
+            for side, name in ((K, "to_k"), (V, "to_v")):
+                projection = HypernetworkProjection(getattr(attn, name), side, self)
+                setattr(attn, name, projection)
+                self.projections.append((attn, name, projection))
+        self._hooks = [
+            unet.register_forward_pre_hook(self._before_unet_forward, with_kwargs=True),
+            unet.register_forward_hook(self._after_unet_forward),
+        ]
+
+    def forward_state(self):
+        state = self._state
+        if state is None or state.revisions != tuple(hn.revision for hn in self.hypernetworks):
+            return None
+        return state
+
+    def _before_unet_forward(self, unet, args, kwargs):
+        # Made before any block runs, so that a block recomputed by gradient checkpointing finds the same tensors
+        # as its first run did. Replaced at the next forward: nothing outlives it into another one.
+        self._state = None
+        if torch.compiler.is_compiling():
+            return
+        state = _Forward(tuple(hn.revision for hn in self.hypernetworks))
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if isinstance(context, torch.Tensor) and self.text_context_once:
+            merged = self.merged and all_linear(self.hypernetworks, context.shape[-1])
+            if not merged or torch.is_grad_enabled():
+                state.context, state.contexts = context, apply_hypernetworks(self.hypernetworks, context)
+        sample = kwargs.get("sample", args[0] if args else None)
+        if self.use_linear_maps and isinstance(sample, torch.Tensor):
+            grad = torch.is_grad_enabled()
+            for width, levels in self.levels.items():
+                if self.merged and not grad and all_linear(self.hypernetworks, width):
+                    continue  # merged into the projections
+                # With grad the maps are made again each forward, so they must pay for themselves in one.
+                tokens = self_attention_tokens(levels, sample) if grad else None
+                if grad and tokens is None:
+                    continue  # the layers' token count is unknown, so whether a map pays cannot be told
+                maps = linear_maps(self.hypernetworks, width, tokens)
+                if maps is not None:
+                    state.maps[width] = maps
+        self._state = state
+
+    def _after_unet_forward(self, unet, args, output):
+        if not torch.is_grad_enabled():
+            self._state = None  # no backward will recompute a block of this forward
+
+    @torch.no_grad()
+    def merge(self):
+        """Bake linear hypernetworks into to_k/to_v now: each projection runs as one Linear, merged again when a
+        hypernetwork's revision changes (set_multiplier, train/eval, load_state_dict, an optimizer step; call
+        Hypernetwork.changed() after other writes to its weights). Used while no gradient must flow."""
+        self.merged = True
+        for _, _, projection in self.projections:
+            projection.merged_weights(self.hypernetworks)
+        return self
+
+    def unmerge(self):
+        self.merged = False
+        for _, _, projection in self.projections:
+            projection.unmerge()
+        return self
+
+    def detach(self):
+        if not self._hooks:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for attn, name, projection in self.projections:
+            setattr(attn, name, projection.base_layer)
+            projection.unmerge()
+        self.projections = []
+        self._state = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+
+def attention_layers(unet):
+    layers = [module for module in unet.modules() if isinstance(module, Attention)]
+    for attn in layers:
+        if getattr(attn, "fused_projections", False) and "Fused" in type(attn.processor).__name__:
+            raise HypernetError(
+                "this UNet's attention layers use fused QKV projections, which hypernetworks cannot wrap; call "
+                "unet.unfuse_qkv_projections() (or pipeline.unfuse_qkv_projections()) before attaching"
+            )
+        if isinstance(attn.to_k, HypernetworkProjection):
+            raise HypernetError(
+                "this UNet already has hypernetworks attached; detach() them first, or change the attachment's "
+                "hypernetworks list"
+            )
+    return layers
+
+
+def check_widths(hypernetwork, model_widths, what=None):
+    """Raise WidthMismatchError where `hypernetwork` has no width that the model's attention layers use."""
+    if not set(hypernetwork.widths) & set(model_widths):
+        raise WidthMismatchError(
+            f"{what or f'hypernetwork {hypernetwork.name!r}'} has widths {hypernetwork.widths} but this model's "
+            f"attention layers use {list(model_widths)}; it was made for another model family (text width: SD 1.x "
+            "768, SD 2.x 1024, SDXL 2048)"
+        )
+
+
+def attach(unet, hypernetworks, merge=False, use_linear_maps=True):
+    """Wrap every attention layer's to_k and to_v of `unet` so that the hypernetworks apply, in order, each at its own
+    multiplier; the attention processors stay as they are.
+
+    merge=True bakes linear hypernetworks into the projections for inference (see Attachment.merge). With
+    use_linear_maps, linear hypernetworks' self-attention modules run as one matrix each and fold into to_k/to_v
+    where a layer's tokens outnumber its width (the same function up to float rounding); pass False to run the
+    webui's layers as they are.
+    """
+    if not isinstance(hypernetworks, (list, tuple)):
+        hypernetworks = [hypernetworks]
+    model_widths = attention_widths(unet)
+    device = next(unet.parameters()).device
+    for hypernetwork in hypernetworks:
+        check_widths(hypernetwork, model_widths)
+        if next(hypernetwork.parameters()).device != device:
+            hypernetwork.to(device)
+    attachment = Attachment(unet, hypernetworks, use_linear_maps=use_linear_maps)
+    return attachment.merge() if merge else attachment
