@@ -1,9 +1,9 @@
 """AUTOMATIC1111-style hypernetworks for diffusers: the module, the file formats, attaching to a UNet."""
 
+from .attachment import Attachment, apply_hypernetworks, attach, attention_widths
 from .errors import FormatError, HypernetError, NotAHypernetworkError, UsageError, WidthMismatchError
 from .formats import load, save, shorthash
 from .module import SD1_WIDTHS, SD2_WIDTHS, SDXL_WIDTHS, Hypernetwork, HypernetworkModule
-from .attachment import Attachment, apply_hypernetworks, attach, attention_widths
 
 __version__ = "0.1.0"
 
