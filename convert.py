@@ -22,9 +22,8 @@ import torch
 import hypernet
 from hypernet.clients import comfyui_verdict, webui_verdict
 from hypernet.errors import HypernetError, UsageError, run_script
-from hypernet.formats import OPTIM_SUFFIX, shorthash
+from hypernet.formats import DTYPES, OPTIM_SUFFIX, shorthash
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Largest allowed |output(converted) - output(original)|, relative to the largest |output(original)|.
 TOLERANCE = {"fp32": 0.0, "fp16": 2e-3, "bf16": 2e-2}
 SUFFIXES = (".pt", ".safetensors")
@@ -185,7 +184,7 @@ def main(input_args=None):
 
 
 def cli():
-    return run_script(main, "convert.py")
+    return run_script(main)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ A1111's prompt syntax works too: "<hypernet:style:0.8> a castle" loads style.pt 
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -18,9 +19,10 @@ import sys
 import torch
 
 import hypernet
-from hypernet.errors import UsageError, run_script
-from hypernet.formats import base_model_hash
-from hypernet.images import infotext, save_png
+from hypernet.attachment import attention_widths_from_config, check_widths
+from hypernet.errors import HypernetError, UsageError, run_script
+from hypernet.formats import DTYPES, base_model_hash
+from hypernet.images import Generation, save_png
 from hypernet.memory import retain_freed_memory
 
 PROMPT_HYPERNET = re.compile(r"<hypernet:([^:>]+)(?::([^>]*))?>")
@@ -49,7 +51,6 @@ SCHEDULERS = {
     ),
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(input_args=None):
@@ -77,6 +78,13 @@ def parse_args(input_args=None):
     )
     model.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Default: fp16 on CUDA, else fp32.")
     model.add_argument("--device", default=None, help="cuda, cpu, mps... Default: cuda when available.")
+    model.add_argument(
+        "--retain_freed_memory",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="Keep the memory a denoising step frees for the next one instead of handing it back to the kernel "
+        "(glibc only; the whole process's allocator). auto: on for --device cpu, where it makes steps faster.",
+    )
 
     hn = parser.add_argument_group("hypernetworks")
     hn.add_argument(
@@ -202,16 +210,11 @@ def validate_args(args):
 
 
 def model_widths_from_config(args):
-    """The UNet's attention widths, from its config alone (meta device, no weights), or None if unknown."""
-    from diffusers import UNet2DConditionModel
-
+    """The UNet's attention widths from its config alone, or None where no diffusers folder describes it."""
     folder = args.config if args.from_single_file else args.pretrained_model_name_or_path
     if folder is None or not os.path.isfile(os.path.join(folder, "unet", "config.json")):
         return None
-    with torch.device("meta"):
-        return hypernet.attention_widths(
-            UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
-        )
+    return attention_widths_from_config(folder)
 
 
 def load_hypernetworks(args):
@@ -222,17 +225,24 @@ def load_hypernetworks(args):
             loaded[path] = hypernet.load(path)
     widths = model_widths_from_config(args)
     if widths is not None:
-        check_widths(loaded, widths)
+        check_all_widths(loaded, widths)
     return loaded
 
 
-def check_widths(hypernetworks, widths):
+def check_all_widths(hypernetworks, widths):
     for path, hn in hypernetworks.items():
-        if not set(hn.widths) & set(widths):
-            raise UsageError(
-                f"{path}: hypernetwork widths {hn.widths} do not fit this model's attention widths {widths} "
-                "(text width: SD 1.x 768, SD 2.x 1024, SDXL 2048)"
-            )
+        try:
+            check_widths(hn, widths, path)
+        except HypernetError as e:
+            raise UsageError(str(e)) from None
+
+
+def next_image_number(output_dir):
+    """The number of the next image in a folder, after the ones already there, as the webui numbers them."""
+    if not os.path.isdir(output_dir):
+        return 0
+    numbers = [int(m.group(1)) for n in os.listdir(output_dir) if (m := re.match(r"(\d{5,})-", n))]
+    return max(numbers, default=-1) + 1
 
 
 def load_pipeline(args, dtype, device):
@@ -285,13 +295,13 @@ def main(input_args=None):
     args = parse_args(input_args)
     hypernetworks = load_hypernetworks(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        retain_freed_memory()  # every denoising step reuses the last one's memory instead of page-faulting it in
+    if args.retain_freed_memory == "on" or (args.retain_freed_memory == "auto" and device == "cpu"):
+        retain_freed_memory()
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     pipeline = load_pipeline(args, dtype, device)
     for hn in hypernetworks.values():
         hn.to(device)
-    check_widths(hypernetworks, hypernet.attention_widths(pipeline.unet))  # a single file's widths show only now
+    check_all_widths(hypernetworks, hypernet.attention_widths(pipeline.unet))  # a single file's show only now
     attachment = hypernet.attach(pipeline.unet, [], merge=not args.no_merge)
     repeats = {}  # copies of files stacked more than once in one prompt
     model_hash = base_model_hash(args.pretrained_model_name_or_path)
@@ -302,9 +312,9 @@ def main(input_args=None):
     from tqdm.auto import tqdm
 
     written, images = [], []
-    total = len(args.jobs) * args.num_images
-    progress = tqdm(total=total, desc="Images", disable=args.no_progress)
-    index = 0
+    progress = tqdm(total=len(args.jobs) * args.num_images, desc="Images", disable=args.no_progress)
+    index = next_image_number(args.output_dir)
+    seed = args.seed
     for prompt, prompt_hypernetworks in args.jobs:
         stack = args.hypernetwork + prompt_hypernetworks
         attachment.hypernetworks[:] = stacked(hypernetworks, stack, repeats)
@@ -313,38 +323,29 @@ def main(input_args=None):
         names = [(hypernetworks[path].name or os.path.splitext(os.path.basename(path))[0], m) for path, m in stack]
         for start in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - start)
-            seeds = [args.seed + index + i for i in range(count)]
-            generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-            batch = pipeline(
-                prompt,
-                negative_prompt=args.negative_prompt or None,
-                num_images_per_prompt=count,
-                num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
+            generation = Generation(
+                prompt=prompt,
+                negative_prompt=args.negative_prompt,
+                steps=args.num_inference_steps,
+                sampler=sampler_name(args, pipeline),
+                cfg_scale=args.guidance_scale,
+                seed=seed,
                 width=width,
                 height=height,
-                generator=generators,
-            ).images
-            for image, seed in zip(batch, seeds):
-                parameters = infotext(
-                    prompt,
-                    args.negative_prompt,
-                    steps=args.num_inference_steps,
-                    sampler=sampler_name(args, pipeline),
-                    cfg_scale=args.guidance_scale,
-                    seed=seed,
-                    width=width,
-                    height=height,
-                    model_hash=model_hash,
-                    model=model_name,
-                    hypernetworks=names,
-                )
-                path = os.path.join(args.output_dir, f"{index:05d}-{seed}.png")
-                save_png(image, path, parameters)
+                model_hash=model_hash,
+                model=model_name,
+                hypernetworks=names,
+            )
+            batch = pipeline(**generation.pipeline_kwargs(device, count)).images
+            for i, image in enumerate(batch):
+                one = dataclasses.replace(generation, seed=seed + i)
+                path = os.path.join(args.output_dir, f"{index:05d}-{one.seed}.png")
+                save_png(image, path, one.infotext())
                 written.append(path)
                 images.append(image)
                 index += 1
                 progress.update(1)
+            seed += count
     progress.close()
     attachment.detach()
     if not args.no_grid and len(images) > 1:
@@ -359,7 +360,7 @@ def main(input_args=None):
 
 
 def cli():
-    return run_script(main, "generate.py")
+    return run_script(main)
 
 
 if __name__ == "__main__":

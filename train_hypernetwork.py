@@ -4,49 +4,74 @@
     accelerate launch train_hypernetwork.py \\
         --pretrained_model_name_or_path MODEL --train_data_dir DATA --output_dir OUT --max_train_steps 2000
 
-Only the hypernetwork trains; UNet, text encoder and VAE stay frozen. See README.md for the full guide.
+Only the hypernetwork trains; the UNet, text encoders and VAE stay frozen. See README.md for the full guide.
 """
 
 import argparse
+import contextlib
 import csv
-import inspect
 import io
+import itertools
 import json
 import logging
 import math
 import os
-import random
 import re
 import shutil
 import signal
 import sys
-import time
+import uuid
 from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 import hypernet
+from hypernet import data
+from hypernet.attachment import attention_widths_from_config, check_widths
 from hypernet.errors import HypernetError, UsageError, run_script
-from hypernet.formats import atomic_write, base_model_hash
-from hypernet.images import infotext, save_png
+from hypernet.formats import atomic_write, base_model_hash, weights_id
+from hypernet.images import Generation, save_png
 from hypernet.memory import retain_freed_memory
-from hypernet.module import ACTIVATIONS, WEIGHT_INITS
+from hypernet.module import TRAINABLE_ACTIVATIONS, WEIGHT_INITS
+from hypernet.training import (
+    UNetWithHypernetwork,
+    batch_to_device,
+    diffusion_loss,
+    load_models,
+    make_lr_scheduler,
+    make_optimizer,
+    optimizer_class,
+    parse_schedule,
+    rate_at,
+    resume_optimizer_state,
+    weights_digest,
+)
 
 logger = logging.getLogger("train_hypernetwork")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# Settings of the hypernetwork itself: a resumed file keeps its own, so giving a different one is an error.
+HYPERNETWORK_FLAGS = ("layer_structure", "activation_func", "weight_init", "add_layer_norm", "use_dropout",
+                      "dropout_structure", "activate_output", "enable_sizes")  # fmt: skip
+MAX_PARAMETERS = 2_000_000_000
 
 
-def parse_args(input_args=None):
+def make_parser():
     parser = argparse.ArgumentParser(description="Train an AUTOMATIC1111-style hypernetwork with accelerate.")
     model = parser.add_argument_group("model")
     model.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
-        help="Local diffusers folder (or hub id, when online) of a Stable Diffusion 1.x/2.x model.",
+        help="Local diffusers folder of a Stable Diffusion 1.x, 2.x or SDXL model.",
+    )
+    model.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="A diffusers VAE folder to encode the images with instead of the model's own (for SDXL in fp16: one that "
+        "is stable in fp16; without it SDXL's VAE encodes in float32).",
     )
     model.add_argument("--revision", default=None, help="Model revision to load (hub models only).")
     model.add_argument("--variant", default=None, help="Model file variant to load, e.g. fp16.")
@@ -66,8 +91,8 @@ def parse_args(input_args=None):
     hn.add_argument(
         "--activation_func",
         default="linear",
-        help=f"Activation after each hidden layer: {', '.join(['linear', 'relu', 'leakyrelu', 'elu', 'swish', 'tanh', 'sigmoid'])}, "
-        "or any torch.nn activation by its lower-case name.",
+        help="Activation after each hidden layer: linear, relu, leakyrelu, elu, swish, tanh, sigmoid, or any elementwise "
+        "torch.nn activation by its lower-case name (ComfyUI knows linear to sigmoid, softsign and mish).",
     )
     hn.add_argument("--weight_init", default="Normal", choices=WEIGHT_INITS, help="Weight initialization.")
     hn.add_argument("--add_layer_norm", action="store_true", help="Add LayerNorm after each layer.")
@@ -120,6 +145,12 @@ def parse_args(input_args=None):
         help="Keep each image's own size, rounded down to multiples of 64, and batch images of equal size.",
     )
     data.add_argument(
+        "--cache_dir",
+        default=None,
+        help="Keep encoded latents in this folder, keyed by each image's content, crop and the VAE: a second run or a "
+        "resume encodes only what changed. Shared safely by several processes and runs.",
+    )
+    data.add_argument(
         "--latent_sampling_method",
         default="once",
         choices=["once", "deterministic", "random"],
@@ -152,7 +183,9 @@ def parse_args(input_args=None):
     )
     training.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of --lr_scheduler.")
     training.add_argument(
-        "--optimizer", default="AdamW", help="Optimizer: any torch.optim class by name (A1111 allows these)."
+        "--optimizer",
+        default="AdamW",
+        help="Optimizer: a torch.optim class by name, e.g. AdamW, Adam, SGD (as the webui).",
     )
     training.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' AdamW8bit.")
     training.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
@@ -184,7 +217,18 @@ def parse_args(input_args=None):
         help="Stop after this many non-finite losses in a row (each such step is skipped).",
     )
     training.add_argument(
-        "--dataloader_num_workers", type=int, default=0, help="DataLoader workers (the data is cached in memory)."
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes that assemble batches (latent sampling, captions, tokens); 0: in the main "
+        "process. The batches are the same for any number.",
+    )
+    training.add_argument(
+        "--retain_freed_memory",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="Keep the memory a step frees for the next one instead of handing it back to the kernel (glibc only; "
+        "the whole process's allocator). auto: on when training on the CPU, where it makes steps about a fifth faster.",
     )
 
     outputs = parser.add_argument_group("outputs")
@@ -223,525 +267,216 @@ def parse_args(input_args=None):
     outputs.add_argument("--run_name", default=None, help="Tracker run name (default: the hypernetwork name).")
     outputs.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
 
-    args = parser.parse_args(input_args)
-    validate_args(args)
+    return parser
+
+
+def parse_args(input_args=None):
+    parser = make_parser()
+    argv = sys.argv[1:] if input_args is None else [str(a) for a in input_args]
+    args = parser.parse_args(argv)
+    given = {a.dest for a in parser._actions for option in a.option_strings
+             for word in argv if word == option or word.startswith(option + "=")}  # fmt: skip
+    validate_args(args, given)
     return args
 
 
-def parse_floats(text, flag):
-    try:
-        return [float(x) if "." in x or "e" in x.lower() else int(x) for x in (p.strip() for p in text.split(","))]
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers such as 1,2,1") from None
+def parse_numbers(text, flag, kind=float):
+    """'1,2,1' -> [1, 2, 1]: whole numbers stay ints, as the webui writes them; kind=int refuses fractions."""
+    values = []
+    for piece in str(text).split(","):
+        piece = piece.strip()
+        if re.fullmatch(r"[+-]?\d+", piece):
+            values.append(int(piece))
+            continue
+        try:
+            value = float(piece) if kind is float else None
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value):
+            expected = "whole numbers such as 768,320,640,1280" if kind is int else "finite numbers such as 1,2,1"
+            raise UsageError(f"{flag} {text!r}: expected comma-separated {expected}")
+        values.append(value)
+    return values
 
 
-def parse_schedule(text, flag):
-    """A1111's schedule syntax: 'rate:until_step, rate:until_step, rate' -> [(rate, until_step or None)]."""
-    pieces = []
-    try:
-        for piece in str(text).split(","):
-            if not piece.strip():
-                continue
-            rate, _, until = piece.partition(":")
-            pieces.append((float(rate), int(until) if until.strip() else None))
-    except ValueError:
-        raise UsageError(
-            f"{flag} {text!r}: expected a number or a schedule such as '5e-5:100, 5e-6:1500, 5e-7'"
-        ) from None
-    if not pieces:
-        raise UsageError(f"{flag} is empty")
-    return pieces
-
-
-def rate_at(schedule, step):
-    for rate, until in schedule:
-        if until is None or until < 0 or step < until:
-            return rate
-    return schedule[-1][0]
-
-
-def validate_args(args):
+def validate_args(args, given=()):
+    """Every flag checked before anything heavy happens; a problem is one line naming the flag."""
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise UsageError("give exactly one of --train_data_dir and --dataset_name")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise UsageError(f"--train_data_dir {args.train_data_dir}: no such folder")
-    if args.template_file is not None and not os.path.isfile(args.template_file):
+    if not os.path.isfile(os.path.join(args.pretrained_model_name_or_path, "model_index.json")):
         raise UsageError(
-            f"--template_file {args.template_file}: no such file (A1111's templates: examples/templates/)"
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a local diffusers folder "
+            "(no model_index.json)"
         )
-    if args.resume_hypernetwork is not None and not os.path.isfile(args.resume_hypernetwork):
-        raise UsageError(f"--resume_hypernetwork {args.resume_hypernetwork}: no such file")
-    args.layer_structure = parse_floats(args.layer_structure, "--layer_structure")
+    for flag in ("template_file", "resume_hypernetwork"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            hint = " (the webui's templates: examples/templates/)" if flag == "template_file" else ""
+            raise UsageError(f"--{flag} {path}: no such file{hint}")
+    if args.pretrained_vae_model_name_or_path is not None and not os.path.isdir(
+        args.pretrained_vae_model_name_or_path
+    ):
+        raise UsageError(
+            f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path}: no such folder"
+        )
+    args.layer_structure = parse_numbers(args.layer_structure, "--layer_structure")
     if len(args.layer_structure) < 2 or args.layer_structure[0] != 1 or args.layer_structure[-1] != 1:
         raise UsageError(f"--layer_structure {args.layer_structure}: must start and end with 1, e.g. 1,2,1")
+    if any(a <= 0 for a in args.layer_structure):
+        raise UsageError(f"--layer_structure {args.layer_structure}: every entry must be above 0")
     if args.dropout_structure is not None:
-        args.dropout_structure = parse_floats(args.dropout_structure, "--dropout_structure")
-    if args.activation_func not in ACTIVATIONS:
+        args.dropout_structure = parse_numbers(args.dropout_structure, "--dropout_structure")
+        try:
+            hypernet.module.check_dropout_structure(args.dropout_structure, args.layer_structure)
+        except HypernetError as e:
+            raise UsageError(f"--{e}") from None
+    if args.activation_func not in TRAINABLE_ACTIVATIONS:
         raise UsageError(
-            f"--activation_func {args.activation_func!r}: unknown; use one of {', '.join(sorted(ACTIVATIONS))}"
+            f"--activation_func {args.activation_func!r}: not an elementwise activation hypernet can train; use one "
+            f"of {', '.join(TRAINABLE_ACTIVATIONS)}"
         )
     if args.enable_sizes != "auto":
-        args.enable_sizes = [int(x) for x in parse_floats(args.enable_sizes, "--enable_sizes")]
+        args.enable_sizes = parse_numbers(args.enable_sizes, "--enable_sizes", kind=int)
+        if any(w < 1 for w in args.enable_sizes):
+            raise UsageError(f"--enable_sizes {args.enable_sizes}: widths must be positive")
+    if args.resume_hypernetwork is not None:
+        conflicting = sorted(given & set(HYPERNETWORK_FLAGS))
+        if conflicting:
+            raise UsageError(
+                f"--resume_hypernetwork keeps the file's own settings; do not give {', '.join('--' + f for f in conflicting)}"
+            )
     args.lr_schedule = parse_schedule(args.learning_rate, "--learning_rate")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise UsageError(f"--lr_scheduler {args.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
     if len(args.lr_schedule) > 1 and args.lr_scheduler != "constant":
         raise UsageError("--learning_rate is an A1111 schedule; use it with --lr_scheduler constant")
     args.clip_grad_schedule = parse_schedule(args.clip_grad_value, "--clip_grad_value")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution", "max_bad_steps"):
         if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be at least 1")
-    if args.resolution % 8:
-        raise UsageError(f"--resolution {args.resolution}: must be a multiple of 8")
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    for flag in ("save_every", "checkpointing_steps", "preview_every", "dataloader_num_workers", "lr_warmup_steps",
+                 "preview_seed"):  # fmt: skip
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be 0 or more")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed {args.seed}: must be from 0 to 4294967295")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise UsageError(f"--checkpoints_total_limit {args.checkpoints_total_limit}: must be at least 1")
     if not 0 <= args.tag_drop_out < 1:
         raise UsageError(f"--tag_drop_out {args.tag_drop_out}: must be in [0, 1)")
+    for flag in ("snr_gamma", "noise_offset", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+                 "preview_guidance_scale"):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None and (not math.isfinite(value) or value < 0):
+            raise UsageError(f"--{flag} {value}: must be a finite number, 0 or more")
     if args.use_8bit_adam and args.optimizer != "AdamW":
         raise UsageError("--use_8bit_adam replaces --optimizer AdamW; do not give both")
-    if not args.use_8bit_adam and not isinstance(getattr(torch.optim, args.optimizer, None), type):
-        raise UsageError(f"--optimizer {args.optimizer!r}: not a torch.optim class (e.g. AdamW, Adam, SGD)")
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install 'hypernet[bnb]'") from None
+    optimizer_class(args.optimizer, args.use_8bit_adam)
     if args.hypernetwork_name is None:
-        args.hypernetwork_name = os.path.basename(os.path.normpath(args.output_dir))
-    if not re.fullmatch(r"[\w.\- ]+", args.hypernetwork_name):
-        raise UsageError(f"--hypernetwork_name {args.hypernetwork_name!r}: use letters, digits, '.', '_', '-', ' '")
+        args.hypernetwork_name = os.path.basename(os.path.abspath(args.output_dir))
+    if not re.fullmatch(r"[\w\-][\w.\- ]*", args.hypernetwork_name):
+        raise UsageError(
+            f"--hypernetwork_name {args.hypernetwork_name!r}: use letters, digits, '.', '_', '-', ' ' (not first '.')"
+        )
     args.preview_width = args.preview_width or args.resolution
     args.preview_height = args.preview_height or args.resolution
+    for flag in ("resolution", "preview_width", "preview_height"):
+        if getattr(args, flag) % 8 or getattr(args, flag) < 8:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be a positive multiple of 8")
+    if args.preview_steps < 1:
+        raise UsageError(f"--preview_steps {args.preview_steps}: must be at least 1")
     if args.preview_prompt is None:
         args.preview_prompt = [f"a picture, art by {args.hypernetwork_name}"]
+    check_output_dir(args)
+    if args.report_to in ("wandb", "all"):
+        check_wandb()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data: A1111's folder layout (or a datasets dataset), read once, encoded once, cached in memory.
-
-
-def read_caption(path):
-    """A caption file's text: UTF-8 (with or without BOM) or UTF-16 with BOM; other encodings are refused."""
-    with open(path, "rb") as f:
-        raw = f.read()
+def check_output_dir(args):
+    """The output folder is creatable and writable, and not the data folder (its images and loss.png would mix)."""
+    out = os.path.abspath(args.output_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--output_dir {args.output_dir}: is a file, not a folder")
+    if args.train_data_dir is not None and os.path.realpath(out) == os.path.realpath(args.train_data_dir):
+        raise UsageError(f"--output_dir {args.output_dir}: is the --train_data_dir; write the run elsewhere")
     try:
-        return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig").strip()
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: caption is not UTF-8 or UTF-16 text; re-save it as UTF-8") from None
+        os.makedirs(out, exist_ok=True)
+        with atomic_write(os.path.join(out, ".write-test")) as tmp, open(tmp, "w") as f:
+            f.write("ok")
+        os.remove(os.path.join(out, ".write-test"))
+    except (OSError, HypernetError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e).split("(")[-1].rstrip(")")
+        raise UsageError(f"--output_dir {args.output_dir}: not writable ({reason})") from None
 
 
-def filewords_from_name(filename):
-    """A1111's caption from a file name: the stem without its leading numbers and dashes."""
-    return re.sub(r"^[-\d]+\s*", "", os.path.splitext(os.path.basename(filename))[0])
-
-
-def read_image_file(path):
-    """Open and fully decode an image file; a file PIL cannot read is refused by name."""
+def check_wandb():
     try:
-        if os.path.getsize(path) == 0:
-            raise UsageError(f"{path}: empty file (0 bytes); remove it or replace it with the real image")
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except UsageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise UsageError(f"{path}: image too large to read safely ({e}); downscale it first") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UsageError(f"{path}: unreadable image ({e}); fix or remove it") from None
-    return image
+        import wandb  # noqa: F401
+    except ImportError:
+        raise UsageError("--report_to wandb needs wandb: pip install wandb") from None
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
 
-
-def open_image(source, use_weight):
-    """An image file, or an image from a datasets dataset, as RGB (RGBA with --use_weight when it has alpha);
-    any mode PIL reads is accepted, 16-bit images are scaled to 8 bits."""
-    image = read_image_file(source) if isinstance(source, str) else source
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / scale * 255.0, 0, 255).astype(np.uint8), "L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    return image.convert("RGBA" if use_weight and has_alpha else "RGB")
-
-
-def scan_train_data_dir(data_dir):
-    """(image path, caption) for every image in A1111's layout; captions from .txt files, else the file name."""
-    entries = []
-    for name in sorted(os.listdir(data_dir)):
-        path = os.path.join(data_dir, name)
-        if not name.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(path):
-            continue
-        caption_path = os.path.splitext(path)[0] + ".txt"
-        caption = read_caption(caption_path) if os.path.isfile(caption_path) else filewords_from_name(name)
-        entries.append((path, caption))
-    if not entries:
-        raise UsageError(f"--train_data_dir {data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return entries
-
-
-def load_template(path):
-    if path is None:
-        return ["[filewords]"]
-    with open(path, encoding="utf-8-sig") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    if not lines:
-        raise UsageError(f"--template_file {path}: empty; put one prompt template a line")
-    if not any("[filewords]" in line for line in lines):
-        logger.warning(f"{path} has no [filewords]: the images' captions are not used, every prompt comes from it")
-    return lines
-
-
-def make_caption(template_line, filewords, name, rng=None, shuffle_tags=False, tag_drop_out=0.0):
-    """A1111's create_text: tags of the caption dropped and shuffled, then put into the template."""
-    tags = filewords.split(",")
-    if rng is not None and tag_drop_out:
-        tags = [tag for tag in tags if rng.random() > tag_drop_out]
-    if rng is not None and shuffle_tags:
-        rng.shuffle(tags)
-    return template_line.replace("[filewords]", ",".join(tags)).replace("[name]", name)
-
-
-def training_size(image, args):
-    if args.varsize:
-        return max(64, image.width // 64 * 64), max(64, image.height // 64 * 64)
-    return args.resolution, args.resolution
-
-
-def to_training_pixels(image, size, center_crop, generator):
-    """Resize the shorter side to fit `size`, then crop to it (center, or at a position drawn from `generator`)."""
-    width, height = size
-    scale = max(width / image.width, height / image.height)
-    resized = image.resize(
-        (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise UsageError(
+        "--report_to wandb: no W&B login; run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline to log locally"
     )
-    spare_x, spare_y = resized.width - width, resized.height - height
-    if center_crop:
-        left, top = spare_x // 2, spare_y // 2
-    else:
-        left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
-        top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
-    return resized.crop((left, top, left + width, top + height))
 
 
-def sample_key(seed, *parts):
-    """A seed for one sample's randomness, the same whatever the number of processes or where a run resumed."""
-    key = seed
-    for part in parts:
-        key = (key * 1_000_003 + int(part)) % (1 << 62)
-    return key
+def data_settings(args):
+    return data.DataSettings(
+        name=args.hypernetwork_name,
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        varsize=args.varsize,
+        use_weight=args.use_weight,
+        latent_sampling_method=args.latent_sampling_method,
+        shuffle_tags=args.shuffle_tags,
+        tag_drop_out=args.tag_drop_out,
+        seed=args.seed,
+    )
 
 
-class CachedData:
-    """Per image: latent mean/std (and the mirrored image's), caption, text embedding, loss weight map."""
-
-    def __init__(self):
-        self.means, self.stds, self.flipped_means, self.flipped_stds = [], [], [], []
-        self.captions, self.filewords, self.embeddings, self.weights, self.sizes = [], [], [], [], []
-
-    def __len__(self):
-        return len(self.means)
-
-
-def read_dataset_entries(args):
-    """(image source, caption) pairs from --train_data_dir or --dataset_name; image sources are paths or PIL images."""
+def read_entries(args):
     if args.train_data_dir is not None:
-        return scan_train_data_dir(args.train_data_dir)
-    from datasets import load_dataset
-
-    if os.path.isdir(args.dataset_name):
-        dataset = load_dataset("imagefolder", data_dir=args.dataset_name, split="train")
-    else:
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name, split="train")
-    for column in (args.image_column, args.caption_column):
-        if column not in dataset.column_names:
-            raise UsageError(
-                f"--dataset_name {args.dataset_name}: no column {column!r}; it has {', '.join(dataset.column_names)}"
-            )
-    if len(dataset) == 0:
-        raise UsageError(f"--dataset_name {args.dataset_name}: the dataset is empty")
-    return [(row[args.image_column], str(row[args.caption_column])) for row in dataset]
-
-
-def check_images(entries, args):
-    """Open every image once before any model loads, so a bad file stops the run at once, by name."""
-    for source, _ in entries:
-        size = open_image(source, args.use_weight).size
-        if min(size) < 8:
-            raise UsageError(f"{source}: image is {size[0]}x{size[1]}, too small to train on")
-
-
-@torch.no_grad()
-def cache_dataset(entries, template, args, vae, text_encoder, tokenizer, device, weight_dtype, show_progress):
-    """Encode every image to latents once (and its mirror with --random_flip); embed fixed captions once."""
-    from tqdm.auto import tqdm
-
-    cache = CachedData()
-    scaling = vae.config.scaling_factor
-    fixed_captions = not (args.shuffle_tags or args.tag_drop_out)
-    for index, (source, filewords) in enumerate(tqdm(entries, desc="Caching latents", disable=not show_progress)):
-        generator = torch.Generator().manual_seed(sample_key(args.seed, 1, index))
-        image = open_image(source, args.use_weight)
-        size = training_size(image, args)
-        image = to_training_pixels(image, size, args.center_crop, generator)
-        variants = [image, image.transpose(Image.FLIP_LEFT_RIGHT)] if args.random_flip else [image]
-        pixels = torch.stack([torch.from_numpy(np.asarray(v.convert("RGB"), dtype=np.float32)) for v in variants])
-        pixels = (pixels / 127.5 - 1.0).permute(0, 3, 1, 2).to(device, weight_dtype)
-        dist = vae.encode(pixels).latent_dist
-        mean, std = dist.mean.float().cpu() * scaling, dist.std.float().cpu() * scaling
-        if args.latent_sampling_method == "once":
-            mean = mean + std * torch.randn(mean.shape, generator=generator)
-        if args.latent_sampling_method != "random":
-            std = torch.zeros_like(mean)
-        cache.means.append(mean[0])
-        cache.stds.append(std[0])
-        cache.flipped_means.append(mean[-1])
-        cache.flipped_stds.append(std[-1])
-        cache.sizes.append(size)
-        cache.filewords.append(filewords)
-        line = template[int(torch.randint(0, len(template), (1,), generator=generator))]
-        cache.captions.append(make_caption(line, filewords, args.hypernetwork_name))
-        if args.use_weight:
-            cache.weights.append(alpha_weight(image, mean.shape[1:]))
-    if fixed_captions:
-        for start in range(0, len(cache), 16):
-            embeddings = encode_prompts(cache.captions[start : start + 16], text_encoder, tokenizer, device)
-            cache.embeddings.extend(embeddings.cpu())
-    return cache
-
-
-def alpha_weight(image, latent_shape):
-    """A1111's loss weight from the alpha channel: resized to the latent grid, shifted to min 0, scaled to mean 1."""
-    channels, height, width = latent_shape
-    if image.mode != "RGBA":
-        return torch.ones(latent_shape)
-    alpha = np.asarray(image.getchannel("A").resize((width, height), Image.BICUBIC), dtype=np.float32)
-    weight = torch.from_numpy(alpha).expand(channels, height, width).clone()
-    weight -= weight.min()
-    mean = weight.mean()
-    return weight / mean if mean > 0 else torch.ones(latent_shape)
-
-
-def encode_prompts(prompts, text_encoder, tokenizer, device):
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(ids.to(device))[0]
-
-
-class EpochBatchSampler(torch.utils.data.Sampler):
-    """Full global batches of equal-sized images, in an order that depends only on the seed and the epoch.
-
-    accelerate splits each global batch across the processes, so the data seen at each step is the same for any
-    number of processes, and a resumed run skips exactly the batches it already trained on.
-    """
-
-    def __init__(self, sizes, batch_size, seed):
-        self.groups = {}
-        for index, size in enumerate(sizes):
-            self.groups.setdefault(tuple(size), []).append(index)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        self.drop_last = False
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def batches(self):
-        generator = torch.Generator().manual_seed(sample_key(self.seed, 2, self.epoch))
-        batches = []
-        for size in sorted(self.groups):
-            members = self.groups[size]
-            order = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
-            while len(order) % self.batch_size:  # fill the last batch from the same size group
-                order.append(members[int(torch.randint(0, len(members), (1,), generator=generator))])
-            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-    def __iter__(self):
-        return iter(self.batches())
-
-    def __len__(self):
-        return sum(math.ceil(len(m) / self.batch_size) for m in self.groups.values())
-
-
-def make_batch(indices, cache, epoch, args, text_encoder, tokenizer, template, device, num_train_timesteps):
-    """Latents, noise, timesteps, text embeddings and weights for these dataset indices.
-
-    Every random draw comes from a generator keyed by (seed, epoch, index), never from a process's global RNG.
-    """
-    latents, noises, timesteps, captions, weights = [], [], [], [], []
-    for index in indices.tolist():
-        generator = torch.Generator().manual_seed(sample_key(args.seed, 3, epoch, index))
-        flip = args.random_flip and bool(torch.rand(1, generator=generator) < 0.5)
-        mean = cache.flipped_means[index] if flip else cache.means[index]
-        std = cache.flipped_stds[index] if flip else cache.stds[index]
-        latent = (
-            mean + std * torch.randn(mean.shape, generator=generator)
-            if args.latent_sampling_method == "random"
-            else mean
-        )
-        noise = torch.randn(latent.shape, generator=generator)
-        if args.noise_offset:
-            noise += args.noise_offset * torch.randn((latent.shape[0], 1, 1), generator=generator)
-        latents.append(latent)
-        noises.append(noise)
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
-        if args.use_weight:
-            weight = cache.weights[index]
-            weights.append(weight.flip(-1) if flip else weight)
-        if not cache.embeddings:
-            rng = random.Random(sample_key(args.seed, 4, epoch, index))
-            line = template[rng.randrange(len(template))]
-            captions.append(
-                make_caption(
-                    line, cache.filewords[index], args.hypernetwork_name, rng, args.shuffle_tags, args.tag_drop_out
-                )
-            )
-    if cache.embeddings:
-        embeddings = torch.stack([cache.embeddings[i] for i in indices.tolist()]).to(device)
-    else:
-        with torch.no_grad():
-            embeddings = encode_prompts(captions, text_encoder, tokenizer, device)
-    return {
-        "latents": torch.stack(latents).to(device),
-        "noise": torch.stack(noises).to(device),
-        "timesteps": torch.cat(timesteps).to(device),
-        "encoder_hidden_states": embeddings,
-        "weight": torch.stack(weights).to(device) if weights else None,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The model and one training step.
-
-
-class UNetWithHypernetwork(torch.nn.Module):
-    """The frozen UNet with the hypernetwork attached, as one module, so that DDP wraps a forward that runs the
-    hypernetwork and therefore synchronises its gradients. The UNet's frozen parameters stay out of DDP's buckets."""
-
-    def __init__(self, unet, hypernetwork):
-        super().__init__()
-        self.unet = unet
-        self.hypernetwork = hypernetwork
-        self.attachment = hypernet.attach(unet, [hypernetwork])
-
-    def forward(self, noisy_latents, timesteps, encoder_hidden_states):
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
-
-
-def diffusion_loss(model, noise_scheduler, batch, snr_gamma=None):
-    """MSE between the UNet's prediction and the target (noise, or velocity for v-prediction models)."""
-    latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    prediction = model(
-        noisy_latents.to(batch["encoder_hidden_states"].dtype), timesteps, batch["encoder_hidden_states"]
-    )
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    if batch.get("weight") is not None:
-        loss = loss * batch["weight"]
-    loss = loss.mean(dim=list(range(1, loss.ndim)))
-    if snr_gamma:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(noise_scheduler, timesteps)
-        weights = torch.minimum(snr, torch.full_like(snr, snr_gamma))
-        loss = loss * weights / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
-    return loss.mean()
-
-
-def make_optimizer(args, parameters):
-    if args.use_8bit_adam:
-        import bitsandbytes
-
-        cls, name = bitsandbytes.optim.AdamW8bit, "AdamW8bit"
-    else:
-        cls, name = getattr(torch.optim, args.optimizer), args.optimizer
-    kwargs = {"lr": 1.0, **fused_kwargs(cls, parameters)}
-    if "Adam" in name:
-        kwargs.update(
-            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
-        )
-    return cls(parameters, **kwargs), name
-
-
-def fused_kwargs(cls, parameters):
-    """fused=True where torch has a fused kernel for this optimizer and these parameters: one kernel for all of
-    them instead of several per tensor (on the CPU, AdamW over an SD 1.5 hypernetwork: 0.015 s against 0.07 s)."""
-    supported = "fused" in inspect.signature(cls.__init__).parameters
-    on_fused_devices = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
-    return {"fused": True} if supported and on_fused_devices else {}
-
-
-def resume_optimizer_state(optimizer, state):
-    """Load saved moments and hyperparameters; how this optimizer computes (fused, foreach) stays as it was built,
-    whatever the optimizer that saved the state used."""
-    implementation = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, keys in zip(optimizer.param_groups, implementation):
-        group.update(keys)
-
-
-def make_lr_scheduler(args, optimizer, initial_step):
-    """Sets the absolute rate at each step: the optimizer's base rate is 1, the lambda returns the rate."""
-    from diffusers.optimization import get_scheduler
-
-    if len(args.lr_schedule) > 1 or args.lr_scheduler == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rate_at(args.lr_schedule, initial_step + s))
-    base = args.lr_schedule[0][0]
-    for group in optimizer.param_groups:
-        group["lr"] = base
-    return get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=args.max_train_steps - initial_step,
-    )
-
-
-def load_models(args, weight_dtype=torch.float32):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    path, common = args.pretrained_model_name_or_path, dict(revision=args.revision)
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=args.revision)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    for model in (text_encoder, vae, unet):
-        model.requires_grad_(False)
-        model.eval()
-        model.to(dtype=weight_dtype)
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
-
-
-def model_attention_widths(args):
-    """The attention widths of the model's UNet, from its config alone (built on the meta device, no weights)."""
-    from diffusers import UNet2DConditionModel
-
-    try:
-        config = UNet2DConditionModel.load_config(
-            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision
-        )
-    except Exception as e:
-        raise UsageError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a diffusers Stable Diffusion "
-            f"folder ({str(e).splitlines()[0]})"
-        ) from None
-    with torch.device("meta"):
-        return hypernet.attention_widths(UNet2DConditionModel.from_config(config))
+        return data.folder_entries(args.train_data_dir)
+    return data.dataset_entries(args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column)
 
 
 def make_hypernetwork(args, model_widths):
     if args.resume_hypernetwork:
         hn = hypernet.load(args.resume_hypernetwork)
-        hn.pt_keys, hn.pt_legacy_layout = None, False  # continue in the current A1111 layout
+        hn.pt_keys, hn.pt_legacy_layout = None, False  # continue in the current webui layout
         hn.name = args.hypernetwork_name
         if hn.activation_func is None:
             hn.activation_func = "linear"  # the same modules; ComfyUI refuses None
+        if hn.step >= args.max_train_steps:
+            raise UsageError(
+                f"--resume_hypernetwork {args.resume_hypernetwork} is at step {hn.step} already; --max_train_steps "
+                f"{args.max_train_steps} counts from 0, as the webui counts: give more"
+            )
     else:
         widths = model_widths if args.enable_sizes == "auto" else args.enable_sizes
+        for width in widths:
+            if any(int(width * a) < 1 for a in args.layer_structure):
+                raise UsageError(f"--layer_structure {args.layer_structure}: a layer of width {width} would be empty")
+        parameters = sum(
+            2 * (int(w * a) * int(w * b) + int(w * b))
+            for w in widths
+            for a, b in itertools.pairwise(args.layer_structure)
+        )
+        if parameters > MAX_PARAMETERS:
+            raise UsageError(
+                f"--layer_structure {args.layer_structure}: {parameters:,} parameters, more than {MAX_PARAMETERS:,}"
+            )
         hn = hypernet.Hypernetwork(
             widths,
             name=args.hypernetwork_name,
@@ -753,21 +488,54 @@ def make_hypernetwork(args, model_widths):
             dropout_structure=args.dropout_structure,
             activate_output=args.activate_output,
         )
-    if not set(hn.widths) & set(model_widths):
-        raise UsageError(
-            f"the hypernetwork's widths {hn.widths} do not match the model's attention widths {model_widths}; "
-            "use --enable_sizes auto, or a hypernetwork made for this model family"
-        )
+    try:
+        check_widths(hn, model_widths, "the hypernetwork")
+    except HypernetError as e:
+        raise UsageError(f"{e}; use --enable_sizes auto") from None
     return hn.float()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Files of a run.
+def make_accelerator(args, find_unused_parameters):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
+
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        step_scheduler_with_optimizer=False,
+    )
 
 
-def write_json(path, data):
+def vae_weights_id(args):
+    """What names the VAE's weights in latent cache keys."""
+    path = args.pretrained_vae_model_name_or_path
+    if path is None:
+        return weights_id(args.pretrained_model_name_or_path, "vae")
+    return weights_id(path, "vae") or weights_id(path, "")
+
+
+def on_main_process(accelerator, function, *args):
+    """`function(*args)` computed by the main process alone and shared with the others."""
+    from accelerate.utils import broadcast_object_list
+
+    result = [function(*args) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(result)
+    return result[0]
+
+
+# -- files of a run -------------------------------------------------------------------------------------------
+
+
+def write_json(path, content):
     with atomic_write(path) as tmp, open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
+        json.dump(content, f, indent=2, default=str)
 
 
 def write_loss_csv(path, rows):
@@ -784,7 +552,7 @@ def read_loss_csv(path, up_to_step):
         return []
     with open(path, newline="") as f:
         rows = list(csv.reader(f))[1:]
-    return [row for row in rows if row and int(row[0]) <= up_to_step]
+    return [row for row in rows if row and row[0].isdigit() and int(row[0]) <= up_to_step]
 
 
 def plot_loss(rows, path, title):
@@ -792,7 +560,7 @@ def plot_loss(rows, path, title):
     width, height, margin = 640, 360, 48
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    points = [(int(r[0]), float(r[3])) for r in rows if r[3] not in ("nan", "inf", "-inf")]
+    points = [(int(r[0]), float(r[3])) for r in rows if math.isfinite(float(r[3]))]
     draw.text((margin, 12), title, fill="black")
     draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
     if len(points) >= 2:
@@ -818,43 +586,22 @@ def plot_loss(rows, path, title):
     save_png(image, path)
 
 
-def share_loss_and_stop_request(accelerator, loss, stop_requested):
-    """The loss averaged over processes; a stop request (SIGTERM) seen by any process is recorded on all of them.
-
-    One collective per micro-step carries both, so that every process skips, stops and saves at the same step.
-    """
-    local = torch.stack([loss.detach().float(), torch.tensor(float(bool(stop_requested)), device=loss.device)])
-    shared = accelerator.gather(local.unsqueeze(0))
-    if shared[:, 1].max().item() > 0 and not stop_requested:
-        stop_requested.append("another process")
-    return shared[:, 0].mean().item()
+# -- the run --------------------------------------------------------------------------------------------------
 
 
-def check_ranks_agree(accelerator, hn):
-    """With several processes, confirm that every one ends with bit-identical hypernetwork weights."""
-    if accelerator.num_processes == 1:
-        return
-    import hashlib
+@dataclass
+class RunState:
+    """Where a run stands; saved in every checkpoint (training_state.json)."""
 
-    from accelerate.utils import gather_object
+    step: int
+    losses: deque
+    bad_steps: int = 0
+    stop: str = None  # why the run stops early: "signal" or "bad"
+    signals: list = field(default_factory=list)
+    run_id: str = None  # the same in every checkpoint of one run, resumed or not
 
-    digest = hashlib.sha256()
-    for tensor in hn.state_dict().values():
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    digests = gather_object([digest.hexdigest()[:16]])
-    if len(set(digests)) == 1:
-        logger.info(f"hypernetwork weights identical on all {len(digests)} processes (sha256 {digests[0]})")
-    else:
-        logger.error(f"hypernetwork weights differ between processes: {digests}; gradients were not synchronised")
-
-
-def fault_injection():
-    """Test hooks (environment variables): HYPERNET_FAULT_NAN_STEPS=3,4 makes those steps' loss NaN;
-    HYPERNET_FAULT_SLOW_SAVE=STEP:SECONDS pauses the checkpoint save at STEP half-way, before it is complete."""
-    nan_steps = {int(s) for s in os.environ.get("HYPERNET_FAULT_NAN_STEPS", "").split(",") if s.strip()}
-    slow_step, _, seconds = os.environ.get("HYPERNET_FAULT_SLOW_SAVE", "").partition(":")
-    slow_save = (int(slow_step), float(seconds)) if seconds else None
-    return nan_steps, slow_save
+    def to_json(self):
+        return {"step": self.step, "losses": list(self.losses), "bad_steps": self.bad_steps, "run_id": self.run_id}
 
 
 def list_checkpoints(output_dir):
@@ -864,7 +611,26 @@ def list_checkpoints(output_dir):
     return sorted(names, key=lambda d: int(d.split("-")[1]))
 
 
+CHECKPOINT_FILES = ("hypernetwork.safetensors", "training_state.json", "optimizer.bin", "scheduler.bin")
+
+
+def read_training_state(checkpoint):
+    """A checkpoint's training_state.json, checked: step, losses, bad-step count and run id."""
+    path = os.path.join(checkpoint, "training_state.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not (isinstance(saved["step"], int) and isinstance(saved["losses"], list)
+                and isinstance(saved["bad_steps"], int)):  # fmt: skip
+            raise ValueError("wrong types")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: damaged ({e}); resume from an earlier checkpoint or start anew") from None
+    return saved
+
+
 def resolve_checkpoint(args):
+    """The checkpoint to resume from, checked before any model loads: its files are all there, it belongs to the run
+    this folder holds, and it was made with the same hypernetwork settings."""
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
@@ -872,392 +638,528 @@ def resolve_checkpoint(args):
         if not found:
             logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting a new run")
             return None
-        return os.path.join(args.output_dir, found[-1])
-    path = args.resume_from_checkpoint
-    if not os.path.isdir(path) and os.path.isdir(os.path.join(args.output_dir, path)):
-        path = os.path.join(args.output_dir, path)
-    if not os.path.isfile(os.path.join(path, "hypernetwork.safetensors")):
+        runs = {read_training_state(os.path.join(args.output_dir, name)).get("run_id") for name in found}
+        if len(runs) > 1:
+            raise UsageError(
+                f"--output_dir {args.output_dir} holds checkpoints of {len(runs)} different runs ({', '.join(found)}); "
+                "name the one to continue: --resume_from_checkpoint checkpoint-STEP"
+            )
+        path = os.path.join(args.output_dir, found[-1])
+    else:
+        path = args.resume_from_checkpoint
+        if not os.path.isdir(path) and os.path.isdir(os.path.join(args.output_dir, path)):
+            path = os.path.join(args.output_dir, path)
+    missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, name))]
+    if missing:
         raise UsageError(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint folder of this script"
+            f"--resume_from_checkpoint {path}: not a complete checkpoint of this script (missing {', '.join(missing)})"
         )
+    read_training_state(path)
+    saved = hypernet.load(os.path.join(path, "hypernetwork.safetensors"))
+    if args.resume_hypernetwork is None:
+        changed = [f"--{flag}" for flag, attribute in (("layer_structure", "layer_structure"),
+                                                        ("activation_func", "activation_func"),
+                                                        ("add_layer_norm", "add_layer_norm"),
+                                                        ("activate_output", "activate_output"))
+                   if getattr(args, flag) != getattr(saved, attribute)]  # fmt: skip
+        if args.enable_sizes != "auto" and sorted(args.enable_sizes) != sorted(saved.widths):
+            changed.append("--enable_sizes")
+        if changed:
+            raise UsageError(
+                f"--resume_from_checkpoint {path} was made with other {', '.join(changed)} "
+                f"({', '.join(f'{c[2:]}={getattr(saved, c[2:], None)!r}' for c in changed if c != '--enable_sizes')}); "
+                "give the same flags as the run that made it"
+            )
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------------
+def claim_output_dir(args, resuming):
+    """One run per output folder: a lock that ends with the process that holds it (so a crash leaves none), the
+    temporary files of a killed earlier run removed, and no new run mixed into an earlier run's checkpoints."""
+    import fcntl
 
-
-def main(input_args=None):
-    args = parse_args(input_args)
-
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
-
-    # Everything cheap is checked before any model or image is loaded.
-    entries = read_dataset_entries(args)
-    check_images(entries, args)
-    template = load_template(args.template_file)
-    model_widths = model_attention_widths(args)
-    set_seed(args.seed)
-    hn = make_hypernetwork(args, model_widths)
-    unused_widths = sorted(set(hn.widths) - set(model_widths))
-
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(unused_widths))],
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        step_scheduler_with_optimizer=False,
-    )
-    if accelerator.device.type == "cpu":
-        retain_freed_memory()  # every step reuses the last one's memory instead of page-faulting it in again
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    if not accelerator.is_main_process:
-        logger.setLevel(logging.WARNING)
-    if unused_widths:
-        logger.warning(
-            f"widths {unused_widths} of the hypernetwork are not in this model ({model_widths}); they stay unused"
+    lock = open(os.path.join(args.output_dir, ".hypernet.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip()
+        raise UsageError(
+            f"--output_dir {args.output_dir}: another run is writing to it ({owner or 'pid unknown'}); "
+            "give each run its own folder"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    for folder in (args.output_dir, *(os.path.join(args.output_dir, d) for d in ("hypernetworks", "images"))):
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", name):
+                os.remove(os.path.join(folder, name))
+    for name in os.listdir(args.output_dir):
+        if re.fullmatch(r"checkpoint-\d+\.partial", name):
+            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+    earlier = list_checkpoints(args.output_dir)
+    if earlier and not resuming:
+        raise UsageError(
+            f"--output_dir {args.output_dir} holds checkpoints of an earlier run ({', '.join(earlier)}); continue it "
+            "with --resume_from_checkpoint latest, or give the new run another folder"
         )
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    return lock
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args, weight_dtype)
-    text_encoder.to(accelerator.device)
-    vae.to(accelerator.device)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
 
-    cache = cache_dataset(
-        entries,
-        template,
-        args,
-        vae,
-        text_encoder,
-        tokenizer,
-        accelerator.device,
-        weight_dtype,
-        accelerator.is_main_process,
-    )
-    initial_step = hn.step
-    hn.sd_checkpoint = (
-        base_model_hash(args.pretrained_model_name_or_path)
-        if os.path.exists(args.pretrained_model_name_or_path)
-        else None
-    )
-    hn.sd_checkpoint_name = os.path.basename(os.path.normpath(args.pretrained_model_name_or_path))
-    hn.train()
-    hn.requires_grad_(True)
-    model = UNetWithHypernetwork(unet, hn)
-    optimizer, optimizer_name = make_optimizer(args, list(hn.parameters()))
-    if hn.optimizer_state_dict is not None and hn.optimizer_name == optimizer_name:
-        resume_optimizer_state(optimizer, hn.optimizer_state_dict)
-        logger.info(f"continuing the optimizer state of {args.resume_hypernetwork}")
-    hn.optimizer_state_dict = None
-    lr_scheduler = make_lr_scheduler(args, optimizer, initial_step)
-
-    # Global batches, which accelerate splits across processes: every process count sees the same global batches.
-    sampler = EpochBatchSampler(cache.sizes, args.train_batch_size * accelerator.num_processes, args.seed)
-    # Its own generator: a new iterator would otherwise draw from the global RNG that dropout uses, at a point
-    # that differs between a resumed run and an uninterrupted one.
-    dataloader = torch.utils.data.DataLoader(
-        range(len(cache)),
-        batch_sampler=sampler,
-        collate_fn=torch.tensor,
-        num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
-    training_state = {"step": initial_step, "losses": [], "bad_steps": 0}
-
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            hypernet.save(
-                accelerator.unwrap_model(model).hypernetwork, os.path.join(output_dir, "hypernetwork.safetensors")
-            )
-            write_json(os.path.join(output_dir, "training_state.json"), training_state)
-        weights.clear()
-
-    def load_model_hook(models, input_dir):
-        models.clear()
-        saved = hypernet.load(os.path.join(input_dir, "hypernetwork.safetensors"))
-        accelerator.unwrap_model(model).hypernetwork.load_state_dict(saved.state_dict())
-        with open(os.path.join(input_dir, "training_state.json")) as f:
-            training_state.update(json.load(f))
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    steps_per_epoch = max(1, math.ceil(len(dataloader) / args.gradient_accumulation_steps))
+def save_state_hook(accelerator, model, state, models, weights, output_dir):
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        settings = {
-            **{k: v for k, v in vars(args).items() if k not in ("lr_schedule", "clip_grad_schedule")},
-            "model_hash": hn.sd_checkpoint,
-            "dataset_size": len(cache),
-            "num_processes": accelerator.num_processes,
-            "total_batch_size": total_batch_size,
-            "optimizer_name": optimizer_name,
-            "hypernet_version": hypernet.__version__,
-        }
-        write_json(os.path.join(args.output_dir, "training_settings.json"), settings)
-        if args.report_to != "none":
-            tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.items()}
-            accelerator.init_trackers(
-                args.tracker_project_name,
-                config=tracker_config,
-                init_kwargs={"wandb": {"name": args.run_name or args.hypernetwork_name}},
-            )
-
-    checkpoint = resolve_checkpoint(args)
-    if checkpoint:
-        accelerator.load_state(checkpoint)
-        logger.info(f"resumed from {checkpoint} at step {training_state['step']}")
-    hn_unwrapped = accelerator.unwrap_model(model).hypernetwork
-    step = training_state["step"]
-    hn_unwrapped.step = step
-    loss_window = deque(training_state["losses"], maxlen=3 * len(cache))
-    csv_path = os.path.join(args.output_dir, "loss.csv")
-    loss_rows = read_loss_csv(csv_path, step) if accelerator.is_main_process and checkpoint else []
-    nan_steps, slow_save = fault_injection()
-
-    logger.info(
-        f"training {args.hypernetwork_name}: {len(cache)} images, widths {hn_unwrapped.widths}, "
-        f"{sum(p.numel() for p in hn_unwrapped.parameters()):,} parameters, {accelerator.num_processes} process(es), "
-        f"total batch {total_batch_size}, steps {step} -> {args.max_train_steps}"
-    )
-
-    def save_checkpoint():
-        final = os.path.join(args.output_dir, f"checkpoint-{step}")
-        partial = final + ".partial"
-        if accelerator.is_main_process:
-            existing = list_checkpoints(args.output_dir)
-            if args.checkpoints_total_limit is not None:
-                for name in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-                    shutil.rmtree(os.path.join(args.output_dir, name))
-            shutil.rmtree(partial, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        training_state.update(step=step, losses=list(loss_window))
-        accelerator.save_state(partial)
-        if slow_save and slow_save[0] == step:
-            time.sleep(slow_save[1])
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)  # a checkpoint-N folder is always complete
-            write_loss_csv(csv_path, loss_rows)
-        accelerator.wait_for_everyone()
-
-    def save_snapshot(path, with_optimizer=True):
-        hn_unwrapped.step = step
-        state = optimizer.state_dict() if with_optimizer else None
-        hypernet.save(hn_unwrapped, path, optimizer_state_dict=state, optimizer_name=optimizer_name)
-
-    def make_previews():
-        from diffusers import StableDiffusionPipeline
-
-        hn_unwrapped.eval()
-        rng_states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path,
-            unet=accelerator.unwrap_model(model).unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            torch_dtype=weight_dtype,
-            revision=args.revision,
+        check_finite(accelerator.unwrap_model(model).hypernetwork, output_dir)
+        hypernet.save(
+            accelerator.unwrap_model(model).hypernetwork, os.path.join(output_dir, "hypernetwork.safetensors")
         )
-        pipeline.set_progress_bar_config(disable=True)
-        images = []
+        write_json(os.path.join(output_dir, "training_state.json"), state.to_json())
+    weights.clear()
+
+
+def load_state_hook(accelerator, model, state, models, input_dir):
+    models.clear()
+    saved = hypernet.load(os.path.join(input_dir, "hypernetwork.safetensors"))
+    accelerator.unwrap_model(model).hypernetwork.load_state_dict(saved.state_dict())
+    saved_state = read_training_state(input_dir)
+    state.step, state.bad_steps = saved_state["step"], saved_state["bad_steps"]
+    state.run_id = saved_state.get("run_id") or state.run_id
+    state.losses.extend(saved_state["losses"])
+
+
+def save_checkpoint(accelerator, args, state, loss_rows):
+    """checkpoint-STEP, written as checkpoint-STEP.partial and renamed when complete; only then are the oldest ones
+    beyond --checkpoints_total_limit removed."""
+    final = os.path.join(args.output_dir, f"checkpoint-{state.step}")
+    partial = final + ".partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(partial)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise HypernetError(f"{partial}: could not write the checkpoint ({write_failure(e, partial)})") from None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        if args.checkpoints_total_limit is not None:
+            existing = list_checkpoints(args.output_dir)
+            for name in existing[: max(0, len(existing) - args.checkpoints_total_limit)]:
+                shutil.rmtree(os.path.join(args.output_dir, name))
+        write_loss_csv(os.path.join(args.output_dir, "loss.csv"), loss_rows)
+    accelerator.wait_for_everyone()
+
+
+def write_failure(error, path):
+    """Why a write failed, in a few words: the free space where the disk is full."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
+    if free < 64 << 20 or "space" in str(error).lower() or "unexpected pos" in str(error):
+        return f"no space left: {free / 2**20:.1f} MiB free"
+    return getattr(error, "strerror", None) or str(error).splitlines()[0]
+
+
+def check_finite(hn, where):
+    bad = [name for name, p in hn.state_dict().items() if not torch.isfinite(p).all()]
+    if bad:
+        raise HypernetError(
+            f"{where}: refusing to save non-finite weights ({bad[0]}); this is a bug, please report it"
+        )
+
+
+def save_hypernetwork(hn, path, step, optimizer=None, optimizer_name=None):
+    check_finite(hn, path)
+    hn.step = step
+    hypernet.save(hn, path, None if optimizer is None else optimizer.state_dict(), optimizer_name)
+
+
+def preview_pipeline(args, models, unet, weight_dtype):
+    from diffusers import DiffusionPipeline
+
+    components = {"unet": unet, "vae": models.vae, "text_encoder": models.text_encoders[0],
+                  "tokenizer": models.tokenizers[0]}  # fmt: skip
+    if models.sdxl:
+        components.update(text_encoder_2=models.text_encoders[1], tokenizer_2=models.tokenizers[1])
+    else:
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline = DiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=weight_dtype, **components
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def log_validation(accelerator, args, models, model, hn, step, weight_dtype):
+    """Preview images of the hypernetwork as it is now, with webui infotext, logged to the trackers; the random
+    number generators are left as they were, so previews change nothing about the training."""
+    pipeline = preview_pipeline(args, models, accelerator.unwrap_model(model).unet, weight_dtype)
+    images = []
+    hn.eval()
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
         for i, prompt in enumerate(args.preview_prompt):
-            generator = torch.Generator(accelerator.device).manual_seed(args.preview_seed)
-            with torch.no_grad(), accelerator.autocast():
-                image = pipeline(
-                    prompt,
-                    negative_prompt=args.preview_negative_prompt or None,
-                    num_inference_steps=args.preview_steps,
-                    guidance_scale=args.preview_guidance_scale,
-                    width=args.preview_width,
-                    height=args.preview_height,
-                    generator=generator,
-                ).images[0]
-            suffix = f"-{i}" if len(args.preview_prompt) > 1 else ""
-            parameters = infotext(
-                prompt,
-                args.preview_negative_prompt,
+            generation = Generation(
+                prompt=prompt,
+                negative_prompt=args.preview_negative_prompt,
                 steps=args.preview_steps,
                 sampler=type(pipeline.scheduler).__name__,
                 cfg_scale=args.preview_guidance_scale,
                 seed=args.preview_seed,
                 width=args.preview_width,
                 height=args.preview_height,
-                model_hash=hn_unwrapped.sd_checkpoint,
-                model=hn_unwrapped.sd_checkpoint_name,
+                model_hash=hn.sd_checkpoint,
+                model=hn.sd_checkpoint_name,
                 hypernetworks=[(args.hypernetwork_name, 1.0)],
             )
-            save_png(
-                image,
-                os.path.join(args.output_dir, "images", f"{args.hypernetwork_name}-{step}{suffix}.png"),
-                parameters,
-            )
+            with torch.no_grad(), accelerator.autocast():
+                image = pipeline(**generation.pipeline_kwargs(accelerator.device)).images[0]
+            suffix = f"-{i}" if len(args.preview_prompt) > 1 else ""
+            path = os.path.join(args.output_dir, "images", f"{args.hypernetwork_name}-{step}{suffix}.png")
+            save_png(image, path, generation.infotext())
             images.append((prompt, image))
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images(
-                    "preview", np.stack([np.asarray(im) for _, im in images]), step, dataformats="NHWC"
-                )
-            elif tracker.name == "wandb":
-                import wandb
+    hn.train()
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                "preview", np.stack([np.asarray(im) for _, im in images]), step, dataformats="NHWC"
+            )
+        elif tracker.name == "wandb":
+            import wandb
 
-                tracker.log({"preview": [wandb.Image(im, caption=p) for p, im in images]}, step=step)
-        random.setstate(rng_states[0])
-        np.random.set_state(rng_states[1])
-        torch.set_rng_state(rng_states[2])
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        hn_unwrapped.train()
+            tracker.log({"preview": [wandb.Image(im, caption=p) for p, im in images]}, step=step)
 
-    def periodic_outputs():
-        if args.save_every and step % args.save_every == 0:
-            save_snapshot(os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{step}.pt"))
-        if args.preview_every and step % args.preview_every == 0:
-            make_previews()
 
-    stop_requested = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
+def share_loss_and_stop(accelerator, loss, state):
+    """The loss averaged over processes; a stop signal seen by any process is recorded on all of them.
 
-    progress = tqdm(
-        total=args.max_train_steps, initial=step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    bad_in_step = False
-    step_loss = 0.0
-    outcome = "finished"
-    epoch = (step - initial_step) // steps_per_epoch
-    skip_batches = ((step - initial_step) % steps_per_epoch) * args.gradient_accumulation_steps
-    trainable = list(hn_unwrapped.parameters())
-    while step < args.max_train_steps and outcome == "finished":
+    One collective per micro-step carries both, so that every process skips, stops and saves at the same step.
+    """
+    local = torch.stack([loss.detach().float(), torch.tensor(float(bool(state.signals)), device=loss.device)])
+    shared = accelerator.gather(local.unsqueeze(0))
+    if shared[:, 1].max().item() > 0 and not state.signals:
+        state.signals.append("another process")
+    return shared[:, 0].mean().item()
+
+
+def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, last_good, bad, clip_mode, clip_value):
+    """Clip and step; for a step with a non-finite loss, drop its gradients and go back to the last good weights
+    (the ones before the previous step, which made this loss). Returns the gradient norm."""
+    grad_norm = None
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+        last_good.restore()
+    else:
+        last_good.keep()
+        if clip_mode == "norm":
+            grad_norm = accelerator.clip_grad_norm_(parameters, clip_value)
+        else:
+            if clip_mode == "value":
+                accelerator.clip_grad_value_(parameters, clip_value)
+            else:
+                accelerator.unscale_gradients()
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    lr_scheduler.step()
+    return grad_norm
+
+
+def training_batches(accelerator, dataloader, sampler, first_epoch, skip_batches):
+    """(epoch, samples) for every batch from where the run stands, epoch after epoch."""
+    for epoch in itertools.count(first_epoch):
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
         skip_batches = 0
         # accelerate's loader re-sets its batch sampler's epoch from its own counter on every pass: keep them equal.
         batches.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        for indices in batches:
-            batch = make_batch(
-                indices,
-                cache,
-                epoch,
-                args,
-                text_encoder,
-                tokenizer,
-                template,
-                accelerator.device,
-                noise_scheduler.config.num_train_timesteps,
+        for samples in batches:
+            yield epoch, samples
+
+
+@contextlib.contextmanager
+def stop_signals(state):
+    """SIGTERM (what SLURM and spot instances send) and Ctrl-C ask the run to finish its step, save and exit; a
+    second Ctrl-C ends it at once."""
+
+    def stop(signum, frame):
+        state.signals.append(signal.Signals(signum).name)
+        if signum == signal.SIGINT:
+            logger.warning("stopping after this step and saving; press Ctrl-C again to quit without saving")
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class LastGood:
+    """The hypernetwork's weights and optimizer state as they were before the last optimizer step: a step whose loss
+    is not finite restores them, so the weights saved as the last good ones always gave a finite loss."""
+
+    def __init__(self, parameters, optimizer):
+        self.parameters, self.optimizer = parameters, optimizer
+        self.weights = [p.detach().clone() for p in parameters]
+        self.state = None
+
+    @torch.no_grad()
+    def keep(self):
+        for saved, p in zip(self.weights, self.parameters):
+            saved.copy_(p)
+        self.state = {
+            p: {k: v.clone() if torch.is_tensor(v) else v for k, v in values.items()}
+            for p, values in self.optimizer.state.items()
+        }
+
+    @torch.no_grad()
+    def restore(self):
+        for saved, p in zip(self.weights, self.parameters):
+            p.copy_(saved)
+        if self.state is not None:
+            for p, values in self.state.items():
+                for k, v in values.items():
+                    current = self.optimizer.state[p][k]
+                    if torch.is_tensor(current):
+                        current.copy_(v)
+                    else:
+                        self.optimizer.state[p][k] = v
+
+
+def check_ranks_agree(accelerator, hn):
+    """With several processes, confirm that every one ends with bit-identical hypernetwork weights."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    digests = gather_object([weights_digest(hn)])
+    if len(set(digests)) == 1:
+        logger.info(f"hypernetwork weights identical on all {len(digests)} processes (sha256 {digests[0]})")
+    else:
+        logger.error(f"hypernetwork weights differ between processes: {digests}; gradients were not synchronised")
+
+
+def main(input_args=None):
+    args = parse_args(input_args)
+    from accelerate.utils import set_seed
+
+    # Everything cheap is checked before any model or image is loaded.
+    entries = read_entries(args)
+    data.check_images(entries, args.use_weight)
+    template = data.load_template(args.template_file)
+    model_widths = attention_widths_from_config(args.pretrained_model_name_or_path, revision=args.revision)
+    set_seed(args.seed)
+    hn = make_hypernetwork(args, model_widths)
+    unused_widths = sorted(set(hn.widths) - set(model_widths))
+    checkpoint = resolve_checkpoint(args)
+
+    accelerator = make_accelerator(args, find_unused_parameters=bool(unused_widths))
+    lock = claim_output_dir(args, resuming=checkpoint is not None) if accelerator.is_main_process else None
+    if args.retain_freed_memory == "on" or (args.retain_freed_memory == "auto" and accelerator.device.type == "cpu"):
+        retain_freed_memory()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    if unused_widths:
+        logger.warning(f"widths {unused_widths} of the hypernetwork are not in this model ({model_widths}); unused")
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    models = load_models(args.pretrained_model_name_or_path, args.revision, args.variant, weight_dtype,
+                         args.pretrained_vae_model_name_or_path)  # fmt: skip
+    for model in (*models.text_encoders, models.vae):
+        model.to(accelerator.device)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+
+    settings = data_settings(args)
+    encoders = data.Encoders(
+        vae=models.vae,
+        tokenizers=models.tokenizers,
+        text_encoders=models.text_encoders,
+        device=accelerator.device,
+        dtype=models.vae.dtype,
+        vae_id=on_main_process(accelerator, vae_weights_id, args) if args.cache_dir else "",
+    )
+    records, damaged = data.shared_records(entries, template, settings, encoders, args.cache_dir, accelerator.state,
+                                           accelerator.is_local_main_process)  # fmt: skip
+    if damaged:
+        logger.warning(f"{damaged} damaged entries of --cache_dir {args.cache_dir} were encoded again")
+    initial_step = hn.step
+    hn.sd_checkpoint = on_main_process(accelerator, base_model_hash, args.pretrained_model_name_or_path)
+    hn.sd_checkpoint_name = os.path.basename(os.path.normpath(args.pretrained_model_name_or_path))
+    hn.train()
+    hn.requires_grad_(True)
+    model = UNetWithHypernetwork(models.unet, hn)
+    optimizer, optimizer_name = make_optimizer(hn.parameters(), args.optimizer, args.use_8bit_adam,
+                                               (args.adam_beta1, args.adam_beta2), args.adam_weight_decay,
+                                               args.adam_epsilon)  # fmt: skip
+    if hn.optimizer_state_dict is not None and hn.optimizer_name == optimizer_name:
+        resume_optimizer_state(optimizer, hn.optimizer_state_dict)
+        logger.info(f"continuing the optimizer state of {args.resume_hypernetwork}")
+    hn.optimizer_state_dict = None
+    lr_scheduler = make_lr_scheduler(optimizer, args.lr_schedule, args.lr_scheduler, args.lr_warmup_steps,
+                                     initial_step, args.max_train_steps)  # fmt: skip
+
+    # Global batches, which accelerate splits across processes: every process count sees the same global batches.
+    sampler = data.EpochBatchSampler([r.size for r in records], args.train_batch_size * accelerator.num_processes,
+                                     args.seed)  # fmt: skip
+    dataloader = torch.utils.data.DataLoader(
+        data.TrainingSamples(records, template, settings, models.tokenizers),
+        batch_sampler=sampler,
+        collate_fn=data.collate,
+        num_workers=args.dataloader_num_workers,
+        # Its own generator: a new iterator would otherwise draw from the global RNG that dropout uses, at a point
+        # that differs between a resumed run and an uninterrupted one.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    state = RunState(step=initial_step, losses=deque(maxlen=3 * len(records)), run_id=uuid.uuid4().hex)
+    accelerator.register_save_state_pre_hook(lambda *a: save_state_hook(accelerator, model, state, *a))
+    accelerator.register_load_state_pre_hook(lambda *a: load_state_hook(accelerator, model, state, *a))
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(len(dataloader) / args.gradient_accumulation_steps))
+    if accelerator.is_main_process:
+        run_settings = {
+            **{k: v for k, v in vars(args).items() if k not in ("lr_schedule", "clip_grad_schedule")},
+            "model_hash": hn.sd_checkpoint,
+            "dataset_size": len(records),
+            "num_processes": accelerator.num_processes,
+            "total_batch_size": total_batch_size,
+            "optimizer_name": optimizer_name,
+            "hypernet_version": hypernet.__version__,
+        }
+        write_json(os.path.join(args.output_dir, "training_settings.json"), run_settings)
+        if args.report_to != "none":
+            accelerator.init_trackers(
+                args.tracker_project_name,
+                config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_settings.items()},
+                init_kwargs={"wandb": {"name": args.run_name or args.hypernetwork_name}},
             )
+
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        logger.info(f"resumed from {checkpoint} at step {state.step}")
+    hn = accelerator.unwrap_model(model).hypernetwork
+    hn.step = state.step
+    csv_path = os.path.join(args.output_dir, "loss.csv")
+    loss_rows = read_loss_csv(csv_path, state.step) if accelerator.is_main_process and checkpoint else []
+    logger.info(
+        f"training {args.hypernetwork_name}: {len(records)} images, widths {hn.widths}, "
+        f"{sum(p.numel() for p in hn.parameters()):,} parameters, {accelerator.num_processes} process(es), "
+        f"total batch {total_batch_size}, steps {state.step} -> {args.max_train_steps}"
+    )
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=args.max_train_steps, initial=state.step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    parameters = list(hn.parameters())
+    last_good = LastGood(parameters, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+    done = state.step - initial_step
+    batches = training_batches(accelerator, dataloader, sampler, done // steps_per_epoch,
+                               (done % steps_per_epoch) * args.gradient_accumulation_steps)  # fmt: skip
+    step_loss, bad_in_step = 0.0, False
+    with stop_signals(state):
+        for epoch, samples in batches if state.step < args.max_train_steps else ():
+            batch = batch_to_device(samples, models, args.seed, args.noise_offset, accelerator.device, weight_dtype)
             with accelerator.accumulate(model):
-                loss = diffusion_loss(model, noise_scheduler, batch, args.snr_gamma)
-                if step + 1 in nan_steps:
-                    loss = loss * float("nan")
-                mean_loss = share_loss_and_stop_request(accelerator, loss, stop_requested)
+                loss = diffusion_loss(model, models.noise_scheduler, batch, args.snr_gamma)
+                mean_loss = share_loss_and_stop(accelerator, loss, state)
                 bad_in_step = bad_in_step or not math.isfinite(mean_loss)
                 step_loss += mean_loss / args.gradient_accumulation_steps
                 accelerator.backward(loss)
-                grad_norm = None
                 if accelerator.sync_gradients:
-                    if bad_in_step:
-                        optimizer.zero_grad(set_to_none=True)
-                    else:
-                        clip_value = rate_at(args.clip_grad_schedule, step)
-                        if args.clip_grad_mode == "norm":
-                            grad_norm = accelerator.clip_grad_norm_(trainable, clip_value)
-                        else:
-                            if args.clip_grad_mode == "value":
-                                accelerator.clip_grad_value_(trainable, clip_value)
-                            else:
-                                accelerator.unscale_gradients()
-                            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    lr_scheduler.step()
+                    clip_value = rate_at(args.clip_grad_schedule, state.step)
+                    grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, parameters, last_good,
+                                               bad_in_step, args.clip_grad_mode, clip_value)  # fmt: skip
             if not accelerator.sync_gradients:
                 continue
 
-            step += 1
-            hn_unwrapped.step = step
+            state.step += 1
+            hn.step = state.step
             learn_rate = optimizer.param_groups[0]["lr"]
             progress.update(1)
-            epoch_step = (step - initial_step - 1) % steps_per_epoch + 1
             if bad_in_step:
-                training_state["bad_steps"] += 1
-                logger.warning(f"step {step}: non-finite loss ({step_loss}); step skipped, weights unchanged")
+                state.bad_steps += 1
+                logger.warning(
+                    f"step {state.step}: non-finite loss ({step_loss}); step skipped, back to the last good weights"
+                )
             else:
-                training_state["bad_steps"] = 0
-                loss_window.append(step_loss)
+                state.bad_steps = 0
+                state.losses.append(step_loss)
             if accelerator.is_main_process:
-                loss_rows.append([step, epoch, epoch_step, f"{step_loss:.7f}", learn_rate])
-                mean = sum(loss_window) / len(loss_window) if loss_window else float("nan")
+                epoch_step = (state.step - initial_step - 1) % steps_per_epoch + 1
+                loss_rows.append([state.step, epoch, epoch_step, f"{step_loss:.7f}", learn_rate])
+                mean = sum(state.losses) / len(state.losses) if state.losses else float("nan")
                 progress.set_postfix(loss=f"{mean:.4f}", lr=f"{learn_rate:.2e}", epoch=epoch)
             logs = {"loss": step_loss, "lr": learn_rate}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
-            accelerator.log(logs, step=step)
+            accelerator.log(logs, step=state.step)
             step_loss, bad_in_step = 0.0, False
 
-            if training_state["bad_steps"] >= args.max_bad_steps:
-                outcome = "bad"
-            elif stop_requested:
-                outcome = "stopped"
-            if outcome != "finished" or step >= args.max_train_steps:
+            if state.bad_steps >= args.max_bad_steps:
+                state.stop = "bad"
+            elif state.signals:
+                state.stop = "signal"
+            if state.stop or state.step >= args.max_train_steps:
                 break
             if accelerator.is_main_process:
-                periodic_outputs()
-                if step % 50 == 0:
+                if args.save_every and state.step % args.save_every == 0:
+                    path = os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{state.step}.pt")
+                    save_hypernetwork(hn, path, state.step, optimizer, optimizer_name)
+                if args.preview_every and state.step % args.preview_every == 0:
+                    log_validation(accelerator, args, models, model, hn, state.step, weight_dtype)
+                if state.step % 50 == 0:
                     write_loss_csv(csv_path, loss_rows)
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint()
-        else:
-            epoch += 1
-
+            if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, state, loss_rows)
     progress.close()
-    check_ranks_agree(accelerator, hn_unwrapped)
-    if (outcome == "stopped" or args.checkpointing_steps) and not os.path.isdir(
-        os.path.join(args.output_dir, f"checkpoint-{step}")
+
+    check_ranks_agree(accelerator, hn)
+    if (state.stop == "signal" or args.checkpointing_steps) and not os.path.isdir(
+        os.path.join(args.output_dir, f"checkpoint-{state.step}")
     ):
-        save_checkpoint()  # so that --resume_from_checkpoint latest continues from where this run ended
+        save_checkpoint(accelerator, args, state, loss_rows)  # so that --resume_from_checkpoint latest continues here
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_loss_csv(csv_path, loss_rows)
-        if outcome == "finished":
-            periodic_outputs()  # before the final file, which may still fail
+        if state.stop is None:  # the last step's periodic files, before the final file, which may still fail
+            if args.save_every and state.step % args.save_every == 0:
+                path = os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{state.step}.pt")
+                save_hypernetwork(hn, path, state.step, optimizer, optimizer_name)
+            if args.preview_every and state.step % args.preview_every == 0:
+                log_validation(accelerator, args, models, model, hn, state.step, weight_dtype)
         final = os.path.join(args.output_dir, f"{args.hypernetwork_name}.pt")
-        save_snapshot(final)
+        save_hypernetwork(hn, final, state.step, optimizer, optimizer_name)
         if args.save_safetensors:
-            save_snapshot(os.path.join(args.output_dir, f"{args.hypernetwork_name}.safetensors"), with_optimizer=False)
+            save_hypernetwork(hn, os.path.join(args.output_dir, f"{args.hypernetwork_name}.safetensors"), state.step)
         plot_loss(loss_rows, os.path.join(args.output_dir, "loss.png"), f"{args.hypernetwork_name}: loss per step")
-        logger.info(f"wrote {final} at step {step}")
+        logger.info(f"wrote {final} at step {state.step}")
     accelerator.end_training()
     accelerator.unwrap_model(model).attachment.detach()
-    signal.signal(signal.SIGTERM, previous_handler)
-    if outcome == "bad":
+    if lock is not None:
+        lock.close()
+    if state.stop == "bad":
         raise HypernetError(
-            f"stopped at step {step}: {args.max_bad_steps} non-finite losses in a row; the last good hypernetwork is "
-            f"saved. Lower --learning_rate, use --clip_grad_mode norm, or try --mixed_precision bf16/no"
+            f"stopped at step {state.step}: {args.max_bad_steps} non-finite losses in a row; the last good "
+            "hypernetwork is saved. Lower --learning_rate, use --clip_grad_mode norm, or try --mixed_precision bf16/no"
         )
-    if outcome == "stopped":
-        logger.info(f"stopped by SIGTERM at step {step}; continue with --resume_from_checkpoint latest")
+    if state.stop == "signal":
+        logger.info(
+            f"stopped by {state.signals[0]} at step {state.step}; continue with --resume_from_checkpoint latest"
+        )
     return 0
 
 
 def cli():
-    return run_script(main, "train_hypernetwork.py")
+    return run_script(main)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,17 @@ import argparse
 import json
 
 import torch
-from common import DTYPES, PageFaults, PeakMemory, build, machine, median, rotated, timed
+from common import PRESETS, PageFaults, PeakMemory, build, machine, median, rotated, timed
 
 import hypernet
+from hypernet.formats import DTYPES
 from hypernet.memory import retain_freed_memory
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--preset", choices=["sd15", "tiny"], default="sd15", help="Model architecture (random weights)."
+        "--preset", choices=sorted(PRESETS), default="sd15", help="Model architecture (random weights)."
     )
     parser.add_argument("--resolution", type=int, default=512, help="Image side in pixels.")
     parser.add_argument(

@@ -4,7 +4,7 @@
 
 Variants, timed interleaved in one process after warm-up, batch 1, median over --steps rounds:
   floor     the frozen UNet's forward and backward to its inputs: no trainable weights at all
-  hypernet  our hypernetwork step (train_hypernetwork.py's diffusion_loss, UNetWithHypernetwork, fused AdamW)
+  hypernet  our hypernetwork step (hypernet.training: diffusion_loss, UNetWithHypernetwork, fused AdamW)
   lora      a rank-4 LoRA on to_q/to_k/to_v/to_out.0 through peft, as diffusers' LoRA script trains
   a1111     the same hypernetwork applied A1111's way: every attention layer runs its own MLPs (no text-context
             cache, linear modules not multiplied out), torch's default AdamW as the webui uses
@@ -22,24 +22,35 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import DTYPES, PageFaults, PeakMemory, build, machine, median, median_interval, rotated, sync, timed
+from common import PRESETS, PageFaults, PeakMemory, build, machine, median, median_interval, rotated, sync, timed
 
 import hypernet
+from hypernet.formats import DTYPES
 from hypernet.memory import retain_freed_memory
-from train_hypernetwork import UNetWithHypernetwork, diffusion_loss, fused_kwargs
+from hypernet.training import UNetWithHypernetwork, diffusion_loss, fused_kwargs
 
 
 def make_batch(pipeline, resolution, device, dtype, seed=0):
     generator = torch.Generator().manual_seed(seed)
     side = resolution // pipeline.vae_scale_factor
     width = pipeline.unet.config.cross_attention_dim
-    return {
+    batch = {
         "latents": torch.randn(1, 4, side, side, generator=generator).to(device, dtype),
         "noise": torch.randn(1, 4, side, side, generator=generator).to(device, dtype),
         "timesteps": torch.randint(0, 1000, (1,), generator=generator).to(device),
         "encoder_hidden_states": torch.randn(1, 77, width, generator=generator).to(device, dtype),
         "weight": None,
     }
+    if pipeline.unet.config.addition_embed_type == "text_time":  # SDXL: pooled text and (size, crop, size) ids
+        pooled = (
+            pipeline.unet.config.projection_class_embeddings_input_dim
+            - 6 * pipeline.unet.config.addition_time_embed_dim
+        )
+        batch["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, pooled, generator=generator).to(device, dtype),
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]]).to(device, dtype),
+        }
+    return batch
 
 
 def make_variants(pipeline, args, device, dtype):
@@ -55,7 +66,12 @@ def make_variants(pipeline, args, device, dtype):
         latents = batch["latents"].clone().requires_grad_(True)
         with torch.autocast(**amp):
             noisy = scheduler.add_noise(latents, batch["noise"], batch["timesteps"])
-            prediction = unet(noisy, batch["timesteps"], batch["encoder_hidden_states"]).sample
+            prediction = unet(
+                noisy,
+                batch["timesteps"],
+                batch["encoder_hidden_states"],
+                added_cond_kwargs=batch.get("added_cond_kwargs"),
+            ).sample
             loss = F.mse_loss(prediction.float(), batch["noise"].float())
         scaler.scale(loss).backward()
 
@@ -113,7 +129,8 @@ def make_variants(pipeline, args, device, dtype):
         import bitsandbytes
 
         variants["hypernet_8bit"] = Attached(trainer(ours, hn.parameters(), bitsandbytes.optim.AdamW8bit))
-    if not args.no_lora and (args.only is None or "lora" in args.only):  # LoRA copies the whole UNet
+    lora_fits = args.preset != "sdxl"  # LoRA copies the whole UNet: two copies of SDXL's do not fit in 24 GiB
+    if lora_fits and not args.no_lora and (args.only is None or "lora" in args.only):
         from peft import LoraConfig
 
         lora_unet = copy.deepcopy(unet)
@@ -127,8 +144,8 @@ def make_variants(pipeline, args, device, dtype):
             p.data = p.data.float()
 
         class LoraModel(torch.nn.Module):
-            def forward(self, noisy, timesteps, context):
-                return lora_unet(noisy, timesteps, context).sample
+            def forward(self, noisy, timesteps, context, added_cond_kwargs=None):
+                return lora_unet(noisy, timesteps, context, added_cond_kwargs=added_cond_kwargs).sample
 
         variants["lora"] = trainer(LoraModel(), lora_parameters, torch.optim.AdamW)
     return variants, hn
@@ -191,7 +208,10 @@ def profile(variants, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--preset", choices=["sd15", "tiny"], default="sd15", help="Model architecture (random weights)."
+        "--preset",
+        choices=sorted(PRESETS),
+        default="sd15",
+        help="Model architecture (random weights): sd15, sdxl (full size), tiny, tiny_sdxl.",
     )
     parser.add_argument("--resolution", type=int, default=256, help="Image side in pixels.")
     parser.add_argument(

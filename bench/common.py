@@ -12,15 +12,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# The benches' architecture names -> examples/make_tiny_model.py's presets.
+PRESETS = {"sd15": "sd15", "sdxl": "sdxl_full", "tiny": "tiny", "tiny_sdxl": "sdxl"}
 
 
 def build(preset, device, dtype):
     from make_tiny_model import build_pipeline
 
-    pipeline = build_pipeline(preset)
+    pipeline = build_pipeline(PRESETS[preset])
     pipeline.set_progress_bar_config(disable=True)
-    for model in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+    for model in (pipeline.unet, pipeline.vae, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
+        if model is None:
+            continue
         model.requires_grad_(False)
         model.eval()
     return pipeline.to(device, dtype)

@@ -92,6 +92,25 @@ PRESETS["sdxl"] = dict(
     text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
     text_2=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
 )
+PRESETS["sdxl_full"] = dict(  # SDXL 1.0's architecture at full size (random weights): for the benchmarks
+    unet=dict(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20),
+    vae=PRESETS["sd15"]["vae"],
+    prediction_type="epsilon",
+)
 PRESETS["sd2"] = dict(
     PRESETS["tiny"],
     unet=dict(PRESETS["tiny"]["unet"], cross_attention_dim=128),
@@ -147,7 +166,7 @@ def build_pipeline(preset="tiny", seed=0, tokenizer_dir=None):
         steps_offset=1,
         prediction_type=config["prediction_type"],
     )
-    if preset == "sdxl":
+    if preset.startswith("sdxl"):
         scheduler = EulerDiscreteScheduler.from_config(scheduler.config)
         pipeline = StableDiffusionXLPipeline(
             vae=vae,

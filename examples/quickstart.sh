@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole product in one command: install hypernet, build a tiny random-weight Stable Diffusion, train a
+# The whole product in one command: install hypernet (and its test extras), build a tiny random-weight Stable Diffusion, train a
 # hypernetwork on the style dataset shipped in examples/style_dataset, and generate a before/after pair.
 # Under 5 minutes on 2 CPU cores. Everything lands in ./quickstart (or $OUT).
 set -euo pipefail
@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-quickstart}
 
 python -c "import torch" 2>/dev/null || pip install torch==2.13.0   # any torch build works; see README
-pip install -q -e .
+pip install -q -e ".[test,bnb]"   # with the test extras, so that `python -m pytest -q` runs next
 
 python examples/make_tiny_model.py --output_dir "$OUT/tiny-sd"
 

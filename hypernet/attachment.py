@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .errors import HypernetError, WidthMismatchError
+from .errors import HypernetError, UsageError, WidthMismatchError
 
 K, V = 0, 1
 
@@ -87,6 +87,21 @@ def fold(weight, bias, maps):
 def attention_widths(unet):
     """The context widths the UNet's attention layers feed to K and V (text width and self-attention widths)."""
     return sorted({module.to_k.in_features for module in unet.modules() if isinstance(module, Attention)})
+
+
+def attention_widths_from_config(folder, subfolder="unet", revision=None):
+    """The attention widths of a diffusers folder's UNet, from its config alone (built on the meta device), in the
+    webui's order: the text width first, then the self-attention widths (SD 1.x 768, 320, 640, 1280; SDXL 2048,
+    640, 1280)."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        config = UNet2DConditionModel.load_config(folder, subfolder=subfolder, revision=revision)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{folder}: not a diffusers Stable Diffusion folder ({str(e).splitlines()[0]})") from None
+    with torch.device("meta"):
+        widths = attention_widths(UNet2DConditionModel.from_config(config))
+    return sorted(widths, key=lambda width: (width != config.get("cross_attention_dim"), width))
 
 
 def self_attention_levels(unet):

@@ -18,13 +18,14 @@ class UsageError(HypernetError):
     """A bad flag, path or piece of training data, reported before any heavy work."""
 
 
-def run_script(main, prog):
-    """Run a script's main(); a HypernetError becomes one line on stderr and exit code 2."""
+def run_script(main):
+    """Run a script's main(); a HypernetError becomes one line on stderr, named after the command, and exit code 2."""
+    import os
     import sys
 
     try:
         result = main()
     except HypernetError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0

@@ -1,5 +1,7 @@
 """PNG files that carry their generation parameters as AUTOMATIC1111 infotext, so the webui's PNG Info reads them."""
 
+from dataclasses import dataclass, field
+
 from PIL import PngImagePlugin
 
 from .formats import atomic_write
@@ -40,6 +42,42 @@ def infotext(
         text += f"\nNegative prompt: {negative_prompt}"
     pairs = ", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None)
     return f"{text}\n{pairs}"
+
+
+@dataclass
+class Generation:
+    """One image's generation settings: what the pipeline is called with and what its infotext says."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = None
+    cfg_scale: float = 7.0
+    seed: int = 0
+    width: int = None
+    height: int = None
+    model_hash: str = None
+    model: str = None
+    hypernetworks: list = field(default_factory=list)  # (name, multiplier) pairs
+
+    def pipeline_kwargs(self, device, count=1):
+        """Arguments of a diffusers text-to-image pipeline call for `count` images, image i with seed + i."""
+        import torch
+
+        return dict(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt or None,
+            num_images_per_prompt=count,
+            num_inference_steps=self.steps,
+            guidance_scale=self.cfg_scale,
+            width=self.width,
+            height=self.height,
+            generator=[torch.Generator(device).manual_seed(self.seed + i) for i in range(count)],
+        )
+
+    def infotext(self):
+        return infotext(self.prompt, self.negative_prompt, self.steps, self.sampler, self.cfg_scale, self.seed,
+                        self.width, self.height, self.model_hash, self.model, self.hypernetworks)  # fmt: skip
 
 
 def save_png(image, path, parameters=None):

@@ -2,6 +2,7 @@
 
 import inspect
 import itertools
+import warnings
 import weakref
 
 import torch
@@ -27,6 +28,24 @@ ACTIVATIONS.update(
         if cls.__module__ == "torch.nn.modules.activation"
     }
 )
+
+
+def _elementwise(cls):
+    """Whether an activation class builds without arguments and maps each element on its own, as a hypernetwork
+    layer needs (Softmax, GLU, Threshold, MultiheadAttention do not)."""
+    try:
+        activation = cls().eval()
+        x = torch.linspace(-3, 3, 12).reshape(3, 4)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            whole = activation(x)
+            apart = torch.stack([activation(v.reshape(1, 1)).reshape(()) for v in x.flatten()]).reshape(3, 4)
+        return whole.shape == x.shape and torch.allclose(whole, apart, atol=1e-5)
+    except Exception:  # an activation that needs arguments or another input shape
+        return False
+
+
+TRAINABLE_ACTIVATIONS = tuple(name for name, cls in ACTIVATIONS.items() if _elementwise(cls))
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
 # The attention widths of the model families A1111 creates hypernetworks for (text context first).

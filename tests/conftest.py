@@ -3,20 +3,15 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-A1111 = os.path.join(os.path.dirname(ROOT), "shared", "a1111")
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-sys.path.insert(0, ROOT)
-
-CASES = ["case1_default_relu", "case3_layernorm_swish", "case7_old_format", "case8_with_optim"]
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.join(ROOT, "examples")]
 
 
-def a1111_file(case, suffix=".pt"):
-    path = os.path.join(A1111, case + suffix)
-    if not os.path.exists(path):
-        pytest.fail(f"reference file {path} is missing: ../shared/a1111 must sit beside the checkout")
-    return path
+@pytest.fixture(scope="session", autouse=True)
+def _hash_cache(tmp_path_factory):
+    """File hashes cached in a folder of the session's, not in the user's ~/.cache."""
+    os.environ["HYPERNET_CACHE_DIR"] = str(tmp_path_factory.mktemp("hypernet-cache"))
 
 
 def build_model(tmp_path_factory, preset):
@@ -72,35 +67,3 @@ def small_dataset(tmp_path_factory):
         shutil.copy(os.path.join(source, name), directory / name)
         shutil.copy(os.path.join(source, name[:-4] + ".txt"), directory / (name[:-4] + ".txt"))
     return str(directory)
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def train(model_dir, data_dir, output_dir, *flags, steps=6):
-    """Run train_hypernetwork.py in this process; returns its exit code."""
-    import train_hypernetwork
-
-    reset_accelerate()
-    argv = [
-        "--pretrained_model_name_or_path", str(model_dir),
-        "--output_dir", str(output_dir),
-        "--resolution", "64",
-        "--max_train_steps", str(steps),
-        "--learning_rate", "1e-3",
-        "--save_every", "0",
-        "--preview_every", "0",
-        "--checkpointing_steps", "0",
-        "--preview_steps", "3",
-    ]  # fmt: skip
-    if not any(f in ("--train_data_dir", "--dataset_name") for f in flags):
-        argv += ["--train_data_dir", str(data_dir)]
-    try:
-        return train_hypernetwork.main(argv + [str(f) for f in flags])
-    finally:
-        reset_accelerate()

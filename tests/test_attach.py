@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CASES, a1111_file
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+from helpers import CASES, a1111_file
 
 import hypernet
 from hypernet.attachment import HypernetworkProjection, fold

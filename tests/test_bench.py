@@ -8,11 +8,12 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 
 
-def bench(script, *flags):
+def bench(script, *flags, model=("--preset", "tiny", "--resolution", "64")):
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", script), "--preset", "tiny", "--resolution", "64", *flags],
+        [sys.executable, os.path.join(ROOT, "bench", script), *model, *flags],
         capture_output=True,
         text=True,
         check=True,
@@ -57,15 +58,18 @@ def test_bench_generate_reports_merged_and_wrapped_hypernetworks_against_plain()
     assert flop_ratios["one_wrapped/plain"] > 1
 
 
-def test_bench_data_times_cached_and_uncached_epochs(small_dataset):
-    result = bench("bench_data.py", "--epochs", "1", "--train_data_dir", small_dataset)
-    assert result["images"] == 8 and result["first_epoch_seconds"] > result["caching_seconds"] > 0
-    assert result["cached_steps_per_second"] > 0 and result["uncached_steps_per_second"] > 0
+def test_bench_data_reports_sharded_caching_warm_starts_and_memory():
+    result = bench("bench_data.py", "--images", "24", "--resolution", "32", model=())
+    assert set(result["caching_seconds"]) == {"1", "2"} and result["caching_2/1"] > 0
+    warm = result["warm_start"]
+    assert warm["cold_vae_calls"] == 24 and warm["warm_vae_calls"] == 0
+    assert result["records_mib"]["96"] == pytest.approx(4 * result["records_mib"]["24"])
 
 
 PEAK = """
 import json, sys, torch
 from common import PeakMemory
+
 def step():
     return [torch.ones(1 << 20) for _ in range(64)]  # 64 blocks of 4 MiB, kept in glibc's heap when freed
 for _ in range(2):

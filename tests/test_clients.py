@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import a1111_file, train
+from helpers import a1111_file, train
 
 import convert
 import hypernet

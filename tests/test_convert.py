@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import A1111, CASES, a1111_file
+from helpers import A1111, CASES, a1111_file
 from test_formats import assert_same_structure
 
 import convert

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import A1111, CASES, a1111_file
+from helpers import A1111, CASES, a1111_file
 from safetensors.torch import load_file
 
 import hypernet

@@ -3,7 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import a1111_file
+from helpers import a1111_file
 from PIL import Image
 
 import generate
@@ -125,7 +125,7 @@ def test_sd2_v_prediction_and_sdxl_pipelines(model_fixture, tmp_path, request):
         (["--hypernetwork", "nope.pt"], r"--hypernetwork 'nope.pt': no such file nope.pt"),
         (["--hypernetwork", "{case1}:strong"], r"the multiplier after ':' must be a number, as in FILE:0.8"),
         (["--prompt", "<hypernet:ghost:0.5> a cat"], r"no ghost.pt or ghost.safetensors in --hypernetwork_dir"),
-        (["--hypernetwork", "{sd1}"], r"sd1.pt: hypernetwork widths \[768, 320, 640, 1280\] do not fit this model's attention widths \[40, 80, 96, 160\]"),
+        (["--hypernetwork", "{sd1}"], r"sd1.pt has widths \[768, 320, 640, 1280\] but this model's attention layers use \[96, 40, 80, 160\]"),
         (["--scheduler", "Warp drive"], r"--scheduler 'Warp drive': unknown"),
         (["--from_single_file"], r"no such checkpoint file"),
         (["--from_single_file", "--pretrained_model_name_or_path", "{case1}", "--config", "nowhere"], r"--config nowhere: not found"),

@@ -7,7 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, a1111_file
+from helpers import ROOT, a1111_file
+
+import hypernet
+
+pytestmark = pytest.mark.slow
 
 SCRIPTS = ["train_hypernetwork.py", "generate.py", "convert.py", "examples/make_tiny_model.py"]
 # Run where the project runs them: CI (quickstart, install, tests) or only on a cluster.
@@ -80,7 +84,7 @@ def test_every_file_the_readme_points_to_exists():
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory, tiny_model_dir, small_dataset):
+def sandbox(tmp_path_factory, tiny_model_dir, sdxl_model_dir, small_dataset):
     """A folder laid out like the README's examples, backed by the tiny model and a small dataset."""
     import shutil
 
@@ -89,6 +93,7 @@ def sandbox(tmp_path_factory, tiny_model_dir, small_dataset):
     root = tmp_path_factory.mktemp("readme")
     (root / "models").mkdir()
     os.symlink(tiny_model_dir, root / "models" / "stable-diffusion-v1-5")
+    os.symlink(sdxl_model_dir, root / "models" / "stable-diffusion-xl-base-1.0")
     (root / "data").mkdir()
     os.symlink(small_dataset, root / "data" / "my-style")
     os.symlink(os.path.join(ROOT, "examples"), root / "examples")
@@ -122,8 +127,9 @@ def test_readme_commands_run(sandbox):
             result = subprocess.run(scaled_down(command), cwd=sandbox, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
             ran.append(command.split()[1] if command.startswith("python") else command.split()[2])
-    assert ran.count("train_hypernetwork.py") == 1 and ran.count("generate.py") == 2 and ran.count("convert.py") == 4
+    assert ran.count("train_hypernetwork.py") == 2 and ran.count("generate.py") == 2 and ran.count("convert.py") == 4
     assert os.path.isfile(sandbox / "outputs" / "my-style" / "my-style.pt")
+    assert hypernet.load(sandbox / "outputs" / "my-xl-style" / "my-xl-style.pt").widths == [96, 80, 160]
     assert len([f for f in os.listdir(sandbox / "out") if f.endswith(".png")]) >= 3
     assert os.path.isfile(sandbox / "converted" / "a.safetensors")
 

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, train
+from helpers import ROOT, train
 from PIL import Image
 
 import hypernet
-import train_hypernetwork
+from hypernet import data, training
 
 
 def read_csv(path):
@@ -37,15 +37,16 @@ def assert_same_weights(a, b, atol=0.0):
 
 def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
     captured = {}
-    real_load_models = train_hypernetwork.load_models
+    real_load_models = training.load_models
 
-    def spy(args, dtype):
-        models = real_load_models(args, dtype)
-        captured["before"] = [{k: v.clone() for k, v in m.state_dict().items()} for m in models[1:4]]
-        captured["models"] = models[1:4]
+    def spy(*args, **kwargs):
+        models = real_load_models(*args, **kwargs)
+        frozen = [*models.text_encoders, models.vae, models.unet]
+        captured["before"] = [{k: v.clone() for k, v in m.state_dict().items()} for m in frozen]
+        captured["models"] = frozen
         return models
 
-    monkeypatch.setattr(train_hypernetwork, "load_models", spy)
+    monkeypatch.setattr(training, "load_models", spy)
     template = tmp_path / "t.txt"
     template.write_text("a painting of [filewords], art by [name]\n")
     out = tmp_path / "run"
@@ -103,24 +104,19 @@ def test_loss_on_a_fixed_batch_falls(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "fit"
     assert train(tiny_model_dir, small_dataset, out, "--learning_rate", "3e-3", "--activation_func", "relu",
                  "--weight_init", "XavierNormal", "--center_crop", steps=40) == 0  # fmt: skip
-    args = train_hypernetwork.parse_args(
-        ["--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", small_dataset, "--output_dir",
-         str(tmp_path / "eval"), "--resolution", "64", "--center_crop", "--hypernetwork_name", "fit"]
-    )  # fmt: skip
-    tokenizer, text_encoder, vae, unet, scheduler = train_hypernetwork.load_models(args)
-    entries = train_hypernetwork.read_dataset_entries(args)
-    template = train_hypernetwork.load_template(None)
-    cache = train_hypernetwork.cache_dataset(
-        entries, template, args, vae, text_encoder, tokenizer, "cpu", torch.float32, False
-    )
-    batch = train_hypernetwork.make_batch(
-        torch.arange(8), cache, 0, args, text_encoder, tokenizer, template, "cpu", 1000
-    )
+    models = training.load_models(tiny_model_dir)
+    settings = data.DataSettings(name="fit", resolution=64, center_crop=True)
+    encoders = data.Encoders(models.vae, models.tokenizers, models.text_encoders, "cpu", torch.float32)
+    records, _ = data.prepare_records(data.folder_entries(small_dataset), ["[filewords]"], settings, encoders)
+    samples = data.TrainingSamples([records[i] for i in range(8)], ["[filewords]"], settings, models.tokenizers)
+    batch = training.batch_to_device(samples.__getitems__([(0, i) for i in range(8)]), models, 0, 0.0, "cpu",
+                                     torch.float32)  # fmt: skip
+    unet, scheduler = models.unet, models.noise_scheduler
 
     def fixed_batch_loss(hn):
-        model = train_hypernetwork.UNetWithHypernetwork(unet, hn)
+        model = training.UNetWithHypernetwork(unet, hn)
         with torch.no_grad():
-            loss = train_hypernetwork.diffusion_loss(model, scheduler, batch).item()
+            loss = training.diffusion_loss(model, scheduler, batch).item()
         model.attachment.detach()
         return loss
 
@@ -145,6 +141,7 @@ def test_resume_from_checkpoint_is_bitwise_exact(tiny_model_dir, small_dataset, 
     assert rates == [1e-3] * 3 + [5e-4] * 7, "A1111 schedule: rate until step, the last to the end"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model_dir, small_dataset, tmp_path):
     common = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "{n}", "--master_port", "{port}",

@@ -4,11 +4,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import a1111_file, train
+from helpers import a1111_file, run_script, train
 from PIL import Image
 
 import hypernet
-import train_hypernetwork
+from hypernet import data, training
 
 
 @pytest.fixture
@@ -18,18 +18,16 @@ def no_heavy_work(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("model weights were loaded before the error was reported")
 
-    monkeypatch.setattr(train_hypernetwork, "load_models", refuse)
+    monkeypatch.setattr(training, "load_models", refuse)
 
 
 def run_cli(capsys, argv):
-    code = None
-    try:
-        train_hypernetwork.main(argv)
-    except train_hypernetwork.HypernetError as e:
-        code, message = 2, str(e)
-    else:
-        code, message = 0, ""
-    return code, message
+    """(exit code, the one error line without its 'train_hypernetwork.py: error: ' prefix)."""
+    capsys.readouterr()
+    code = run_script("train_hypernetwork.py", *argv)
+    err = capsys.readouterr().err.strip()
+    prefix = "train_hypernetwork.py: error: "
+    return code, err[len(prefix) :] if err.startswith(prefix) else err
 
 
 def base_argv(model, data, out):
@@ -40,14 +38,34 @@ def base_argv(model, data, out):
     "extra, message",
     [
         (["--layer_structure", "2,2,1"], r"--layer_structure \[2, 2, 1\]: must start and end with 1"),
-        (["--layer_structure", "1,x,1"], r"--layer_structure '1,x,1': expected comma-separated numbers"),
-        (["--activation_func", "wobbly"], r"--activation_func 'wobbly': unknown"),
+        (["--layer_structure", "1,x,1"], r"--layer_structure '1,x,1': expected comma-separated finite numbers"),
+        (["--layer_structure", "1,inf,1"], r"--layer_structure '1,inf,1': expected comma-separated finite numbers"),
+        (["--layer_structure", "1,0.001,1"], r"--layer_structure \[1, 0.001, 1\]: a layer of width 96 would be empty"),
+        (["--layer_structure", "1,1e6,1"], r"--layer_structure \[1, 1000000.0, 1\]: [\d,]+ parameters, more than"),
+        (["--activation_func", "wobbly"], r"--activation_func 'wobbly': not an elementwise activation"),
+        (["--activation_func", "threshold"], r"--activation_func 'threshold': not an elementwise activation hypernet can train; use one of linear, relu"),
+        (["--activation_func", "multiheadattention"], r"--activation_func 'multiheadattention': not an elementwise"),
         (["--template_file", "nope.txt"], r"--template_file nope.txt: no such file"),
         (["--learning_rate", "fast"], r"--learning_rate 'fast': expected a number or a schedule"),
+        (["--learning_rate", "1e-3:-5, 1e-5"], r"the step after ':' must be 1 or more, not -5"),
+        (["--learning_rate", "-0.001"], r"-0.001 is not a finite, non-negative number"),
         (["--optimizer", "Adamish"], r"--optimizer 'Adamish': not a torch.optim class"),
-        (["--enable_sizes", "768,320,640,1280"], r"widths \[768, 320, 640, 1280\] do not match the model's attention widths \[40, 80, 96, 160\]"),
+        (["--optimizer", "LBFGS"], r"--optimizer LBFGS: not supported \(it needs a closure\)"),
+        (["--optimizer", "SparseAdam"], r"--optimizer SparseAdam: not supported"),
+        (["--optimizer", "Optimizer"], r"--optimizer Optimizer: not supported \(the base class\)"),
+        (["--lr_scheduler", "garbage"], r"--lr_scheduler 'garbage': use one of constant, "),
+        (["--enable_sizes", "768,320,640,1280"], r"has widths \[768, 320, 640, 1280\] but this model's attention layers use \[96, 40, 80, 160\].*use --enable_sizes auto"),
+        (["--enable_sizes", "-40"], r"--enable_sizes \[-40\]: widths must be positive"),
+        (["--enable_sizes", "40.7"], r"--enable_sizes '40.7': expected comma-separated whole numbers"),
         (["--learning_rate", "1e-3:10, 1e-4", "--lr_scheduler", "cosine"], r"is an A1111 schedule; use it with --lr_scheduler constant"),
-        (["--resolution", "60"], r"--resolution 60: must be a multiple of 8"),
+        (["--resolution", "60"], r"--resolution 60: must be a positive multiple of 8"),
+        (["--preview_width", "65"], r"--preview_width 65: must be a positive multiple of 8"),
+        (["--seed", "-1"], r"--seed -1: must be from 0 to 4294967295"),
+        (["--seed", str(2**40)], r"--seed 1099511627776: must be from 0 to 4294967295"),
+        (["--dataloader_num_workers", "-1"], r"--dataloader_num_workers -1: must be 0 or more"),
+        (["--save_every", "-2"], r"--save_every -2: must be 0 or more"),
+        (["--checkpointing_steps", "-1"], r"--checkpointing_steps -1: must be 0 or more"),
+        (["--noise_offset", "nan"], r"--noise_offset nan: must be a finite number, 0 or more"),
     ],
 )  # fmt: skip
 def test_bad_flags_are_one_line_errors_before_heavy_work(
@@ -76,24 +94,19 @@ def test_bad_data_is_reported_by_file_before_heavy_work(
     code, text = run_cli(capsys, base_argv(tiny_model_dir, broken, tmp_path / "o"))
     assert code == 2 and f"{broken / 'zz-bad.png'}: empty file (0 bytes)" in text
 
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o")[:-2])
-    assert exit_info.value.code == 2
-    assert "the following arguments are required: --output_dir" in capsys.readouterr().err
+    code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o")[:-2])
+    assert code == 2 and "the following arguments are required: --output_dir" in text
 
     other = tmp_path / "sd1.pt"
     hypernet.save(hypernet.Hypernetwork(hypernet.SD1_WIDTHS, name="sd1"), other)
     code, text = run_cli(
         capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") + ["--resume_hypernetwork", str(other)]
     )
-    assert code == 2 and "widths [768, 320, 640, 1280] do not match the model's attention widths" in text
+    assert code == 2 and "has widths [768, 320, 640, 1280] but this model's attention layers use" in text
 
 
-def test_cli_prints_one_line_and_exits_2(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(
-        "sys.argv", ["train_hypernetwork.py"] + base_argv(tiny_model_dir, tmp_path / "none", tmp_path / "o")
-    )
-    assert train_hypernetwork.cli() == 2
+def test_cli_prints_one_line_and_exits_2(tiny_model_dir, tmp_path, capsys):
+    assert run_script("train_hypernetwork.py", *base_argv(tiny_model_dir, tmp_path / "none", tmp_path / "o")) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"train_hypernetwork.py: error: --train_data_dir {tmp_path / 'none'}: no such folder"
 
@@ -119,7 +132,7 @@ def test_v_prediction_snr_noise_offset_checkpointing_bf16(sd2_model_dir, small_d
                  "--add_layer_norm", "--activation_func", "swish", "--weight_init", "KaimingNormal",
                  "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--allow_tf32", steps=5) == 0  # fmt: skip
     hn = hypernet.load(out / "sd2.pt")
-    assert hn.widths == [40, 80, 128, 160] and hn.add_layer_norm
+    assert hn.widths == [128, 40, 80, 160] and hn.add_layer_norm
     assert all(t.dtype == torch.float32 for t in hn.state_dict().values()), "master weights stay float32"
     rows = [line.split(",") for line in open(out / "loss.csv").read().split()[1:]]
     rates = [float(r[4]) for r in rows]
@@ -127,18 +140,20 @@ def test_v_prediction_snr_noise_offset_checkpointing_bf16(sd2_model_dir, small_d
     assert all(float(r[3]) > 0 for r in rows)
 
 
-def test_8bit_adam_on_cpu_and_a_clear_error_without_bitsandbytes(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
+def test_8bit_adam_on_cpu_and_a_clear_error_without_bitsandbytes(
+    tiny_model_dir, small_dataset, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "bnb"
     assert train(tiny_model_dir, small_dataset, out, "--use_8bit_adam", "--clip_grad_mode", "value",
                  "--clip_grad_value", "0.05:2, 0.01", steps=3) == 0  # fmt: skip
     hn = hypernet.load(out / "bnb.pt")
     assert hn.optimizer_name == "AdamW8bit" and hn.optimizer_state_dict is not None
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
-    with pytest.raises(train_hypernetwork.HypernetError, match=r"--use_8bit_adam needs bitsandbytes: pip install"):
-        train_hypernetwork.parse_args(base_argv(tiny_model_dir, small_dataset, out) + ["--use_8bit_adam"])
+    code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, out) + ["--use_8bit_adam"])
+    assert code == 2 and text.startswith("--use_8bit_adam needs bitsandbytes: pip install")
 
 
-def test_imagefolder_dataset_varsize_and_alpha_weights(tiny_model_dir, tmp_path):
+def test_imagefolder_dataset_varsize_and_alpha_weights(tiny_model_dir, tmp_path, capsys):
     folder = tmp_path / "imagefolder"
     folder.mkdir()
     rows = []
@@ -161,35 +176,29 @@ def test_imagefolder_dataset_varsize_and_alpha_weights(tiny_model_dir, tmp_path)
     settings = json.load(open(out / "training_settings.json"))
     assert settings["dataset_size"] == 4 and settings["varsize"] is True
 
-    code = None
-    try:
-        train_hypernetwork.parse_args(["--pretrained_model_name_or_path", tiny_model_dir, "--output_dir", str(out)])
-    except train_hypernetwork.HypernetError as e:
-        code = str(e)
-    assert code == "give exactly one of --train_data_dir and --dataset_name"
+    code, text = run_cli(capsys, ["--pretrained_model_name_or_path", tiny_model_dir, "--output_dir", str(out)])
+    assert code == 2 and text == "give exactly one of --train_data_dir and --dataset_name"
 
 
 def test_alpha_weight_is_normalised_like_a1111():
     image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     image.paste((0, 0, 0, 255), (0, 0, 32, 64))
-    weight = train_hypernetwork.alpha_weight(image, (4, 8, 8))
+    weight = data.alpha_weight(image, (4, 8, 8))
     assert weight.shape == (4, 8, 8) and weight.min() == 0 and weight.mean().item() == pytest.approx(1.0)
     assert weight[:, :, :3].min() > 1.5 and weight[:, :, 5:].max() == 0
 
 
 def test_captions_templates_and_tags():
-    assert train_hypernetwork.filewords_from_name("00012-a red fox.png") == "a red fox"
+    assert data.filewords_from_name("00012-a red fox.png") == "a red fox"
     line = "a painting of [filewords], art by [name]"
-    assert (
-        train_hypernetwork.make_caption(line, "fox, red, snow", "inky") == "a painting of fox, red, snow, art by inky"
-    )
+    assert data.make_caption(line, "fox, red, snow", "inky") == "a painting of fox, red, snow, art by inky"
     rng = __import__("random").Random(0)
-    shuffled = train_hypernetwork.make_caption("[filewords]", "a,b,c,d,e,f", "n", rng, shuffle_tags=True)
+    shuffled = data.make_caption("[filewords]", "a,b,c,d,e,f", "n", rng, shuffle_tags=True)
     assert sorted(shuffled.split(",")) == list("abcdef") and shuffled != "a,b,c,d,e,f"
-    dropped = train_hypernetwork.make_caption("[filewords]", ",".join("abcdefghijklmnop"), "n", rng, tag_drop_out=0.5)
+    dropped = data.make_caption("[filewords]", ",".join("abcdefghijklmnop"), "n", rng, tag_drop_out=0.5)
     assert 0 < len(dropped.split(",")) < 16
-    schedule = train_hypernetwork.parse_schedule("5e-5:100, 5e-6:1500, 5e-7", "--learning_rate")
-    assert [train_hypernetwork.rate_at(schedule, s) for s in (0, 99, 100, 1499, 1500, 99999)] == [
+    schedule = training.parse_schedule("5e-5:100, 5e-6:1500, 5e-7", "--learning_rate")
+    assert [training.rate_at(schedule, s) for s in (0, 99, 100, 1499, 1500, 99999)] == [
         5e-5, 5e-5, 5e-6, 5e-6, 5e-7, 5e-7
     ]  # fmt: skip
 
@@ -197,7 +206,7 @@ def test_captions_templates_and_tags():
 def test_template_without_filewords_warns_by_name(tmp_path, caplog):
     path = tmp_path / "style.txt"
     path.write_text("a painting, art by [name]\n")
-    assert train_hypernetwork.load_template(str(path)) == ["a painting, art by [name]"]
+    assert data.load_template(str(path)) == ["a painting, art by [name]"]
     assert f"{path} has no [filewords]" in caplog.text
 
 

@@ -12,12 +12,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_fp16_overflow_is_skipped_by_the_loss_scaler(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
-    from conftest import train
+    from helpers import train
 
     import hypernet
-    import train_hypernetwork
+    from hypernet import training
 
-    real_loss = train_hypernetwork.diffusion_loss
+    real_loss = training.diffusion_loss
     calls = []
 
     def overflowing_loss(model, scheduler, batch, snr_gamma=None):
@@ -32,7 +32,7 @@ def test_fp16_overflow_is_skipped_by_the_loss_scaler(tiny_model_dir, small_datas
         real_step(self, *a, **k)
         scales.append(self.get_scale())
 
-    monkeypatch.setattr(train_hypernetwork, "diffusion_loss", overflowing_loss)
+    monkeypatch.setattr(training, "diffusion_loss", overflowing_loss)
     monkeypatch.setattr(torch.amp.GradScaler, "update", record_update)
     out = tmp_path / "fp16"
     assert train(tiny_model_dir, small_dataset, out, "--mixed_precision", "fp16", "--hypernetwork_name", "x",
@@ -45,7 +45,7 @@ def test_fp16_overflow_is_skipped_by_the_loss_scaler(tiny_model_dir, small_datas
 
 @pytest.mark.parametrize("flags", [["--mixed_precision", "bf16"], ["--mixed_precision", "fp16", "--use_8bit_adam"]])
 def test_mixed_precision_training_on_cuda(tiny_model_dir, small_dataset, tmp_path, flags):
-    from conftest import train
+    from helpers import train
 
     import hypernet
 

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train_hypernetwork as train
+from hypernet import data
+from hypernet.errors import UsageError
+
+
+def open_image(path, use_weight):
+    return data.to_rgb(data.decode_image(path.read_bytes(), str(path)), use_weight)
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "P", "RGBA", "LA", "L", "I;16", "1"])
@@ -16,7 +21,7 @@ def test_every_image_mode_becomes_rgb(tmp_path, mode):
         image = source.convert(mode)
     path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
     image.save(path)
-    loaded = train.open_image(str(path), use_weight=False)
+    loaded = open_image(path, use_weight=False)
     assert loaded.mode == "RGB" and loaded.size == (40, 30)
     if mode == "I;16":
         assert abs(int(np.asarray(loaded)[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1
@@ -25,42 +30,39 @@ def test_every_image_mode_becomes_rgb(tmp_path, mode):
 def test_alpha_is_kept_for_use_weight(tmp_path):
     image = Image.new("RGBA", (16, 16), (10, 20, 30, 128))
     image.save(tmp_path / "a.png")
-    assert train.open_image(str(tmp_path / "a.png"), use_weight=True).mode == "RGBA"
+    assert open_image(tmp_path / "a.png", use_weight=True).mode == "RGBA"
     image.convert("P").save(tmp_path / "p.png", transparency=0)
-    assert train.open_image(str(tmp_path / "p.png"), use_weight=True).mode == "RGBA"
-    assert train.open_image(image, use_weight=True).mode == "RGBA", "a datasets image keeps its alpha too"
-    assert train.open_image(image, use_weight=False).mode == "RGB"
+    assert open_image(tmp_path / "p.png", use_weight=True).mode == "RGBA"
+    assert data.to_rgb(image, use_weight=True).mode == "RGBA", "a datasets image keeps its alpha too"
+    assert data.to_rgb(image, use_weight=False).mode == "RGB"
 
 
 def test_huge_image_is_refused_by_name(tmp_path, monkeypatch):
     Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
-    with pytest.raises(train.UsageError, match=r"big.png: image too large to read safely .* downscale it first"):
-        train.open_image(str(tmp_path / "big.png"), use_weight=False)
+    with pytest.raises(UsageError, match=r"big.png: image too large to read safely .* downscale it first"):
+        open_image(tmp_path / "big.png", use_weight=False)
 
 
 def test_truncated_image_is_refused_by_name(tmp_path):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "t.jpg", quality=95)
     data = (tmp_path / "t.jpg").read_bytes()
     (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
-    with pytest.raises(train.UsageError, match=r"t.jpg: unreadable image"):
-        train.open_image(str(tmp_path / "t.jpg"), use_weight=False)
+    with pytest.raises(UsageError, match=r"t.jpg: unreadable image"):
+        open_image(tmp_path / "t.jpg", use_weight=False)
 
 
 def test_caption_encodings(tmp_path):
     (tmp_path / "u8.txt").write_bytes("\ufeffcafé, snow".encode("utf-8"))
     (tmp_path / "u16.txt").write_bytes("café, snow".encode("utf-16"))
     (tmp_path / "latin.txt").write_bytes("caf\xe9, snow".encode("latin-1"))
-    assert train.read_caption(str(tmp_path / "u8.txt")) == "café, snow"
-    assert train.read_caption(str(tmp_path / "u16.txt")) == "café, snow"
-    with pytest.raises(train.UsageError, match=r"latin.txt: caption is not UTF-8 or UTF-16 text; re-save it as UTF-8"):
-        train.read_caption(str(tmp_path / "latin.txt"))
+    assert data.read_caption(str(tmp_path / "u8.txt")) == "café, snow"
+    assert data.read_caption(str(tmp_path / "u16.txt")) == "café, snow"
+    with pytest.raises(UsageError, match=r"latin.txt: not UTF-8 or UTF-16 text; re-save it as UTF-8"):
+        data.read_caption(str(tmp_path / "latin.txt"))
 
 
 def test_tiny_image_is_refused_by_name(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "dot.png")
-    args = train.parse_args(
-        ["--pretrained_model_name_or_path", ".", "--train_data_dir", str(tmp_path), "--output_dir", "o"]
-    )
-    with pytest.raises(train.UsageError, match=r"dot.png: image is 4x4, too small to train on"):
-        train.check_images(train.read_dataset_entries(args), args)
+    with pytest.raises(UsageError, match=r"dot.png: image is 4x4, too small to train on"):
+        data.check_images(data.folder_entries(str(tmp_path)))

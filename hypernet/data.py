@@ -1,0 +1,571 @@
+"""Training data: the webui's dataset semantics, and the latent cache.
+
+The webui's rules (modules/textual_inversion/dataset.py): images in a folder, each with an optional same-named .txt
+caption, else words from the file name; prompt templates with [filewords] and [name]; tags shuffled or dropped; the
+alpha channel as a loss weight; --varsize buckets; latents sampled once, deterministically or at every use.
+
+Images are read when they are encoded and never held: what stays in memory is one small record per image (latent
+mean and std, caption, loss weight). Encoding is split across processes and every record depends only on the
+image's index and the settings, so the cache is the same bit for bit for any number of processes. With a cache
+folder, each encoded latent is stored under a key of everything it depends on (the image's bytes, the crop, the
+VAE and its dtype) with a checksum, so a later run encodes only what changed.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .errors import UsageError
+from .formats import atomic_write
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LATENT_SAMPLING_METHODS = ("once", "deterministic", "random")
+CACHE_FORMAT = "hypernet-latents-1"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How images become training samples: the webui's dataset options, under its names."""
+
+    name: str  # [name] in templates
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+    varsize: bool = False
+    use_weight: bool = False
+    latent_sampling_method: str = "once"
+    shuffle_tags: bool = False
+    tag_drop_out: float = 0.0
+    seed: int = 0
+
+    @property
+    def fixed_captions(self):
+        """Whether every image's prompt is the same at every use, so that its text embedding can be cached."""
+        return not (self.shuffle_tags or self.tag_drop_out)
+
+
+def sample_key(seed, *parts):
+    """A seed for one sample's randomness, the same whatever the number of processes or where a run resumed."""
+    key = seed
+    for part in parts:
+        key = (key * 1_000_003 + int(part)) % (1 << 62)
+    return key
+
+
+# -- reading images and captions ------------------------------------------------------------------------------
+
+
+def read_caption(path):
+    """A caption file's text: UTF-8 (with or without BOM) or UTF-16 with BOM; other encodings are refused."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 or UTF-16 text; re-save it as UTF-8") from None
+
+
+def filewords_from_name(filename):
+    """The webui's caption from a file name: the stem without its leading numbers and dashes."""
+    return re.sub(r"^[-\d]+\s*", "", os.path.splitext(os.path.basename(filename))[0])
+
+
+def decode_image(raw, label):
+    """Fully decode image bytes; anything PIL cannot read is refused by name."""
+    if not raw:
+        raise UsageError(f"{label}: empty file (0 bytes); remove it or replace it with the real image")
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as e:
+        raise UsageError(f"{label}: image too large to read safely ({e}); downscale it first") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UsageError(f"{label}: unreadable image ({e}); fix or remove it") from None
+
+
+def to_rgb(image, use_weight):
+    """An image of any mode PIL reads as RGB, or RGBA with use_weight when it has alpha; 16-bit scaled to 8."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / scale * 255.0, 0, 255).astype(np.uint8), "L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    return image.convert("RGBA" if use_weight and has_alpha else "RGB")
+
+
+class Entries:
+    """The images and captions of a dataset, read one at a time: raw(i) gives image i's bytes, caption(i) its
+    caption, label(i) the name an error message gives it."""
+
+    def __init__(self, captions, labels, read):
+        self.captions, self.labels, self._read = captions, labels, read
+
+    def __len__(self):
+        return len(self.captions)
+
+    def raw(self, index):
+        return self._read(index)
+
+    def caption(self, index):
+        return self.captions[index]
+
+    def label(self, index):
+        return self.labels[index]
+
+    def image(self, index, use_weight=False):
+        return to_rgb(decode_image(self.raw(index), self.label(index)), use_weight)
+
+
+def _read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def folder_entries(data_dir):
+    """A folder in the webui's layout: every image, its .txt caption, else the words of its file name."""
+    paths, captions, skipped = [], [], []
+    for name in sorted(os.listdir(data_dir)):
+        path = os.path.join(data_dir, name)
+        if not os.path.isfile(path) or name.startswith("."):
+            continue
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+            if name.lower().endswith((".gif", ".tif", ".tiff", ".avif", ".heic", ".jxl")):
+                skipped.append(name)
+            continue
+        caption_path = os.path.splitext(path)[0] + ".txt"
+        paths.append(path)
+        captions.append(read_caption(caption_path) if os.path.isfile(caption_path) else filewords_from_name(name))
+    if skipped:
+        logger.warning(f"{data_dir}: skipped {len(skipped)} file(s) of formats the webui does not train on: "
+                       f"{', '.join(skipped[:5])}; convert them to PNG to use them")  # fmt: skip
+    if not paths:
+        raise UsageError(f"--train_data_dir {data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return Entries(captions, paths, lambda index: _read_file(paths[index]))
+
+
+def dataset_entries(dataset_name, config_name=None, image_column="image", caption_column="text"):
+    """A `datasets` dataset (a local imagefolder, Arrow or Parquet files, or a dataset name), read lazily: images
+    stay encoded in the dataset until they are needed."""
+    import datasets
+
+    try:
+        if os.path.isdir(dataset_name):
+            files = os.listdir(dataset_name)
+            builder = "parquet" if any(f.endswith(".parquet") for f in files) else "imagefolder"
+            if any(f.endswith(".arrow") for f in files):
+                dataset = datasets.load_from_disk(dataset_name)
+                dataset = dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset
+            else:
+                dataset = datasets.load_dataset(builder, data_dir=dataset_name, split="train")
+        else:
+            dataset = datasets.load_dataset(dataset_name, config_name, split="train")
+    except Exception as e:  # datasets raises many kinds (no such dataset, no network, an empty folder's IndexError)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--dataset_name {dataset_name}: cannot be loaded ({first[:200]})") from None
+    for column in (image_column, caption_column):
+        if column not in dataset.column_names:
+            raise UsageError(
+                f"--dataset_name {dataset_name}: no column {column!r}; it has {', '.join(dataset.column_names)}"
+            )
+    if len(dataset) == 0:
+        raise UsageError(f"--dataset_name {dataset_name}: the dataset is empty")
+    if isinstance(dataset.features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    images = dataset.select_columns([image_column])
+
+    def read(index):
+        value = images[index][image_column]
+        if isinstance(value, dict):
+            return value["bytes"] if value.get("bytes") else _read_file(value["path"])
+        if isinstance(value, Image.Image):
+            buffer = io.BytesIO()
+            value.save(buffer, format="PNG")
+            return buffer.getvalue()
+        raise UsageError(f"--dataset_name {dataset_name}: column {image_column!r} holds {type(value).__name__}, "
+                         "not images")  # fmt: skip
+
+    captions = [str(caption) for caption in dataset[caption_column]]
+    labels = [f"{dataset_name} row {i}" for i in range(len(dataset))]
+    return Entries(captions, labels, read)
+
+
+def check_images(entries, use_weight=False):
+    """Open every image once before any model loads, so that a bad file stops the run at once, by name."""
+    for index in range(len(entries)):
+        size = entries.image(index, use_weight).size
+        if min(size) < 8:
+            raise UsageError(f"{entries.label(index)}: image is {size[0]}x{size[1]}, too small to train on")
+
+
+def load_template(path):
+    """A template file's lines (prompts with [filewords] and [name]); no file: the caption alone."""
+    if path is None:
+        return ["[filewords]"]
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"--template_file {path}: not UTF-8 or UTF-16 text; re-save it as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UsageError(f"--template_file {path}: empty; put one prompt template a line")
+    if not any("[filewords]" in line for line in lines):
+        logger.warning(f"{path} has no [filewords]: the images' captions are not used, every prompt comes from it")
+    return lines
+
+
+def make_caption(template_line, filewords, name, rng=None, shuffle_tags=False, tag_drop_out=0.0):
+    """The webui's create_text: tags of the caption dropped and shuffled, then put into the template."""
+    tags = filewords.split(",")
+    if rng is not None and tag_drop_out:
+        tags = [tag for tag in tags if rng.random() > tag_drop_out]
+    if rng is not None and shuffle_tags:
+        rng.shuffle(tags)
+    return template_line.replace("[filewords]", ",".join(tags)).replace("[name]", name)
+
+
+# -- images to latents ----------------------------------------------------------------------------------------
+
+
+def training_size(image, settings):
+    """(width, height) an image trains at: --resolution square, or with --varsize its own size in steps of 64."""
+    if settings.varsize:
+        return max(64, image.width // 64 * 64), max(64, image.height // 64 * 64)
+    return settings.resolution, settings.resolution
+
+
+def crop_box(image_size, size, center_crop, generator):
+    """(scaled width, scaled height, left, top): the image scaled so its shorter side fits `size`, and the crop."""
+    width, height = size
+    scale = max(width / image_size[0], height / image_size[1])
+    scaled = (max(width, round(image_size[0] * scale)), max(height, round(image_size[1] * scale)))
+    spare_x, spare_y = scaled[0] - width, scaled[1] - height
+    if center_crop:
+        return (*scaled, spare_x // 2, spare_y // 2)
+    left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
+    top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
+    return (*scaled, left, top)
+
+
+def alpha_weight(image, latent_shape):
+    """The webui's loss weight from the alpha channel: resized to the latent grid, shifted to min 0, scaled to mean
+    1."""
+    channels, height, width = latent_shape
+    if image.mode != "RGBA":
+        return torch.ones(latent_shape)
+    alpha = np.asarray(image.getchannel("A").resize((width, height), Image.BICUBIC), dtype=np.float32)
+    weight = torch.from_numpy(alpha).expand(channels, height, width).clone()
+    weight -= weight.min()
+    mean = weight.mean()
+    return weight / mean if mean > 0 else torch.ones(latent_shape)
+
+
+@dataclass
+class Record:
+    """One image, ready for training: latent mean/std (of the image and its mirror), caption, loss weight."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    flipped_mean: torch.Tensor
+    flipped_std: torch.Tensor
+    size: tuple  # (width, height) trained at
+    original_size: tuple  # (width, height) of the image file
+    crop_top_left: tuple  # (top, left) in the scaled image
+    flipped_crop_top_left: tuple  # the same crop, measured in the mirrored scaled image
+    filewords: str
+    caption: str  # with its template line, when captions are fixed
+    weight: torch.Tensor = None
+    embedding: torch.Tensor = None
+    pooled_embedding: torch.Tensor = None
+
+
+class LatentCache:
+    """Encoded latents on disk, one file per key, each with a checksum; written atomically, so several processes
+    and runs can share the folder. A damaged entry is reported and encoded again, never used."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.corrupt = 0
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+    def path(self, key):
+        return os.path.join(self.directory, key[:2], key + ".safetensors")
+
+    def get(self, key):
+        if not self.directory or not os.path.isfile(self.path(key)):
+            return None
+        try:
+            with open(self.path(key), "rb") as f:
+                raw = f.read()
+            tensors = load_safetensors_bytes(raw)
+            header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+            if header.get("checksum") != f"{CACHE_FORMAT}:{tensors_checksum(tensors)}":
+                raise ValueError("checksum mismatch")
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            self.corrupt += 1
+            warnings.warn(f"latent cache entry {self.path(key)} is damaged ({e}); encoding it again", stacklevel=2)
+            return None
+        return tensors
+
+    def put(self, key, tensors):
+        if not self.directory:
+            return
+        metadata = {"checksum": f"{CACHE_FORMAT}:{tensors_checksum(tensors)}"}  # one key: the bytes are the same
+        data = save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+        with atomic_write(self.path(key)) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+
+
+def tensors_checksum(tensors):
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Encoders:
+    """The frozen models data preparation uses, with what identifies their weights in cache keys."""
+
+    vae: torch.nn.Module
+    tokenizers: list
+    text_encoders: list
+    device: torch.device
+    dtype: torch.dtype
+    vae_id: str = ""
+    text_encoder_id: str = ""
+    vae_calls: int = field(default=0)
+
+
+def latent_key(content_hash, box, size, settings, encoders):
+    parts = [content_hash, box, size, settings.random_flip, encoders.vae_id, str(encoders.dtype)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+@torch.no_grad()
+def encode_image(index, entries, template, settings, encoders, cache):
+    """The record of image `index`: its crop and template line drawn from a generator keyed by the index, its latents
+    read from the cache or encoded."""
+    raw = entries.raw(index)
+    image = to_rgb(decode_image(raw, entries.label(index)), settings.use_weight)
+    generator = torch.Generator().manual_seed(sample_key(settings.seed, 1, index))
+    size = training_size(image, settings)
+    scaled_w, scaled_h, left, top = crop_box(image.size, size, settings.center_crop, generator)
+    line = template[int(torch.randint(0, len(template), (1,), generator=generator))]
+    key = latent_key(hashlib.sha256(raw).hexdigest(), (scaled_w, scaled_h, left, top), size, settings, encoders)
+    cropped = image.resize((scaled_w, scaled_h), Image.BICUBIC).crop((left, top, left + size[0], top + size[1]))
+    latents = cache.get(key)
+    if latents is None:
+        variants = [cropped, cropped.transpose(Image.FLIP_LEFT_RIGHT)] if settings.random_flip else [cropped]
+        pixels = torch.stack([torch.from_numpy(np.asarray(v.convert("RGB"), dtype=np.float32)) for v in variants])
+        pixels = (pixels / 127.5 - 1.0).permute(0, 3, 1, 2).to(encoders.device, encoders.dtype)
+        encoders.vae_calls += 1
+        dist = encoders.vae.encode(pixels).latent_dist
+        scaling = encoders.vae.config.scaling_factor
+        latents = {"mean": dist.mean.float().cpu() * scaling, "std": dist.std.float().cpu() * scaling}
+        cache.put(key, latents)
+    mean, std = latents["mean"], latents["std"]
+    once = mean + std * torch.randn(mean.shape, generator=generator)  # drawn whatever the method, so keys stay aligned
+    if settings.latent_sampling_method == "once":
+        mean = once
+    if settings.latent_sampling_method != "random":
+        std = torch.zeros_like(mean)
+    return Record(
+        mean=mean[0],
+        std=std[0],
+        flipped_mean=mean[-1],
+        flipped_std=std[-1],
+        size=size,
+        original_size=image.size,
+        crop_top_left=(top, left),
+        flipped_crop_top_left=(top, scaled_w - left - size[0]),
+        filewords=entries.caption(index),
+        caption=make_caption(line, entries.caption(index), settings.name),
+        weight=alpha_weight(cropped, mean.shape[1:]) if settings.use_weight else None,
+    )
+
+
+def tokenize(prompts, tokenizers):
+    """Token ids of each tokenizer, padded to its length, as diffusers' pipelines tokenize."""
+    return [
+        tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        for tokenizer in tokenizers
+    ]
+
+
+def encode_tokens(input_ids, text_encoders):
+    """(embeddings, pooled embeddings or None): SD 1.x/2.x the text encoder's last hidden state; SDXL, as its
+    pipeline does, both encoders' penultimate hidden states side by side and the second one's pooled output."""
+    if len(text_encoders) == 1:
+        (encoder,) = text_encoders
+        return encoder(input_ids[0].to(encoder.device))[0], None
+    states, pooled = [], None
+    for ids, encoder in zip(input_ids, text_encoders):
+        output = encoder(ids.to(encoder.device), output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+        pooled = output[0]
+    return torch.cat(states, dim=-1), pooled
+
+
+TEXT_CHUNK = 16  # captions embedded together; chunks are the same for any number of processes
+
+
+def prepare_records(entries, template, settings, encoders, cache_dir=None, rank=0, world_size=1, progress=None):
+    """This process's share of the records: images with index % world_size == rank, and (with fixed captions) the
+    text-embedding chunks likewise. Returns {index: Record}."""
+    cache = LatentCache(cache_dir)
+    records = {}
+    for index in range(rank, len(entries), world_size):
+        records[index] = encode_image(index, entries, template, settings, encoders, cache)
+        if progress is not None:
+            progress.update(world_size)
+    if settings.fixed_captions:
+        with torch.no_grad():
+            for chunk in range(rank, math.ceil(len(entries) / TEXT_CHUNK), world_size):
+                indices = range(chunk * TEXT_CHUNK, min(len(entries), (chunk + 1) * TEXT_CHUNK))
+                if any(i not in records for i in indices):
+                    for i in indices:
+                        records.setdefault(i, encode_image(i, entries, template, settings, encoders, cache))
+                ids = tokenize([records[i].caption for i in indices], encoders.tokenizers)
+                embeddings, pooled = encode_tokens(ids, encoders.text_encoders)
+                for n, i in enumerate(indices):
+                    records[i].embedding = embeddings[n].cpu()
+                    records[i].pooled_embedding = None if pooled is None else pooled[n].cpu()
+    return records, cache.corrupt
+
+
+def shared_records(entries, template, settings, encoders, cache_dir=None, state=None, show_progress=False):
+    """Every image's record, in order: each process (of accelerate's `state`) encodes its share and the shares are
+    exchanged, so that every process holds them all, the same bit for bit as one process alone makes them.
+    Returns (records, damaged cache entries encoded again)."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    rank, world_size = (0, 1) if state is None else (state.process_index, state.num_processes)
+    progress = tqdm(total=len(entries), desc="Caching latents", disable=not show_progress)
+    records, corrupt = prepare_records(entries, template, settings, encoders, cache_dir, rank, world_size, progress)
+    progress.close()
+    pairs = sorted(records.items())
+    if world_size > 1:
+        pairs = gather_object(pairs)
+        corrupt = sum(gather_object([corrupt]))
+    merged = dict(pairs)
+    return [merged[i] for i in range(len(entries))], corrupt
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Full global batches of equal-sized images, in an order that depends only on the seed and the epoch; each item
+    is (epoch, index), so batch assembly needs no other state.
+
+    accelerate splits each global batch across the processes, so the data seen at each step is the same for any
+    number of processes, and a resumed run skips exactly the batches it already trained on.
+    """
+
+    def __init__(self, sizes, batch_size, seed):
+        self.groups = {}
+        for index, size in enumerate(sizes):
+            self.groups.setdefault(tuple(size), []).append(index)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.drop_last = False
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def batches(self):
+        generator = torch.Generator().manual_seed(sample_key(self.seed, 2, self.epoch))
+        batches = []
+        for size in sorted(self.groups):
+            members = self.groups[size]
+            order = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+            while len(order) % self.batch_size:  # fill the last batch from the same size group
+                order.append(members[int(torch.randint(0, len(members), (1,), generator=generator))])
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [[(self.epoch, i) for i in batches[b]] for b in torch.randperm(len(batches), generator=generator)]
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self):
+        return sum(math.ceil(len(m) / self.batch_size) for m in self.groups.values())
+
+
+class TrainingSamples(torch.utils.data.Dataset):
+    """Batches built from the records, in DataLoader workers: latents sampled from the cached mean and std, flips,
+    loss weights, captions from their templates with tags shuffled and dropped, token ids. Every random draw comes
+    from a generator keyed by (seed, epoch, index), so the batches are the same for any number of workers."""
+
+    def __init__(self, records, template, settings, tokenizers):
+        self.records, self.template, self.settings, self.tokenizers = records, template, settings, tokenizers
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])
+
+    def __getitems__(self, keys):
+        settings = self.settings
+        latents, weights, captions, embeddings, pooled, time_ids = [], [], [], [], [], []
+        for epoch, index in keys:
+            record = self.records[index]
+            generator = torch.Generator().manual_seed(sample_key(settings.seed, 3, epoch, index))
+            flip = settings.random_flip and bool(torch.rand(1, generator=generator) < 0.5)
+            mean = record.flipped_mean if flip else record.mean
+            std = record.flipped_std if flip else record.std
+            if settings.latent_sampling_method == "random":
+                mean = mean + std * torch.randn(mean.shape, generator=generator)
+            latents.append(mean)
+            if record.weight is not None:
+                weights.append(record.weight.flip(-1) if flip else record.weight)
+            top, left = record.flipped_crop_top_left if flip else record.crop_top_left
+            time_ids.append(torch.tensor([*record.original_size[::-1], top, left, *record.size[::-1]]))
+            if record.embedding is not None:
+                embeddings.append(record.embedding)
+                if record.pooled_embedding is not None:
+                    pooled.append(record.pooled_embedding)
+            else:
+                rng = random.Random(sample_key(settings.seed, 4, epoch, index))
+                line = self.template[rng.randrange(len(self.template))]
+                captions.append(make_caption(line, record.filewords, settings.name, rng, settings.shuffle_tags,
+                                             settings.tag_drop_out))  # fmt: skip
+        batch = {
+            "keys": list(keys),
+            "latents": torch.stack(latents),
+            "weight": torch.stack(weights) if weights else None,
+            "time_ids": torch.stack(time_ids),
+        }
+        if embeddings:
+            batch["encoder_hidden_states"] = torch.stack(embeddings)
+            batch["pooled_embeddings"] = torch.stack(pooled) if pooled else None
+        else:
+            batch["captions"] = captions
+            batch["input_ids"] = tokenize(captions, self.tokenizers)
+        return batch
+
+
+def collate(batch):
+    return batch

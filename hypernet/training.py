@@ -1,0 +1,275 @@
+"""What the training script and the benches share: the loss, the optimizer, the webui's learning-rate schedules,
+the frozen model with the hypernetwork attached."""
+
+import hashlib
+import inspect
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attachment import attach
+from .errors import UsageError
+
+
+def parse_schedule(text, flag):
+    """The webui's schedule syntax: 'rate:until_step, rate:until_step, rate' -> [(rate, until_step or None)].
+
+    Rates must be finite and not negative; each until_step a whole number above the one before.
+    """
+    pieces = []
+    try:
+        for piece in str(text).split(","):
+            if not piece.strip():
+                continue
+            rate, _, until = piece.partition(":")
+            pieces.append((float(rate), int(until) if until.strip() else None))
+    except ValueError:
+        raise UsageError(
+            f"{flag} {text!r}: expected a number or a schedule such as '5e-5:100, 5e-6:1500, 5e-7'"
+        ) from None
+    if not pieces:
+        raise UsageError(f"{flag} is empty")
+    for rate, until in pieces:
+        if not math.isfinite(rate) or rate < 0:
+            raise UsageError(f"{flag} {text!r}: {rate} is not a finite, non-negative number")
+        if until is not None and until < 1:
+            raise UsageError(f"{flag} {text!r}: the step after ':' must be 1 or more, not {until}")
+    steps = [until for _, until in pieces if until is not None]
+    if steps != sorted(set(steps)) or any(until is None for _, until in pieces[:-1]):
+        raise UsageError(f"{flag} {text!r}: the steps must rise, and only the last rate may have none")
+    return pieces
+
+
+def rate_at(schedule, step):
+    """The schedule's rate at `step` (0-based): each rate holds until its step, the last one to the end."""
+    for rate, until in schedule:
+        if until is None or step < until:
+            return rate
+    return schedule[-1][0]
+
+
+def sample_noise(shape, generator, noise_offset=0.0):
+    """Gaussian noise for latents of `shape` (channels, height, width); with a noise offset, plus
+    noise_offset * N(0, 1) per channel, as diffusers' training scripts add it."""
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((shape[0], 1, 1), generator=generator)
+    return noise
+
+
+def diffusion_target(noise_scheduler, latents, noise, timesteps):
+    """What the UNet learns to predict: the noise, or the velocity for v-prediction models."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise UsageError(f"the model's scheduler predicts {prediction_type!r}; hypernet trains epsilon or v_prediction")
+
+
+def snr_weights(noise_scheduler, timesteps, snr_gamma):
+    """Min-SNR loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1)
+    for v-prediction."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+    return weights / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
+
+
+def diffusion_loss(model, noise_scheduler, batch, snr_gamma=None):
+    """MSE between the UNet's prediction and its target, per pixel weighted by batch['weight'] where given, per
+    sample by min-SNR where snr_gamma is given."""
+    latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    conditioning = {key: batch[key] for key in ("added_cond_kwargs",) if batch.get(key) is not None}
+    prediction = model(
+        noisy_latents.to(batch["encoder_hidden_states"].dtype),
+        timesteps,
+        batch["encoder_hidden_states"],
+        **conditioning,
+    )
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if batch.get("weight") is not None:
+        loss = loss * batch["weight"]
+    loss = loss.mean(dim=list(range(1, loss.ndim)))
+    if snr_gamma:
+        loss = loss * snr_weights(noise_scheduler, timesteps, snr_gamma)
+    return loss.mean()
+
+
+# torch.optim classes the training loop can drive: step() without a closure, dense gradients.
+UNSUPPORTED_OPTIMIZERS = {
+    "Optimizer": "the base class",
+    "LBFGS": "it needs a closure",
+    "SparseAdam": "sparse gradients",
+}
+
+
+def optimizer_class(name, use_8bit=False):
+    """The optimizer class for --optimizer NAME (or bitsandbytes' AdamW8bit), and its name as the .optim records it."""
+    if use_8bit:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install 'hypernet[bnb]'") from None
+        return bitsandbytes.optim.AdamW8bit, "AdamW8bit"
+    cls = getattr(torch.optim, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise UsageError(f"--optimizer {name!r}: not a torch.optim class (e.g. AdamW, Adam, SGD)")
+    if name in UNSUPPORTED_OPTIMIZERS:
+        raise UsageError(f"--optimizer {name}: not supported ({UNSUPPORTED_OPTIMIZERS[name]}); use AdamW, Adam or SGD")
+    return cls, name
+
+
+def make_optimizer(parameters, name="AdamW", use_8bit=False, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8):
+    """(optimizer, its name) with a base learning rate of 1: the scheduler sets the absolute rate at every step.
+    Adam-family optimizers get the betas, weight decay and epsilon; every optimizer is fused where torch can."""
+    cls, name = optimizer_class(name, use_8bit)
+    parameters = list(parameters)
+    kwargs = {"lr": 1.0, **fused_kwargs(cls, parameters)}
+    if "Adam" in name:
+        kwargs.update(betas=betas, weight_decay=weight_decay, eps=eps)
+    return cls(parameters, **kwargs), name
+
+
+def fused_kwargs(cls, parameters):
+    """fused=True where torch has a fused kernel for this optimizer and these parameters: one kernel for all of them
+    instead of several per tensor."""
+    supported = "fused" in inspect.signature(cls.__init__).parameters
+    on_fused_devices = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+    return {"fused": True} if supported and on_fused_devices else {}
+
+
+def resume_optimizer_state(optimizer, state):
+    """Load saved moments and hyperparameters; how this optimizer computes (fused, foreach) stays as it was built,
+    whatever the optimizer that saved the state used."""
+    implementation = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keys in zip(optimizer.param_groups, implementation):
+        group.update(keys)
+
+
+def make_lr_scheduler(optimizer, schedule, scheduler_name="constant", warmup_steps=0, initial_step=0, max_steps=1):
+    """The learning rate at each step: a webui schedule (or one rate) as the absolute rate, or, for one rate with
+    another diffusers scheduler name, that scheduler over the steps from initial_step to max_steps."""
+    from diffusers.optimization import get_scheduler
+
+    if len(schedule) > 1 or scheduler_name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rate_at(schedule, initial_step + s))
+    for group in optimizer.param_groups:
+        group["lr"] = schedule[0][0]
+    return get_scheduler(
+        scheduler_name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps - initial_step
+    )
+
+
+class UNetWithHypernetwork(torch.nn.Module):
+    """The frozen UNet with the hypernetwork attached, as one module, so that DDP wraps a forward that runs the
+    hypernetwork and therefore synchronises its gradients. The UNet's frozen parameters stay out of DDP's buckets."""
+
+    def __init__(self, unet, hypernetwork):
+        super().__init__()
+        self.unet = unet
+        self.hypernetwork = hypernetwork
+        self.attachment = attach(unet, [hypernetwork])
+
+    def forward(self, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
+
+
+def weights_digest(module):
+    """A short sha256 of a module's weights, to compare them between processes."""
+    digest = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def is_sdxl(path, revision=None):
+    """Whether a diffusers folder is SDXL: a UNet conditioned on text and time ids, and a second text encoder."""
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=revision)
+    return config.get("addition_embed_type") == "text_time" and os.path.isdir(os.path.join(path, "text_encoder_2"))
+
+
+@dataclass
+class Models:
+    """The frozen parts of a Stable Diffusion model that training uses."""
+
+    tokenizers: list
+    text_encoders: list
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+
+    @property
+    def sdxl(self):
+        return len(self.text_encoders) == 2
+
+
+def load_models(path, revision=None, variant=None, dtype=torch.float32, vae_path=None):
+    """Tokenizers, text encoders, VAE, UNet and noise scheduler of an SD 1.x, 2.x or SDXL diffusers folder, frozen,
+    in `dtype`. The VAE comes from `vae_path` where given. SDXL's own VAE overflows in fp16, so without `vae_path`
+    an SDXL VAE stays float32."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    common = dict(revision=revision, variant=variant)
+    sdxl = is_sdxl(path, revision)
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)]
+    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **common)]
+    if sdxl:
+        tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=revision))
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **common))
+    if vae_path is None:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **common)
+    else:
+        subfolder = "vae" if os.path.isdir(os.path.join(vae_path, "vae")) else None
+        vae = AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    for model in (*text_encoders, vae, unet):
+        model.requires_grad_(False)
+        model.eval()
+        model.to(dtype=dtype)
+    if sdxl and vae_path is None:
+        vae.to(dtype=torch.float32)
+    return Models(tokenizers, text_encoders, vae, unet, noise_scheduler)
+
+
+def batch_to_device(samples, models, seed, noise_offset, device, dtype):
+    """A training batch from the samples a DataLoader worker built: noise and timesteps drawn from generators keyed by
+    each sample's (seed, epoch, index), text embedded where it was not cached, SDXL's added conditioning."""
+    from .data import encode_tokens, sample_key
+
+    latents = samples["latents"].to(device, dtype)
+    noises, timesteps = [], []
+    num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
+    for epoch, index in samples["keys"]:
+        generator = torch.Generator().manual_seed(sample_key(seed, 5, epoch, index))
+        noises.append(sample_noise(latents.shape[1:], generator, noise_offset))
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
+    if samples.get("encoder_hidden_states") is not None:
+        embeddings, pooled = samples["encoder_hidden_states"], samples.get("pooled_embeddings")
+    else:
+        with torch.no_grad():
+            embeddings, pooled = encode_tokens(samples["input_ids"], models.text_encoders)
+    batch = {
+        "latents": latents,
+        "noise": torch.stack(noises).to(device, dtype),
+        "timesteps": torch.cat(timesteps).to(device),
+        "encoder_hidden_states": embeddings.to(device, dtype),
+        "weight": None if samples.get("weight") is None else samples["weight"].to(device),
+    }
+    if models.sdxl:
+        batch["added_cond_kwargs"] = {
+            "text_embeds": pooled.to(device, dtype),
+            "time_ids": samples["time_ids"].to(device, dtype),
+        }
+    return batch

@@ -1,0 +1,61 @@
+"""What the tests share besides fixtures: paths, the reference files, running the scripts as a user runs them."""
+
+import os
+import runpy
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+A1111 = os.path.join(os.path.dirname(ROOT), "shared", "a1111")
+CASES = ["case1_default_relu", "case3_layernorm_swish", "case7_old_format", "case8_with_optim"]
+
+
+def a1111_file(case, suffix=".pt"):
+    path = os.path.join(A1111, case + suffix)
+    if not os.path.exists(path):
+        pytest.fail(f"reference file {path} is missing: ../shared/a1111 must sit beside the checkout")
+    return path
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_script(script, *argv):
+    """Run one of the project's scripts in this process, as `python SCRIPT ARGV...` runs it; returns its exit code.
+    Tests patch the package (never the script) to inject faults."""
+    path = os.path.join(ROOT, script)
+    saved_argv = sys.argv
+    sys.argv = [path, *map(str, argv)]
+    reset_accelerate()
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        reset_accelerate()
+    return 0
+
+
+def train(model_dir, data_dir, output_dir, *flags, steps=6):
+    """train_hypernetwork.py on the tiny model with small, fast settings; returns its exit code."""
+    argv = [
+        "--pretrained_model_name_or_path", model_dir,
+        "--output_dir", output_dir,
+        "--resolution", "64",
+        "--max_train_steps", steps,
+        "--learning_rate", "1e-3",
+        "--save_every", "0",
+        "--preview_every", "0",
+        "--checkpointing_steps", "0",
+        "--preview_steps", "3",
+    ]  # fmt: skip
+    if not any(f in ("--train_data_dir", "--dataset_name") for f in flags):
+        argv += ["--train_data_dir", data_dir]
+    return run_script("train_hypernetwork.py", *argv, *flags)

@@ -1,0 +1,184 @@
+"""The data pipeline: the latent cache (sharded, on disk, verified), lazy datasets, DataLoader workers."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, train
+from PIL import Image
+
+from hypernet import data, formats
+from hypernet.training import load_models
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    return load_models(tiny_model_dir)
+
+
+def encoders_of(models):
+    return data.Encoders(models.vae, models.tokenizers, models.text_encoders, "cpu", torch.float32, vae_id="tiny")
+
+
+SETTINGS = data.DataSettings(name="n", resolution=64, random_flip=True, latent_sampling_method="once", seed=4)
+
+
+def records_equal(a, b):
+    for x, y in zip(a, b):
+        for name in ("mean", "std", "flipped_mean", "flipped_std", "embedding"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+        assert (x.size, x.caption, x.crop_top_left) == (y.size, y.caption, y.crop_top_left)
+
+
+def test_warm_cache_encodes_nothing_and_gives_the_same_records(models, small_dataset, tmp_path):
+    entries = data.folder_entries(small_dataset)
+    cold, warm = encoders_of(models), encoders_of(models)
+    first, _ = data.shared_records(entries, ["[filewords]"], SETTINGS, cold, str(tmp_path / "cache"))
+    second, _ = data.shared_records(entries, ["[filewords]"], SETTINGS, warm, str(tmp_path / "cache"))
+    assert cold.vae_calls == 8 and warm.vae_calls == 0
+    records_equal(first, second)
+    uncached, _ = data.shared_records(entries, ["[filewords]"], SETTINGS, encoders_of(models))
+    records_equal(first, uncached)
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write(path, content):
+    with open(path, "wb") as f:
+        f.write(content)
+
+
+def cache_files(directory):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs if f.endswith(".safetensors"))
+
+
+def test_a_damaged_entry_is_encoded_again_with_a_warning(models, small_dataset, tmp_path):
+    entries = data.folder_entries(small_dataset)
+    cache = str(tmp_path / "cache")
+    first, _ = data.shared_records(entries, ["[filewords]"], SETTINGS, encoders_of(models), cache)
+    files = cache_files(cache)
+    good = read(files[3])
+    damaged = bytearray(good)
+    damaged[-5] ^= 0xFF  # a flipped bit in the tensor data: the checksum no longer matches
+    write(files[3], bytes(damaged))
+    write(files[5], read(files[5])[:100])  # truncated
+    encoders = encoders_of(models)
+    with pytest.warns(UserWarning, match="latent cache entry .* is damaged .*; encoding it again"):
+        second, corrupt = data.shared_records(entries, ["[filewords]"], SETTINGS, encoders, cache)
+    assert encoders.vae_calls == 2 and corrupt == 2
+    records_equal(first, second)
+    assert read(files[3]) == good, "rewritten whole"
+
+
+def test_a_changed_image_or_setting_encodes_just_what_changed(models, small_dataset, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(small_dataset, folder)
+    cache = str(tmp_path / "cache")
+    data.shared_records(data.folder_entries(str(folder)), ["[filewords]"], SETTINGS, encoders_of(models), cache)
+    name = sorted(n for n in os.listdir(folder) if n.endswith(".png"))[2]
+    Image.open(folder / name).rotate(90).save(folder / name)
+    encoders = encoders_of(models)
+    data.shared_records(data.folder_entries(str(folder)), ["[filewords]"], SETTINGS, encoders, cache)
+    assert encoders.vae_calls == 1
+    for changed in (data.DataSettings(**{**SETTINGS.__dict__, "resolution": 128}), SETTINGS):
+        encoders = encoders_of(models)
+        data.shared_records(data.folder_entries(str(folder)), ["[filewords]"], changed, encoders, cache)
+        assert encoders.vae_calls == (8 if changed.resolution == 128 else 0)
+    other_vae = data.Encoders(models.vae, models.tokenizers, models.text_encoders, "cpu", torch.float32, vae_id="x")
+    data.shared_records(data.folder_entries(str(folder)), ["[filewords]"], SETTINGS, other_vae, cache)
+    assert other_vae.vae_calls == 8, "another VAE's latents are other entries"
+
+
+def test_dataloader_workers_give_the_same_batches(models, small_dataset):
+    settings = data.DataSettings(name="n", resolution=64, random_flip=True, latent_sampling_method="random",
+                                 shuffle_tags=True, tag_drop_out=0.3, use_weight=True, seed=2)  # fmt: skip
+    template = ["a [filewords] by [name]", "[filewords], art"]
+    records, _ = data.shared_records(data.folder_entries(small_dataset), template, settings, encoders_of(models))
+    batches = {}
+    for workers in (0, 2):
+        sampler = data.EpochBatchSampler([r.size for r in records], 3, seed=2)
+        loader = torch.utils.data.DataLoader(
+            data.TrainingSamples(records, template, settings, models.tokenizers),
+            batch_sampler=sampler,
+            collate_fn=data.collate,
+            num_workers=workers,
+        )
+        batches[workers] = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            batches[workers] += list(loader)
+    assert len(batches[0]) == 2 * 3
+    for a, b in zip(batches[0], batches[2]):
+        assert a["keys"] == b["keys"] and a["captions"] == b["captions"]
+        for key in ("latents", "weight", "time_ids"):
+            assert torch.equal(a[key], b[key]), key
+        assert all(torch.equal(x, y) for x, y in zip(a["input_ids"], b["input_ids"]))
+    assert batches[0][0]["captions"] != batches[0][3]["captions"], "tags reshuffled in the next epoch"
+
+
+def test_datasets_are_read_lazily(tmp_path):
+    import datasets
+
+    rows = {"image": [], "text": []}
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (16 + i, 16), (i * 40, 0, 0)).save(path)
+        rows["image"].append(str(path))
+        rows["text"].append(f"thing {i}")
+    dataset = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    dataset.save_to_disk(str(tmp_path / "arrow"))
+    entries = data.dataset_entries(str(tmp_path / "arrow"))
+    assert len(entries) == 5 and entries.caption(3) == "thing 3"
+    assert entries.image(4).size == (20, 16)
+    assert entries.raw(2) == (tmp_path / "2.png").read_bytes(), "the file's bytes, not a decoded copy"
+    with pytest.raises(data.UsageError, match=r"--dataset_name .*nowhere/at-all: cannot be loaded"):
+        data.dataset_entries(str(tmp_path / "nowhere" / "at-all"))
+    os.makedirs(tmp_path / "empty")
+    (tmp_path / "empty" / "metadata.jsonl").write_text("")
+    with pytest.raises(data.UsageError, match=r"--dataset_name .*empty: (cannot be loaded|the dataset is empty)"):
+        data.dataset_entries(str(tmp_path / "empty"))
+
+
+def test_file_hashes_are_cached_by_size_and_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERNET_CACHE_DIR", str(tmp_path / "hashes"))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"x" * 1000)
+    first = formats.cached_sha256(path)
+    reads = []
+    real_open = open
+
+    def counting_open(file, *args, **kwargs):
+        if os.fspath(file) == os.path.realpath(path):
+            reads.append(1)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert formats.cached_sha256(path) == first and reads == [], "cached: the file is not read again"
+    path.write_bytes(b"y" * 1001)
+    assert formats.cached_sha256(path) != first and reads == [1]
+    cache = json.load(real_open(tmp_path / "hashes" / "hashes.json"))
+    assert cache[os.path.realpath(path)]["size"] == 1001
+
+
+@pytest.mark.slow
+def test_two_processes_cache_the_same_latents_as_one(tiny_model_dir, small_dataset, tmp_path):
+    flags = ["--random_flip", "--save_every", 0, "--max_train_steps", 2, "--hypernetwork_name", "x"]
+    assert train(tiny_model_dir, small_dataset, tmp_path / "one", "--cache_dir", tmp_path / "cache1", *flags) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+               os.path.join(ROOT, "train_hypernetwork.py"), "--pretrained_model_name_or_path", tiny_model_dir,
+               "--train_data_dir", small_dataset, "--output_dir", str(tmp_path / "two"), "--resolution", "64",
+               "--cache_dir", str(tmp_path / "cache2"), "--preview_every", "0", "--checkpointing_steps", "0",
+               *map(str, flags)]  # fmt: skip
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = cache_files(tmp_path / "cache1"), cache_files(tmp_path / "cache2")
+    assert len(one) == 8 and [os.path.basename(f) for f in one] == [os.path.basename(f) for f in two]
+    assert all(read(a) == read(b) for a, b in zip(one, two)), "bit for bit"
