@@ -13,8 +13,10 @@ the input's on a random context for every width; they must be equal (fp32) or wi
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 import warnings
 
 import torch
@@ -61,7 +63,7 @@ def outputs(hn, seed=0):
 
 
 def verify(original, path, dtype_name):
-    """Read `path` back and compare its outputs with `original`'s; raise if they disagree."""
+    """Read `path` back and compare its outputs with `original`'s; raise if they disagree or are not finite."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         written = hypernet.load(path)
@@ -73,33 +75,60 @@ def verify(original, path, dtype_name):
     worst = 0.0
     for width in want:
         for a, b in zip(want[width], got[width]):
-            scale = a.abs().max().item()
-            worst = max(worst, (a - b).abs().max().item() / max(scale, 1e-12))
+            difference = ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()
+            worst = max(worst, difference) if math.isfinite(difference) else math.inf
     if worst > tolerance:
         raise HypernetError(f"{path}: verification failed: outputs differ by {worst:.2e} (relative), over {tolerance}")
     return worst
 
 
+def check_representable(hn, dtype_name, source):
+    """Refuse a conversion whose weights overflow the target precision (they would turn into inf)."""
+    if dtype_name is None:
+        return
+    limit = torch.finfo(DTYPES[dtype_name]).max
+    largest = max(p.detach().abs().max().item() for p in hn.parameters())
+    if largest > limit:
+        raise HypernetError(
+            f"{source}: a weight of {largest:.3g} does not fit {dtype_name} (largest {limit:.3g}); keep fp32 or bf16"
+        )
+
+
+def same_file(a, b):
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def convert_file(source, target, dtype_name=None, overwrite=False):
-    """Convert one file; return a one-line report."""
-    if os.path.abspath(source) == os.path.abspath(target):
+    """Convert one file; return a one-line report. The output (and its .optim) is written and verified in a
+    temporary folder beside it and moved into place only when both are good: a failure leaves nothing behind, and
+    no file is replaced that was not asked for."""
+    if same_file(source, target) or os.path.realpath(source) == os.path.realpath(target):
         raise UsageError(f"{target}: the output must be a different file from the input")
     if not target.endswith(SUFFIXES):
         raise UsageError(f"{target}: name the output .pt or .safetensors")
-    if os.path.exists(target) and not overwrite:
-        raise UsageError(f"{target}: exists; pass --overwrite to replace it")
+    for path in (target, target + OPTIM_SUFFIX):
+        if os.path.lexists(path) and not overwrite:
+            raise UsageError(f"{path}: exists; pass --overwrite to replace it")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        hn = hypernet.load(source)
+        hn = hypernet.load(source, optimizer_state=True)
+    check_representable(hn, dtype_name, source)
     dtype = DTYPES[dtype_name] if dtype_name else None
-    hypernet.save(hn, target, hn.optimizer_state_dict, hn.optimizer_name, dtype=dtype)
-    if hn.optimizer_state_dict is None and os.path.exists(target + OPTIM_SUFFIX):
-        os.remove(target + OPTIM_SUFFIX)  # a stale companion of an overwritten file would not match it
-    worst = verify(hn, target, dtype_name or "fp32")  # keeping or widening the precision must be exact
+    directory = os.path.dirname(os.path.abspath(target))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".convert-", dir=directory) as work:
+        staged = os.path.join(work, os.path.basename(target))
+        hypernet.save(hn, staged, hn.optimizer_state_dict, hn.optimizer_name, dtype=dtype)
+        worst = verify(hn, staged, dtype_name or "fp32")  # keeping or widening the precision must be exact
+        if os.path.exists(staged + OPTIM_SUFFIX):
+            os.replace(staged + OPTIM_SUFFIX, target + OPTIM_SUFFIX)
+        elif os.path.lexists(target + OPTIM_SUFFIX):
+            os.remove(target + OPTIM_SUFFIX)  # --overwrite: the replaced file's companion would not match the new one
+        os.replace(staged, target)
     notes = []
     if hn.optimizer_state_dict is not None:
         notes.append(f"optimizer state carried to {os.path.basename(target)}{OPTIM_SUFFIX}")
-    elif os.path.exists(source + OPTIM_SUFFIX):
+    elif os.path.lexists(source + OPTIM_SUFFIX):
         reason = str(caught[-1].message) if caught else "unreadable"
         notes.append(f"optimizer state NOT carried ({reason})")
     check = "outputs identical" if worst == 0 else f"outputs within {worst:.1e} (relative)"
@@ -108,13 +137,13 @@ def convert_file(source, target, dtype_name=None, overwrite=False):
 
 def convert_folder(source_dir, target_dir, to=None, dtype_name=None, overwrite=False):
     """Convert every hypernetwork file in a folder; return (reports, skipped files, failures)."""
-    files = sorted(f for f in os.listdir(source_dir) if f.endswith(SUFFIXES) and not f.startswith("."))
+    files = sorted(f for f in os.listdir(source_dir) if f.lower().endswith(SUFFIXES) and not f.startswith("."))
     if not files:
         raise UsageError(f"{source_dir}: no .pt or .safetensors files")
     reports, skipped, failures = [], [], []
     for name in files:
         stem, suffix = os.path.splitext(name)
-        new_suffix = "." + to if to else (".safetensors" if suffix == ".pt" else ".pt")
+        new_suffix = "." + to if to else (".safetensors" if suffix.lower() == ".pt" else ".pt")
         target = os.path.join(target_dir, stem + new_suffix)
         try:
             reports.append(convert_file(os.path.join(source_dir, name), target, dtype_name, overwrite))
@@ -128,11 +157,11 @@ def convert_folder(source_dir, target_dir, to=None, dtype_name=None, overwrite=F
 def info(path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        hn = hypernet.load(path)
+        hn = hypernet.load(path, optimizer_state=True)
     optim_path = path + OPTIM_SUFFIX
     if hn.optimizer_state_dict is not None:
         optimizer = f"present, valid ({hn.optimizer_name})"
-    elif os.path.exists(optim_path):
+    elif os.path.lexists(optim_path):
         optimizer = "present, INVALID: " + (str(caught[-1].message) if caught else "unreadable")
     else:
         optimizer = "absent"

@@ -12,6 +12,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -128,67 +129,126 @@ def parse_args(input_args=None):
     return args
 
 
+MAX_MULTIPLIER = 100.0
+
+
+def parse_multiplier(text, where, example="NAME:0.8"):
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{where}: the strength after ':' must be a number, as in {example}") from None
+    if not math.isfinite(value) or abs(value) > MAX_MULTIPLIER:
+        raise UsageError(
+            f"{where}: the strength must be a finite number from -{MAX_MULTIPLIER:g} to {MAX_MULTIPLIER:g}"
+        )
+    return value
+
+
 def parse_hypernetwork_flag(value):
-    """'FILE[:MULTIPLIER]' -> (path, multiplier); a Windows drive letter's colon is not a separator."""
-    path, multiplier = value, 1.0
-    head, sep, tail = value.rpartition(":")
-    if sep and not re.fullmatch(r"[A-Za-z]", head) and not tail.startswith(("\\", "/")):
-        try:
-            multiplier = float(tail)
-        except ValueError:
-            raise UsageError(
-                f"--hypernetwork {value!r}: the multiplier after ':' must be a number, as in FILE:0.8"
-            ) from None
-        path = head
+    """'FILE[:MULTIPLIER]' -> (path, multiplier): the whole value where it is a file (a name may hold ':'), else
+    the part before the last ':'."""
+    if os.path.isfile(value):
+        return value, 1.0
+    path, sep, tail = value.rpartition(":")
+    if not sep or re.fullmatch(r"[A-Za-z]", path) or tail.startswith(("\\", "/")):
+        raise UsageError(f"--hypernetwork {value!r}: no such file")
     if not path:
         raise UsageError(f"--hypernetwork {value!r}: give a file, as in FILE or FILE:0.8")
+    multiplier = parse_multiplier(tail, f"--hypernetwork {value!r}", "FILE:0.8")
     if not os.path.isfile(path):
         raise UsageError(f"--hypernetwork {value!r}: no such file {path}")
     return path, multiplier
 
 
-def parse_prompt(prompt, hypernetwork_dir):
-    """Remove <hypernet:NAME:M> tags from a prompt; return (clean prompt, [(path, multiplier), ...])."""
+def hypernetworks_in(directory):
+    """{name: path} of the hypernetwork files directly inside a folder, by stem, as the webui lists them (.pt first)."""
+    if not os.path.isdir(directory):
+        return {}
+    found = {}
+    for suffix in (".safetensors", ".pt"):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if name.lower().endswith(suffix) and not name.startswith(".") and os.path.isfile(path):
+                found[name[: -len(suffix)]] = path
+    return found
+
+
+def parse_prompt(prompt, hypernetwork_dir, available=None):
+    """Remove <hypernet:NAME:M> tags from a prompt; return (clean prompt, [(path, multiplier), ...]). NAME is looked up
+    only among the files directly inside hypernetwork_dir, never as a path, as the webui looks it up."""
+    available = hypernetworks_in(hypernetwork_dir) if available is None else available
     found = []
     for name, multiplier in PROMPT_HYPERNET.findall(prompt):
-        try:
-            value = float(multiplier) if multiplier else 1.0
-        except ValueError:
+        tag = f"<hypernet:{name}{':' + multiplier if multiplier else ''}>"
+        value = parse_multiplier(multiplier, f"prompt tag {tag}") if multiplier else 1.0
+        if name not in available:
+            names = ", ".join(sorted(available)[:20]) or "none"
             raise UsageError(
-                f"prompt {prompt!r}: <hypernet:{name}:{multiplier}> needs a number after the name"
-            ) from None
-        for suffix in (".pt", ".safetensors"):
-            path = os.path.join(hypernetwork_dir, name + suffix)
-            if os.path.isfile(path):
-                found.append((path, value))
-                break
-        else:
-            raise UsageError(
-                f"prompt {prompt!r}: no {name}.pt or {name}.safetensors in --hypernetwork_dir {hypernetwork_dir}"
+                f"prompt tag {tag}: no hypernetwork {name!r} in --hypernetwork_dir {hypernetwork_dir} (it has: {names})"
             )
+        found.append((available[name], value))
     clean = re.sub(r"\s{2,}", " ", PROMPT_HYPERNET.sub("", prompt)).strip(" ,")
     return clean, found
 
 
+def read_prompts_file(path):
+    """One prompt a line; UTF-8 or UTF-16 with a BOM, as captions are read."""
+    from hypernet.data import read_text
+
+    return [line.strip() for line in read_text(path, "--prompts_file").splitlines() if line.strip()]
+
+
+def check_device(name):
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {name!r}: not a device; use cpu, cuda, cuda:1, mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: no such CUDA device here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"--device {name}: hypernet runs on cpu, cuda or mps")
+
+
+def check_output_folder(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--output_dir {path}: is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--output_dir {path}: not writable ({e.strerror})") from None
+
+
 def validate_args(args):
+    """Every flag checked before the model loads."""
     if args.prompts_file:
-        if not os.path.isfile(args.prompts_file):
-            raise UsageError(f"--prompts_file {args.prompts_file}: no such file")
-        with open(args.prompts_file, encoding="utf-8-sig") as f:
-            args.prompt += [line.strip() for line in f if line.strip()]
+        args.prompt += read_prompts_file(args.prompts_file)
     if not args.prompt:
         raise UsageError("give a --prompt or a --prompts_file")
     for flag in ("num_images", "batch_size", "num_inference_steps"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1")
     for flag in ("width", "height"):
-        if getattr(args, flag) is not None and getattr(args, flag) % 8:
-            raise UsageError(f"--{flag} {getattr(args, flag)}: must be a multiple of 8")
+        value = getattr(args, flag)
+        if value is not None and (value < 8 or value % 8):
+            raise UsageError(f"--{flag} {value}: must be a positive multiple of 8")
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
+        raise UsageError(f"--guidance_scale {args.guidance_scale}: must be a finite number, 0 or more")
+    images = len(args.prompt) * args.num_images
+    if not 0 <= args.seed <= 2**63 - 1 - images:
+        raise UsageError(f"--seed {args.seed}: must be from 0 to 2^63 - 1 less the number of images")
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         import diffusers
 
         if not args.scheduler.endswith("Scheduler") or not hasattr(diffusers, args.scheduler):
             raise UsageError(f"--scheduler {args.scheduler!r}: unknown; use one of: {', '.join(SCHEDULERS)}")
+    if args.device is not None:
+        check_device(args.device)
     model = args.pretrained_model_name_or_path
     if args.from_single_file:
         if not os.path.isfile(model):
@@ -206,7 +266,9 @@ def validate_args(args):
             "for a .safetensors/.ckpt file add --from_single_file"
         )
     args.hypernetwork = [parse_hypernetwork_flag(value) for value in args.hypernetwork]
-    args.jobs = [parse_prompt(prompt, args.hypernetwork_dir) for prompt in args.prompt]
+    available = hypernetworks_in(args.hypernetwork_dir)
+    args.jobs = [parse_prompt(prompt, args.hypernetwork_dir, available) for prompt in args.prompt]
+    check_output_folder(args.output_dir)
 
 
 def model_widths_from_config(args):

@@ -453,7 +453,7 @@ def read_entries(args):
 
 def make_hypernetwork(args, model_widths):
     if args.resume_hypernetwork:
-        hn = hypernet.load(args.resume_hypernetwork)
+        hn = hypernet.load(args.resume_hypernetwork, optimizer_state=True)
         hn.pt_keys, hn.pt_legacy_layout = None, False  # continue in the current webui layout
         hn.name = args.hypernetwork_name
         if hn.activation_func is None:

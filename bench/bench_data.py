@@ -56,13 +56,14 @@ def worker(args):
     records, _ = data.shared_records(entries, ["[filewords]"], settings, encoders, args.cache_dir, state)
     state.wait_for_everyone()
     seconds = time.perf_counter() - start
-    tensors = [t for r in records for t in (r.mean, r.std, r.flipped_mean, r.flipped_std, r.embedding)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for r in records
+                for t in (r.mean, r.std, r.flipped_mean, r.flipped_std, r.embedding) if t is not None}  # fmt: skip
     if state.is_main_process:
         print(json.dumps({
             "seconds": seconds,
             "vae_calls": encoders.vae_calls,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "records_mib": sum(t.numel() * t.element_size() for t in tensors) / 2**20,
+            "records_mib": sum(storages.values()) / 2**20,
         }))  # fmt: skip
 
 

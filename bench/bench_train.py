@@ -22,7 +22,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import PRESETS, PageFaults, PeakMemory, build, machine, median, median_interval, rotated, sync, timed
+from common import PRESETS, PageFaults, PeakMemory, build_unet, machine, median, median_interval, rotated, sync, timed
 
 import hypernet
 from hypernet.formats import DTYPES
@@ -246,7 +246,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dtype = DTYPES[args.dtype]
-    pipeline = build(args.preset, args.device, dtype)
+    pipeline = build_unet(args.preset, args.device, dtype)
     if args.gradient_checkpointing:
         pipeline.unet.enable_gradient_checkpointing()
     variants, hn = make_variants(pipeline, args, args.device, dtype)

@@ -30,6 +30,21 @@ def build(preset, device, dtype):
     return pipeline.to(device, dtype)
 
 
+def build_unet(preset, device, dtype):
+    """The architecture's frozen UNet, its scheduler and its VAE's scale factor, without the text encoders and VAE
+    (SDXL's would not fit in 24 GiB beside its UNet and a training step)."""
+    from types import SimpleNamespace
+
+    from make_tiny_model import PRESETS as MODEL_PRESETS
+    from make_tiny_model import build_unet as build
+
+    unet, scheduler = build(PRESETS[preset])
+    unet.requires_grad_(False)
+    unet.eval()
+    scale = 2 ** (len(MODEL_PRESETS[PRESETS[preset]]["vae"]["block_out_channels"]) - 1)
+    return SimpleNamespace(unet=unet.to(device, dtype), scheduler=scheduler, vae_scale_factor=scale)
+
+
 def sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()

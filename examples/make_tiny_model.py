@@ -126,6 +126,15 @@ def make_tiny_model(output_dir, preset="tiny", seed=0):
     return pipeline
 
 
+def build_unet(preset="tiny", seed=0):
+    """The preset's UNet and noise scheduler alone, with seeded random weights (what training benchmarks need)."""
+    config = PRESETS[preset]
+    torch.manual_seed(seed)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type=config["prediction_type"])  # fmt: skip
+    return UNet2DConditionModel(in_channels=4, out_channels=4, **config["unet"]), scheduler
+
+
 def build_pipeline(preset="tiny", seed=0, tokenizer_dir=None):
     """The preset's pipeline with seeded random weights, in memory."""
     import tempfile

@@ -71,14 +71,26 @@ def sample_key(seed, *parts):
 # -- reading images and captions ------------------------------------------------------------------------------
 
 
-def read_caption(path):
-    """A caption file's text: UTF-8 (with or without BOM) or UTF-16 with BOM; other encodings are refused."""
-    with open(path, "rb") as f:
-        raw = f.read()
+def read_text(path, flag=None):
+    """A text file's text: UTF-8 (with or without BOM) or UTF-16 with BOM; anything else is refused by name."""
+    where = f"{flag} {path}" if flag else str(path)
     try:
-        return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig").strip()
+        if not os.path.isfile(path):
+            raise UsageError(f"{where}: no such file")
+        if os.path.getsize(path) > 16 << 20:
+            raise UsageError(f"{where}: larger than 16 MiB, too large for a text file")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"{where}: cannot be read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
     except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 or UTF-16 text; re-save it as UTF-8") from None
+        raise UsageError(f"{where}: not UTF-8 or UTF-16 text; re-save it as UTF-8") from None
+
+
+def read_caption(path):
+    return read_text(path).strip()
 
 
 def filewords_from_name(filename):
@@ -218,13 +230,7 @@ def load_template(path):
     """A template file's lines (prompts with [filewords] and [name]); no file: the caption alone."""
     if path is None:
         return ["[filewords]"]
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
-    except UnicodeDecodeError:
-        raise UsageError(f"--template_file {path}: not UTF-8 or UTF-16 text; re-save it as UTF-8") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in read_text(path, "--template_file").splitlines() if line.strip()]
     if not lines:
         raise UsageError(f"--template_file {path}: empty; put one prompt template a line")
     if not any("[filewords]" in line for line in lines):
@@ -283,7 +289,7 @@ class Record:
     """One image, ready for training: latent mean/std (of the image and its mirror), caption, loss weight."""
 
     mean: torch.Tensor
-    std: torch.Tensor
+    std: torch.Tensor  # None unless latents are sampled again at every use
     flipped_mean: torch.Tensor
     flipped_std: torch.Tensor
     size: tuple  # (width, height) trained at
@@ -389,12 +395,12 @@ def encode_image(index, entries, template, settings, encoders, cache):
     if settings.latent_sampling_method == "once":
         mean = once
     if settings.latent_sampling_method != "random":
-        std = torch.zeros_like(mean)
+        std = None  # only 'random' samples again at every use
     return Record(
         mean=mean[0],
-        std=std[0],
+        std=None if std is None else std[0],
         flipped_mean=mean[-1],
-        flipped_std=std[-1],
+        flipped_std=None if std is None else std[-1],
         size=size,
         original_size=image.size,
         crop_top_left=(top, left),

@@ -8,10 +8,12 @@ before anything in it runs.
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
 import secrets
+import stat
 import struct
 import warnings
 import zipfile
@@ -20,11 +22,10 @@ from contextlib import contextmanager
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save_file as save_safetensors_file
 
 from .errors import FormatError, HypernetError, NotAHypernetworkError
-from .module import LOAD_DEFAULTS, Hypernetwork
+from .module import ACTIVATIONS, LOAD_DEFAULTS, Hypernetwork
 
 # A1111's file keys, in the order its Hypernetwork.save() writes them, and the attribute each one holds.
 PT_KEYS = {
@@ -109,32 +110,245 @@ def torch_save_for_webui(obj, tmp, path):
             target.writestr(info, source.read(member))
 
 
-def torch_load_safely(path):
-    """torch.load(weights_only=True), with every failure turned into one FormatError naming the file."""
+# -- reading: every file is untrusted -------------------------------------------------------------------------
+# A file may hold anything. Reading checks each field's type and range, bounds nesting, sizes and zip inflation,
+# and builds modules only after the file's tensors have been checked against the settings (on the meta device, so
+# settings that call for huge layers allocate nothing): no file can make a command use much more time or memory
+# than its own tensors call for.
+
+MAX_WIDTH = 16384
+MAX_LAYER_MULTIPLE = 64
+MAX_LAYERS = 32
+MAX_TEXT = 1 << 16
+MAX_VALUES = 10_000  # values in a file's metadata, counted at every reference, so shared ones cannot multiply
+MAX_OPTIM_VALUES = 1_000_000
+MAX_NESTING = 16
+MAX_HEADER = 16 << 20
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SAFETENSORS_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def regular_file(path):
+    """The size of a regular file; anything else (missing, a folder, a pipe, a device) is refused by name."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot be read ({e.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise FormatError(f"{path}: is a folder, not a hypernetwork file")
+    if not stat.S_ISREG(info.st_mode):
+        raise FormatError(f"{path}: not a regular file (a pipe or a device); hypernet reads only files")
+    return info.st_size
+
+
+def file_kind(path, size):
+    """'zip', 'pickle' (torch's format before 1.6), 'tar', 'safetensors', or None, from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    if head[257:262] == b"ustar":
+        return "tar"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return None
+
+
+def check_zip(path, size):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise FormatError(f"{path}: not a readable PyTorch file ({e}); it may be truncated or corrupted") from None
+    claimed = sum(member.file_size for member in members)
+    if claimed > 2 * size + (1 << 20) or len(members) > 100_000:
+        raise FormatError(
+            f"{path}: its zip members claim {claimed:,} bytes in a file of {size:,}: refused (a zip bomb or a "
+            "damaged file)"
+        )
+
+
+def torch_load_safely(path):
+    """torch.load(weights_only=True) of a checked file, with every failure turned into one FormatError naming it."""
+    size = regular_file(path)
+    kind = file_kind(path, size)
+    if kind == "safetensors":
+        raise FormatError(f"{path}: a safetensors file: name it .safetensors")
+    if kind == "tar":
+        raise FormatError(
+            f"{path}: a torch file in the old tar format, which cannot be read safely; re-save it with a current "
+            "torch or the webui"
+        )
+    if kind is None:
+        raise FormatError(f"{path}: not a PyTorch file")
+    if kind == "zip":
+        check_zip(path, size)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
             raise FormatError(
                 f"{path}: refused, the file needs arbitrary code to unpickle (not a plain hypernetwork); "
                 "nothing in it was run. Load only files you trust, or ask the author for a .safetensors"
             ) from None
-        raise FormatError(f"{path}: not a readable PyTorch file ({e}); it may be truncated or corrupted") from None
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise FormatError(f"{path}: is a folder, not a hypernetwork file") from None
+        raise FormatError(f"{path}: not a readable PyTorch file; it may be truncated or corrupted") from None
+    except RecursionError:
+        raise FormatError(f"{path}: nested too deeply to be a hypernetwork file") from None
+    except MemoryError:
+        raise FormatError(f"{path}: too large to read") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, zipfile and struct errors for damaged files
+        reason = str(e).splitlines()[0][:200] if str(e) else ""
         raise FormatError(
-            f"{path}: not a readable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "it may be truncated or corrupted"
+            f"{path}: not a readable PyTorch file ({type(e).__name__}: {reason}); it may be truncated or corrupted"
         ) from None
 
 
+def check_plain(value, where, budget=None, depth=0, tensors=False):
+    """Walk a loaded structure once: plain data (and tensors where allowed) within bounds of size and nesting."""
+    budget = budget if budget is not None else [MAX_VALUES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise FormatError(f"{where}: too large a structure (more than {MAX_VALUES:,} values) for a hypernetwork file")
+    if depth > MAX_NESTING:
+        raise FormatError(f"{where}: nested more than {MAX_NESTING} deep")
+    if isinstance(value, torch.Tensor):
+        if not tensors:
+            raise FormatError(f"{where}: holds a tensor where a setting belongs")
+    elif isinstance(value, str):
+        if len(value) > MAX_TEXT:
+            raise FormatError(f"{where}: a text of {len(value):,} characters, more than {MAX_TEXT:,}")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_plain(item, where, budget, depth + 1, tensors)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_plain(key, where, budget, depth + 1)
+            check_plain(item, where, budget, depth + 1, tensors)
+    elif value is not None and not isinstance(value, (bool, int, float)):
+        raise FormatError(f"{where}: holds a {type(value).__name__}, which a hypernetwork file does not")
+
+
+def check_number(value, what, whole=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FormatError(f"{what} is {value!r}, not a finite number")
+    if whole and value != int(value):
+        raise FormatError(f"{what} is {value!r}, not a whole number")
+    return int(value) if whole else value
+
+
+def check_settings(meta):
+    """The webui's settings, each of its type and in its range; raises FormatError (without the path) otherwise."""
+    for key in ("name", "weight_init", "sd_checkpoint", "sd_checkpoint_name", "optional_info"):
+        if meta[key] is not None and not isinstance(meta[key], str):
+            raise FormatError(f"{key} is a {type(meta[key]).__name__}, not text")
+    for key in ("add_layer_norm", "use_dropout", "activate_output", "last_layer_dropout"):
+        if not isinstance(meta[key], bool):
+            raise FormatError(f"{key} is {meta[key]!r}, not true or false")
+    meta["step"] = check_number(meta["step"], "step", whole=True)
+    if not 0 <= meta["step"] <= 10**12:
+        raise FormatError(f"step is {meta['step']}, outside 0 to 10^12")
+    layers = meta["layer_structure"]
+    if not isinstance(layers, (list, tuple)) or not 2 <= len(layers) <= MAX_LAYERS:
+        raise FormatError(f"layer_structure is {str(layers)[:80]}, not a list of 2 to {MAX_LAYERS} numbers")
+    if layers[0] != 1 or layers[-1] != 1:
+        raise FormatError(f"layer_structure {list(layers)[:8]} must start and end with 1, e.g. 1,2,1")
+    for a in layers:
+        if not 0 < check_number(a, "layer_structure entry") <= MAX_LAYER_MULTIPLE:
+            raise FormatError(
+                f"layer_structure {list(layers)}: entries must be above 0 and at most {MAX_LAYER_MULTIPLE}"
+            )
+    if meta["activation_func"] is not None and meta["activation_func"] not in ACTIVATIONS:
+        raise FormatError(
+            f"unknown activation_func {str(meta['activation_func'])[:40]!r}; use one of: {', '.join(sorted(ACTIVATIONS))}"
+        )
+    dropout = meta["dropout_structure"]
+    if dropout is not None:
+        if not isinstance(dropout, (list, tuple)) or len(dropout) != len(layers):
+            raise FormatError(f"dropout_structure {str(dropout)[:80]} must have one entry per layer_structure entry")
+        for p in dropout:
+            check_number(p, "dropout_structure entry")
+
+
+def check_tensor(tensor, where):
+    if not isinstance(tensor, torch.Tensor):
+        raise FormatError(f"{where} is a {type(tensor).__name__}, not a tensor")
+    if tensor.layout != torch.strided or tensor.is_meta:
+        raise FormatError(f"{where} is a {tensor.layout if tensor.layout != torch.strided else 'meta'} tensor")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise FormatError(
+            f"{where} holds {str(tensor.dtype).replace('torch.', '')}; weights are float16/32/64 or bfloat16"
+        )
+
+
+def check_width(width):
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_WIDTH:
+        raise FormatError(f"width {str(width)[:40]} is not a whole number from 1 to {MAX_WIDTH}")
+
+
+def meta_hypernetwork(path, widths, meta):
+    """The Hypernetwork these settings describe, built on the meta device: nothing is allocated, however large the
+    layers they call for."""
+    try:
+        check_settings(meta)
+        for width in widths:
+            check_width(width)
+        with torch.device("meta"):
+            return Hypernetwork(widths, **{key: value for key, value in meta.items() if key != "weight_init"})
+    except HypernetError as e:
+        raise FormatError(f"{path}: {e}") from None
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
+        raise FormatError(f"{path}: malformed hypernetwork settings ({str(e).splitlines()[0][:200]})") from None
+
+
+def check_fit(path, hn, shapes):
+    """The tensors' names and shapes ({name: shape}) are exactly what the settings call for."""
+    expected = {key: tuple(value.shape) for key, value in hn.state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise FormatError(
+            f"{path}: its weights do not fit its settings (layer_structure {hn.layer_structure}, activation "
+            f"{hn.activation_func!r}, layer norm {hn.add_layer_norm}): "
+            + (f"missing {missing[:3]} " if missing else "")
+            + (f"unexpected {unexpected[:3]}" if unexpected else "")
+        )
+    for key, shape in shapes.items():
+        if tuple(shape) != expected[key]:
+            raise FormatError(
+                f"{path}: {key} has shape {tuple(shape)} but layer_structure {hn.layer_structure} needs {expected[key]}"
+            )
+
+
+def build(path, widths, meta, tensors):
+    """The Hypernetwork with these settings holding these tensors, which become its weights once their types,
+    shapes and values are checked."""
+    hn = meta_hypernetwork(path, widths, meta)
+    for key, tensor in tensors.items():
+        try:
+            check_tensor(tensor, key)
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
+    check_fit(path, hn, {key: tensor.shape for key, tensor in tensors.items()})
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise FormatError(f"{path}: {key} holds NaN or infinite weights; the file is damaged")
+    dtypes = {t.dtype for t in tensors.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    hn.load_state_dict({key: t.to(dtype).contiguous() for key, t in tensors.items()}, assign=True)
+    # Loaded weights overwrite the initialisation, so keep the file's values even where hypernet does not use them.
+    hn.weight_init = meta["weight_init"]
+    hn.use_dropout = meta["use_dropout"]
+    hn.last_layer_dropout = meta["last_layer_dropout"]
+    return hn
+
+
 def _modern_state_dict(module_state, legacy):
-    if not isinstance(module_state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in module_state.items()
-    ):
+    if not isinstance(module_state, dict) or not all(isinstance(k, str) for k in module_state):
         raise FormatError("a width's entry is not a state dict of tensors")
     if not legacy:
         return dict(module_state)
@@ -148,14 +362,23 @@ def _modern_state_dict(module_state, legacy):
 
 
 def hypernetwork_from_pt_dict(data, path, name=None):
-    """Build a Hypernetwork from the dict in an A1111 .pt file, taking A1111's load defaults for absent keys."""
+    """Build a Hypernetwork from the dict in a webui .pt file, taking the webui's load defaults for absent keys."""
     if not isinstance(data, dict):
         raise NotAHypernetworkError(f"{path}: not a hypernetwork (the file holds a {type(data).__name__}, not a dict)")
     widths = [key for key in data if isinstance(key, int) and not isinstance(key, bool)]
     if not widths:
         raise NotAHypernetworkError(f"{path}: not a hypernetwork (no integer width keys such as 768 or 320)")
+    keys = [key for key in data if key not in widths]
+    budget = [MAX_VALUES]
+    for key, value in data.items():
+        if key in widths:
+            check_plain(value, f"{path}: width {key}", budget, tensors=True)
+        elif isinstance(key, str):
+            check_plain(value, f"{path}: {key}", budget)
+        else:
+            raise FormatError(f"{path}: key {str(key)[:40]!r} is neither a width nor a setting's name")
     meta = {attribute: data.get(key, LOAD_DEFAULTS[attribute]) for key, attribute in PT_KEYS.items()}
-    if meta["dropout_structure"] is not None and any(meta["dropout_structure"]):
+    if isinstance(meta["dropout_structure"], (list, tuple)) and any(p != 0 for p in meta["dropout_structure"]):
         meta["use_dropout"] = True
     legacy = any(
         isinstance(data[w], (tuple, list))
@@ -165,10 +388,6 @@ def hypernetwork_from_pt_dict(data, path, name=None):
         for w in widths
     )
     meta["name"] = meta["name"] if meta["name"] is not None else name
-    hn = _build(path, widths, meta)
-    hn.pt_keys = [key for key in data if not isinstance(key, int) or isinstance(key, bool)]
-    hn.pt_legacy_layout = legacy
-    hn.extra_pt_metadata = {key: data[key] for key in hn.pt_keys if key not in PT_KEYS}
     tensors = {}
     for width in widths:
         pair = data[width]
@@ -181,48 +400,11 @@ def hypernetwork_from_pt_dict(data, path, name=None):
                 raise FormatError(f"{path}: width {width}: {e}") from None
             for key, value in module_state.items():
                 tensors[f"layers.{width}.{index}.{key}"] = value
-    _load_tensors(hn, tensors, path)
+    hn = build(path, widths, meta, tensors)
+    hn.pt_keys = keys
+    hn.pt_legacy_layout = legacy
+    hn.extra_pt_metadata = {key: data[key] for key in keys if key not in PT_KEYS}
     return hn
-
-
-def _build(path, widths, meta):
-    try:
-        hn = Hypernetwork(
-            widths,
-            **{key: value for key, value in meta.items() if key != "weight_init"},
-        )
-    except HypernetError as e:
-        raise FormatError(f"{path}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise FormatError(f"{path}: malformed hypernetwork settings ({e})") from None
-    # Loaded weights overwrite the initialisation, so keep the file's value even if we do not know it.
-    hn.weight_init = meta["weight_init"]
-    hn.use_dropout = meta["use_dropout"]
-    hn.last_layer_dropout = meta["last_layer_dropout"]
-    return hn
-
-
-def _load_tensors(hn, tensors, path):
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) == 1 and next(iter(dtypes)).is_floating_point:
-        hn.to(next(iter(dtypes)))
-    expected = hn.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise FormatError(
-            f"{path}: its weights do not fit its settings (layer_structure {hn.layer_structure}, activation "
-            f"{hn.activation_func!r}, layer norm {hn.add_layer_norm}): "
-            + (f"missing {missing[:3]} " if missing else "")
-            + (f"unexpected {unexpected[:3]}" if unexpected else "")
-        )
-    for key, tensor in tensors.items():
-        if tensor.shape != expected[key].shape:
-            raise FormatError(
-                f"{path}: {key} has shape {tuple(tensor.shape)} but layer_structure {hn.layer_structure} "
-                f"needs {tuple(expected[key].shape)}"
-            )
-    hn.load_state_dict(tensors)
 
 
 def pt_dict(hn, dtype=None):
@@ -296,24 +478,42 @@ def safetensors_tensors_and_metadata(hn, dtype=None):
 
 def read_safetensors_header(path):
     """The JSON header of a safetensors file, checked for sane sizes before anything else is read."""
-    size = os.path.getsize(path)
+    size = regular_file(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
         (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, 100 << 20):
+        if length > min(size - 8, MAX_HEADER):
+            if file_kind(path, size) in ("zip", "pickle"):
+                raise FormatError(f"{path}: a PyTorch file: name it .pt")
             raise FormatError(f"{path}: corrupted safetensors header (it claims {length} bytes, the file has {size})")
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise FormatError(f"{path}: corrupted safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: corrupted safetensors header (not a JSON object)")
     return header
 
 
+def _metadata_value(metadata, key, path, default):
+    if key not in metadata:
+        return default
+    text = metadata[key]
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        raise FormatError(f"{path}: corrupted metadata: {key} is not JSON") from None
+    if not isinstance(text, str):
+        raise FormatError(f"{path}: corrupted metadata: {key} is not text")
+    check_plain(value, f"{path}: {key}")
+    return value
+
+
 def load_safetensors(path, name=None):
+    from safetensors import safe_open
+
     header = read_safetensors_header(path)
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or metadata.get("format") != SAFETENSORS_FORMAT:
@@ -321,103 +521,150 @@ def load_safetensors(path, name=None):
             f"{path}: not a hypernet safetensors file (its metadata lacks format={SAFETENSORS_FORMAT}); "
             "LoRA and checkpoint files are not hypernetworks"
         )
-    try:
-        tensors = load_safetensors_file(path, device="cpu")
-        decoded = {key: json.loads(metadata[key]) for key in PT_KEYS if key in metadata}
-        widths = json.loads(metadata["widths"])
-        pt_keys = json.loads(metadata.get("pt_keys", "null"))
-        legacy = bool(json.loads(metadata.get("pt_legacy_layout", "false")))
-        extra = json.loads(metadata.get("pt_extra", "{}"))
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise FormatError(
-            f"{path}: corrupted safetensors file ({str(e).splitlines()[0] if str(e) else e!r})"
-        ) from None
+    decoded = {
+        key: _metadata_value(metadata, key, path, LOAD_DEFAULTS[attribute]) for key, attribute in PT_KEYS.items()
+    }
+    widths = _metadata_value(metadata, "widths", path, None)
+    pt_keys = _metadata_value(metadata, "pt_keys", path, None)
+    legacy = _metadata_value(metadata, "pt_legacy_layout", path, False)
+    extra = _metadata_value(metadata, "pt_extra", path, {})
     if not isinstance(widths, list) or not widths or not all(isinstance(w, int) for w in widths):
-        raise FormatError(f"{path}: corrupted metadata: widths {metadata.get('widths')!r} is not a list of integers")
-    meta = {attribute: decoded.get(key, LOAD_DEFAULTS[attribute]) for key, attribute in PT_KEYS.items()}
+        raise FormatError(
+            f"{path}: corrupted metadata: widths {str(metadata.get('widths'))[:80]!r} is not a list of integers"
+        )
+    if pt_keys is not None and (not isinstance(pt_keys, list) or not all(isinstance(k, str) for k in pt_keys)):
+        raise FormatError(f"{path}: corrupted metadata: pt_keys is not a list of names")
+    if not isinstance(legacy, bool) or not isinstance(extra, dict):
+        raise FormatError(f"{path}: corrupted metadata: pt_legacy_layout or pt_extra has the wrong type")
+    meta = {attribute: decoded[key] for key, attribute in PT_KEYS.items()}
     meta["name"] = meta["name"] if meta["name"] is not None else name
-    hn = _build(path, widths, meta)
+    names = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        width, side, rest = (key.split(".", 2) + ["", ""])[:3]
+        if side not in ("k", "v") or not width.isdigit():
+            raise FormatError(f"{path}: unexpected tensor {key[:80]!r}; names look like '768.k.linear.0.weight'")
+        if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise FormatError(f"{path}: tensor {key} is not float16/32/64 or bfloat16")
+        names[key] = f"layers.{width}.{'kv'.index(side)}.{rest}"
+    shapes = {}
+    for key, target in names.items():
+        shape = header[key].get("shape")
+        if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+            raise FormatError(f"{path}: tensor {key} has no valid shape")
+        shapes[target] = tuple(shape)
+    check_fit(path, meta_hypernetwork(path, widths, meta), shapes)  # before a byte of the tensors is read
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            tensors = {names[key]: f.get_tensor(key) for key in names}
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else repr(e)
+        raise FormatError(f"{path}: corrupted safetensors file ({reason})") from None
+    hn = build(path, widths, meta, tensors)
     hn.pt_keys = pt_keys
     hn.pt_legacy_layout = legacy
-    hn.extra_pt_metadata = extra if isinstance(extra, dict) else {}
-    renamed = {}
-    for key, tensor in tensors.items():
-        width, side, rest = (key.split(".", 2) + ["", ""])[:3]
-        if side not in ("k", "v"):
-            raise FormatError(f"{path}: unexpected tensor {key!r}; names look like '768.k.linear.0.weight'")
-        renamed[f"layers.{width}.{'kv'.index(side)}.{rest}"] = tensor
-    _load_tensors(hn, renamed, path)
+    hn.extra_pt_metadata = extra
     return hn
 
 
-def load(path):
-    """Read a hypernetwork from an A1111 .pt (any layout) or a .safetensors file.
+def load(path, optimizer_state=False):
+    """Read a hypernetwork from a webui .pt (any layout) or a .safetensors file; anything else is one FormatError.
 
-    If `path`.optim exists and its hash matches this file, its optimizer state is exposed as
-    hn.optimizer_state_dict and hn.optimizer_name; otherwise both stay None and a warning says why.
+    The .optim companion is read only when asked (training, converting): where it is a regular file that belongs to
+    this exact file (its hash) and is well formed, its state is exposed as hn.optimizer_state_dict and
+    hn.optimizer_name; otherwise both stay None and a warning says why.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FormatError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
     name = os.path.splitext(os.path.basename(path))[0]
-    if path.endswith(".safetensors"):
+    if path.lower().endswith(".safetensors"):
         hn = load_safetensors(path, name)
     else:
         hn = hypernetwork_from_pt_dict(torch_load_safely(path), path, name)
     hn.eval()
     hn.requires_grad_(False)
-    load_optimizer_state(hn, path)
+    hn.optimizer_name = hn.optimizer_state_dict = None
+    if optimizer_state:
+        load_optimizer_state(hn, path)
     return hn
 
 
 def load_optimizer_state(hn, path):
     """Attach the .optim companion's state to `hn` when it belongs to this exact file; warn and skip otherwise."""
     optim_path = path + OPTIM_SUFFIX
-    hn.optimizer_name = None
-    hn.optimizer_state_dict = None
-    if not os.path.exists(optim_path):
+    if not os.path.lexists(optim_path):
         return
     try:
         saved = torch_load_safely(optim_path)
+        check_plain(saved, optim_path, budget=[MAX_OPTIM_VALUES], tensors=True)
+        problem = optimizer_file_problem(saved, path, list(hn.parameters()))
     except FormatError as e:
-        warnings.warn(f"ignoring optimizer state: {e}", stacklevel=3)
-        return
-    if not isinstance(saved, dict) or not isinstance(saved.get("optimizer_state_dict"), dict):
-        warnings.warn(f"ignoring optimizer state: {optim_path} holds no optimizer_state_dict", stacklevel=3)
-        return
-    expected = shorthash(path)
-    if saved.get("hash") != expected:
-        warnings.warn(
-            f"ignoring optimizer state: {optim_path} was saved for another file (hash {saved.get('hash')!r}, "
-            f"{os.path.basename(path)} has {expected}); training restarts the optimizer",
-            stacklevel=3,
-        )
-        return
-    problem = optimizer_state_mismatch(saved["optimizer_state_dict"], list(hn.parameters()))
+        problem = str(e)
     if problem:
-        warnings.warn(f"ignoring optimizer state: {optim_path}: {problem}", stacklevel=3)
+        warnings.warn(f"ignoring optimizer state: {problem}", stacklevel=3)
         return
     hn.optimizer_name = saved.get("optimizer_name") or "AdamW"
     hn.optimizer_state_dict = saved["optimizer_state_dict"]
 
 
+def optimizer_file_problem(saved, path, parameters):
+    """Why a loaded .optim cannot continue training these parameters of the file at `path`, or None if it can."""
+    optim_path = path + OPTIM_SUFFIX
+    if not isinstance(saved, dict) or not isinstance(saved.get("optimizer_state_dict"), dict):
+        return f"{optim_path} holds no optimizer_state_dict"
+    if not isinstance(saved.get("optimizer_name", "AdamW"), (str, type(None))):
+        return f"{optim_path}: its optimizer_name is not text"
+    expected = shorthash(path)
+    if saved.get("hash") != expected:
+        return (
+            f"{optim_path} was saved for another file (hash {str(saved.get('hash'))[:40]!r}, "
+            f"{os.path.basename(path)} has {expected}); training restarts the optimizer"
+        )
+    problem = optimizer_state_mismatch(saved["optimizer_state_dict"], parameters)
+    return f"{optim_path}: {problem}" if problem else None
+
+
+OPTIMIZER_LEVEL_STATE = ("qmap", "absmax", "max", "new_max", "unorm", "gnorm")
+
+
 def optimizer_state_mismatch(state_dict, parameters):
-    """Why an optimizer state dict cannot belong to these parameters (A1111's order), or None if it can."""
+    """Why an optimizer state dict cannot belong to these parameters (the webui's order), or None if it can."""
     groups = state_dict.get("param_groups")
     state = state_dict.get("state")
-    if not isinstance(groups, list) or not isinstance(state, dict):
+    if not isinstance(groups, list) or not isinstance(state, dict) or not all(isinstance(g, dict) for g in groups):
         return "not an optimizer state dict (no param_groups/state)"
-    indices = [i for group in groups if isinstance(group, dict) for i in group.get("params", [])]
-    if len(indices) != len(parameters):
+    indices = []
+    for group in groups:
+        params = group.get("params")
+        if not isinstance(params, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in params):
+            return "its param_groups' params are not lists of parameter numbers"
+        indices += params
+        for key, value in group.items():
+            numbers = value if isinstance(value, (list, tuple)) and key != "params" else [value]
+            for number in numbers:
+                if isinstance(number, float) and not math.isfinite(number):
+                    return f"its {key} is {number}"
+                if isinstance(number, torch.Tensor) and not torch.isfinite(number).all():
+                    return f"its {key} is not finite"
+    if len(indices) != len(parameters) or len(set(indices)) != len(indices):
         return f"it is for {len(indices)} parameters, the hypernetwork has {len(parameters)}"
     position = {index: n for n, index in enumerate(indices)}
     for index, values in state.items():
         if index not in position or not isinstance(values, dict):
-            return f"it has state for unknown parameter {index!r}"
+            return f"it has state for unknown parameter {str(index)[:20]!r}"
         shape = parameters[position[index]].shape
         for key, value in values.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shape:
-                return f"{key} of parameter {index} has shape {tuple(value.shape)}, the weight has {tuple(shape)}"
+            if isinstance(value, torch.Tensor):
+                if value.layout != torch.strided or value.is_meta:
+                    return f"{key} of parameter {index} is not a plain tensor"
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    return f"{key} of parameter {index} holds NaN or infinite values"
+                # Per-weight state (moments) has the weight's shape; 8-bit AdamW's quantization maps and block
+                # scales belong to the optimizer.
+                if value.dim() > 0 and not key.startswith(OPTIMIZER_LEVEL_STATE) and value.shape != shape:
+                    return f"{key} of parameter {index} has shape {tuple(value.shape)}, the weight has {tuple(shape)}"
+            elif isinstance(value, float) and not math.isfinite(value):
+                return f"{key} of parameter {index} is {value}"
     return None
 
 

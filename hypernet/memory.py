@@ -12,9 +12,9 @@ def retain_freed_memory():
 
     A training or denoising step on the CPU allocates and frees the same activations every time. glibc returns
     large freed blocks to the kernel (unmapping them, trimming the heap), so each step gets them back one page
-    fault at a time: on SD 1.5 at 256x256, 300,000 to 600,000 faults and a fifth of the step's CPU time. With these
-    settings the heap grows to a step's peak once and stays there; the process's resident memory stays at that
-    peak too, which is why only CPU runs use this. Returns False where it does not apply (not glibc).
+    fault at a time (bench/RESULTS.md has the cost). With these settings the heap grows to a step's peak once and
+    stays there; the process's resident memory stays at that peak too, which is why the scripts use this on the CPU
+    only. Returns False where it does not apply (not glibc).
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -64,7 +64,7 @@ def assert_optim_accepted(pt_path):
     saved = torch.load(pt_path + ".optim", weights_only=True)
     with open(pt_path, "rb") as f:
         assert saved["hash"] == hashlib.sha256(f.read()).hexdigest()[:10]
-    assert hypernet.load(pt_path).optimizer_state_dict is not None
+    assert hypernet.load(pt_path, optimizer_state=True).optimizer_state_dict is not None
 
 
 UMASK = 0o027

@@ -41,7 +41,7 @@ def test_reproduces_a1111_outputs(case, expected):
 @pytest.mark.parametrize("case", CASES)
 def test_reads_what_a1111_reads(case, cases):
     want = cases[case]
-    hn = hypernet.load(a1111_file(case))
+    hn = hypernet.load(a1111_file(case), optimizer_state=True)
     assert sorted(hn.widths) == sorted(want["dims"])
     assert hn.layer_structure == want["layer_structure"]
     assert hn.activation_func == want["activation_func"]
@@ -103,7 +103,7 @@ def test_new_hypernetwork_saves_a1111_dict(tmp_path):
 
 
 def test_optimizer_state_accepted_when_hash_matches(tmp_path):
-    hn = hypernet.load(a1111_file("case8_with_optim"))
+    hn = hypernet.load(a1111_file("case8_with_optim"), optimizer_state=True)
     assert hn.optimizer_name == "AdamW"
     assert set(hn.optimizer_state_dict) == {"state", "param_groups"}
     optimizer = torch.optim.AdamW(hn.parameters())
@@ -117,17 +117,17 @@ def test_optimizer_state_refused_when_pt_altered(tmp_path):
     with open(tmp_path / "c.pt", "ab") as f:
         f.write(b"\0")
     with pytest.warns(UserWarning, match="saved for another file"):
-        hn = hypernet.load(tmp_path / "c.pt")
+        hn = hypernet.load(tmp_path / "c.pt", optimizer_state=True)
     assert hn.optimizer_state_dict is None and hn.optimizer_name is None
 
 
 def test_optimizer_state_with_wrong_shapes_ignored(tmp_path):
-    hn = hypernet.load(a1111_file("case8_with_optim"))
+    hn = hypernet.load(a1111_file("case8_with_optim"), optimizer_state=True)
     state = hn.optimizer_state_dict
     state["state"][0]["exp_avg"] = torch.zeros(3, 3)
     hypernet.save(hn, tmp_path / "w.pt", optimizer_state_dict=state)
     with pytest.warns(UserWarning, match=r"exp_avg of parameter 0 has shape \(3, 3\)"):
-        assert hypernet.load(tmp_path / "w.pt").optimizer_state_dict is None
+        assert hypernet.load(tmp_path / "w.pt", optimizer_state=True).optimizer_state_dict is None
 
 
 def test_save_writes_optim_companion_with_file_hash(tmp_path):
@@ -139,7 +139,7 @@ def test_save_writes_optim_companion_with_file_hash(tmp_path):
         assert optim["hash"] == shorthash(path) and optim["optimizer_name"] == "AdamW"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert hypernet.load(path).optimizer_state_dict is not None
+            assert hypernet.load(path, optimizer_state=True).optimizer_state_dict is not None
 
 
 class Payload:

@@ -80,7 +80,7 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
     assert settings["dataset_size"] == 8 and settings["template_file"] == str(template)
     assert settings["model_hash"] == hypernet.formats.base_model_hash(tiny_model_dir)
 
-    hn = hypernet.load(out / "inky.pt")
+    hn = hypernet.load(out / "inky.pt", optimizer_state=True)
     assert hn.step == 8 and hn.name == "inky" and hn.activation_func == "relu"
     assert hn.sd_checkpoint == settings["model_hash"] and hn.sd_checkpoint_name == os.path.basename(tiny_model_dir)
     assert hn.optimizer_name == "AdamW" and hn.optimizer_state_dict is not None

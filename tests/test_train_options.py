@@ -117,7 +117,7 @@ def test_continue_an_a1111_file_with_its_optimizer_state(tiny_model_dir, small_d
     out = tmp_path / "more"
     assert train(tiny_model_dir, small_dataset, out, "--resume_hypernetwork", tmp_path / "case8.pt",
                  "--hypernetwork_name", "case8b", steps=4) == 0  # fmt: skip
-    hn = hypernet.load(out / "case8b.pt")
+    hn = hypernet.load(out / "case8b.pt", optimizer_state=True)
     assert hn.step == 4 and hn.widths == [96, 40] and hn.activation_func == "relu"
     state = hn.optimizer_state_dict["state"]
     assert int(state[0]["step"]) == 4, "3 steps on top of the file's 1: its AdamW state carried on"
@@ -146,7 +146,7 @@ def test_8bit_adam_on_cpu_and_a_clear_error_without_bitsandbytes(
     out = tmp_path / "bnb"
     assert train(tiny_model_dir, small_dataset, out, "--use_8bit_adam", "--clip_grad_mode", "value",
                  "--clip_grad_value", "0.05:2, 0.01", steps=3) == 0  # fmt: skip
-    hn = hypernet.load(out / "bnb.pt")
+    hn = hypernet.load(out / "bnb.pt", optimizer_state=True)
     assert hn.optimizer_name == "AdamW8bit" and hn.optimizer_state_dict is not None
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
     code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, out) + ["--use_8bit_adam"])

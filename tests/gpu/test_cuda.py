@@ -55,5 +55,5 @@ def test_mixed_precision_training_on_cuda(tiny_model_dir, small_dataset, tmp_pat
     rows = open(out / "loss.csv").read().split()[1:]
     losses = [float(r.split(",")[3]) for r in rows]
     assert sum(losses[-10:]) < sum(losses[:10])
-    hn = hypernet.load(out / "x.pt")
+    hn = hypernet.load(out / "x.pt", optimizer_state=True)
     assert hn.optimizer_name == ("AdamW8bit" if "--use_8bit_adam" in flags else "AdamW")

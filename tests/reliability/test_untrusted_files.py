@@ -24,15 +24,22 @@ def forged_safetensors(path, header, data=b""):
 
 
 META = {"format": "hypernet.a1111", "format_version": "1", "widths": "[4]"}
+# Every tensor a [1, 2, 1] width-4 hypernetwork needs, with data offsets past the end of the file.
+LYING_OFFSETS = {"__metadata__": META} | {
+    f"4.{side}.linear.{name}": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4096]}
+    for side in "kv"
+    for name, shape in (("0.weight", [8, 4]), ("0.bias", [8]), ("1.weight", [4, 8]), ("1.bias", [4]))
+}
 
 
 @pytest.mark.parametrize(
     "header, data, message",
     [
-        ({"__metadata__": META, "4.k.linear.0.weight": {"dtype": "F32", "shape": [8, 4], "data_offsets": [0, 128]}}, b"\0" * 16, "corrupted safetensors file"),
-        ({"__metadata__": META, "4.k.linear.0.weight": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 16]}}, b"\0" * 16, "corrupted safetensors file"),
-        ({"__metadata__": META, "4.k.linear.0.weight": {"dtype": "Q99", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "corrupted safetensors file"),
+        ({"__metadata__": META, "4.k.linear.0.weight": {"dtype": "F32", "shape": [8, 4], "data_offsets": [0, 128]}}, b"\0" * 16, "weights do not fit its settings"),
+        ({"__metadata__": META, "4.k.linear.0.weight": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 16]}}, b"\0" * 16, "weights do not fit its settings"),
+        ({"__metadata__": META, "4.k.linear.0.weight": {"dtype": "Q99", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "tensor 4.k.linear.0.weight is not float16/32/64 or bfloat16"),
         ({"__metadata__": dict(META, widths="[4, 'x']")}, b"", "corrupted"),
+        (LYING_OFFSETS, b"\0" * 64, "corrupted safetensors file"),
         ({"__metadata__": {"format": "lora"}}, b"", "not a hypernet safetensors file"),
     ],
 )  # fmt: skip
@@ -62,7 +69,7 @@ def test_optim_with_a_pickle_payload_is_ignored_without_running_it(tmp_path, mon
 
     torch.save({"hash": hypernet.shorthash("c.pt"), "optimizer_state_dict": Payload()}, "c.pt.optim")
     with pytest.warns(UserWarning, match="ignoring optimizer state: c.pt.optim: refused"):
-        hn = hypernet.load("c.pt")
+        hn = hypernet.load("c.pt", optimizer_state=True)
     assert hn.optimizer_state_dict is None and not os.path.exists("PWNED_OPTIM")
 
 
