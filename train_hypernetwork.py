@@ -32,7 +32,7 @@ import hypernet
 from hypernet import data
 from hypernet.attachment import attention_widths_from_config, check_widths
 from hypernet.errors import HypernetError, UsageError, run_script
-from hypernet.formats import atomic_write, base_model_hash, weights_id
+from hypernet.formats import atomic_write, base_model_hash, weights_id, write_failure
 from hypernet.images import Generation, save_png
 from hypernet.memory import retain_freed_memory
 from hypernet.module import TRAINABLE_ACTIVATIONS, WEIGHT_INITS
@@ -740,7 +740,10 @@ def save_checkpoint(accelerator, args, state, loss_rows):
         accelerator.save_state(partial)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(partial, ignore_errors=True)
-        raise HypernetError(f"{partial}: could not write the checkpoint ({write_failure(e, partial)})") from None
+        reason = write_failure(e, partial)
+        if reason is None:
+            raise
+        raise HypernetError(f"{partial}: could not write the checkpoint ({reason})") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -751,14 +754,6 @@ def save_checkpoint(accelerator, args, state, loss_rows):
                 shutil.rmtree(os.path.join(args.output_dir, name))
         write_loss_csv(os.path.join(args.output_dir, "loss.csv"), loss_rows)
     accelerator.wait_for_everyone()
-
-
-def write_failure(error, path):
-    """Why a write failed, in a few words: the free space where the disk is full."""
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
-    if free < 64 << 20 or "space" in str(error).lower() or "unexpected pos" in str(error):
-        return f"no space left: {free / 2**20:.1f} MiB free"
-    return getattr(error, "strerror", None) or str(error).splitlines()[0]
 
 
 def check_finite(hn, where):
@@ -904,6 +899,7 @@ class LastGood:
         self.parameters, self.optimizer = parameters, optimizer
         self.weights = [p.detach().clone() for p in parameters]
         self.state = None
+        self.restored = False  # whether the weights now are the restored ones
 
     @torch.no_grad()
     def keep(self):
@@ -1065,7 +1061,7 @@ def main(input_args=None):
     batches = training_batches(accelerator, dataloader, sampler, done // steps_per_epoch,
                                (done % steps_per_epoch) * args.gradient_accumulation_steps)  # fmt: skip
     step_loss, bad_in_step = 0.0, False
-    with stop_signals(state):
+    with stop_signals(state), contextlib.closing(progress):  # closed before an error's line is printed
         for epoch, samples in batches if state.step < args.max_train_steps else ():
             batch = batch_to_device(samples, models, args.seed, args.noise_offset, accelerator.device, weight_dtype)
             with accelerator.accumulate(model):
@@ -1091,8 +1087,10 @@ def main(input_args=None):
                     f"step {state.step}: non-finite loss ({step_loss}); step skipped, back to the last good weights"
                 )
             else:
-                state.bad_steps = 0
+                if not last_good.restored:  # a step on restored weights shows nothing new: the streak goes on
+                    state.bad_steps = 0
                 state.losses.append(step_loss)
+            last_good.restored = bad_in_step
             if accelerator.is_main_process:
                 epoch_step = (state.step - initial_step - 1) % steps_per_epoch + 1
                 loss_rows.append([state.step, epoch, epoch_step, f"{step_loss:.7f}", learn_rate])
@@ -1120,7 +1118,6 @@ def main(input_args=None):
                     write_loss_csv(csv_path, loss_rows)
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, state, loss_rows)
-    progress.close()
 
     check_ranks_agree(accelerator, hn)
     if (state.stop == "signal" or args.checkpointing_steps) and not os.path.isdir(

@@ -5,7 +5,8 @@ memory as the dataset grows.
 
 On a few thousand small generated images (the tiny model's VAE and text encoder, CPU, gloo), with hypernet.data's
 own sharded caching as train_hypernetwork.py runs it:
-  caching_seconds  {1, 2} processes encoding the whole dataset (torchrun; each process encodes its share)
+  caching_seconds  {1, 2} processes encoding the whole dataset (torchrun, one core each; each process encodes its
+                   share, then the shares are exchanged)
   warm_start       the same caching again with a warm --cache_dir (no VAE call) against a cold one
   peak_rss_mib     peak resident memory of caching --images and 4x --images, and the cached records' size
 Prints one JSON line.
@@ -45,7 +46,7 @@ def worker(args):
 
     from hypernet import data
 
-    state = PartialState()
+    state = PartialState(cpu=True)
     pipeline = build("tiny", "cpu", torch.float32)
     encoders = data.Encoders(pipeline.vae, [pipeline.tokenizer], [pipeline.text_encoder], "cpu", torch.float32,
                              vae_id="bench")  # fmt: skip
@@ -72,7 +73,9 @@ def run_worker(data_dir, processes, resolution, cache_dir=None, port=29651):
                str(port), os.path.abspath(__file__), "--worker", "--data", data_dir, "--resolution", str(resolution)]  # fmt: skip
     if cache_dir:
         command += ["--cache_dir", cache_dir]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=ROOT)
+    # One core per process, as each process of a multi-GPU run has a GPU of its own: on this machine's 2 cores a
+    # single process would otherwise use both through torch's threads, and 2 processes would share them.
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode:
         raise SystemExit(result.stderr[-3000:])

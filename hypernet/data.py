@@ -20,7 +20,7 @@ import os
 import random
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import UsageError
 from .formats import atomic_write
+from .memory import release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -284,14 +285,13 @@ def alpha_weight(image, latent_shape):
     return weight / mean if mean > 0 else torch.ones(latent_shape)
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
-    """One image, ready for training: latent mean/std (of the image and its mirror), caption, loss weight."""
+    """One image, ready for training: latent means (of the image, and of its mirror with --random_flip) and, for
+    'random' sampling, their standard deviations; caption; loss weight; text embedding where captions are fixed."""
 
-    mean: torch.Tensor
-    std: torch.Tensor  # None unless latents are sampled again at every use
-    flipped_mean: torch.Tensor
-    flipped_std: torch.Tensor
+    means: torch.Tensor  # (variants, channels, height, width): the image, then its mirror
+    stds: torch.Tensor  # the same shape; None unless latents are sampled again at every use
     size: tuple  # (width, height) trained at
     original_size: tuple  # (width, height) of the image file
     crop_top_left: tuple  # (top, left) in the scaled image
@@ -301,6 +301,22 @@ class Record:
     weight: torch.Tensor = None
     embedding: torch.Tensor = None
     pooled_embedding: torch.Tensor = None
+
+    @property
+    def mean(self):
+        return self.means[0]
+
+    @property
+    def flipped_mean(self):
+        return self.means[-1]
+
+    @property
+    def std(self):
+        return None if self.stds is None else self.stds[0]
+
+    @property
+    def flipped_std(self):
+        return None if self.stds is None else self.stds[-1]
 
 
 class LatentCache:
@@ -397,10 +413,8 @@ def encode_image(index, entries, template, settings, encoders, cache):
     if settings.latent_sampling_method != "random":
         std = None  # only 'random' samples again at every use
     return Record(
-        mean=mean[0],
-        std=None if std is None else std[0],
-        flipped_mean=mean[-1],
-        flipped_std=None if std is None else std[-1],
+        means=mean,
+        stds=std,
         size=size,
         original_size=image.size,
         crop_top_left=(top, left),
@@ -435,30 +449,31 @@ def encode_tokens(input_ids, text_encoders):
     return torch.cat(states, dim=-1), pooled
 
 
-TEXT_CHUNK = 16  # captions embedded together; chunks are the same for any number of processes
+CHUNK = 16  # images (and captions, embedded together) a process takes at a time; the same for any process count
 
 
 def prepare_records(entries, template, settings, encoders, cache_dir=None, rank=0, world_size=1, progress=None):
-    """This process's share of the records: images with index % world_size == rank, and (with fixed captions) the
-    text-embedding chunks likewise. Returns {index: Record}."""
+    """This process's share of the records: the chunks of CHUNK consecutive images with chunk % world_size == rank,
+    their latents and (with fixed captions) their text embeddings. Returns ({index: Record}, damaged cache
+    entries encoded again)."""
     cache = LatentCache(cache_dir)
     records = {}
-    for index in range(rank, len(entries), world_size):
-        records[index] = encode_image(index, entries, template, settings, encoders, cache)
-        if progress is not None:
-            progress.update(world_size)
-    if settings.fixed_captions:
-        with torch.no_grad():
-            for chunk in range(rank, math.ceil(len(entries) / TEXT_CHUNK), world_size):
-                indices = range(chunk * TEXT_CHUNK, min(len(entries), (chunk + 1) * TEXT_CHUNK))
-                if any(i not in records for i in indices):
-                    for i in indices:
-                        records.setdefault(i, encode_image(i, entries, template, settings, encoders, cache))
+    for chunk in range(rank, math.ceil(len(entries) / CHUNK), world_size):
+        indices = range(chunk * CHUNK, min(len(entries), (chunk + 1) * CHUNK))
+        for index in indices:
+            records[index] = encode_image(index, entries, template, settings, encoders, cache)
+            if progress is not None:
+                progress.update(world_size)
+        if settings.fixed_captions:
+            with torch.no_grad():
                 ids = tokenize([records[i].caption for i in indices], encoders.tokenizers)
                 embeddings, pooled = encode_tokens(ids, encoders.text_encoders)
-                for n, i in enumerate(indices):
-                    records[i].embedding = embeddings[n].cpu()
-                    records[i].pooled_embedding = None if pooled is None else pooled[n].cpu()
+            for n, i in enumerate(indices):
+                records[i].embedding = embeddings[n].cpu()
+                records[i].pooled_embedding = None if pooled is None else pooled[n].cpu()
+        # The records stay; what encoding freed around them goes back to the system, so that memory grows with the
+        # records and not with the holes between them.
+        release_free_memory()
     return records, cache.corrupt
 
 
@@ -475,10 +490,21 @@ def shared_records(entries, template, settings, encoders, cache_dir=None, state=
     progress.close()
     pairs = sorted(records.items())
     if world_size > 1:
-        pairs = gather_object(pairs)
+        # As numpy arrays: pickling a tensor writes a whole torch.save archive of its storage (all of it for a view),
+        # many times slower than the array itself.
+        pairs = [(i, _tensors_to(record, lambda t: t.numpy())) for i, record in pairs]
+        pairs = [(i, _tensors_to(record, torch.from_numpy)) for i, record in gather_object(pairs)]
         corrupt = sum(gather_object([corrupt]))
     merged = dict(pairs)
     return [merged[i] for i in range(len(entries))], corrupt
+
+
+def _tensors_to(record, convert):
+    return Record(**{
+        f.name: (convert(getattr(record, f.name)) if getattr(record, f.name) is not None and f.type is torch.Tensor
+                 else getattr(record, f.name))
+        for f in fields(Record)
+    })  # fmt: skip
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

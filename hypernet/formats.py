@@ -5,6 +5,7 @@ Every .pt is read with torch.load(weights_only=True), so a file that needs arbit
 before anything in it runs.
 """
 
+import errno
 import hashlib
 import io
 import json
@@ -13,6 +14,7 @@ import os
 import pickle
 import re
 import secrets
+import shutil
 import stat
 import struct
 import warnings
@@ -60,28 +62,65 @@ def shorthash(path):
     return digest.hexdigest()[:10]
 
 
+def write_failure(error, path):
+    """Why a write failed, in a few words, with the free space where the disk is full; None where `error` does not
+    look like a failed write (torch and safetensors report full disks as RuntimeError and SafetensorError)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(directory if os.path.isdir(directory) else ".").free
+    except OSError:
+        free = None
+    text = str(error).lower()
+    full = getattr(error, "errno", None) == errno.ENOSPC or any(
+        w in text for w in ("space", "storagefull", "unexpected pos")
+    )
+    if full or (free is not None and free < 1 << 20 and not isinstance(error, OSError)):
+        return "no space left on the device" + (f": {free / 2**20:.1f} MiB free" if free is not None else "")
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    if any(word in text for word in ("write", "i/o", "file", "permission")):
+        return str(error).splitlines()[0][:200]
+    return None
+
+
+@contextmanager
+def atomic_writes(paths):
+    """Temporary paths beside each of `paths`, renamed into place together once the block succeeds: the files are
+    replaced all or none (a failure leaves the previous ones whole). Temporary files get the umask's mode, as open()
+    would give the files themselves."""
+    temporaries, current = [], None
+    try:
+        for path in paths:
+            current = path
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            temporaries.append(tmp)
+        current = paths[0]
+        yield temporaries
+        for path, tmp in zip(paths, temporaries):
+            current = path
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for path, tmp in zip(paths, temporaries):
+            os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        reason = write_failure(e, current)
+        if reason is None:
+            raise
+        raise HypernetError(f"{current}: could not write ({reason}); the previous file, if any, is intact") from e
+    finally:
+        for tmp in temporaries:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
 @contextmanager
 def atomic_write(path):
-    """Yield a temporary path beside `path`; it is renamed onto `path` only when the block succeeds.
-
-    The temporary file is created with the umask's mode, as open() would create `path` itself.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    """A temporary path beside `path`, renamed onto it only when the block succeeds (see atomic_writes)."""
+    with atomic_writes([path]) as (tmp,):
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise HypernetError(
-            f"{path}: could not write ({e.strerror or e}); the previous file, if any, is intact"
-        ) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # The zip members every webui 1.x admits (modules/safe.py, v1.0 to v1.9.4; v1.10 also admits byteorder and
@@ -439,26 +478,26 @@ def _pt_state_dict(module, legacy, dtype):
 def save(hn, path, optimizer_state_dict=None, optimizer_name=None, dtype=None):
     """Write `hn` to `path` (.pt in A1111's layout, or .safetensors), and its optimizer state to `path`.optim.
 
-    Each file is written under a temporary name and renamed into place.
+    Both are written under temporary names and renamed into place together: a failure (a full disk) leaves the
+    previous pair whole.
     """
     path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        tensors, metadata = safetensors_tensors_and_metadata(hn, dtype)
-        with atomic_write(path) as tmp:
-            save_safetensors_file(tensors, tmp, metadata=metadata)
-    elif path.endswith(".pt"):
-        with atomic_write(path) as tmp:
-            torch_save_for_webui(pt_dict(hn, dtype), tmp, path)
-    else:
+    if not path.endswith((".pt", ".safetensors")):
         raise HypernetError(f"{path}: unknown format; name the file .pt (A1111) or .safetensors")
-    if optimizer_state_dict is not None:
-        optim = {
-            "optimizer_name": optimizer_name or "AdamW",
-            "hash": shorthash(path),
-            "optimizer_state_dict": optimizer_state_dict,
-        }
-        with atomic_write(path + OPTIM_SUFFIX) as tmp:
-            torch_save_for_webui(optim, tmp, path + OPTIM_SUFFIX)
+    paths = [path] if optimizer_state_dict is None else [path, path + OPTIM_SUFFIX]
+    with atomic_writes(paths) as temporaries:
+        if path.endswith(".safetensors"):
+            tensors, metadata = safetensors_tensors_and_metadata(hn, dtype)
+            save_safetensors_file(tensors, temporaries[0], metadata=metadata)
+        else:
+            torch_save_for_webui(pt_dict(hn, dtype), temporaries[0], path)
+        if optimizer_state_dict is not None:
+            optim = {
+                "optimizer_name": optimizer_name or "AdamW",
+                "hash": shorthash(temporaries[0]),  # the bytes the file will have
+                "optimizer_state_dict": optimizer_state_dict,
+            }
+            torch_save_for_webui(optim, temporaries[1], paths[1])
 
 
 def safetensors_tensors_and_metadata(hn, dtype=None):

@@ -1,4 +1,4 @@
-"""Host memory: keeping freed memory in the process for the next CPU step."""
+"""Host memory: keeping freed memory in the process for the next CPU step, or handing it back."""
 
 import ctypes
 import sys
@@ -30,3 +30,13 @@ def retain_freed_memory():
         (M_TOP_PAD, 1 << 30),  # grow it in large steps (address space only: pages are mapped when touched)
     )
     return all([mallopt(option, value) == 1 for option, value in settings])
+
+
+def release_free_memory():
+    """Hand the free memory inside the heap back to the system now (glibc's malloc_trim); False where not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -86,7 +86,7 @@ def test_disk_full_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.setattr(hypernet.formats, "torch_save_for_webui", full_disk)
     with pytest.raises(
         HypernetError,
-        match=r"keep.pt: could not write \(No space left on device\); the previous file, if any, is intact",
+        match=r"keep.pt: could not write \(no space left on the device: [\d.]+ MiB free\); the previous file, if any, is intact",
     ):
         hypernet.save(hypernet.load(a1111_file("case8_with_optim")), path)
     assert path.read_bytes() == before
@@ -106,7 +106,7 @@ def test_disk_full_during_training_is_one_clear_error(tiny_model_dir, small_data
     monkeypatch.setattr(hypernet.formats, "torch_save_for_webui", full_disk_for_final)
     assert train(tiny_model_dir, small_dataset, tmp_path / "o", "--hypernetwork_name", "x", "--save_every", 2,
                  steps=2) == 2  # fmt: skip
-    assert "x.pt: could not write (No space left on device)" in capsys.readouterr().err
+    assert "x.pt: could not write (no space left on the device: " in capsys.readouterr().err
     assert hypernet.load(tmp_path / "o" / "hypernetworks" / "x-2.pt").step == 2
 
 

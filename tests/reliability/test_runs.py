@@ -1,0 +1,341 @@
+"""Training runs never lose work: the last good hypernetwork, safe checkpoint rotation, Ctrl-C, full disks, one run
+per output folder, and flags that used to pass validation and crash later or train the wrong thing."""
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+from helpers import ROOT, a1111_file, train
+
+import hypernet
+from hypernet import formats
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def last_line(capsys):
+    """The script's one error line (a progress bar may be closed after it)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if "train_hypernetwork.py: error:" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def all_finite(path):
+    return all(torch.isfinite(p).all() for p in hypernet.load(path).parameters())
+
+
+def test_a_diverging_run_keeps_the_last_good_hypernetwork(tiny_model_dir, small_dataset, tmp_path, capsys):
+    out = tmp_path / "diverge"
+    code = train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--learning_rate", "1e20",
+                 "--max_bad_steps", 2, "--save_every", 1, "--weight_init", "XavierNormal", steps=10)  # fmt: skip
+    assert code == 2 and "non-finite losses in a row; the last good hypernetwork is saved" in last_line(capsys)
+    final = hypernet.load(out / "x.pt")
+    assert all_finite(out / "x.pt") and max(p.abs().max() for p in final.parameters()) < 10, "not the 1e20 weights"
+    for name in os.listdir(out / "hypernetworks"):
+        if name.endswith(".pt"):
+            assert all_finite(out / "hypernetworks" / name), name
+
+
+def test_an_optim_with_nan_weight_decay_is_ignored(tiny_model_dir, small_dataset, tmp_path):
+    shutil.copy(a1111_file("case8_with_optim"), tmp_path / "c.pt")
+    optim = torch.load(a1111_file("case8_with_optim", ".pt.optim"), weights_only=True)
+    optim["optimizer_state_dict"]["param_groups"][0]["weight_decay"] = float("nan")
+    torch.save(optim, tmp_path / "c.pt.optim")
+    with pytest.warns(UserWarning, match="its weight_decay is nan"):
+        assert train(tiny_model_dir, small_dataset, tmp_path / "o", "--resume_hypernetwork", tmp_path / "c.pt",
+                     "--hypernetwork_name", "c2", steps=3) == 0  # fmt: skip
+    assert all_finite(tmp_path / "o" / "c2.pt")
+
+
+def test_checkpoint_rotation_removes_old_ones_only_after_the_new_one_is_complete(
+    tiny_model_dir, small_dataset, tmp_path, monkeypatch
+):
+    out = tmp_path / "rot"
+    seen = []
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        seen.append((os.path.basename(path), sorted(os.listdir(out))))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
+                 steps=4) == 0  # fmt: skip
+    removed = [present for name, present in seen if name == "checkpoint-2" and name in present]
+    assert removed and "checkpoint-4" in removed[0], "checkpoint-2 went only once checkpoint-4 was in place"
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-4"]
+
+
+def test_stale_temporary_files_of_a_killed_run_are_removed(tiny_model_dir, small_dataset, tmp_path):
+    out = tmp_path / "stale"
+    assert train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--checkpointing_steps", 2,
+                 steps=2) == 0  # fmt: skip
+    (out / "hypernetworks").mkdir(exist_ok=True)
+    for path in (out / ".x.pt.0123abcd.tmp", out / "hypernetworks" / ".x-22.pt.deadbeef.tmp"):
+        path.write_bytes(b"half")
+    (out / "checkpoint-3.partial").mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--checkpointing_steps", 2,
+                 "--resume_from_checkpoint", "latest", steps=3) == 0  # fmt: skip
+    leftovers = [f for d, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
+    assert leftovers == [] and not (out / "checkpoint-3.partial").exists() and (out / "notes.txt").exists()
+
+
+def test_a_new_run_refuses_a_folder_with_another_runs_checkpoints(tiny_model_dir, small_dataset, tmp_path, capsys):
+    out = tmp_path / "shared"
+    assert train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, steps=4) == 0
+    assert train(tiny_model_dir, small_dataset, out, steps=2) == 2
+    assert last_line(capsys).endswith(
+        "holds checkpoints of an earlier run (checkpoint-2, checkpoint-4); continue it with --resume_from_checkpoint "
+        "latest, or "
+        "give the new run another folder"
+    )
+    other = tmp_path / "other"
+    assert train(tiny_model_dir, small_dataset, other, "--checkpointing_steps", 6, steps=6) == 0
+    shutil.copytree(other / "checkpoint-6", out / "checkpoint-6")
+    assert train(tiny_model_dir, small_dataset, out, "--resume_from_checkpoint", "latest", steps=8) == 2
+    assert (
+        "holds checkpoints of 2 different runs (checkpoint-2, checkpoint-4, checkpoint-6); name the one"
+        in last_line(capsys)
+    )
+
+
+@pytest.mark.parametrize("damage", ["state", "optimizer", "layer_structure"])
+def test_a_checkpoint_that_cannot_resume_this_run_is_refused_before_models_load(
+    tiny_model_dir, small_dataset, tmp_path, capsys, monkeypatch, damage
+):
+    out = tmp_path / "ck"
+    assert train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, steps=2) == 0
+    flags = []
+    if damage == "state":
+        (out / "checkpoint-2" / "training_state.json").write_text('{"step": ')
+    elif damage == "optimizer":
+        os.remove(out / "checkpoint-2" / "optimizer.bin")
+    else:
+        flags = ["--layer_structure", "1,3,1"]
+    from hypernet import training
+
+    monkeypatch.setattr(training, "load_models", lambda *a, **k: pytest.fail("models loaded first"))
+    assert train(tiny_model_dir, small_dataset, out, "--resume_from_checkpoint", "latest", *flags, steps=4) == 2
+    line = last_line(capsys)
+    assert {
+        "state": "checkpoint-2/training_state.json: damaged (",
+        "optimizer": "not a complete checkpoint of this script (missing optimizer.bin)",
+        "layer_structure": "was made with other --layer_structure (layer_structure=[1, 2, 1]); give the same flags",
+    }[damage] in line, line
+
+
+def test_resume_hypernetwork_refuses_conflicting_settings_and_a_fractional_step(
+    tiny_model_dir, small_dataset, tmp_path, capsys
+):
+    assert train(tiny_model_dir, small_dataset, tmp_path / "o", "--resume_hypernetwork", a1111_file("case1_default_relu"),
+                 "--layer_structure", "1,3,1", "--activation_func", "elu", steps=2) == 2  # fmt: skip
+    assert last_line(capsys).endswith(
+        "--resume_hypernetwork keeps the file's own settings; do not give --activation_func, --layer_structure"
+    )
+    data = torch.load(a1111_file("case1_default_relu"), weights_only=True)
+    torch.save(dict(data, step=2.5), tmp_path / "frac.pt")
+    assert train(tiny_model_dir, small_dataset, tmp_path / "o", "--resume_hypernetwork", tmp_path / "frac.pt") == 2
+    assert last_line(capsys).endswith("frac.pt: step is 2.5, not a whole number")
+
+
+def test_output_folder_checks(tiny_model_dir, small_dataset, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    assert train(tiny_model_dir, small_dataset, tmp_path / "a-file") == 2
+    assert last_line(capsys).endswith("a-file: is a file, not a folder")
+    assert train(tiny_model_dir, small_dataset, small_dataset) == 2
+    assert last_line(capsys).endswith("is the --train_data_dir; write the run elsewhere")
+    (tmp_path / "named").mkdir()
+    monkeypatch.chdir(tmp_path / "named")
+    assert train(tiny_model_dir, small_dataset, ".", steps=1) == 0
+    assert (tmp_path / "named" / "named.pt").exists() and not (tmp_path / "named" / "..pt").exists()
+
+
+def test_wandb_without_a_login_is_refused_before_models_load(tiny_model_dir, small_dataset, tmp_path, capsys,
+                                                            monkeypatch):  # fmt: skip
+    for variable in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert train(tiny_model_dir, small_dataset, tmp_path / "o", "--report_to", "wandb") == 2
+    assert "no W&B login; run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline" in last_line(capsys)
+
+
+def test_formats_the_webui_does_not_train_on_are_named(tiny_model_dir, small_dataset, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(data / "anim.gif")
+    Image.new("RGB", (64, 64)).save(data / "scan.tiff")
+    assert train(tiny_model_dir, data, tmp_path / "o", steps=1) == 0
+    assert "skipped 2 file(s) of formats the webui does not train on: anim.gif, scan.tiff" in caplog.text
+
+
+# writes that fail ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path, size="1m"):
+    """A real tmpfs of `size` at `path` where this machine allows mounting one (root in a container that may),
+    else None: the tests then make the writers raise what torch and safetensors raise on a full disk."""
+    path.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                                   capture_output=True).returncode == 0  # fmt: skip
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path, keep):
+    """Fill a tmpfs but for about `keep` bytes."""
+    with open(path / "ballast", "wb") as f:
+        while shutil.disk_usage(path).free > keep + 4096:
+            try:
+                f.write(b"\0" * min(1 << 16, shutil.disk_usage(path).free - keep))
+                f.flush()
+            except OSError:
+                break
+
+
+def test_a_full_disk_keeps_each_pt_and_optim_pair_consistent(tmp_path, monkeypatch):
+    hn = hypernet.load(a1111_file("case8_with_optim"), optimizer_state=True)
+    with small_disk(tmp_path / "disk", size="4m") as mounted:
+        target = tmp_path / "disk" / "x.pt"
+        hypernet.save(hn, target, hn.optimizer_state_dict)
+        before = (target.read_bytes(), (tmp_path / "disk" / "x.pt.optim").read_bytes())
+        hn.step += 1
+        if mounted:
+            fill(tmp_path / "disk", keep=len(before[0]) + 4096)  # room for the .pt, not for its .optim
+        else:
+            real = formats.torch_save_for_webui
+
+            def full_for_optim(obj, tmp, path):
+                if path.endswith(".optim"):
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4544 vs 4438")
+                return real(obj, tmp, path)
+
+            monkeypatch.setattr(formats, "torch_save_for_webui", full_for_optim)
+        with pytest.raises(hypernet.HypernetError, match=r"could not write \(no space left on the device: [\d.]+ MiB"):
+            hypernet.save(hn, target, hn.optimizer_state_dict)
+        after = (target.read_bytes(), (tmp_path / "disk" / "x.pt.optim").read_bytes())
+        assert after == before, "neither file replaced"
+        assert [n for n in os.listdir(tmp_path / "disk") if n.endswith(".tmp")] == []
+
+
+def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_files(tiny_model_dir, small_dataset, tmp_path,
+                                                                         capsys, monkeypatch):  # fmt: skip
+    with small_disk(tmp_path / "disk", size="3m") as mounted:
+        out = tmp_path / "disk" / "run"
+        if not mounted:
+            from safetensors import SafetensorError
+
+            real = formats.save_safetensors_file
+
+            def full(*args, **kwargs):
+                raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+            monkeypatch.setattr(formats, "save_safetensors_file", full)
+        code = train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--save_every", 1,
+                     "--checkpointing_steps", 1, "--save_safetensors", steps=200)  # fmt: skip
+        if not mounted:
+            monkeypatch.setattr(formats, "save_safetensors_file", real)
+        line = last_line(capsys)
+        assert code == 2 and "could not write" in line and "no space left on the device" in line, line
+        snapshots = sorted(os.listdir(out / "hypernetworks"))
+        for name in (n for n in snapshots if n.endswith(".pt")):
+            path = out / "hypernetworks" / name
+            if os.path.exists(f"{path}.optim"):
+                assert hypernet.load(path, optimizer_state=True).optimizer_state_dict is not None, "a matching pair"
+
+
+# processes ----------------------------------------------------------------------------------------------------
+
+
+def command(model, data, out, steps, *extra):
+    return [sys.executable, os.path.join(ROOT, "train_hypernetwork.py"), "--pretrained_model_name_or_path", model,
+            "--train_data_dir", data, "--output_dir", str(out), "--hypernetwork_name", "x", "--resolution", "64",
+            "--max_train_steps", str(steps), "--preview_every", "0", "--save_every", "0", "--checkpointing_steps",
+            "0", *map(str, extra)]  # fmt: skip
+
+
+def started(process):
+    lines = []
+    while True:
+        line = process.stderr.readline()
+        assert line or process.poll() is None, "".join(lines)[-3000:]
+        lines.append(line)
+        if "training x:" in line:
+            return
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_a_second_one_quits_at_once(tiny_model_dir, small_dataset, tmp_path):
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen(command(tiny_model_dir, small_dataset, out, 100000), env=ENV, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    started(process)
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=60)[1]
+    assert process.returncode == 0, rest[-3000:]
+    step = hypernet.load(out / "x.pt").step
+    assert step > 0 and os.path.isdir(out / f"checkpoint-{step}")
+    assert f"stopped by SIGINT at step {step}; continue with --resume_from_checkpoint latest" in rest
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
+
+    process = subprocess.Popen(command(tiny_model_dir, small_dataset, tmp_path / "twice", 100000), env=ENV,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    started(process)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=30)
+    assert process.returncode != 0
+
+
+@pytest.mark.slow
+def test_one_run_per_output_folder_and_a_killed_run_leaves_no_lock(tiny_model_dir, small_dataset, tmp_path):
+    out = tmp_path / "busy"
+    first = subprocess.Popen(command(tiny_model_dir, small_dataset, out, 100000, "--checkpointing_steps", 2), env=ENV,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    started(first)
+    second = subprocess.run(command(tiny_model_dir, small_dataset, out, 4), env=ENV, capture_output=True, text=True)
+    assert second.returncode == 2
+    assert f"another run is writing to it (pid {first.pid}); give each run its own folder" in second.stderr
+    while not any(d.startswith("checkpoint-") and not d.endswith(".partial") for d in os.listdir(out)):
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    resumed = subprocess.run(command(tiny_model_dir, small_dataset, out, 4, "--resume_from_checkpoint", "latest"),
+                             env=ENV, capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_every_checkpoint_of_a_run_carries_its_run_id(tiny_model_dir, small_dataset, tmp_path):
+    import json
+
+    out = tmp_path / "ids"
+    assert train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, steps=2) == 0
+    assert train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, "--resume_from_checkpoint",
+                 "latest", steps=4) == 0  # fmt: skip
+    ids = {json.load(open(out / f"checkpoint-{s}" / "training_state.json"))["run_id"] for s in (2, 4)}
+    assert len(ids) == 1 and uuid.UUID(ids.pop())
+
+
+def test_disk_errors_name_the_free_space():
+    assert formats.write_failure(OSError(errno.ENOSPC, "No space left on device"), "/tmp/x").startswith(
+        "no space left on the device: "
+    )
+    assert formats.write_failure(RuntimeError("a bug"), "/tmp/x") is None, "other errors are not disguised"
