@@ -13,21 +13,17 @@ the input's on a random context for every width; they must be equal (fp32) or wi
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
 import warnings
 
-import torch
-
 import hypernet
 from hypernet.clients import comfyui_verdict, webui_verdict
+from hypernet.conversion import TOLERANCE, check_representable, verify
 from hypernet.errors import HypernetError, UsageError, run_script
 from hypernet.formats import DTYPES, OPTIM_SUFFIX, shorthash
 
-# Largest allowed |output(converted) - output(original)|, relative to the largest |output(original)|.
-TOLERANCE = {"fp32": 0.0, "fp16": 2e-3, "bf16": 2e-2}
 SUFFIXES = (".pt", ".safetensors")
 
 
@@ -49,49 +45,6 @@ def parse_args(input_args=None):
     if args.info is None and (args.input is None or args.output is None):
         parser.error("give INPUT and OUTPUT, or --info FILE")
     return args
-
-
-def outputs(hn, seed=0):
-    """Each width's K and V outputs on a fixed random context, computed in float32."""
-    generator = torch.Generator().manual_seed(seed)
-    results = {}
-    for width in hn.widths:
-        context = torch.randn(2, 7, width, generator=generator)
-        k, v = (module.float() for module in hn.pair(width))
-        results[width] = (k(context), v(context))
-    return results
-
-
-def verify(original, path, dtype_name):
-    """Read `path` back and compare its outputs with `original`'s; raise if they disagree or are not finite."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        written = hypernet.load(path)
-    if written.widths != original.widths:
-        raise HypernetError(f"{path}: verification failed: widths {written.widths} != {original.widths}")
-    tolerance = TOLERANCE[dtype_name]
-    with torch.no_grad():
-        want, got = outputs(original), outputs(written)
-    worst = 0.0
-    for width in want:
-        for a, b in zip(want[width], got[width]):
-            difference = ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()
-            worst = max(worst, difference) if math.isfinite(difference) else math.inf
-    if worst > tolerance:
-        raise HypernetError(f"{path}: verification failed: outputs differ by {worst:.2e} (relative), over {tolerance}")
-    return worst
-
-
-def check_representable(hn, dtype_name, source):
-    """Refuse a conversion whose weights overflow the target precision (they would turn into inf)."""
-    if dtype_name is None:
-        return
-    limit = torch.finfo(DTYPES[dtype_name]).max
-    largest = max(p.detach().abs().max().item() for p in hn.parameters())
-    if largest > limit:
-        raise HypernetError(
-            f"{source}: a weight of {largest:.3g} does not fit {dtype_name} (largest {limit:.3g}); keep fp32 or bf16"
-        )
 
 
 def same_file(a, b):

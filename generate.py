@@ -25,8 +25,7 @@ from hypernet.errors import HypernetError, UsageError, run_script
 from hypernet.formats import DTYPES, base_model_hash
 from hypernet.images import Generation, save_png
 from hypernet.memory import retain_freed_memory
-
-PROMPT_HYPERNET = re.compile(r"<hypernet:([^:>]+)(?::([^>]*))?>")
+from hypernet.prompts import hypernetworks_in, parse_multiplier, parse_prompt
 
 # A1111 sampler names -> (diffusers scheduler class, extra config). diffusers class names work as well.
 SCHEDULERS = {
@@ -129,21 +128,6 @@ def parse_args(input_args=None):
     return args
 
 
-MAX_MULTIPLIER = 100.0
-
-
-def parse_multiplier(text, where, example="NAME:0.8"):
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"{where}: the strength after ':' must be a number, as in {example}") from None
-    if not math.isfinite(value) or abs(value) > MAX_MULTIPLIER:
-        raise UsageError(
-            f"{where}: the strength must be a finite number from -{MAX_MULTIPLIER:g} to {MAX_MULTIPLIER:g}"
-        )
-    return value
-
-
 def parse_hypernetwork_flag(value):
     """'FILE[:MULTIPLIER]' -> (path, multiplier): the whole value where it is a file (a name may hold ':'), else
     the part before the last ':'."""
@@ -158,37 +142,6 @@ def parse_hypernetwork_flag(value):
     if not os.path.isfile(path):
         raise UsageError(f"--hypernetwork {value!r}: no such file {path}")
     return path, multiplier
-
-
-def hypernetworks_in(directory):
-    """{name: path} of the hypernetwork files directly inside a folder, by stem, as the webui lists them (.pt first)."""
-    if not os.path.isdir(directory):
-        return {}
-    found = {}
-    for suffix in (".safetensors", ".pt"):
-        for name in sorted(os.listdir(directory)):
-            path = os.path.join(directory, name)
-            if name.lower().endswith(suffix) and not name.startswith(".") and os.path.isfile(path):
-                found[name[: -len(suffix)]] = path
-    return found
-
-
-def parse_prompt(prompt, hypernetwork_dir, available=None):
-    """Remove <hypernet:NAME:M> tags from a prompt; return (clean prompt, [(path, multiplier), ...]). NAME is looked up
-    only among the files directly inside hypernetwork_dir, never as a path, as the webui looks it up."""
-    available = hypernetworks_in(hypernetwork_dir) if available is None else available
-    found = []
-    for name, multiplier in PROMPT_HYPERNET.findall(prompt):
-        tag = f"<hypernet:{name}{':' + multiplier if multiplier else ''}>"
-        value = parse_multiplier(multiplier, f"prompt tag {tag}") if multiplier else 1.0
-        if name not in available:
-            names = ", ".join(sorted(available)[:20]) or "none"
-            raise UsageError(
-                f"prompt tag {tag}: no hypernetwork {name!r} in --hypernetwork_dir {hypernetwork_dir} (it has: {names})"
-            )
-        found.append((available[name], value))
-    clean = re.sub(r"\s{2,}", " ", PROMPT_HYPERNET.sub("", prompt)).strip(" ,")
-    return clean, found
 
 
 def read_prompts_file(path):

@@ -10,6 +10,7 @@ Only the hypernetwork trains; the UNet, text encoders and VAE stay frozen. See R
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import itertools
 import json
@@ -825,6 +826,15 @@ def log_validation(accelerator, args, models, model, hn, step, weight_dtype):
             tracker.log({"preview": [wandb.Image(im, caption=p) for p, im in images]}, step=step)
 
 
+def periodic_outputs(accelerator, args, models, model, hn, step, optimizer, optimizer_name, weight_dtype):
+    """hypernetworks/NAME-STEP.pt every --save_every steps, previews every --preview_every steps."""
+    if args.save_every and step % args.save_every == 0:
+        path = os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{step}.pt")
+        save_hypernetwork(hn, path, step, optimizer, optimizer_name)
+    if args.preview_every and step % args.preview_every == 0:
+        log_validation(accelerator, args, models, model, hn, step, weight_dtype)
+
+
 def share_loss_and_stop(accelerator, loss, state):
     """The loss averaged over processes; a stop signal seen by any process is recorded on all of them.
 
@@ -1015,8 +1025,8 @@ def main(input_args=None):
     )
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     state = RunState(step=initial_step, losses=deque(maxlen=3 * len(records)), run_id=uuid.uuid4().hex)
-    accelerator.register_save_state_pre_hook(lambda *a: save_state_hook(accelerator, model, state, *a))
-    accelerator.register_load_state_pre_hook(lambda *a: load_state_hook(accelerator, model, state, *a))
+    accelerator.register_save_state_pre_hook(functools.partial(save_state_hook, accelerator, model, state))
+    accelerator.register_load_state_pre_hook(functools.partial(load_state_hook, accelerator, model, state))
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(len(dataloader) / args.gradient_accumulation_steps))
@@ -1056,7 +1066,7 @@ def main(input_args=None):
     progress = tqdm(total=args.max_train_steps, initial=state.step, desc="Steps",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
     parameters = list(hn.parameters())
-    last_good = LastGood(parameters, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+    last_good = LastGood(parameters, optimizer.optimizer)
     done = state.step - initial_step
     batches = training_batches(accelerator, dataloader, sampler, done // steps_per_epoch,
                                (done % steps_per_epoch) * args.gradient_accumulation_steps)  # fmt: skip
@@ -1109,11 +1119,8 @@ def main(input_args=None):
             if state.stop or state.step >= args.max_train_steps:
                 break
             if accelerator.is_main_process:
-                if args.save_every and state.step % args.save_every == 0:
-                    path = os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{state.step}.pt")
-                    save_hypernetwork(hn, path, state.step, optimizer, optimizer_name)
-                if args.preview_every and state.step % args.preview_every == 0:
-                    log_validation(accelerator, args, models, model, hn, state.step, weight_dtype)
+                periodic_outputs(accelerator, args, models, model, hn, state.step, optimizer, optimizer_name,
+                                 weight_dtype)  # fmt: skip
                 if state.step % 50 == 0:
                     write_loss_csv(csv_path, loss_rows)
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
@@ -1128,11 +1135,7 @@ def main(input_args=None):
     if accelerator.is_main_process:
         write_loss_csv(csv_path, loss_rows)
         if state.stop is None:  # the last step's periodic files, before the final file, which may still fail
-            if args.save_every and state.step % args.save_every == 0:
-                path = os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{state.step}.pt")
-                save_hypernetwork(hn, path, state.step, optimizer, optimizer_name)
-            if args.preview_every and state.step % args.preview_every == 0:
-                log_validation(accelerator, args, models, model, hn, state.step, weight_dtype)
+            periodic_outputs(accelerator, args, models, model, hn, state.step, optimizer, optimizer_name, weight_dtype)
         final = os.path.join(args.output_dir, f"{args.hypernetwork_name}.pt")
         save_hypernetwork(hn, final, state.step, optimizer, optimizer_name)
         if args.save_safetensors:

@@ -5,6 +5,7 @@ modules/hypernetworks/hypernetwork.py of the webui, comfy_extras/nodes_hypernetw
 import collections
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -12,9 +13,8 @@ import zipfile
 
 import pytest
 import torch
-from helpers import a1111_file, train
+from helpers import a1111_file, run_script, train
 
-import convert
 import hypernet
 from hypernet.clients import comfyui_verdict, webui_verdict
 
@@ -87,10 +87,10 @@ def test_api_save_and_conversions_pass_the_webui_checks(tmp_path, umask):
     assert_webui_accepts(str(tmp_path / "api.pt"))
     assert_optim_accepted(str(tmp_path / "api.pt"))
 
-    assert convert.main([a1111_file("case8_with_optim"), str(tmp_path / "c.safetensors")]) == 0
-    assert convert.main([str(tmp_path / "c.safetensors"), str(tmp_path / "from-safetensors.pt")]) == 0
-    assert convert.main([a1111_file("case3_layernorm_swish"), str(tmp_path / "half.pt"), "--dtype", "fp16"]) == 0
-    assert convert.main([a1111_file("case7_old_format"), str(tmp_path / "legacy.pt"), "--dtype", "bf16"]) == 0
+    assert run_script("convert.py", a1111_file("case8_with_optim"), tmp_path / "c.safetensors") == 0
+    assert run_script("convert.py", tmp_path / "c.safetensors", tmp_path / "from-safetensors.pt") == 0
+    assert run_script("convert.py", a1111_file("case3_layernorm_swish"), tmp_path / "half.pt", "--dtype", "fp16") == 0
+    assert run_script("convert.py", a1111_file("case7_old_format"), tmp_path / "legacy.pt", "--dtype", "bf16") == 0
     for name in ("from-safetensors.pt", "half.pt", "legacy.pt"):
         assert_webui_accepts(str(tmp_path / name))
     assert_optim_accepted(str(tmp_path / "from-safetensors.pt"))
@@ -235,13 +235,19 @@ def test_comfyui_verdict_for_the_reference_files_and_missing_keys(tmp_path):
     assert comfyui_verdict(hypernet.load(path), path).endswith("; the webui reads None as linear")
 
 
+def info_of(capsys, path):
+    capsys.readouterr()
+    assert run_script("convert.py", "--info", path, "--json") == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def test_info_has_a_line_per_client(tmp_path, capsys):
     hypernet.save(
         hypernet.load(a1111_file("case8_with_optim")), tmp_path / "ours.pt", {"state": {}, "param_groups": []}
     )
     hypernet.save(hypernet.load(a1111_file("case8_with_optim")), tmp_path / "ours.safetensors")
     torch.save(torch.load(a1111_file("case8_with_optim"), weights_only=True), tmp_path / "plain.pt")
-    info = {name: convert.info(str(tmp_path / name)) for name in ("ours.pt", "ours.safetensors", "plain.pt")}
+    info = {name: info_of(capsys, tmp_path / name) for name in ("ours.pt", "ours.safetensors", "plain.pt")}
     assert info["ours.pt"]["webui"] == "loads (every webui 1.x)"
     assert info["ours.pt"]["comfyui"] == "loads and computes the same"
     assert info["ours.safetensors"]["webui"].startswith("not listed: the webui reads only .pt files")
@@ -257,5 +263,5 @@ def test_info_has_a_line_per_client(tmp_path, capsys):
     assert webui_verdict(str(tmp_path / "ours.pt")).startswith(
         "refuses it: its ours.pt.optim is refused (zip member ours.pt/.format_version"
     )
-    assert convert.main(["--info", str(tmp_path / "ours.pt")]) == 0
+    assert run_script("convert.py", "--info", tmp_path / "ours.pt") == 0
     assert "comfyui" in capsys.readouterr().out

@@ -4,16 +4,17 @@ import shutil
 
 import pytest
 import torch
-from helpers import A1111, CASES, a1111_file
+from helpers import A1111, CASES, a1111_file, run_script
 from test_formats import assert_same_structure
 
-import convert
 import hypernet
+from hypernet.conversion import TOLERANCE, verify
 from hypernet.formats import shorthash
 
 
 def run(capsys, *argv):
-    code = convert.main([str(a) for a in argv])
+    capsys.readouterr()
+    code = run_script("convert.py", *argv)
     return code, capsys.readouterr().out
 
 
@@ -50,7 +51,7 @@ def test_reduced_precision_within_stated_tolerance(dtype, torch_dtype, tmp_path,
     data = torch.load(tmp_path / "h.pt", weights_only=True)
     assert data[96][0]["linear.0.weight"].dtype == torch_dtype
     worst = float(out.split("outputs within ")[1].split()[0])
-    assert 0 < worst <= convert.TOLERANCE[dtype]
+    assert 0 < worst <= TOLERANCE[dtype]
     code, out = run(capsys, tmp_path / "h.pt", tmp_path / "back.safetensors", "--dtype", "fp32")
     assert "outputs identical" in out, "widening is exact"
 
@@ -59,13 +60,13 @@ def test_verification_catches_a_wrong_file(tmp_path):
     original = hypernet.load(a1111_file("case1_default_relu"))
     hypernet.save(hypernet.load(a1111_file("case8_with_optim")), tmp_path / "other.pt")
     with pytest.raises(hypernet.HypernetError, match=r"verification failed: widths \[96, 40\]"):
-        convert.verify(original, str(tmp_path / "other.pt"), "fp32")
+        verify(original, str(tmp_path / "other.pt"), "fp32")
     tweaked = hypernet.load(a1111_file("case1_default_relu"))
     with torch.no_grad():
         tweaked.pair(40)[1].linear[0].bias.add_(1e-3)
     hypernet.save(tweaked, tmp_path / "tweaked.pt")
     with pytest.raises(hypernet.HypernetError, match=r"verification failed: outputs differ by .* over 0.0"):
-        convert.verify(original, str(tmp_path / "tweaked.pt"), "fp32")
+        verify(original, str(tmp_path / "tweaked.pt"), "fp32")
 
 
 def test_folder_conversion_with_summary(tmp_path, capsys):
@@ -85,8 +86,7 @@ def test_folder_conversion_with_summary(tmp_path, capsys):
 def test_refuses_to_overwrite_and_leaves_no_temporary_files(tmp_path, capsys, monkeypatch):
     target = tmp_path / "x.safetensors"
     target.write_bytes(b"keep me")
-    monkeypatch.setattr("sys.argv", ["convert.py", a1111_file("case1_default_relu"), str(target)])
-    assert convert.cli() == 2
+    assert run_script("convert.py", a1111_file("case1_default_relu"), target) == 2
     assert f"convert.py: error: {target}: exists; pass --overwrite to replace it" in capsys.readouterr().err
     assert target.read_bytes() == b"keep me"
     code, _ = run(capsys, a1111_file("case1_default_relu"), target, "--overwrite")

@@ -3,11 +3,11 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import a1111_file
+from helpers import a1111_file, run_script
 from PIL import Image
 
-import generate
 import hypernet
+from hypernet.prompts import parse_prompt
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +19,19 @@ def hn_dir(tmp_path_factory):
 
 
 def gen(model, out, *flags):
-    argv = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(out), "--num_inference_steps", "4",
-            "--no_progress"]  # fmt: skip
-    return generate.main(argv + [str(f) for f in flags])
+    """generate.py as a user runs it; the images it wrote, in order."""
+    before = set(os.listdir(out)) if os.path.isdir(out) else set()
+    argv = [
+        "--pretrained_model_name_or_path",
+        model,
+        "--output_dir",
+        out,
+        "--num_inference_steps",
+        "4",
+        "--no_progress",
+    ]
+    assert run_script("generate.py", *argv, *flags) == 0
+    return sorted(os.path.join(out, n) for n in set(os.listdir(out)) - before if n != "grid.png")
 
 
 def pixels(path):
@@ -66,15 +76,14 @@ def test_a_file_stacked_twice_applies_twice_at_each_strength(tiny_model_dir, hn_
 
 def test_text_mlp_runs_once_per_step_and_linear_ones_are_merged(tiny_model_dir, hn_dir, tmp_path, monkeypatch):
     calls = {}
-    real = generate.load_hypernetworks
+    real = hypernet.load
 
-    def spy(args):
-        loaded = real(args)
-        for path, hn in loaded.items():
-            hn.pair(96)[0].register_forward_hook(lambda *a, path=path: calls.setdefault(path, []).append(1))
-        return loaded
+    def spy(path, *args, **kwargs):
+        hn = real(path, *args, **kwargs)
+        hn.pair(96)[0].register_forward_hook(lambda *a, path=str(path): calls.setdefault(path, []).append(1))
+        return hn
 
-    monkeypatch.setattr(generate, "load_hypernetworks", spy)
+    monkeypatch.setattr(hypernet, "load", spy)
     hypernet.save(hypernet.Hypernetwork([96, 40, 80, 160]), tmp_path / "linear.pt")
     for hypernetwork in (a1111_file("case1_default_relu"), str(tmp_path / "linear.pt")):
         gen(tiny_model_dir, tmp_path / "o", "--prompt", "one", "--prompt", "two", "--hypernetwork", hypernetwork,
@@ -136,12 +145,15 @@ def test_bad_input_is_a_clear_error_before_the_pipeline_loads(
 ):
     sd1 = tmp_path / "sd1.pt"
     hypernet.save(hypernet.Hypernetwork(hypernet.SD1_WIDTHS), sd1)
-    monkeypatch.setattr(generate, "load_pipeline", lambda *a: pytest.fail("the pipeline was loaded"))
+    import diffusers
+
+    for cls in (diffusers.DiffusionPipeline, diffusers.StableDiffusionPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: pytest.fail("the pipeline was loaded"))
+        monkeypatch.setattr(cls, "from_single_file", lambda *a, **k: pytest.fail("the pipeline was loaded"))
     flags = [f.format(case1=a1111_file("case1_default_relu"), sd1=sd1) for f in flags]
-    argv = ["generate.py", "--pretrained_model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "o"),
+    argv = ["--pretrained_model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "o"),
             "--hypernetwork_dir", str(tmp_path)] + (["--prompt", "a cat"] if "--prompt" not in flags else []) + flags  # fmt: skip
-    monkeypatch.setattr("sys.argv", argv)
-    assert generate.cli() == 2
+    assert run_script("generate.py", *argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("generate.py: error: ") and "\n" not in err
     assert __import__("re").search(message, err), err
@@ -150,22 +162,19 @@ def test_bad_input_is_a_clear_error_before_the_pipeline_loads(
 def test_single_file_needs_a_local_config(tmp_path, monkeypatch, capsys):
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"")
-    monkeypatch.setattr("sys.argv", ["generate.py", "--pretrained_model_name_or_path", str(checkpoint), "--from_single_file",
-                                     "--prompt", "x", "--output_dir", str(tmp_path)])  # fmt: skip
-    assert generate.cli() == 2
+    assert run_script("generate.py", "--pretrained_model_name_or_path", checkpoint, "--from_single_file",
+                      "--prompt", "x", "--output_dir", tmp_path) == 2  # fmt: skip
     assert (
         "--from_single_file needs a local --original_config (.yaml) or --config (diffusers folder)"
         in capsys.readouterr().err
     )
 
 
-def test_hypernetwork_flag_parsing(tmp_path):
-    path = tmp_path / "a.pt"
-    path.write_bytes(b"x")
-    assert generate.parse_hypernetwork_flag(str(path)) == (str(path), 1.0)
-    assert generate.parse_hypernetwork_flag(f"{path}:1.5") == (str(path), 1.5)
-    assert generate.parse_prompt("<hypernet:a:0.3> a cat, <hypernet:a>", str(tmp_path)) == (
-        "a cat", [(str(tmp_path / "a.pt"), 0.3), (str(tmp_path / "a.pt"), 1.0)]
+def test_prompt_tags_are_parsed_as_the_webui_parses_them(tmp_path):
+    (tmp_path / "a.pt").write_bytes(b"x")
+    (tmp_path / "b.safetensors").write_bytes(b"x")
+    assert parse_prompt("<hypernet:a:0.3> a cat, <hypernet:a> <hypernet:b:-1>", str(tmp_path)) == (
+        "a cat", [(str(tmp_path / "a.pt"), 0.3), (str(tmp_path / "a.pt"), 1.0), (str(tmp_path / "b.safetensors"), -1.0)]
     )  # fmt: skip
 
 

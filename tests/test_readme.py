@@ -151,3 +151,19 @@ def test_example_scripts_run(sandbox, tiny_model_dir):
         assert result.returncode == 0, f"{script}\n{result.stderr[-2000:]}"
     assert os.path.isfile(sandbox / "wandb-run" / "images" / "wandb-run-10.png")
     assert os.path.isfile(sandbox / "quickstart" / "converted" / "quick-style-fp16.pt")
+
+
+@pytest.mark.parametrize("command, script", [("hypernet-train", "train_hypernetwork.py"),
+                                             ("hypernet-generate", "generate.py"), ("hypernet-convert", "convert.py")])  # fmt: skip
+def test_installed_commands_are_the_scripts(command, script, helps):
+    import shutil
+    from importlib.metadata import version
+
+    import hypernet
+
+    path = shutil.which(command)
+    assert path, f"{command} is not installed: pip install -e . (the README's first command does)"
+    result = subprocess.run([path, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {command} ")
+    assert flags_of(result.stdout) == flags_of(helps[script])
+    assert version("hypernet") == hypernet.__version__, "one source for the version"
