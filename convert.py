@@ -22,7 +22,7 @@ import hypernet
 from hypernet.clients import comfyui_verdict, webui_verdict
 from hypernet.conversion import TOLERANCE, check_representable, verify
 from hypernet.errors import HypernetError, UsageError, run_script
-from hypernet.formats import DTYPES, OPTIM_SUFFIX, shorthash
+from hypernet.formats import DTYPES, OPTIM_SUFFIX, shorthash, write_failure
 
 SUFFIXES = (".pt", ".safetensors")
 
@@ -68,16 +68,19 @@ def convert_file(source, target, dtype_name=None, overwrite=False):
     check_representable(hn, dtype_name, source)
     dtype = DTYPES[dtype_name] if dtype_name else None
     directory = os.path.dirname(os.path.abspath(target))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".convert-", dir=directory) as work:
-        staged = os.path.join(work, os.path.basename(target))
-        hypernet.save(hn, staged, hn.optimizer_state_dict, hn.optimizer_name, dtype=dtype)
-        worst = verify(hn, staged, dtype_name or "fp32")  # keeping or widening the precision must be exact
-        if os.path.exists(staged + OPTIM_SUFFIX):
-            os.replace(staged + OPTIM_SUFFIX, target + OPTIM_SUFFIX)
-        elif os.path.lexists(target + OPTIM_SUFFIX):
-            os.remove(target + OPTIM_SUFFIX)  # --overwrite: the replaced file's companion would not match the new one
-        os.replace(staged, target)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".convert-", dir=directory) as work:
+            staged = os.path.join(work, os.path.basename(target))
+            hypernet.save(hn, staged, hn.optimizer_state_dict, hn.optimizer_name, dtype=dtype)
+            worst = verify(hn, staged, dtype_name or "fp32")  # keeping or widening the precision must be exact
+            if os.path.exists(staged + OPTIM_SUFFIX):
+                os.replace(staged + OPTIM_SUFFIX, target + OPTIM_SUFFIX)
+            elif os.path.lexists(target + OPTIM_SUFFIX):
+                os.remove(target + OPTIM_SUFFIX)  # --overwrite: the old file's companion would not match the new one
+            os.replace(staged, target)
+    except OSError as e:
+        raise HypernetError(f"{target}: could not write ({write_failure(e, target)})") from None
     notes = []
     if hn.optimizer_state_dict is not None:
         notes.append(f"optimizer state carried to {os.path.basename(target)}{OPTIM_SUFFIX}")

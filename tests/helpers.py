@@ -1,7 +1,9 @@
 """What the tests share besides fixtures: paths, the reference files, running the scripts as a user runs them."""
 
+import contextlib
 import os
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -59,3 +61,44 @@ def train(model_dir, data_dir, output_dir, *flags, steps=6):
     if not any(f in ("--train_data_dir", "--dataset_name") for f in flags):
         argv += ["--train_data_dir", data_dir]
     return run_script("train_hypernetwork.py", *argv, *flags)
+
+
+def wait_until_training(process):
+    """Read a training subprocess's stderr until its first step is about to run."""
+    lines = []
+    while True:
+        line = process.stderr.readline()
+        assert line or process.poll() is None, "".join(lines)[-3000:]
+        lines.append(line)
+        if "training x:" in line:
+            return
+
+
+@contextlib.contextmanager
+def small_disk(path, size="1m"):
+    """A real tmpfs of `size` at `path` where this machine allows mounting one (root in a container that may),
+    else None: the tests then make the writers raise what torch and safetensors raise on a full disk."""
+    path.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                                   capture_output=True).returncode == 0  # fmt: skip
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def read_only_folder(path):
+    """A read-only mount at `path` where this machine allows one (root ignores file permissions), else None."""
+    path.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                                                   capture_output=True).returncode == 0  # fmt: skip
+    if not mounted and os.geteuid() != 0:
+        os.chmod(path, 0o500)
+        mounted = True
+    try:
+        yield mounted
+    finally:
+        if mounted and os.geteuid() == 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)

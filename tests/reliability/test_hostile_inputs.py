@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 import torch
-from helpers import a1111_file, run_script
+from helpers import a1111_file, read_only_folder, run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -95,6 +95,7 @@ def test_a_small_file_calling_for_huge_layers_costs_nothing(tmp_path):
         (torch.zeros(192, 96, dtype=torch.bool), r"holds bool"),
         (torch.zeros(192, 96, dtype=torch.complex64), r"holds complex64"),
         (torch.zeros(192, 96).to_sparse(), r"is a torch.sparse_coo tensor|refused"),
+        (torch.zeros(192, 96, device="meta"), r"is a meta tensor|refused|not a readable"),
     ],
 )
 def test_bad_tensors_are_refused(tmp_path, tensor, match):
@@ -262,13 +263,16 @@ def test_generate_reads_utf16_prompts_numbers_on_and_takes_a_file_with_a_colon(t
     assert sorted(os.listdir(out)) == ["00000-0.png", "00001-0.png"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file permissions")
-def test_generate_refuses_an_unwritable_output_folder(tiny_model_dir, tmp_path, capsys, no_pipeline):
-    (tmp_path / "ro").mkdir()
-    os.chmod(tmp_path / "ro", 0o500)
-    err = generate_error(capsys, "--pretrained_model_name_or_path", tiny_model_dir, "--prompt", "x", "--output_dir",
-                         tmp_path / "ro")  # fmt: skip
-    assert "not writable" in err
+def test_generate_and_convert_refuse_an_unwritable_output_folder(tiny_model_dir, tmp_path, capsys, no_pipeline):
+    with read_only_folder(tmp_path / "ro") as ready:
+        if not ready:
+            pytest.skip("no read-only folder can be made here")
+        err = generate_error(capsys, "--pretrained_model_name_or_path", tiny_model_dir, "--prompt", "x",
+                             "--output_dir", tmp_path / "ro")  # fmt: skip
+        assert "not writable" in err
+        assert run_script("convert.py", a1111_file("case1_default_relu"), tmp_path / "ro" / "x.safetensors") == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("convert.py: error: ") and "\n" not in err and "x.safetensors" in err, err
 
 
 # convert.py ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, train
+from helpers import ROOT, train, wait_until_training
 from test_train import assert_same_weights, read_csv
 
 import hypernet
@@ -73,13 +73,7 @@ def test_sigterm_saves_and_exits_0_then_resumes_bitwise(tiny_model_dir, small_da
     out = tmp_path / "preempted"
     process = subprocess.Popen(command(tiny_model_dir, small_dataset, out, 100000, "--checkpointing_steps", 0),
                                env=ENV, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    lines = []
-    while True:
-        line = process.stderr.readline()
-        assert line or process.poll() is None, "".join(lines)[-3000:]
-        lines.append(line)
-        if "training x:" in line:
-            break
+    wait_until_training(process)
     time.sleep(2)
     started = time.time()
     process.send_signal(signal.SIGTERM)

@@ -1,7 +1,6 @@
 """Training runs never lose work: the last good hypernetwork, safe checkpoint rotation, Ctrl-C, full disks, one run
 per output folder, and flags that used to pass validation and crash later or train the wrong thing."""
 
-import contextlib
 import errno
 import os
 import shutil
@@ -13,7 +12,7 @@ import uuid
 
 import pytest
 import torch
-from helpers import ROOT, a1111_file, train
+from helpers import ROOT, a1111_file, read_only_folder, small_disk, train, wait_until_training
 
 import hypernet
 from hypernet import formats
@@ -159,6 +158,17 @@ def test_output_folder_checks(tiny_model_dir, small_dataset, tmp_path, capsys, m
     assert (tmp_path / "named" / "named.pt").exists() and not (tmp_path / "named" / "..pt").exists()
 
 
+def test_a_read_only_output_folder_or_a_latin1_template_is_one_line(tiny_model_dir, small_dataset, tmp_path, capsys):
+    with read_only_folder(tmp_path / "ro") as ready:
+        if not ready:
+            pytest.skip("no read-only folder can be made here")
+        assert train(tiny_model_dir, small_dataset, tmp_path / "ro" / "run") == 2
+        assert "not writable" in last_line(capsys)
+    (tmp_path / "latin.txt").write_bytes("une peinture de [filewords], caf\xe9".encode("latin-1"))
+    assert train(tiny_model_dir, small_dataset, tmp_path / "o", "--template_file", tmp_path / "latin.txt") == 2
+    assert last_line(capsys).endswith("latin.txt: not UTF-8 or UTF-16 text; re-save it as UTF-8")
+
+
 def test_wandb_without_a_login_is_refused_before_models_load(tiny_model_dir, small_dataset, tmp_path, capsys,
                                                             monkeypatch):  # fmt: skip
     for variable in ("WANDB_MODE", "WANDB_API_KEY"):
@@ -181,20 +191,6 @@ def test_formats_the_webui_does_not_train_on_are_named(tiny_model_dir, small_dat
 
 
 # writes that fail ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def small_disk(path, size="1m"):
-    """A real tmpfs of `size` at `path` where this machine allows mounting one (root in a container that may),
-    else None: the tests then make the writers raise what torch and safetensors raise on a full disk."""
-    path.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                                   capture_output=True).returncode == 0  # fmt: skip
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def fill(path, keep):
@@ -269,22 +265,12 @@ def command(model, data, out, steps, *extra):
             "0", *map(str, extra)]  # fmt: skip
 
 
-def started(process):
-    lines = []
-    while True:
-        line = process.stderr.readline()
-        assert line or process.poll() is None, "".join(lines)[-3000:]
-        lines.append(line)
-        if "training x:" in line:
-            return
-
-
 @pytest.mark.slow
 def test_ctrl_c_saves_and_a_second_one_quits_at_once(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "interrupted"
     process = subprocess.Popen(command(tiny_model_dir, small_dataset, out, 100000), env=ENV, stderr=subprocess.PIPE,
                                text=True)  # fmt: skip
-    started(process)
+    wait_until_training(process)
     time.sleep(1)
     process.send_signal(signal.SIGINT)
     rest = process.communicate(timeout=60)[1]
@@ -296,7 +282,7 @@ def test_ctrl_c_saves_and_a_second_one_quits_at_once(tiny_model_dir, small_datas
 
     process = subprocess.Popen(command(tiny_model_dir, small_dataset, tmp_path / "twice", 100000), env=ENV,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-    started(process)
+    wait_until_training(process)
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     time.sleep(0.2)
@@ -310,7 +296,7 @@ def test_one_run_per_output_folder_and_a_killed_run_leaves_no_lock(tiny_model_di
     out = tmp_path / "busy"
     first = subprocess.Popen(command(tiny_model_dir, small_dataset, out, 100000, "--checkpointing_steps", 2), env=ENV,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
-    started(first)
+    wait_until_training(first)
     second = subprocess.run(command(tiny_model_dir, small_dataset, out, 4), env=ENV, capture_output=True, text=True)
     assert second.returncode == 2
     assert f"another run is writing to it (pid {first.pid}); give each run its own folder" in second.stderr
