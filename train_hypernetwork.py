@@ -849,8 +849,9 @@ def share_loss_and_stop(accelerator, loss, state):
 
 def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, last_good, bad, clip_mode, clip_value):
     """Clip and step; for a step with a non-finite loss, drop its gradients and go back to the last good weights
-    (the ones before the previous step, which made this loss). Returns the gradient norm."""
-    grad_norm = None
+    (the ones before the previous step, which made this loss). Returns the gradient norm and the learning rate the
+    step used."""
+    grad_norm, learn_rate = None, optimizer.param_groups[0]["lr"]
     if bad:
         optimizer.zero_grad(set_to_none=True)
         last_good.restore()
@@ -867,7 +868,7 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, last_good, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     lr_scheduler.step()
-    return grad_norm
+    return grad_norm, learn_rate
 
 
 def training_batches(accelerator, dataloader, sampler, first_epoch, skip_batches):
@@ -1082,14 +1083,14 @@ def main(input_args=None):
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     clip_value = rate_at(args.clip_grad_schedule, state.step)
-                    grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, parameters, last_good,
-                                               bad_in_step, args.clip_grad_mode, clip_value)  # fmt: skip
+                    grad_norm, learn_rate = optimizer_step(accelerator, optimizer, lr_scheduler, parameters,
+                                                           last_good, bad_in_step, args.clip_grad_mode,
+                                                           clip_value)  # fmt: skip
             if not accelerator.sync_gradients:
                 continue
 
             state.step += 1
             hn.step = state.step
-            learn_rate = optimizer.param_groups[0]["lr"]
             progress.update(1)
             if bad_in_step:
                 state.bad_steps += 1

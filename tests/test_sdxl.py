@@ -132,3 +132,19 @@ def test_sdxl_two_processes_match_one(sdxl_model_dir, small_dataset, tmp_path):
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(tmp_path / "p1" / "x.pt", tmp_path / "p2" / "x.pt", atol=1e-6)
+
+
+def test_the_sd15_options_work_on_sdxl(sdxl_model_dir, small_dataset, tmp_path):
+    template = tmp_path / "t.txt"
+    template.write_text("a painting of [filewords], art by [name]\n[filewords], [name] style\n")
+    out = tmp_path / "opts"
+    assert train(sdxl_model_dir, small_dataset, out, "--hypernetwork_name", "xl", "--template_file", template,
+                 "--tag_drop_out", 0.3, "--use_weight", "--varsize", "--latent_sampling_method", "deterministic",
+                 "--learning_rate", "1e-3:2, 5e-4", "--clip_grad_mode", "norm", "--clip_grad_value", 1.0,
+                 "--mixed_precision", "bf16", "--gradient_checkpointing", "--report_to", "tensorboard",
+                 "--dataloader_num_workers", 1, "--train_batch_size", 2, steps=4) == 0  # fmt: skip
+    rows = read_csv(out / "loss.csv")
+    assert [float(r["learn_rate"]) for r in rows] == [1e-3, 1e-3, 5e-4, 5e-4]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "logs" / "hypernet"))
+    hn = hypernet.load(out / "xl.pt")
+    assert hn.step == 4 and all(torch.isfinite(p).all() for p in hn.parameters())

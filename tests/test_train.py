@@ -138,7 +138,7 @@ def test_resume_from_checkpoint_is_bitwise_exact(tiny_model_dir, small_dataset, 
     assert_same_weights(tmp_path / "full" / "x.pt", tmp_path / "half" / "x.pt")
     assert read_csv(tmp_path / "full" / "loss.csv") == read_csv(tmp_path / "half" / "loss.csv")
     rates = [float(r["learn_rate"]) for r in read_csv(tmp_path / "full" / "loss.csv")]
-    assert rates == [1e-3] * 3 + [5e-4] * 7, "A1111 schedule: rate until step, the last to the end"
+    assert rates == [1e-3] * 4 + [5e-4] * 6, "the webui's schedule: a rate until its step, the last to the end"
 
 
 @pytest.mark.slow
