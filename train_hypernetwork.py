@@ -154,7 +154,7 @@ def make_parser():
     data.add_argument(
         "--latent_sampling_method",
         default="once",
-        choices=["once", "deterministic", "random"],
+        choices=hypernet.data.LATENT_SAMPLING_METHODS,
         help="Latents are encoded once and cached: 'once' samples them once, 'deterministic' uses the mean, "
         "'random' resamples from the cached mean and std at every use.",
     )

@@ -375,7 +375,6 @@ class Encoders:
     device: torch.device
     dtype: torch.dtype
     vae_id: str = ""
-    text_encoder_id: str = ""
     vae_calls: int = field(default=0)
 
 
