@@ -22,7 +22,7 @@ import torch
 import hypernet
 from hypernet.attachment import attention_widths_from_config, check_widths
 from hypernet.errors import HypernetError, UsageError, run_script
-from hypernet.formats import DTYPES, base_model_hash
+from hypernet.formats import DTYPES, base_model_hash, check_writable_folder
 from hypernet.images import Generation, save_png
 from hypernet.memory import retain_freed_memory
 from hypernet.prompts import hypernetworks_in, parse_multiplier, parse_prompt
@@ -164,19 +164,6 @@ def check_device(name):
         raise UsageError(f"--device {name}: hypernet runs on cpu, cuda or mps")
 
 
-def check_output_folder(path):
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--output_dir {path}: is a file, not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f"--output_dir {path}: not writable ({e.strerror})") from None
-
-
 def validate_args(args):
     """Every flag checked before the model loads."""
     if args.prompts_file:
@@ -221,7 +208,7 @@ def validate_args(args):
     args.hypernetwork = [parse_hypernetwork_flag(value) for value in args.hypernetwork]
     available = hypernetworks_in(args.hypernetwork_dir)
     args.jobs = [parse_prompt(prompt, args.hypernetwork_dir, available) for prompt in args.prompt]
-    check_output_folder(args.output_dir)
+    check_writable_folder(args.output_dir)
 
 
 def model_widths_from_config(args):

@@ -33,7 +33,7 @@ import hypernet
 from hypernet import data
 from hypernet.attachment import attention_widths_from_config, check_widths
 from hypernet.errors import HypernetError, UsageError, run_script
-from hypernet.formats import atomic_write, base_model_hash, weights_id, write_failure
+from hypernet.formats import atomic_write, base_model_hash, check_writable_folder, weights_id, write_failure
 from hypernet.images import Generation, save_png
 from hypernet.memory import retain_freed_memory
 from hypernet.module import TRAINABLE_ACTIVATIONS, WEIGHT_INITS
@@ -397,19 +397,9 @@ def validate_args(args, given=()):
 
 def check_output_dir(args):
     """The output folder is creatable and writable, and not the data folder (its images and loss.png would mix)."""
-    out = os.path.abspath(args.output_dir)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--output_dir {args.output_dir}: is a file, not a folder")
-    if args.train_data_dir is not None and os.path.realpath(out) == os.path.realpath(args.train_data_dir):
+    if args.train_data_dir is not None and os.path.realpath(args.output_dir) == os.path.realpath(args.train_data_dir):
         raise UsageError(f"--output_dir {args.output_dir}: is the --train_data_dir; write the run elsewhere")
-    try:
-        os.makedirs(out, exist_ok=True)
-        with atomic_write(os.path.join(out, ".write-test")) as tmp, open(tmp, "w") as f:
-            f.write("ok")
-        os.remove(os.path.join(out, ".write-test"))
-    except (OSError, HypernetError) as e:
-        reason = e.strerror if isinstance(e, OSError) else str(e).split("(")[-1].rstrip(")")
-        raise UsageError(f"--output_dir {args.output_dir}: not writable ({reason})") from None
+    check_writable_folder(args.output_dir)
 
 
 def check_wandb():

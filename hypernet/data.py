@@ -394,9 +394,12 @@ def encode_image(index, entries, template, settings, encoders, cache):
     scaled_w, scaled_h, left, top = crop_box(image.size, size, settings.center_crop, generator)
     line = template[int(torch.randint(0, len(template), (1,), generator=generator))]
     key = latent_key(hashlib.sha256(raw).hexdigest(), (scaled_w, scaled_h, left, top), size, settings, encoders)
-    cropped = image.resize((scaled_w, scaled_h), Image.BICUBIC).crop((left, top, left + size[0], top + size[1]))
+    box = (left, top, left + size[0], top + size[1])
+    cropped = image.resize((scaled_w, scaled_h), Image.BICUBIC).crop(box) if settings.use_weight else None
     latents = cache.get(key)
     if latents is None:
+        if cropped is None:
+            cropped = image.resize((scaled_w, scaled_h), Image.BICUBIC).crop(box)
         variants = [cropped, cropped.transpose(Image.FLIP_LEFT_RIGHT)] if settings.random_flip else [cropped]
         pixels = torch.stack([torch.from_numpy(np.asarray(v.convert("RGB"), dtype=np.float32)) for v in variants])
         pixels = (pixels / 127.5 - 1.0).permute(0, 3, 1, 2).to(encoders.device, encoders.dtype)

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file as save_safetensors_file
 
-from .errors import FormatError, HypernetError, NotAHypernetworkError
+from .errors import FormatError, HypernetError, NotAHypernetworkError, UsageError
 from .module import ACTIVATIONS, LOAD_DEFAULTS, Hypernetwork
 
 # A1111's file keys, in the order its Hypernetwork.save() writes them, and the attribute each one holds.
@@ -81,6 +81,20 @@ def write_failure(error, path):
     if any(word in text for word in ("write", "i/o", "file", "permission")):
         return str(error).splitlines()[0][:200]
     return None
+
+
+def check_writable_folder(path, flag="--output_dir"):
+    """A folder that exists or can be made, and can be written to; else one UsageError naming the flag."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: not writable ({e.strerror})") from None
 
 
 @contextmanager
