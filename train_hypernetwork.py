@@ -125,6 +125,12 @@ def make_parser():
     data.add_argument("--image_column", default="image", help="Image column of --dataset_name.")
     data.add_argument("--caption_column", default="text", help="Caption column of --dataset_name.")
     data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Read --dataset_name as a stream (datasets' streaming mode) instead of preparing it on disk first: "
+        "read once, in order, while the latents are cached; images are checked as they arrive, not up front.",
+    )
+    data.add_argument(
         "--template_file",
         default=None,
         help="Prompt template file, one template a line, with [filewords] (the caption) and [name]. Default: the "
@@ -304,6 +310,8 @@ def validate_args(args, given=()):
     """Every flag checked before anything heavy happens; a problem is one line naming the flag."""
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise UsageError("give exactly one of --train_data_dir and --dataset_name")
+    if args.streaming and args.dataset_name is None:
+        raise UsageError("--streaming reads a --dataset_name; a --train_data_dir folder is read as it is")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise UsageError(f"--train_data_dir {args.train_data_dir}: no such folder")
     if not os.path.isfile(os.path.join(args.pretrained_model_name_or_path, "model_index.json")):
@@ -439,7 +447,8 @@ def data_settings(args):
 def read_entries(args):
     if args.train_data_dir is not None:
         return data.folder_entries(args.train_data_dir)
-    return data.dataset_entries(args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column)
+    return data.dataset_entries(args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column,
+                                args.streaming)  # fmt: skip
 
 
 def make_hypernetwork(args, model_widths):
@@ -944,7 +953,8 @@ def main(input_args=None):
 
     # Everything cheap is checked before any model or image is loaded.
     entries = read_entries(args)
-    data.check_images(entries, args.use_weight)
+    if not entries.streamed:
+        data.check_images(entries, args.use_weight)
     template = data.load_template(args.template_file)
     model_widths = attention_widths_from_config(args.pretrained_model_name_or_path, revision=args.revision)
     set_seed(args.seed)
@@ -982,8 +992,10 @@ def main(input_args=None):
         dtype=models.vae.dtype,
         vae_id=on_main_process(accelerator, vae_weights_id, args) if args.cache_dir else "",
     )
-    records, damaged = data.shared_records(entries, template, settings, encoders, args.cache_dir, accelerator.state,
-                                           accelerator.is_local_main_process)  # fmt: skip
+    records, damaged = data.prepare_records(entries, template, settings, encoders, args.cache_dir, accelerator.state,
+                                            accelerator.is_local_main_process)  # fmt: skip
+    if not records:
+        raise UsageError(f"--dataset_name {args.dataset_name}: the stream held no rows")
     if damaged:
         logger.warning(f"{damaged} damaged entries of --cache_dir {args.cache_dir} were encoded again")
     initial_step = hn.step
@@ -1003,7 +1015,7 @@ def main(input_args=None):
                                      initial_step, args.max_train_steps)  # fmt: skip
 
     # Global batches, which accelerate splits across processes: every process count sees the same global batches.
-    sampler = data.EpochBatchSampler([r.size for r in records], args.train_batch_size * accelerator.num_processes,
+    sampler = data.EpochBatchSampler(records.sizes(), args.train_batch_size * accelerator.num_processes,
                                      args.seed)  # fmt: skip
     dataloader = torch.utils.data.DataLoader(
         data.TrainingSamples(records, template, settings, models.tokenizers),

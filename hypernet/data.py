@@ -11,6 +11,7 @@ folder, each encoded latent is stored under a key of everything it depends on (t
 VAE and its dtype) with a checksum, so a later run encodes only what changed.
 """
 
+import bisect
 import hashlib
 import io
 import json
@@ -19,8 +20,11 @@ import math
 import os
 import random
 import re
+import sys
 import warnings
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -38,6 +42,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LATENT_SAMPLING_METHODS = ("once", "deterministic", "random")
 CACHE_FORMAT = "hypernet-latents-1"
+CHUNK = 16  # images (and captions, embedded together) a process takes at a time; the same for any process count
 
 
 @dataclass(frozen=True)
@@ -123,27 +128,117 @@ def to_rgb(image, use_weight):
     return image.convert("RGBA" if use_weight and has_alpha else "RGB")
 
 
-class Entries:
-    """The images and captions of a dataset, read one at a time: raw(i) gives image i's bytes, caption(i) its
-    caption, label(i) the name an error message gives it."""
+class Texts:
+    """Strings kept as one: a str object per image costs about 50 bytes beyond its characters, which would make
+    memory grow with the dataset faster than the latents do."""
 
-    def __init__(self, captions, labels, read):
-        self.captions, self.labels, self._read = captions, labels, read
+    __slots__ = ("text", "ends")
+
+    def __init__(self, strings):
+        self.text = "".join(strings)
+        self.ends = np.cumsum([len(s) for s in strings], dtype=np.int64)
+
+    @classmethod
+    def join(cls, parts):
+        texts = cls([])
+        texts.text = "".join(part.text for part in parts)
+        offsets = np.cumsum([0] + [len(part.text) for part in parts[:-1]])
+        texts.ends = np.concatenate([part.ends + offset for part, offset in zip(parts, offsets)])
+        return texts
 
     def __len__(self):
-        return len(self.captions)
+        return len(self.ends)
+
+    @property
+    def nbytes(self):
+        return sys.getsizeof(self.text) + self.ends.nbytes
+
+    def __getitem__(self, index):
+        return self.text[int(self.ends[index - 1]) if index else 0 : int(self.ends[index])]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image of a dataset as encoding needs it: read() gives its bytes; label is the name errors give it."""
+
+    index: int
+    caption: str
+    label: str
+    read: Callable[[], bytes]
+
+
+class Entries:
+    """A dataset's images and captions, each read when asked for: raw(i) gives image i's bytes, caption(i) its
+    caption, label(i) the name an error message gives it."""
+
+    streamed = False
+
+    def __init__(self, count, read, caption, label):
+        self.count, self._read, self._caption, self._label = count, read, caption, label
+
+    def __len__(self):
+        return self.count
 
     def raw(self, index):
         return self._read(index)
 
     def caption(self, index):
-        return self.captions[index]
+        return self._caption(index)
 
     def label(self, index):
-        return self.labels[index]
+        return self._label(index)
 
     def image(self, index, use_weight=False):
         return to_rgb(decode_image(self.raw(index), self.label(index)), use_weight)
+
+    def chunks(self, rank=0, world_size=1):
+        """This process's chunks, in order: lists of the Entry of CHUNK consecutive images, every world_size-th
+        chunk from the rank-th."""
+        for start in range(rank * CHUNK, len(self), world_size * CHUNK):
+            yield [Entry(i, self.caption(i), self.label(i), partial(self.raw, i))
+                   for i in range(start, min(len(self), start + CHUNK))]  # fmt: skip
+
+
+class StreamedEntries:
+    """A streamed `datasets` dataset (an IterableDataset), read once, in order, as it arrives. Every process reads
+    the stream; each decodes and encodes only the images of its own chunks."""
+
+    streamed = True
+
+    def __init__(self, dataset, name, image_column, caption_column):
+        self.dataset, self.name = dataset, name
+        self.image_column, self.caption_column = image_column, caption_column
+
+    def rows(self):
+        rows = iter(self.dataset)
+        index = 0
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as e:  # whatever the source raises (a lost connection, a damaged shard), in one line
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise UsageError(f"--dataset_name {self.name}: reading row {index} failed ({first[:200]})") from None
+            yield row
+            index += 1
+
+    def chunks(self, rank=0, world_size=1):
+        chunk = []
+        for index, row in enumerate(self.rows()):
+            if (index // CHUNK) % world_size != rank:
+                continue
+            for column in (self.image_column, self.caption_column):
+                if column not in row:
+                    raise UsageError(f"--dataset_name {self.name}: no column {column!r}; it has {', '.join(row)}")
+            label = f"{self.name} row {index}"
+            read = partial(image_bytes, row[self.image_column], label)
+            chunk.append(Entry(index, str(row[self.caption_column]), label, read))
+            if (index + 1) % CHUNK == 0:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
 
 def _read_file(path):
@@ -151,31 +246,46 @@ def _read_file(path):
         return f.read()
 
 
+def image_bytes(value, label):
+    """An image cell of a `datasets` dataset as file bytes: {bytes, path} when not decoded, else a PIL image."""
+    if isinstance(value, dict):
+        return value["bytes"] if value.get("bytes") else _read_file(value["path"])
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise UsageError(f"{label}: holds {type(value).__name__}, not an image; name the image column with --image_column")
+
+
 def folder_entries(data_dir):
     """A folder in the webui's layout: every image, its .txt caption, else the words of its file name."""
-    paths, captions, skipped = [], [], []
-    for name in sorted(os.listdir(data_dir)):
-        path = os.path.join(data_dir, name)
-        if not os.path.isfile(path) or name.startswith("."):
-            continue
-        if not name.lower().endswith(IMAGE_EXTENSIONS):
-            if name.lower().endswith((".gif", ".tif", ".tiff", ".avif", ".heic", ".jxl")):
-                skipped.append(name)
-            continue
-        caption_path = os.path.splitext(path)[0] + ".txt"
-        paths.append(path)
-        captions.append(read_caption(caption_path) if os.path.isfile(caption_path) else filewords_from_name(name))
+    names, skipped = [], []
+    with os.scandir(data_dir) as found:
+        for item in found:
+            if item.name.startswith(".") or not item.is_file():
+                continue
+            if item.name.lower().endswith(IMAGE_EXTENSIONS):
+                names.append(item.name)
+            elif item.name.lower().endswith((".gif", ".tif", ".tiff", ".avif", ".heic", ".jxl")):
+                skipped.append(item.name)
     if skipped:
         logger.warning(f"{data_dir}: skipped {len(skipped)} file(s) of formats the webui does not train on: "
-                       f"{', '.join(skipped[:5])}; convert them to PNG to use them")  # fmt: skip
-    if not paths:
+                       f"{', '.join(sorted(skipped)[:5])}; convert them to PNG to use them")  # fmt: skip
+    if not names:
         raise UsageError(f"--train_data_dir {data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return Entries(captions, paths, lambda index: _read_file(paths[index]))
+    names = Texts(sorted(names))
+    path = lambda index: os.path.join(data_dir, names[index])  # noqa: E731
+    return Entries(len(names), lambda index: _read_file(path(index)), partial(_folder_caption, path), path)
 
 
-def dataset_entries(dataset_name, config_name=None, image_column="image", caption_column="text"):
+def _folder_caption(path, index):
+    caption_path = os.path.splitext(path(index))[0] + ".txt"
+    return read_caption(caption_path) if os.path.isfile(caption_path) else filewords_from_name(path(index))
+
+
+def dataset_entries(dataset_name, config_name=None, image_column="image", caption_column="text", streaming=False):
     """A `datasets` dataset (a local imagefolder, Arrow or Parquet files, or a dataset name), read lazily: images
-    stay encoded in the dataset until they are needed."""
+    stay encoded in the dataset until they are needed. With `streaming`, StreamedEntries read as the data arrives."""
     import datasets
 
     try:
@@ -185,43 +295,35 @@ def dataset_entries(dataset_name, config_name=None, image_column="image", captio
             if any(f.endswith(".arrow") for f in files):
                 dataset = datasets.load_from_disk(dataset_name)
                 dataset = dataset["train"] if isinstance(dataset, datasets.DatasetDict) else dataset
+                dataset = dataset.to_iterable_dataset() if streaming else dataset
             else:
-                dataset = datasets.load_dataset(builder, data_dir=dataset_name, split="train")
+                dataset = datasets.load_dataset(builder, data_dir=dataset_name, split="train", streaming=streaming)
         else:
-            dataset = datasets.load_dataset(dataset_name, config_name, split="train")
+            dataset = datasets.load_dataset(dataset_name, config_name, split="train", streaming=streaming)
     except Exception as e:  # datasets raises many kinds (no such dataset, no network, an empty folder's IndexError)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"--dataset_name {dataset_name}: cannot be loaded ({first[:200]})") from None
     for column in (image_column, caption_column):
-        if column not in dataset.column_names:
+        if dataset.column_names is not None and column not in dataset.column_names:
             raise UsageError(
                 f"--dataset_name {dataset_name}: no column {column!r}; it has {', '.join(dataset.column_names)}"
             )
+    if dataset.features is not None and isinstance(dataset.features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if streaming:
+        return StreamedEntries(dataset, dataset_name, image_column, caption_column)
     if len(dataset) == 0:
         raise UsageError(f"--dataset_name {dataset_name}: the dataset is empty")
-    if isinstance(dataset.features[image_column], datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    images = dataset.select_columns([image_column])
-
-    def read(index):
-        value = images[index][image_column]
-        if isinstance(value, dict):
-            return value["bytes"] if value.get("bytes") else _read_file(value["path"])
-        if isinstance(value, Image.Image):
-            buffer = io.BytesIO()
-            value.save(buffer, format="PNG")
-            return buffer.getvalue()
-        raise UsageError(f"--dataset_name {dataset_name}: column {image_column!r} holds {type(value).__name__}, "
-                         "not images")  # fmt: skip
-
-    captions = [str(caption) for caption in dataset[caption_column]]
-    labels = [f"{dataset_name} row {i}" for i in range(len(dataset))]
-    return Entries(captions, labels, read)
+    images, captions = dataset.select_columns([image_column]), dataset.select_columns([caption_column])
+    label = lambda index: f"{dataset_name} row {index}"  # noqa: E731
+    return Entries(len(dataset), lambda index: image_bytes(images[index][image_column], label(index)),
+                   lambda index: str(captions[index][caption_column]), label)  # fmt: skip
 
 
 def check_images(entries, use_weight=False):
-    """Open every image once before any model loads, so that a bad file stops the run at once, by name."""
+    """Open every image and caption once before any model loads, so that a bad file stops the run at once, by name."""
     for index in range(len(entries)):
+        entries.caption(index)
         size = entries.image(index, use_weight).size
         if min(size) < 8:
             raise UsageError(f"{entries.label(index)}: image is {size[0]}x{size[1]}, too small to train on")
@@ -384,12 +486,12 @@ def latent_key(content_hash, box, size, settings, encoders):
 
 
 @torch.no_grad()
-def encode_image(index, entries, template, settings, encoders, cache):
-    """The record of image `index`: its crop and template line drawn from a generator keyed by the index, its latents
+def encode_image(entry, template, settings, encoders, cache):
+    """The record of an image: its crop and template line drawn from a generator keyed by its index, its latents
     read from the cache or encoded."""
-    raw = entries.raw(index)
-    image = to_rgb(decode_image(raw, entries.label(index)), settings.use_weight)
-    generator = torch.Generator().manual_seed(sample_key(settings.seed, 1, index))
+    raw = entry.read()
+    image = to_rgb(decode_image(raw, entry.label), settings.use_weight)
+    generator = torch.Generator().manual_seed(sample_key(settings.seed, 1, entry.index))
     size = training_size(image, settings)
     scaled_w, scaled_h, left, top = crop_box(image.size, size, settings.center_crop, generator)
     line = template[int(torch.randint(0, len(template), (1,), generator=generator))]
@@ -421,8 +523,8 @@ def encode_image(index, entries, template, settings, encoders, cache):
         original_size=image.size,
         crop_top_left=(top, left),
         flipped_crop_top_left=(top, scaled_w - left - size[0]),
-        filewords=entries.caption(index),
-        caption=make_caption(line, entries.caption(index), settings.name),
+        filewords=entry.caption,
+        caption=make_caption(line, entry.caption, settings.name),
         weight=alpha_weight(cropped, mean.shape[1:]) if settings.use_weight else None,
     )
 
@@ -451,62 +553,204 @@ def encode_tokens(input_ids, text_encoders):
     return torch.cat(states, dim=-1), pooled
 
 
-CHUNK = 16  # images (and captions, embedded together) a process takes at a time; the same for any process count
+GEOMETRY = ("size", "original_size", "crop_top_left", "flipped_crop_top_left")  # pairs of ints, one row an image
+MERGE = 8  # chunks Records merges into one StackedRecords as they arrive
 
 
-def prepare_records(entries, template, settings, encoders, cache_dir=None, rank=0, world_size=1, progress=None):
-    """This process's share of the records: the chunks of CHUNK consecutive images with chunk % world_size == rank,
-    their latents and (with fixed captions) their text embeddings. Returns ({index: Record}, damaged cache
-    entries encoded again)."""
-    cache = LatentCache(cache_dir)
-    records = {}
-    for chunk in range(rank, math.ceil(len(entries) / CHUNK), world_size):
-        indices = range(chunk * CHUNK, min(len(entries), (chunk + 1) * CHUNK))
-        for index in indices:
-            records[index] = encode_image(index, entries, template, settings, encoders, cache)
-            if progress is not None:
-                progress.update(world_size)
-        if settings.fixed_captions:
-            with torch.no_grad():
-                ids = tokenize([records[i].caption for i in indices], encoders.tokenizers)
-                embeddings, pooled = encode_tokens(ids, encoders.text_encoders)
-            for n, i in enumerate(indices):
-                records[i].embedding = embeddings[n].cpu()
-                records[i].pooled_embedding = None if pooled is None else pooled[n].cpu()
-        # The records stay; what encoding freed around them goes back to the system, so that memory grows with the
-        # records and not with the holes between them.
-        release_free_memory()
-    return records, cache.corrupt
+@dataclass(eq=False)
+class StackedRecords:
+    """The records of consecutive images, each kind of tensor stacked into one: a tensor, an array or a str per image
+    would cost more memory than its latents."""
+
+    start: int  # the first image's index
+    groups: list  # one per latent shape: {"means": tensor, "stds": tensor or None, "weights": tensor or None}
+    slots: np.ndarray  # (images, 2): each image's group and row in it
+    geometry: np.ndarray  # (images, 8): the pairs of GEOMETRY
+    filewords: Texts
+    captions: Texts
+    embeddings: torch.Tensor = None
+    pooled_embeddings: torch.Tensor = None
+
+    @classmethod
+    def stack(cls, start, records):
+        shapes = list(dict.fromkeys(tuple(r.means.shape) for r in records))
+        members = [[i for i, r in enumerate(records) if tuple(r.means.shape) == shape] for shape in shapes]
+        groups = [
+            {
+                key: None
+                if getattr(records[rows[0]], name) is None
+                else torch.stack([getattr(records[i], name) for i in rows])
+                for key, name in (("means", "means"), ("stds", "stds"), ("weights", "weight"))
+            }  # fmt: skip
+            for rows in members
+        ]
+        slots = np.zeros((len(records), 2), dtype=np.int32)
+        for group, rows in enumerate(members):
+            slots[rows, 0], slots[rows, 1] = group, np.arange(len(rows))
+        geometry = np.array([[v for name in GEOMETRY for v in getattr(r, name)] for r in records], dtype=np.int32)
+        return cls(start, groups, slots, geometry, Texts([r.filewords for r in records]),
+                   Texts([r.caption for r in records]))  # fmt: skip
+
+    @classmethod
+    def concatenate(cls, stacks):
+        """One StackedRecords of consecutive ones: groups of the same shape joined."""
+        shapes, members, slots = {}, {}, []
+        for stack in stacks:
+            mapping = []  # each of its groups' new group and first row there
+            for group in stack.groups:
+                shape = tuple(group["means"].shape[1:])
+                joined = members.setdefault(shapes.setdefault(shape, len(shapes)), [])
+                mapping.append((shapes[shape], sum(len(g["means"]) for g in joined)))
+                joined.append(group)
+            mapping = np.array(mapping, dtype=np.int32)[stack.slots[:, 0]]
+            slots.append(np.stack([mapping[:, 0], mapping[:, 1] + stack.slots[:, 1]], axis=1))
+        groups = [
+            {key: None if joined[0][key] is None else torch.cat([g[key] for g in joined]) for key in joined[0]}
+            for joined in members.values()
+        ]
+        cat = lambda name: None if getattr(stacks[0], name) is None else torch.cat([getattr(s, name) for s in stacks])  # noqa: E731
+        return cls(stacks[0].start, groups, np.concatenate(slots), np.concatenate([s.geometry for s in stacks]),
+                   Texts.join([s.filewords for s in stacks]), Texts.join([s.captions for s in stacks]),
+                   cat("embeddings"), cat("pooled_embeddings"))  # fmt: skip
+
+    def __len__(self):
+        return len(self.slots)
+
+    def record(self, row):
+        group = self.groups[self.slots[row, 0]]
+        position = int(self.slots[row, 1])
+        pick = lambda tensor: None if tensor is None else tensor[position]  # noqa: E731
+        pairs = self.geometry[row].tolist()
+        return Record(
+            means=group["means"][position],
+            stds=pick(group["stds"]),
+            **{name: tuple(pairs[2 * n : 2 * n + 2]) for n, name in enumerate(GEOMETRY)},
+            filewords=self.filewords[row],
+            caption=self.captions[row],
+            weight=pick(group["weights"]),
+            embedding=None if self.embeddings is None else self.embeddings[row],
+            pooled_embedding=None if self.pooled_embeddings is None else self.pooled_embeddings[row],
+        )
+
+    @property
+    def nbytes(self):
+        arrays = self.slots.nbytes + self.geometry.nbytes + self.filewords.nbytes + self.captions.nbytes
+        return arrays + sum(t.untyped_storage().nbytes() for t in self.tensors())
+
+    def tensors(self):
+        found = [t for g in self.groups for t in g.values()]
+        return [t for t in (*found, self.embeddings, self.pooled_embeddings) if t is not None]
+
+    def converted(self, convert):
+        """The same records with every tensor passed through `convert`."""
+        optional = lambda t: None if t is None else convert(t)  # noqa: E731
+        groups = [{key: optional(value) for key, value in group.items()} for group in self.groups]
+        return StackedRecords(self.start, groups, self.slots, self.geometry, self.filewords, self.captions,
+                              optional(self.embeddings), optional(self.pooled_embeddings))  # fmt: skip
 
 
-def shared_records(entries, template, settings, encoders, cache_dir=None, state=None, show_progress=False):
-    """Every image's record, in order: each process (of accelerate's `state`) encodes its share and the shares are
-    exchanged, so that every process holds them all, the same bit for bit as one process alone makes them.
-    Returns (records, damaged cache entries encoded again)."""
+class Records:
+    """Every image's record, in order: records[i] is image i's Record (its tensors views into stacked ones)."""
+
+    def __init__(self):
+        self.stacks, self.starts = [], []
+        self.count = 0
+        self._unmerged = 0
+
+    def append(self, stack):
+        if stack.start != self.count:
+            raise ValueError(f"records of image {stack.start} appended after {self.count} images")
+        self.stacks.append(stack)
+        self.starts.append(stack.start)
+        self.count += len(stack)
+        self._unmerged += 1
+        if self._unmerged == MERGE:
+            merged = StackedRecords.concatenate(self.stacks[-MERGE:])
+            del self.stacks[-MERGE:], self.starts[-MERGE:]
+            self.stacks.append(merged)
+            self.starts.append(merged.start)
+            self._unmerged = 0
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        if not -self.count <= index < self.count:
+            raise IndexError(f"image {index} of {self.count}")
+        index %= self.count
+        n = bisect.bisect_right(self.starts, index) - 1
+        return self.stacks[n].record(index - self.starts[n])
+
+    def sizes(self):
+        """Each image's (width, height) as trained."""
+        return [tuple(pair) for stack in self.stacks for pair in stack.geometry[:, :2].tolist()]
+
+    @property
+    def nbytes(self):
+        """The memory the records take: tensors (latents, loss weights, text embeddings), per-image arrays, captions."""
+        return sum(stack.nbytes for stack in self.stacks)
+
+
+@torch.no_grad()
+def encode_chunk(chunk, template, settings, encoders, cache):
+    """The StackedRecords of a chunk (a list of Entry): latents, and with fixed captions the text embeddings, the
+    chunk's captions encoded together."""
+    records = [encode_image(entry, template, settings, encoders, cache) for entry in chunk]
+    result = StackedRecords.stack(chunk[0].index, records)
+    if settings.fixed_captions:
+        embeddings, pooled = encode_tokens(tokenize([r.caption for r in records], encoders.tokenizers),
+                                           encoders.text_encoders)  # fmt: skip
+        result.embeddings = embeddings.cpu()
+        result.pooled_embeddings = None if pooled is None else pooled.cpu()
+    return result
+
+
+def prepare_records(entries, template, settings, encoders, cache_dir=None, state=None, show_progress=False):
+    """Every image's record: each process (of accelerate's `state`) encodes its chunks, CHUNK images at a time, and
+    after every round of chunks the processes exchange theirs, so that all hold the same Records, bit for bit what
+    one process alone makes, and nothing but the records and one round stay in memory. An unreadable image stops
+    every process with the same error. Returns (records, damaged cache entries encoded again)."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     rank, world_size = (0, 1) if state is None else (state.process_index, state.num_processes)
-    progress = tqdm(total=len(entries), desc="Caching latents", disable=not show_progress)
-    records, corrupt = prepare_records(entries, template, settings, encoders, cache_dir, rank, world_size, progress)
-    progress.close()
-    pairs = sorted(records.items())
-    if world_size > 1:
-        # As numpy arrays: pickling a tensor writes a whole torch.save archive of its storage (all of it for a view),
-        # many times slower than the array itself.
-        pairs = [(i, _tensors_to(record, lambda t: t.numpy())) for i, record in pairs]
-        pairs = [(i, _tensors_to(record, torch.from_numpy)) for i, record in gather_object(pairs)]
-        corrupt = sum(gather_object([corrupt]))
-    merged = dict(pairs)
-    return [merged[i] for i in range(len(entries))], corrupt
+    cache = LatentCache(cache_dir)
+    records = Records()
+    mine = entries.chunks(rank, world_size)
+    with tqdm(total=None if entries.streamed else len(entries), desc="Caching latents", disable=not show_progress,
+              unit="image") as progress:  # fmt: skip
+        while True:
+            try:
+                chunk = next(mine, None)
+                payload = None if chunk is None else encode_chunk(chunk, template, settings, encoders, cache)
+            except UsageError as e:
+                payload = str(e)
+            payloads = [payload] if world_size == 1 else exchange(payload)
+            errors = [p for p in payloads if isinstance(p, str)]
+            if errors:
+                raise UsageError(errors[0])
+            for received in payloads:
+                if received is not None:
+                    records.append(received)
+                    progress.update(len(received))
+            # The records stay; what encoding freed around them goes back to the system, so that memory grows with
+            # the records and not with the holes between them.
+            release_free_memory()
+            # Chunks are dealt in turn: once a process has none left, this round was the last.
+            if any(p is None for p in payloads):
+                break
+    corrupt = cache.corrupt if world_size == 1 else sum(gather_object([cache.corrupt]))
+    return records, corrupt
 
 
-def _tensors_to(record, convert):
-    return Record(**{
-        f.name: (convert(getattr(record, f.name)) if getattr(record, f.name) is not None and f.type is torch.Tensor
-                 else getattr(record, f.name))
-        for f in fields(Record)
-    })  # fmt: skip
+def exchange(payload):
+    """Every process's payload (StackedRecords, an error message or None), in process order. Records travel as numpy
+    arrays: pickling a tensor writes a torch.save archive of its storage, many times slower than the array itself."""
+    from accelerate.utils import gather_object
+
+    is_stack = lambda p: isinstance(p, StackedRecords)  # noqa: E731
+    payloads = gather_object([payload.converted(lambda t: t.numpy()) if is_stack(payload) else payload])
+    return [p.converted(torch.from_numpy) if is_stack(p) else p for p in payloads]
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

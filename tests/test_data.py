@@ -6,10 +6,12 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from helpers import ROOT, train
 from PIL import Image
+from records_worker import records_as_dict
 
 from hypernet import data, formats
 from hypernet.training import load_models
@@ -38,11 +40,11 @@ def records_equal(a, b):
 def test_warm_cache_encodes_nothing_and_gives_the_same_records(models, small_dataset, tmp_path):
     entries = data.folder_entries(small_dataset)
     cold, warm = encoders_of(models), encoders_of(models)
-    first, _ = data.shared_records(entries, ["[filewords]"], SETTINGS, cold, str(tmp_path / "cache"))
-    second, _ = data.shared_records(entries, ["[filewords]"], SETTINGS, warm, str(tmp_path / "cache"))
+    first, _ = data.prepare_records(entries, ["[filewords]"], SETTINGS, cold, str(tmp_path / "cache"))
+    second, _ = data.prepare_records(entries, ["[filewords]"], SETTINGS, warm, str(tmp_path / "cache"))
     assert cold.vae_calls == 8 and warm.vae_calls == 0
     records_equal(first, second)
-    uncached, _ = data.shared_records(entries, ["[filewords]"], SETTINGS, encoders_of(models))
+    uncached, _ = data.prepare_records(entries, ["[filewords]"], SETTINGS, encoders_of(models))
     records_equal(first, uncached)
 
 
@@ -63,7 +65,7 @@ def cache_files(directory):
 def test_a_damaged_entry_is_encoded_again_with_a_warning(models, small_dataset, tmp_path):
     entries = data.folder_entries(small_dataset)
     cache = str(tmp_path / "cache")
-    first, _ = data.shared_records(entries, ["[filewords]"], SETTINGS, encoders_of(models), cache)
+    first, _ = data.prepare_records(entries, ["[filewords]"], SETTINGS, encoders_of(models), cache)
     files = cache_files(cache)
     good = read(files[3])
     damaged = bytearray(good)
@@ -72,7 +74,7 @@ def test_a_damaged_entry_is_encoded_again_with_a_warning(models, small_dataset, 
     write(files[5], read(files[5])[:100])  # truncated
     encoders = encoders_of(models)
     with pytest.warns(UserWarning, match="latent cache entry .* is damaged .*; encoding it again"):
-        second, corrupt = data.shared_records(entries, ["[filewords]"], SETTINGS, encoders, cache)
+        second, corrupt = data.prepare_records(entries, ["[filewords]"], SETTINGS, encoders, cache)
     assert encoders.vae_calls == 2 and corrupt == 2
     records_equal(first, second)
     assert read(files[3]) == good, "rewritten whole"
@@ -82,18 +84,18 @@ def test_a_changed_image_or_setting_encodes_just_what_changed(models, small_data
     folder = tmp_path / "data"
     shutil.copytree(small_dataset, folder)
     cache = str(tmp_path / "cache")
-    data.shared_records(data.folder_entries(str(folder)), ["[filewords]"], SETTINGS, encoders_of(models), cache)
+    data.prepare_records(data.folder_entries(str(folder)), ["[filewords]"], SETTINGS, encoders_of(models), cache)
     name = sorted(n for n in os.listdir(folder) if n.endswith(".png"))[2]
     Image.open(folder / name).rotate(90).save(folder / name)
     encoders = encoders_of(models)
-    data.shared_records(data.folder_entries(str(folder)), ["[filewords]"], SETTINGS, encoders, cache)
+    data.prepare_records(data.folder_entries(str(folder)), ["[filewords]"], SETTINGS, encoders, cache)
     assert encoders.vae_calls == 1
     for changed in (data.DataSettings(**{**SETTINGS.__dict__, "resolution": 128}), SETTINGS):
         encoders = encoders_of(models)
-        data.shared_records(data.folder_entries(str(folder)), ["[filewords]"], changed, encoders, cache)
+        data.prepare_records(data.folder_entries(str(folder)), ["[filewords]"], changed, encoders, cache)
         assert encoders.vae_calls == (8 if changed.resolution == 128 else 0)
     other_vae = data.Encoders(models.vae, models.tokenizers, models.text_encoders, "cpu", torch.float32, vae_id="x")
-    data.shared_records(data.folder_entries(str(folder)), ["[filewords]"], SETTINGS, other_vae, cache)
+    data.prepare_records(data.folder_entries(str(folder)), ["[filewords]"], SETTINGS, other_vae, cache)
     assert other_vae.vae_calls == 8, "another VAE's latents are other entries"
 
 
@@ -101,7 +103,7 @@ def test_dataloader_workers_give_the_same_batches(models, small_dataset):
     settings = data.DataSettings(name="n", resolution=64, random_flip=True, latent_sampling_method="random",
                                  shuffle_tags=True, tag_drop_out=0.3, use_weight=True, seed=2)  # fmt: skip
     template = ["a [filewords] by [name]", "[filewords], art"]
-    records, _ = data.shared_records(data.folder_entries(small_dataset), template, settings, encoders_of(models))
+    records, _ = data.prepare_records(data.folder_entries(small_dataset), template, settings, encoders_of(models))
     batches = {}
     for workers in (0, 2):
         sampler = data.EpochBatchSampler([r.size for r in records], 3, seed=2)
@@ -183,3 +185,139 @@ def test_two_processes_cache_the_same_latents_as_one(tiny_model_dir, small_datas
     one, two = cache_files(tmp_path / "cache1"), cache_files(tmp_path / "cache2")
     assert len(one) == 8 and [os.path.basename(f) for f in one] == [os.path.basename(f) for f in two]
     assert all(read(a) == read(b) for a, b in zip(one, two)), "bit for bit"
+
+
+def test_texts_give_back_each_string():
+    strings = ["", "a red fox", "", "ß, é, 狐", "tags, with, commas\nand a newline", ""]
+    texts = data.Texts(strings)
+    assert len(texts) == 6 and [texts[i] for i in range(6)] == strings
+
+
+VARIED = dict(name="n", resolution=64, random_flip=True, varsize=True, use_weight=True,
+              latent_sampling_method="random", seed=3)  # fmt: skip
+
+
+def make_varied_dataset(folder, count=40):
+    """`count` images of three sizes, every fifth with alpha, as a folder and as a Parquet dataset of the same rows."""
+    os.makedirs(folder / "images")
+    rng = np.random.default_rng(7)
+    rows = {"image": [], "text": []}
+    for i in range(count):
+        width, height = [(64, 64), (128, 64), (64, 128)][i % 3]
+        mode = "RGBA" if i % 5 == 0 else "RGB"
+        path = folder / "images" / f"{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, len(mode)), dtype=np.uint8), mode).save(path)
+        caption = f"thing {i}, noise, {'é' if i % 2 else 'ß'}"
+        path.with_suffix(".txt").write_text(caption)
+        rows["image"].append(str(path))
+        rows["text"].append(caption)
+    import datasets
+
+    os.makedirs(folder / "parquet")
+    dataset = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    dataset.to_parquet(str(folder / "parquet" / "train.parquet"))
+    return str(folder / "images"), str(folder / "parquet")
+
+
+@pytest.fixture(scope="module")
+def varied_dataset(tmp_path_factory):
+    return make_varied_dataset(tmp_path_factory.mktemp("varied"))
+
+
+def assert_same_records(expected, actual):
+    (tensors, fields), (other_tensors, other_fields) = expected, actual
+    assert fields == other_fields
+    assert list(tensors) == list(other_tensors)
+    for name in tensors:
+        assert torch.equal(tensors[name], other_tensors[name]), name
+
+
+def test_a_streamed_dataset_gives_the_records_of_the_folder(models, varied_dataset):
+    images, parquet = varied_dataset
+    settings = data.DataSettings(**VARIED)
+    template = ["[filewords], [name]"]
+    expected, _ = data.prepare_records(data.folder_entries(images), template, settings, encoders_of(models))
+    entries = data.dataset_entries(parquet, streaming=True)
+    assert entries.streamed and not hasattr(entries, "__len__")
+    streamed, _ = data.prepare_records(entries, template, settings, encoders_of(models))
+    assert len(streamed) == 40 and len({r.size for r in streamed}) == 3
+    assert streamed[7].filewords == "thing 7, noise, é" and streamed[5].weight.shape == streamed[5].means.shape[1:]
+    assert_same_records(records_as_dict(expected), records_as_dict(streamed))
+
+
+def test_a_bad_image_in_a_stream_is_named_by_row(models, tmp_path):
+    import datasets
+
+    good = io_png(Image.new("RGB", (64, 64), (10, 20, 30)))
+    rows = {
+        "image": [{"bytes": good, "path": None}] * 20 + [{"bytes": b"not a png", "path": None}],
+        "text": ["x"] * 21,
+    }
+    os.makedirs(tmp_path / "parquet")
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(
+        str(tmp_path / "parquet" / "train.parquet")
+    )
+    entries = data.dataset_entries(str(tmp_path / "parquet"), streaming=True)
+    with pytest.raises(data.UsageError, match=r"parquet row 20: unreadable image"):
+        data.prepare_records(entries, ["[filewords]"], SETTINGS, encoders_of(models))
+    with pytest.raises(data.UsageError, match=r"parquet: no column 'caption'; it has image, text"):
+        data.dataset_entries(str(tmp_path / "parquet"), streaming=True, caption_column="caption")
+
+
+def io_png(image):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_training_on_a_stream(tiny_model_dir, varied_dataset, tmp_path):
+    _, parquet = varied_dataset
+    out = tmp_path / "streamed"
+    assert train(tiny_model_dir, None, out, "--dataset_name", parquet, "--streaming", "--hypernetwork_name", "s",
+                 "--varsize", steps=2) == 0  # fmt: skip
+    settings = json.load(open(out / "training_settings.json"))
+    assert settings["dataset_size"] == 40 and formats.load(out / "s.pt").step == 2
+
+
+@pytest.mark.slow
+def test_two_processes_hold_the_records_of_one(models, tiny_model_dir, varied_dataset, tmp_path):
+    images, parquet = varied_dataset
+    settings = data.DataSettings(**VARIED)
+    expected, _ = data.prepare_records(data.folder_entries(images), ["[filewords], [name]"], settings,
+                                       encoders_of(models))  # fmt: skip
+    expected = records_as_dict(expected)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    broken = tmp_path / "broken"
+    shutil.copytree(images, broken)
+    (broken / "020.png").write_bytes(b"not a png")  # in the second chunk: the second process's
+    for n, (source, extra) in enumerate([(images, []), (parquet, ["--streaming"]), (str(broken), [])]):
+        out = tmp_path / f"records{n}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(29641 + n), os.path.join(ROOT, "tests", "records_worker.py"), tiny_model_dir, source, str(out),
+                   json.dumps(VARIED), *extra]  # fmt: skip
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if source == str(broken):
+            assert result.returncode != 0
+            assert result.stderr.count("error: ") == 2 and result.stderr.count("020.png: unreadable image") == 2
+            continue
+        assert result.returncode == 0, result.stderr[-3000:]
+        for rank in (0, 1):
+            saved = torch.load(f"{out}.{rank}")
+            assert_same_records(expected, (saved["tensors"], saved["fields"]))
+
+
+def test_records_merged_as_they_arrive_are_the_same(models, varied_dataset, monkeypatch):
+    images, _ = varied_dataset
+    settings = data.DataSettings(**VARIED)
+    separate, _ = data.prepare_records(data.folder_entries(images), ["[filewords]"], settings, encoders_of(models))
+    monkeypatch.setattr(data, "MERGE", 2)
+    merged, _ = data.prepare_records(data.folder_entries(images), ["[filewords]"], settings, encoders_of(models))
+    assert [len(s) for s in separate.stacks] == [16, 16, 8] and [len(s) for s in merged.stacks] == [32, 8]
+    assert len(merged.stacks[0].groups) == 3, "one group per latent shape"
+    assert merged.sizes() == separate.sizes() and merged.nbytes < separate.nbytes
+    assert_same_records(records_as_dict(separate), records_as_dict(merged))
+    with pytest.raises(IndexError):
+        merged[40]
+    assert merged[-1].filewords == separate[39].filewords

@@ -40,7 +40,7 @@ def test_sdxl_loss_on_a_fixed_batch_falls(sdxl_model_dir, small_dataset, tmp_pat
     models = training.load_models(sdxl_model_dir)
     settings = data.DataSettings(name="fit", resolution=64, center_crop=True)
     encoders = data.Encoders(models.vae, models.tokenizers, models.text_encoders, "cpu", torch.float32)
-    records, _ = data.shared_records(data.folder_entries(small_dataset), ["[filewords]"], settings, encoders)
+    records, _ = data.prepare_records(data.folder_entries(small_dataset), ["[filewords]"], settings, encoders)
     samples = data.TrainingSamples(records, ["[filewords]"], settings, models.tokenizers)
     batch = training.batch_to_device(samples.__getitems__([(0, i) for i in range(8)]), models, 0, 0.0, "cpu",
                                      torch.float32)  # fmt: skip

@@ -66,6 +66,7 @@ def base_argv(model, data, out):
         (["--save_every", "-2"], r"--save_every -2: must be 0 or more"),
         (["--checkpointing_steps", "-1"], r"--checkpointing_steps -1: must be 0 or more"),
         (["--noise_offset", "nan"], r"--noise_offset nan: must be a finite number, 0 or more"),
+        (["--streaming"], r"--streaming reads a --dataset_name; a --train_data_dir folder is read as it is"),
     ],
 )  # fmt: skip
 def test_bad_flags_are_one_line_errors_before_heavy_work(
