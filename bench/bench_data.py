@@ -8,7 +8,9 @@ own sharded caching as train_hypernetwork.py runs it:
   caching_seconds  {1, 2} processes encoding the whole dataset (torchrun, one core each; each process encodes its
                    share, then the shares are exchanged)
   warm_start       the same caching again with a warm --cache_dir (no VAE call) against a cold one
-  peak_rss_mib     peak resident memory of caching --images and 4x --images, and the cached records' size
+  peak_rss_mib     peak resident memory of caching --images and 4x --images (--repeats runs each, 5 by default;
+                   the ratio from the medians), the resident memory after caching, and the records' size: tensors, per-image arrays
+                   and captions (tensors_mib: the tensors alone)
 Prints one JSON line.
 """
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,12 @@ def make_images(directory, count, resolution, seed=0):
             f.write(f"image {i}, noise, {'warm' if i % 2 else 'cold'}")
 
 
+def resident_mib():
+    """The process's resident memory now (Linux), MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def worker(args):
     """Cache the dataset's latents as train_hypernetwork.py does, in this process's share; the main process prints
     seconds, VAE calls, peak memory and the records' size."""
@@ -45,7 +54,9 @@ def worker(args):
     from common import build
 
     from hypernet import data
+    from hypernet.memory import retain_freed_memory
 
+    retain_freed_memory()  # as train_hypernetwork.py does on the CPU (--retain_freed_memory auto)
     state = PartialState(cpu=True)
     pipeline = build("tiny", "cpu", torch.float32)
     encoders = data.Encoders(pipeline.vae, [pipeline.tokenizer], [pipeline.text_encoder], "cpu", torch.float32,
@@ -54,17 +65,17 @@ def worker(args):
     entries = data.folder_entries(args.data)
     state.wait_for_everyone()
     start = time.perf_counter()
-    records, _ = data.shared_records(entries, ["[filewords]"], settings, encoders, args.cache_dir, state)
+    records, _ = data.prepare_records(entries, ["[filewords]"], settings, encoders, args.cache_dir, state)
     state.wait_for_everyone()
     seconds = time.perf_counter() - start
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for r in records
-                for t in (r.mean, r.std, r.flipped_mean, r.flipped_std, r.embedding) if t is not None}  # fmt: skip
     if state.is_main_process:
         print(json.dumps({
             "seconds": seconds,
             "vae_calls": encoders.vae_calls,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "records_mib": sum(storages.values()) / 2**20,
+            "rss_after_mib": resident_mib(),
+            "records_mib": records.nbytes / 2**20,
+            "tensors_mib": sum(t.nbytes for s in records.stacks for t in s.tensors()) / 2**20,
         }))  # fmt: skip
 
 
@@ -86,6 +97,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000, help="Images in the dataset (4x for the memory check).")
     parser.add_argument("--resolution", type=int, default=64, help="Image side in pixels.")
+    parser.add_argument("--repeats", type=int, default=5, help="Runs of each size for the peak memory's median.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--cache_dir", default=None, help=argparse.SUPPRESS)
@@ -102,7 +114,12 @@ def main():
         cache = os.path.join(tmp, "cache")
         cold = run_worker(small, 1, args.resolution, cache)
         warm = run_worker(small, 1, args.resolution, cache)
-        peak_large = run_worker(large, 1, args.resolution)
+        # Peak memory moves by a few MiB from run to run (where the VAE's working memory for the last images
+        # lands): the median of --repeats runs of each size.
+        smalls = [one] + [run_worker(small, 1, args.resolution) for _ in range(args.repeats - 1)]
+        larges = [run_worker(large, 1, args.resolution) for _ in range(args.repeats)]
+    median = lambda runs, key: statistics.median(run[key] for run in runs)  # noqa: E731
+    sizes = (str(args.images), str(4 * args.images))
     print(
         json.dumps(
             {
@@ -118,13 +135,20 @@ def main():
                     "cold_vae_calls": cold["vae_calls"],
                     "warm_vae_calls": warm["vae_calls"],
                 },  # fmt: skip
-                "peak_rss_mib": {
-                    str(args.images): one["peak_rss_mib"],
-                    str(4 * args.images): peak_large["peak_rss_mib"],
-                },
-                "records_mib": {str(args.images): one["records_mib"], str(4 * args.images): peak_large["records_mib"]},
-                "rss_growth_over_records_growth": (peak_large["peak_rss_mib"] - one["peak_rss_mib"])
-                / (peak_large["records_mib"] - one["records_mib"]),
+                "peak_rss_mib": dict(
+                    zip(sizes, ([run["peak_rss_mib"] for run in smalls], [run["peak_rss_mib"] for run in larges]))
+                ),  # fmt: skip
+                "rss_after_mib": dict(zip(sizes, (median(smalls, "rss_after_mib"), median(larges, "rss_after_mib")))),
+                "records_mib": dict(zip(sizes, (one["records_mib"], larges[0]["records_mib"]))),
+                "tensors_mib": dict(zip(sizes, (one["tensors_mib"], larges[0]["tensors_mib"]))),
+                "peak_rss_growth_over_records_growth": (
+                    median(larges, "peak_rss_mib") - median(smalls, "peak_rss_mib")
+                )
+                / (larges[0]["records_mib"] - one["records_mib"]),
+                "rss_after_growth_over_records_growth": (
+                    median(larges, "rss_after_mib") - median(smalls, "rss_after_mib")
+                )
+                / (larges[0]["records_mib"] - one["records_mib"]),
             }
         )
     )
