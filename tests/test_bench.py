@@ -59,11 +59,13 @@ def test_bench_generate_reports_merged_and_wrapped_hypernetworks_against_plain()
 
 
 def test_bench_data_reports_sharded_caching_warm_starts_and_memory():
-    result = bench("bench_data.py", "--images", "24", "--resolution", "32", model=())
+    result = bench("bench_data.py", "--images", "24", "--resolution", "32", "--repeats", "1", model=())
     assert set(result["caching_seconds"]) == {"1", "2"} and result["caching_2/1"] > 0
     warm = result["warm_start"]
     assert warm["cold_vae_calls"] == 24 and warm["warm_vae_calls"] == 0
-    assert result["records_mib"]["96"] == pytest.approx(4 * result["records_mib"]["24"])
+    assert result["tensors_mib"]["96"] == pytest.approx(4 * result["tensors_mib"]["24"])
+    assert result["tensors_mib"]["96"] < result["records_mib"]["96"] < 1.1 * result["tensors_mib"]["96"]
+    assert len(result["peak_rss_mib"]["96"]) == 1 and result["peak_rss_growth_over_records_growth"] > 0
 
 
 PEAK = """
