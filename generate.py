@@ -24,7 +24,7 @@ from hypernet.attachment import attention_widths_from_config, check_widths
 from hypernet.errors import HypernetError, UsageError, run_script
 from hypernet.formats import DTYPES, base_model_hash, check_writable_folder
 from hypernet.images import Generation, save_png
-from hypernet.memory import retain_freed_memory
+from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting
 from hypernet.prompts import hypernetworks_in, parse_multiplier, parse_prompt
 
 # A1111 sampler names -> (diffusers scheduler class, extra config). diffusers class names work as well.
@@ -81,7 +81,7 @@ def parse_args(input_args=None):
     model.add_argument(
         "--retain_freed_memory",
         default="auto",
-        choices=["auto", "on", "off"],
+        choices=RETAIN_SETTINGS,
         help="Keep the memory a denoising step frees for the next one instead of handing it back to the kernel "
         "(glibc only; the whole process's allocator). auto: on for --device cpu, where it makes steps faster.",
     )
@@ -297,8 +297,7 @@ def main(input_args=None):
     args = parse_args(input_args)
     hypernetworks = load_hypernetworks(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.retain_freed_memory == "on" or (args.retain_freed_memory == "auto" and device == "cpu"):
-        retain_freed_memory()
+    apply_retain_setting(args.retain_freed_memory, device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     pipeline = load_pipeline(args, dtype, device)
     for hn in hypernetworks.values():

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .formats import atomic_write
 from .memory import release_free_memory
 
@@ -218,8 +218,8 @@ class StreamedEntries:
             except StopIteration:
                 return
             except Exception as e:  # whatever the source raises (a lost connection, a damaged shard), in one line
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise UsageError(f"--dataset_name {self.name}: reading row {index} failed ({first[:200]})") from None
+                reason = first_line(e) or type(e).__name__
+                raise UsageError(f"--dataset_name {self.name}: reading row {index} failed ({reason})") from None
             yield row
             index += 1
 
@@ -301,8 +301,8 @@ def dataset_entries(dataset_name, config_name=None, image_column="image", captio
         else:
             dataset = datasets.load_dataset(dataset_name, config_name, split="train", streaming=streaming)
     except Exception as e:  # datasets raises many kinds (no such dataset, no network, an empty folder's IndexError)
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"--dataset_name {dataset_name}: cannot be loaded ({first[:200]})") from None
+        reason = first_line(e) or type(e).__name__
+        raise UsageError(f"--dataset_name {dataset_name}: cannot be loaded ({reason})") from None
     for column in (image_column, caption_column):
         if dataset.column_names is not None and column not in dataset.column_names:
             raise UsageError(

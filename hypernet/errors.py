@@ -18,6 +18,12 @@ class UsageError(HypernetError):
     """A bad flag, path or piece of training data, reported before any heavy work."""
 
 
+def first_line(error):
+    """An exception's message for a one-line error: its first line, at most 200 characters; "" when it has none."""
+    text = str(error)
+    return text.splitlines()[0][:200] if text else ""
+
+
 def run_script(main):
     """Run a script's main(); a HypernetError becomes one line on stderr, named after the command, and exit code 2."""
     import os

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file as save_safetensors_file
 
-from .errors import FormatError, HypernetError, NotAHypernetworkError, UsageError
+from .errors import FormatError, HypernetError, NotAHypernetworkError, UsageError, first_line
 from .module import ACTIVATIONS, LOAD_DEFAULTS, Hypernetwork
 
 # A1111's file keys, in the order its Hypernetwork.save() writes them, and the attribute each one holds.
@@ -79,7 +79,7 @@ def write_failure(error, path):
     if isinstance(error, OSError):
         return error.strerror or str(error)
     if any(word in text for word in ("write", "i/o", "file", "permission")):
-        return str(error).splitlines()[0][:200]
+        return first_line(error)
     return None
 
 
@@ -256,7 +256,7 @@ def torch_load_safely(path):
     except MemoryError:
         raise FormatError(f"{path}: too large to read") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, zipfile and struct errors for damaged files
-        reason = str(e).splitlines()[0][:200] if str(e) else ""
+        reason = first_line(e)
         raise FormatError(
             f"{path}: not a readable PyTorch file ({type(e).__name__}: {reason}); it may be truncated or corrupted"
         ) from None
@@ -356,7 +356,7 @@ def meta_hypernetwork(path, widths, meta):
     except HypernetError as e:
         raise FormatError(f"{path}: {e}") from None
     except (TypeError, ValueError, OverflowError, RuntimeError) as e:
-        raise FormatError(f"{path}: malformed hypernetwork settings ({str(e).splitlines()[0][:200]})") from None
+        raise FormatError(f"{path}: malformed hypernetwork settings ({first_line(e)})") from None
 
 
 def check_fit(path, hn, shapes):
@@ -612,7 +612,7 @@ def load_safetensors(path, name=None):
         with safe_open(path, framework="pt", device="cpu") as f:
             tensors = {names[key]: f.get_tensor(key) for key in names}
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        reason = str(e).splitlines()[0][:200] if str(e) else repr(e)
+        reason = first_line(e) or repr(e)
         raise FormatError(f"{path}: corrupted safetensors file ({reason})") from None
     hn = build(path, widths, meta, tensors)
     hn.pt_keys = pt_keys

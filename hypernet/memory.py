@@ -32,6 +32,17 @@ def retain_freed_memory():
     return all([mallopt(option, value) == 1 for option, value in settings])
 
 
+RETAIN_SETTINGS = ("auto", "on", "off")  # the scripts' --retain_freed_memory
+
+
+def apply_retain_setting(setting, device_type):
+    """The scripts' --retain_freed_memory: "on", or "auto" on the CPU (where it makes steps faster), calls
+    retain_freed_memory(). Returns True when the setting took effect."""
+    if setting == "on" or (setting == "auto" and device_type == "cpu"):
+        return retain_freed_memory()
+    return False
+
+
 def release_free_memory():
     """Hand the free memory inside the heap back to the system now (glibc's malloc_trim); False where not glibc."""
     if not sys.platform.startswith("linux"):
