@@ -8,13 +8,16 @@ own sharded caching as train_hypernetwork.py runs it:
   caching_seconds  {1, 2} processes encoding the whole dataset (torchrun, one core each; each process encodes its
                    share, then the shares are exchanged)
   warm_start       the same caching again with a warm --cache_dir (no VAE call) against a cold one
-  peak_rss_mib     peak resident memory of caching --images and 4x --images (--repeats runs each, 5 by default;
-                   the ratio from the medians), the resident memory after caching, and the records' size: tensors, per-image arrays
-                   and captions (tensors_mib: the tensors alone)
+  peak_rss_mib     peak resident memory of caching --images and 4x --images (--repeats runs each, 9 by default, a
+                   run of each size side by side on one core each; the ratio from the medians), the resident memory
+                   after caching, and the records' size: tensors, per-image arrays and captions (tensors_mib: the
+                   tensors alone); beyond_records_bytes_per_image: what memory grew by per added image besides its
+                   records
 Prints one JSON line.
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import resource
@@ -56,13 +59,16 @@ def worker(args):
     from hypernet import data
     from hypernet.memory import retain_freed_memory
 
-    retain_freed_memory()  # as train_hypernetwork.py does on the CPU (--retain_freed_memory auto)
+    # In train_hypernetwork.py's order: the folder is scanned and every image checked before the model loads, and
+    # --retain_freed_memory (auto: on, on the CPU) applies from there on.
+    entries = data.folder_entries(args.data)
+    data.check_images(entries)
     state = PartialState(cpu=True)
+    retain_freed_memory()
     pipeline = build("tiny", "cpu", torch.float32)
     encoders = data.Encoders(pipeline.vae, [pipeline.tokenizer], [pipeline.text_encoder], "cpu", torch.float32,
                              vae_id="bench")  # fmt: skip
     settings = data.DataSettings(name="bench", resolution=args.resolution, random_flip=True)
-    entries = data.folder_entries(args.data)
     state.wait_for_everyone()
     start = time.perf_counter()
     records, _ = data.prepare_records(entries, ["[filewords]"], settings, encoders, args.cache_dir, state)
@@ -97,7 +103,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000, help="Images in the dataset (4x for the memory check).")
     parser.add_argument("--resolution", type=int, default=64, help="Image side in pixels.")
-    parser.add_argument("--repeats", type=int, default=5, help="Runs of each size for the peak memory's median.")
+    parser.add_argument("--repeats", type=int, default=9, help="Runs of each size for the peak memory's median.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--cache_dir", default=None, help=argparse.SUPPRESS)
@@ -114,11 +120,17 @@ def main():
         cache = os.path.join(tmp, "cache")
         cold = run_worker(small, 1, args.resolution, cache)
         warm = run_worker(small, 1, args.resolution, cache)
-        # Peak memory moves by a few MiB from run to run (where the VAE's working memory for the last images
-        # lands): the median of --repeats runs of each size.
-        smalls = [one] + [run_worker(small, 1, args.resolution) for _ in range(args.repeats - 1)]
-        larges = [run_worker(large, 1, args.resolution) for _ in range(args.repeats)]
+        # Peak memory moves by a few MiB from run to run (how much of a round's freed working memory is still
+        # resident when it peaks): the median of --repeats runs of each size, a small and a large run at a time.
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(run_worker, folder, 1, args.resolution, port=29700 + i)
+                    for i, folder in enumerate([small, large] * args.repeats)]  # fmt: skip
+            runs = [run.result() for run in runs]
+        smalls, larges = runs[0::2], runs[1::2]
     median = lambda runs, key: statistics.median(run[key] for run in runs)  # noqa: E731
+    records_growth = larges[0]["records_mib"] - smalls[0]["records_mib"]
+    growth = lambda key: median(larges, key) - median(smalls, key)  # noqa: E731
+    beyond_records = lambda key: (growth(key) - records_growth) * 2**20 / (3 * args.images)  # noqa: E731
     sizes = (str(args.images), str(4 * args.images))
     print(
         json.dumps(
@@ -139,16 +151,14 @@ def main():
                     zip(sizes, ([run["peak_rss_mib"] for run in smalls], [run["peak_rss_mib"] for run in larges]))
                 ),  # fmt: skip
                 "rss_after_mib": dict(zip(sizes, (median(smalls, "rss_after_mib"), median(larges, "rss_after_mib")))),
-                "records_mib": dict(zip(sizes, (one["records_mib"], larges[0]["records_mib"]))),
-                "tensors_mib": dict(zip(sizes, (one["tensors_mib"], larges[0]["tensors_mib"]))),
-                "peak_rss_growth_over_records_growth": (
-                    median(larges, "peak_rss_mib") - median(smalls, "peak_rss_mib")
-                )
-                / (larges[0]["records_mib"] - one["records_mib"]),
-                "rss_after_growth_over_records_growth": (
-                    median(larges, "rss_after_mib") - median(smalls, "rss_after_mib")
-                )
-                / (larges[0]["records_mib"] - one["records_mib"]),
+                "records_mib": dict(zip(sizes, (smalls[0]["records_mib"], larges[0]["records_mib"]))),
+                "tensors_mib": dict(zip(sizes, (smalls[0]["tensors_mib"], larges[0]["tensors_mib"]))),
+                "peak_rss_growth_over_records_growth": growth("peak_rss_mib") / records_growth,
+                "rss_after_growth_over_records_growth": growth("rss_after_mib") / records_growth,
+                "beyond_records_bytes_per_image": {
+                    "peak": beyond_records("peak_rss_mib"),
+                    "after": beyond_records("rss_after_mib"),
+                },  # fmt: skip
             }
         )
     )
