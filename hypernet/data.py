@@ -279,8 +279,9 @@ def folder_entries(data_dir):
 
 
 def _folder_caption(path, index):
-    caption_path = os.path.splitext(path(index))[0] + ".txt"
-    return read_caption(caption_path) if os.path.isfile(caption_path) else filewords_from_name(path(index))
+    image_path = path(index)
+    caption_path = os.path.splitext(image_path)[0] + ".txt"
+    return read_caption(caption_path) if os.path.isfile(caption_path) else filewords_from_name(image_path)
 
 
 def dataset_entries(dataset_name, config_name=None, image_column="image", caption_column="text", streaming=False):
@@ -496,12 +497,13 @@ def encode_image(entry, template, settings, encoders, cache):
     scaled_w, scaled_h, left, top = crop_box(image.size, size, settings.center_crop, generator)
     line = template[int(torch.randint(0, len(template), (1,), generator=generator))]
     key = latent_key(hashlib.sha256(raw).hexdigest(), (scaled_w, scaled_h, left, top), size, settings, encoders)
-    box = (left, top, left + size[0], top + size[1])
-    cropped = image.resize((scaled_w, scaled_h), Image.BICUBIC).crop(box) if settings.use_weight else None
     latents = cache.get(key)
+    # The scaled crop is what the VAE encodes and where the loss weight's alpha comes from; a cache hit without
+    # --use_weight needs neither.
+    cropped = None
+    if latents is None or settings.use_weight:
+        cropped = image.resize((scaled_w, scaled_h), Image.BICUBIC).crop((left, top, left + size[0], top + size[1]))
     if latents is None:
-        if cropped is None:
-            cropped = image.resize((scaled_w, scaled_h), Image.BICUBIC).crop(box)
         variants = [cropped, cropped.transpose(Image.FLIP_LEFT_RIGHT)] if settings.random_flip else [cropped]
         pixels = torch.stack([torch.from_numpy(np.asarray(v.convert("RGB"), dtype=np.float32)) for v in variants])
         pixels = (pixels / 127.5 - 1.0).permute(0, 3, 1, 2).to(encoders.device, encoders.dtype)
