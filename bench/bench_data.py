@@ -28,7 +28,7 @@ import tempfile
 import time
 
 import numpy as np
-from common import ROOT, machine
+from common import ROOT, machine, process_status
 from PIL import Image
 
 
@@ -41,12 +41,6 @@ def make_images(directory, count, resolution, seed=0):
         Image.fromarray(pixels).save(os.path.join(directory, f"{i:05d}.png"), compress_level=1)
         with open(os.path.join(directory, f"{i:05d}.txt"), "w") as f:
             f.write(f"image {i}, noise, {'warm' if i % 2 else 'cold'}")
-
-
-def resident_mib():
-    """The process's resident memory now (Linux), MiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def worker(args):
@@ -79,7 +73,7 @@ def worker(args):
             "seconds": seconds,
             "vae_calls": encoders.vae_calls,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_after_mib": resident_mib(),
+            "rss_after_mib": process_status("VmRSS") / 2**20,
             "records_mib": records.nbytes / 2**20,
             "tensors_mib": sum(t.nbytes for s in records.stacks for t in s.tensors()) / 2**20,
         }))  # fmt: skip

@@ -1,6 +1,5 @@
 """Shared pieces of the benchmarks: model building, timing, peak memory."""
 
-import ctypes
 import os
 import random
 import resource
@@ -12,6 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 
+from hypernet.memory import release_free_memory  # noqa: E402
 
 # The benches' architecture names -> examples/make_tiny_model.py's presets.
 PRESETS = {"sd15": "sd15", "sdxl": "sdxl_full", "tiny": "tiny", "tiny_sdxl": "sdxl"}
@@ -73,10 +73,10 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
-            _return_free_memory()  # else memory freed earlier but still resident hides the block's own growth
+            release_free_memory()  # else memory freed earlier but still resident hides the block's own growth
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self.start = self._status("VmRSS")
+            self.start = process_status("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -84,24 +84,17 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak_total = torch.cuda.max_memory_allocated()
         else:
-            self.peak_total = self._status("VmHWM")
+            self.peak_total = process_status("VmHWM")
         self.peak_above_start = self.peak_total - self.start
 
-    @staticmethod
-    def _status(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        return 0
 
-
-def _return_free_memory():
-    """glibc's malloc_trim(0): give every free page back to the kernel, so that the resident set is live memory."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def process_status(field):
+    """A memory figure of this process from /proc/self/status (Linux), in bytes; 0 where it has none."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class PageFaults:
