@@ -1,8 +1,12 @@
-"""The webui's prompt syntax for hypernetworks: <hypernet:NAME:STRENGTH>, NAME looked up in one folder."""
+"""The webui's prompt syntax: <hypernet:NAME:STRENGTH> (NAME looked up in one folder), and its text conditioning
+(emphasis, BREAK, prompts of any length, Clip skip) as PromptEncoder and encode_prompts."""
 
 import math
 import os
 import re
+from dataclasses import dataclass
+
+import torch
 
 from .errors import UsageError
 
@@ -51,3 +55,302 @@ def parse_prompt(prompt, hypernetwork_dir, available=None):
         found.append((available[name], value))
     clean = re.sub(r"\s{2,}", " ", PROMPT_HYPERNET.sub("", prompt)).strip(" ,")
     return clean, found
+
+
+# -- text conditioning as the webui computes it --------------------------------------------------------------------
+#
+# The webui (modules/sd_hijack_clip.py, sd_hijack_open_clip.py, prompt_parser.py, sd_emphasis.py) parses emphasis
+# and BREAK, tokenizes each parsed piece on its own, cuts the tokens into chunks of 75 (moving a cut back to a comma
+# at most 20 tokens before it), wraps each chunk in its start and end tokens padded to 77, encodes every chunk, scales
+# each token's embedding by its weight and the chunk back to its mean, and joins the chunks (77, 154, 231... tokens).
+
+CHUNK_TOKENS = 75
+COMMA_BACKTRACK = 20  # the webui's "Prompt word wrap length limit" (comma_padding_backtrack), at its default
+BREAK = ("BREAK", -1.0)
+TEXT_ENCODINGS = ("webui", "diffusers")
+
+EMPHASIS_TOKEN = re.compile(
+    r"""
+    \\(?P<escaped>[()\[\]\\])?            # \( \) \[ \] \\ stand for the character; a lone backslash for nothing
+    | (?P<open>[(\[])
+    | :\s*(?P<weight>[+-]?[.\d]+)\s*\)    # closes a ( with an explicit weight
+    | (?P<close>[)\]])
+    | (?P<text>[^\\()\[\]:]+ | :)
+    """,
+    re.X,
+)
+BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_emphasis(prompt):
+    """The webui's emphasis syntax (prompt_parser.parse_prompt_attention): [(text, weight), ...] with '(a)' x1.1,
+    '[a]' /1.1, '(a:1.3)' x1.3, escapes, brackets left open applying to the end, BREAK as ("BREAK", -1.0), and
+    neighbours of equal weight joined."""
+    pieces, rounds, squares = [], [], []
+
+    def scale(start, factor):
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for match in EMPHASIS_TOKEN.finditer(prompt):
+        token = match.group(0)
+        if token.startswith("\\"):
+            pieces.append([match.group("escaped") or "", 1.0])
+        elif match.group("open"):
+            (rounds if token == "(" else squares).append(len(pieces))
+        elif match.group("weight") is not None and rounds:
+            try:
+                factor = float(match.group("weight"))
+            except ValueError:
+                raise UsageError(
+                    f"prompt {prompt[:60]!r}: emphasis weight {match.group('weight')!r} is not a number"
+                ) from None
+            scale(rounds.pop(), factor)
+        elif token == ")" and rounds:
+            scale(rounds.pop(), 1.1)
+        elif token == "]" and squares:
+            scale(squares.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(BREAK_WORD.split(token)):
+                if i:
+                    pieces.append(list(BREAK))
+                pieces.append([part, 1.0])
+    for start in rounds:
+        scale(start, 1.1)
+    for start in squares:
+        scale(start, 1 / 1.1)
+    merged = []
+    for text, weight in pieces or [["", 1.0]]:
+        if merged and merged[-1][1] == weight:
+            merged[-1][0] += text
+        else:
+            merged.append([text, weight])
+    return [tuple(piece) for piece in merged]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """77 token ids and their weights: start, 75 tokens of the prompt (padded with the end token), end."""
+
+    ids: tuple
+    weights: tuple
+
+
+@dataclass(frozen=True)
+class EncoderRules:
+    """How the webui tokenizes and reads one text encoder. OpenCLIP encoders (SD 2.x; SDXL's second) are told by their
+    padding token, which is not their end token ('!', id 0, in diffusers' folders): the webui pads them with it after
+    the first end token, unescapes HTML entities as OpenCLIP's tokenizer does, and ignores Clip skip."""
+
+    start: int
+    end: int
+    pad: int
+    comma: int
+    open_clip: bool
+    layers: int
+
+    @classmethod
+    def of(cls, tokenizer, text_encoder):
+        comma = tokenizer.convert_tokens_to_ids(",</w>")
+        return cls(
+            start=tokenizer.bos_token_id,
+            end=tokenizer.eos_token_id,
+            pad=tokenizer.pad_token_id,
+            comma=-1 if comma in (None, tokenizer.unk_token_id) else comma,
+            open_clip=tokenizer.pad_token_id != tokenizer.eos_token_id,
+            layers=text_encoder.config.num_hidden_layers,
+        )
+
+
+def split_chunks(pieces, ids_per_piece, rules):
+    """The webui's tokenize_line: the prompt's tokens in chunks of 75, a chunk closed early at BREAK or, when the
+    75th token is not a comma, after the last comma among the last 20 tokens."""
+    chunks, ids, weights, last_comma = [], [], [], -1
+
+    def close():
+        nonlocal ids, weights, last_comma
+        pad = CHUNK_TOKENS - len(ids)
+        chunks.append(Chunk((rules.start, *ids, *[rules.end] * pad, rules.end), (1.0, *weights, *[1.0] * pad, 1.0)))
+        ids, weights, last_comma = [], [], -1
+
+    for (text, weight), piece_ids in zip(pieces, ids_per_piece):
+        if (text, weight) == BREAK:
+            close()
+            continue
+        for token in piece_ids:
+            if token == rules.comma:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK_TOKENS and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+                moved_ids, moved_weights = ids[last_comma + 1 :], weights[last_comma + 1 :]
+                ids, weights = ids[: last_comma + 1], weights[: last_comma + 1]
+                close()
+                ids, weights = moved_ids, moved_weights
+            if len(ids) == CHUNK_TOKENS:
+                close()
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        close()
+    return chunks
+
+
+def empty_chunk(rules):
+    return Chunk((rules.start, *[rules.end] * (CHUNK_TOKENS + 1)), (1.0,) * (CHUNK_TOKENS + 2))
+
+
+def normalize_text(text, open_clip):
+    """What the webui's tokenizers do to text before they split it: ftfy's fixes (curly quotes, ligatures, width,
+    mojibake) and, in OpenCLIP's, HTML entities unescaped twice."""
+    import html
+
+    import ftfy
+
+    text = ftfy.fix_text(text)
+    return html.unescape(html.unescape(text)).strip() if open_clip else text
+
+
+class PromptEncoder:
+    """Prompts to the context a UNet's cross-attention reads, for SD 1.x, SD 2.x and SDXL.
+
+    encoding="webui" computes what the webui computes (any length, emphasis, BREAK, Clip skip as the webui numbers
+    it: 1 is the last layer, 2 the one before; the webui ignores it for SD 2.x and SDXL, and so does this).
+    encoding="diffusers" computes what diffusers' pipelines compute with clip_skip=N-1: the prompt as plain text,
+    cut at 77 tokens.
+    """
+
+    def __init__(self, tokenizers, text_encoders, clip_skip=1, encoding="webui"):
+        if encoding not in TEXT_ENCODINGS:
+            raise UsageError(f"text encoding {encoding!r}: use one of {', '.join(TEXT_ENCODINGS)}")
+        self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
+        self.rules = [EncoderRules.of(t, e) for t, e in zip(self.tokenizers, self.text_encoders)]
+        self.sdxl = len(self.text_encoders) == 2
+        self.clip_skip, self.encoding = clip_skip, encoding
+        layers = min(rules.layers for rules in self.rules)
+        if not 1 <= clip_skip <= layers:
+            raise UsageError(f"clip skip {clip_skip}: the text encoder has {layers} layers; use 1 to {layers}")
+
+    @property
+    def clip_skip_applies(self):
+        """Whether clip skip changes anything: the webui applies it to SD 1.x only, diffusers to every family."""
+        return self.encoding == "diffusers" or not (self.sdxl or self.rules[0].open_clip)
+
+    def chunks(self, prompt):
+        """Per text encoder, the prompt's chunks (webui encoding; the diffusers encoding has one chunk)."""
+        pieces = parse_emphasis(prompt)
+        result = []
+        for tokenizer, rules in zip(self.tokenizers, self.rules):
+            texts = [normalize_text(text, rules.open_clip) for text, _ in pieces]
+            ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+            result.append(split_chunks(pieces, ids, rules))
+        if len({len(c) for c in result}) > 1:
+            raise UsageError(
+                f"prompt {prompt[:60]!r}: the two text encoders' tokenizers cut it into {len(result[0])} and "
+                f"{len(result[1])} chunks (HTML entities?); the webui cannot encode it either"
+            )
+        return result
+
+    def chunk_count(self, prompt):
+        """How many 77-token chunks the prompt's context has."""
+        return 1 if self.encoding == "diffusers" else len(self.chunks(prompt)[0])
+
+    @torch.no_grad()
+    def __call__(self, prompts):
+        """(embeddings, pooled or None) of a batch, as the webui encodes a batch (its cond_stage_model(prompts)):
+        embeddings (batch, 77 * k, width), k the most chunks of any prompt, shorter ones padded with empty chunks;
+        each chunk's emphasis restores the mean of that chunk across the batch. pooled: SDXL's second encoder's
+        pooled output of each prompt's first chunk."""
+        if self.encoding == "diffusers":
+            return self._diffusers(prompts)
+        per_prompt = [self.chunks(p) for p in prompts]
+        count = max(len(chunks[0]) for chunks in per_prompt)
+        embeddings, pooled = [], None
+        for e, rules in enumerate(self.rules):
+            rows = [
+                chunks[e][i] if i < len(chunks[e]) else empty_chunk(rules)
+                for i in range(count)
+                for chunks in per_prompt
+            ]
+            states, rows_pooled = self._encode_rows(e, rows)
+            states = states.reshape(count, len(prompts), *states.shape[1:])
+            weights = self._weights(rows, states.device).view(count, len(prompts), -1)
+            chunks = [emphasize(states[i], weights[i]) for i in range(count)]
+            embeddings.append(torch.cat(chunks, dim=1))
+            if rows_pooled is not None:
+                pooled = rows_pooled[: len(prompts)]
+        return torch.cat(embeddings, dim=-1), pooled
+
+    @torch.no_grad()
+    def each(self, prompts):
+        """[(embedding (77 * k, width), pooled or None)]: each prompt as the webui encodes it alone, the way it
+        encodes a prompt to generate with and a fixed caption to train on; batched for speed."""
+        if self.encoding == "diffusers":
+            embeddings, pooled = self._diffusers(prompts)
+            return [(embeddings[i], None if pooled is None else pooled[i]) for i in range(len(prompts))]
+        per_prompt = [self.chunks(p) for p in prompts]
+        counts = [len(chunks[0]) for chunks in per_prompt]
+        starts = [sum(counts[:i]) for i in range(len(prompts))]
+        parts, pooled = [], None
+        for e in range(len(self.rules)):
+            rows = [chunk for chunks in per_prompt for chunk in chunks[e]]
+            states, rows_pooled = self._encode_rows(e, rows)
+            weights = self._weights(rows, states.device)
+            chunks = [emphasize(states[r : r + 1], weights[r : r + 1])[0] for r in range(len(rows))]
+            parts.append([torch.cat(chunks[s : s + n]) for s, n in zip(starts, counts)])
+            if rows_pooled is not None:
+                pooled = [rows_pooled[s] for s in starts]
+        embeddings = [torch.cat(per_encoder, dim=-1) for per_encoder in zip(*parts)]
+        return [(embedding, None if pooled is None else pooled[i]) for i, embedding in enumerate(embeddings)]
+
+    def _weights(self, rows, device):
+        return torch.tensor([row.weights for row in rows], dtype=torch.float32, device=device)
+
+    def _encode_rows(self, e, rows):
+        """The hidden states (rows, 77, width) in float32 of encoder e for chunks, and its pooled output or None."""
+        rules, encoder = self.rules[e], self.text_encoders[e]
+        ids = torch.tensor([row.ids for row in rows], device=encoder.device)
+        if rules.open_clip:  # the webui pads OpenCLIP after the first end token with its padding token
+            after_end = torch.cumsum((ids == rules.end).int(), dim=1) - (ids == rules.end).int() > 0
+            ids = ids.masked_fill(after_end, rules.pad)
+        return self._hidden_states(e, ids)
+
+    def _hidden_states(self, e, ids):
+        encoder = self.text_encoders[e]
+        output = encoder(ids, output_hidden_states=True)
+        pooled = output.text_embeds.float() if hasattr(output, "text_embeds") and self.sdxl else None
+        if self.sdxl:
+            skip = self.clip_skip if self.encoding == "diffusers" else 1
+            return output.hidden_states[-(skip + 1)].float(), pooled
+        if self.clip_skip > 1 and self.clip_skip_applies:
+            # transformers 5's CLIPTextModel holds the final layer norm itself, earlier ones in text_model
+            final_layer_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+            states = final_layer_norm(output.hidden_states[-self.clip_skip])
+        else:
+            states = output.last_hidden_state
+        return states.float(), pooled
+
+    def _diffusers(self, prompts):
+        embeddings, pooled = [], None
+        for e, tokenizer in enumerate(self.tokenizers):
+            ids = tokenizer(
+                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids  # fmt: skip
+            states, rows_pooled = self._hidden_states(e, ids.to(self.text_encoders[e].device))
+            embeddings.append(states)
+            pooled = rows_pooled if rows_pooled is not None else pooled
+        return torch.cat(embeddings, dim=-1), pooled
+
+
+def emphasize(states, weights):
+    """The webui's "Original" emphasis: every token's embedding times its weight, then all of them scaled so that
+    their mean is the mean before."""
+    original = states.mean()
+    scaled = states * weights.unsqueeze(-1)
+    return scaled * (original / scaled.mean())
+
+
+def encode_prompts(prompts, tokenizers, text_encoders, clip_skip=1):
+    """(embeddings, pooled) the webui computes for a batch of prompts: embeddings (batch, 77 * k, width), k the most
+    chunks of any prompt; pooled None for SD 1.x and 2.x, SDXL's second encoder's pooled output of the first chunk.
+    Clip skip as the webui numbers it (1: the last layer; ignored for SD 2.x and SDXL, as the webui ignores it)."""
+    return PromptEncoder(tokenizers, text_encoders, clip_skip)(prompts)
