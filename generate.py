@@ -25,7 +25,14 @@ from hypernet.errors import HypernetError, UsageError, run_script
 from hypernet.formats import DTYPES, base_model_hash, check_writable_folder
 from hypernet.images import Generation, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting
-from hypernet.prompts import hypernetworks_in, parse_multiplier, parse_prompt
+from hypernet.prompts import (
+    TEXT_ENCODINGS,
+    PromptEncoder,
+    check_clip_skip,
+    hypernetworks_in,
+    parse_multiplier,
+    parse_prompt,
+)
 
 # A1111 sampler names -> (diffusers scheduler class, extra config). diffusers class names work as well.
 SCHEDULERS = {
@@ -109,6 +116,20 @@ def parse_args(input_args=None):
     prompts.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i.")
     prompts.add_argument("--num_inference_steps", type=int, default=20, help="Denoising steps.")
     prompts.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance (CFG) scale.")
+    prompts.add_argument(
+        "--clip_skip",
+        type=int,
+        default=1,
+        help="The webui's Clip skip: 1 reads the text encoder's last layer, 2 the one before. The webui applies it to "
+        "SD 1.x only, and so does --text_encoding webui.",
+    )
+    prompts.add_argument(
+        "--text_encoding",
+        default="webui",
+        choices=TEXT_ENCODINGS,
+        help="webui: prompts as the webui encodes them (any length, (emphasis:1.2), [less], BREAK); diffusers: as "
+        "diffusers' pipelines do (plain text cut at 77 tokens).",
+    )
     prompts.add_argument("--width", type=int, default=None, help="Image width; default: the model's.")
     prompts.add_argument("--height", type=int, default=None, help="Image height; default: the model's.")
 
@@ -205,6 +226,7 @@ def validate_args(args):
             f"--pretrained_model_name_or_path {model}: not a local diffusers folder (no model_index.json); "
             "for a .safetensors/.ckpt file add --from_single_file"
         )
+    check_clip_skip(args.clip_skip, args.config if args.from_single_file else model)
     args.hypernetwork = [parse_hypernetwork_flag(value) for value in args.hypernetwork]
     available = hypernetworks_in(args.hypernetwork_dir)
     args.jobs = [parse_prompt(prompt, args.hypernetwork_dir, available) for prompt in args.prompt]
@@ -275,6 +297,17 @@ def load_pipeline(args, dtype, device):
     return pipeline.to(device)
 
 
+def prompt_encoder(pipeline, args):
+    """The pipeline's tokenizers and text encoders, encoding prompts as --text_encoding and --clip_skip say."""
+    tokenizers = [t for t in (pipeline.tokenizer, getattr(pipeline, "tokenizer_2", None)) if t is not None]
+    encoders = [e for e in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)) if e is not None]
+    encoder = PromptEncoder(tokenizers, encoders, args.clip_skip, args.text_encoding)
+    if args.clip_skip > 1 and not encoder.clip_skip_applies:
+        print(f"--clip_skip {args.clip_skip}: the webui ignores Clip skip for SD 2.x and SDXL, and so does "
+              "--text_encoding webui; the last layer is read", file=sys.stderr)  # fmt: skip
+    return encoder
+
+
 def sampler_name(args, pipeline):
     if args.scheduler in SCHEDULERS:
         return args.scheduler
@@ -304,6 +337,7 @@ def main(input_args=None):
         hn.to(device)
     check_all_widths(hypernetworks, hypernet.attention_widths(pipeline.unet))  # a single file's show only now
     attachment = hypernet.attach(pipeline.unet, [], merge=not args.no_merge)
+    encoder = prompt_encoder(pipeline, args)
     repeats = {}  # copies of files stacked more than once in one prompt
     model_hash = base_model_hash(args.pretrained_model_name_or_path)
     model_name = os.path.splitext(os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)))[0]
@@ -336,8 +370,9 @@ def main(input_args=None):
                 model_hash=model_hash,
                 model=model_name,
                 hypernetworks=names,
+                clip_skip=args.clip_skip if encoder.clip_skip_applies else 1,
             )
-            batch = pipeline(**generation.pipeline_kwargs(device, count)).images
+            batch = generation.images(pipeline, encoder, device, count)
             for i, image in enumerate(batch):
                 one = dataclasses.replace(generation, seed=seed + i)
                 path = os.path.join(args.output_dir, f"{index:05d}-{one.seed}.png")

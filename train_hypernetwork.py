@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import csv
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -30,10 +31,18 @@ import torch
 from PIL import Image, ImageDraw
 
 import hypernet
+import hypernet.prompts
 from hypernet import data
 from hypernet.attachment import attention_widths_from_config, check_widths
 from hypernet.errors import HypernetError, UsageError, run_script
-from hypernet.formats import atomic_write, base_model_hash, check_writable_folder, weights_id, write_failure
+from hypernet.formats import (
+    atomic_write,
+    base_model_hash,
+    cached_sha256,
+    check_writable_folder,
+    weights_id,
+    write_failure,
+)
 from hypernet.images import Generation, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting
 from hypernet.module import TRAINABLE_ACTIVATIONS, WEIGHT_INITS
@@ -154,8 +163,31 @@ def make_parser():
     data.add_argument(
         "--cache_dir",
         default=None,
-        help="Keep encoded latents in this folder, keyed by each image's content, crop and the VAE: a second run or a "
-        "resume encodes only what changed. Shared safely by several processes and runs.",
+        help="The record store: encoded latents and text embeddings, read from disk at every step, keyed by each "
+        "image's content and crop, each prompt, and the VAE and text encoders, so that a second run or a resume "
+        "encodes only what changed. Shared safely by several processes and runs; every node must see the same folder. "
+        "Default: $HYPERNET_CACHE_DIR/records, else ~/.cache/hypernet/records.",
+    )
+    data.add_argument(
+        "--encode_on_the_fly",
+        action="store_true",
+        help="Encode each batch's images and prompts at every step instead of storing their latents and embeddings "
+        "(for a dataset too large to store; slower: bench/RESULTS.md). Not with --streaming.",
+    )
+    data.add_argument(
+        "--clip_skip",
+        type=int,
+        default=1,
+        help="The webui's Clip skip: 1 reads the text encoder's last layer, 2 the one before (NovelAI-derived anime "
+        "models are used with 2). The webui applies it to SD 1.x only, and so does --text_encoding webui.",
+    )
+    data.add_argument(
+        "--text_encoding",
+        default="webui",
+        choices=hypernet.prompts.TEXT_ENCODINGS,
+        help="webui: prompts as the webui encodes them (any length in 75-token chunks, (emphasis:1.2), [less], "
+        "BREAK); diffusers: as diffusers' pipelines do (plain text cut at 77 tokens; --clip_skip N as their "
+        "clip_skip=N-1, on every model family).",
     )
     data.add_argument(
         "--latent_sampling_method",
@@ -380,6 +412,11 @@ def validate_args(args, given=()):
         value = getattr(args, flag)
         if value is not None and (not math.isfinite(value) or value < 0):
             raise UsageError(f"--{flag} {value}: must be a finite number, 0 or more")
+    if args.streaming and args.encode_on_the_fly:
+        raise UsageError("--encode_on_the_fly reads images again at every step; a --streaming dataset is read once")
+    if args.encode_on_the_fly and args.cache_dir is not None:
+        raise UsageError("--encode_on_the_fly stores nothing; do not give --cache_dir with it")
+    hypernet.prompts.check_clip_skip(args.clip_skip, args.pretrained_model_name_or_path)
     if args.use_8bit_adam and args.optimizer != "AdamW":
         raise UsageError("--use_8bit_adam replaces --optimizer AdamW; do not give both")
     optimizer_class(args.optimizer, args.use_8bit_adam)
@@ -518,6 +555,17 @@ def vae_weights_id(args):
     if path is None:
         return weights_id(args.pretrained_model_name_or_path, "vae")
     return weights_id(path, "vae") or weights_id(path, "")
+
+
+def text_weights_id(args):
+    """What names the text encoders and tokenizers in the store's keys of prompt embeddings."""
+    model = args.pretrained_model_name_or_path
+    parts = [weights_id(model, folder) for folder in ("text_encoder", "text_encoder_2")]
+    for folder in ("tokenizer", "tokenizer_2"):
+        for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+            path = os.path.join(model, folder, name)
+            parts.append(cached_sha256(path)[:10] if os.path.isfile(path) else None)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def on_main_process(accelerator, function, *args):
@@ -764,10 +812,15 @@ def check_finite(hn, where):
         )
 
 
-def save_hypernetwork(hn, path, step, optimizer=None, optimizer_name=None):
+def save_hypernetwork(hn, path, step, optimizer=None, optimizer_name=None, metadata=None):
     check_finite(hn, path)
     hn.step = step
-    hypernet.save(hn, path, None if optimizer is None else optimizer.state_dict(), optimizer_name)
+    hypernet.save(hn, path, None if optimizer is None else optimizer.state_dict(), optimizer_name, metadata=metadata)
+
+
+def training_metadata(args):
+    """What a .safetensors file records of how it was trained beside the webui's keys: the text conditioning."""
+    return {"clip_skip": args.clip_skip, "text_encoding": args.text_encoding}
 
 
 def preview_pipeline(args, models, unet, weight_dtype):
@@ -786,7 +839,7 @@ def preview_pipeline(args, models, unet, weight_dtype):
     return pipeline
 
 
-def log_validation(accelerator, args, models, model, hn, step, weight_dtype):
+def log_validation(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype):
     """Preview images of the hypernetwork as it is now, with webui infotext, logged to the trackers; the random
     number generators are left as they were, so previews change nothing about the training."""
     pipeline = preview_pipeline(args, models, accelerator.unwrap_model(model).unet, weight_dtype)
@@ -806,9 +859,10 @@ def log_validation(accelerator, args, models, model, hn, step, weight_dtype):
                 model_hash=hn.sd_checkpoint,
                 model=hn.sd_checkpoint_name,
                 hypernetworks=[(args.hypernetwork_name, 1.0)],
+                clip_skip=args.clip_skip if prompt_encoder.clip_skip_applies else 1,
             )
             with torch.no_grad(), accelerator.autocast():
-                image = pipeline(**generation.pipeline_kwargs(accelerator.device)).images[0]
+                image = generation.images(pipeline, prompt_encoder, accelerator.device)[0]
             suffix = f"-{i}" if len(args.preview_prompt) > 1 else ""
             path = os.path.join(args.output_dir, "images", f"{args.hypernetwork_name}-{step}{suffix}.png")
             save_png(image, path, generation.infotext())
@@ -825,13 +879,14 @@ def log_validation(accelerator, args, models, model, hn, step, weight_dtype):
             tracker.log({"preview": [wandb.Image(im, caption=p) for p, im in images]}, step=step)
 
 
-def periodic_outputs(accelerator, args, models, model, hn, step, optimizer, optimizer_name, weight_dtype):
+def periodic_outputs(accelerator, args, models, prompt_encoder, model, hn, step, optimizer, optimizer_name,
+                     weight_dtype):  # fmt: skip
     """hypernetworks/NAME-STEP.pt every --save_every steps, previews every --preview_every steps."""
     if args.save_every and step % args.save_every == 0:
         path = os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{step}.pt")
         save_hypernetwork(hn, path, step, optimizer, optimizer_name)
     if args.preview_every and step % args.preview_every == 0:
-        log_validation(accelerator, args, models, model, hn, step, weight_dtype)
+        log_validation(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype)
 
 
 def share_loss_and_stop(accelerator, loss, state):
@@ -949,12 +1004,12 @@ def check_ranks_agree(accelerator, hn):
 
 def main(input_args=None):
     args = parse_args(input_args)
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     # Everything cheap is checked before any model or image is loaded.
     entries = read_entries(args)
     if not entries.streamed:
-        data.check_images(entries, args.use_weight)
+        data.check_images(entries)
     template = data.load_template(args.template_file)
     model_widths = attention_widths_from_config(args.pretrained_model_name_or_path, revision=args.revision)
     set_seed(args.seed)
@@ -983,20 +1038,36 @@ def main(input_args=None):
         models.unet.enable_gradient_checkpointing()
 
     settings = data_settings(args)
+    prompt_encoder = hypernet.prompts.PromptEncoder(models.tokenizers, models.text_encoders, args.clip_skip,
+                                                    args.text_encoding)  # fmt: skip
+    if args.clip_skip > 1 and not prompt_encoder.clip_skip_applies:
+        logger.warning(f"--clip_skip {args.clip_skip}: the webui ignores Clip skip for SD 2.x and SDXL, and so does "
+                       "--text_encoding webui; the last layer is read")  # fmt: skip
+    stored = not args.encode_on_the_fly
     encoders = data.Encoders(
         vae=models.vae,
-        tokenizers=models.tokenizers,
-        text_encoders=models.text_encoders,
+        prompt_encoder=prompt_encoder,
         device=accelerator.device,
         dtype=models.vae.dtype,
-        vae_id=on_main_process(accelerator, vae_weights_id, args) if args.cache_dir else "",
+        vae_id=on_main_process(accelerator, vae_weights_id, args) if stored else "",
+        text_id=on_main_process(accelerator, text_weights_id, args) if stored else "",
+        embedding_dtype=weight_dtype,
     )
-    records, damaged = data.prepare_records(entries, template, settings, encoders, args.cache_dir, accelerator.state,
-                                            accelerator.is_local_main_process)  # fmt: skip
-    if not records:
-        raise UsageError(f"--dataset_name {args.dataset_name}: the stream held no rows")
+    try:
+        records, damaged = data.prepare_records(entries, template, settings, encoders, args.cache_dir,
+                                                accelerator.state, accelerator.is_local_main_process, stored)  # fmt: skip
+    except UsageError as e:
+        if str(e) == "the dataset held no images":
+            raise UsageError(f"--dataset_name {args.dataset_name}: the stream held no rows") from None
+        raise
+    counts = [encoders.vae_calls, encoders.prompt_calls]
+    if accelerator.num_processes > 1:
+        counts = [sum(c) for c in zip(*gather_object([counts]))]
+    if stored:
+        logger.info(f"record store {args.cache_dir or data.default_store_dir()}: encoded {counts[0]} images and "
+                    f"{counts[1]} prompts; the rest of the {len(records)} images' records were stored already")  # fmt: skip
     if damaged:
-        logger.warning(f"{damaged} damaged entries of --cache_dir {args.cache_dir} were encoded again")
+        logger.warning(f"{damaged} damaged entries of the record store were encoded again")
     initial_step = hn.step
     hn.sd_checkpoint = on_main_process(accelerator, base_model_hash, args.pretrained_model_name_or_path)
     hn.sd_checkpoint_name = os.path.basename(os.path.normpath(args.pretrained_model_name_or_path))
@@ -1014,10 +1085,10 @@ def main(input_args=None):
                                      initial_step, args.max_train_steps)  # fmt: skip
 
     # Global batches, which accelerate splits across processes: every process count sees the same global batches.
-    sampler = data.EpochBatchSampler(records.sizes(), args.train_batch_size * accelerator.num_processes,
-                                     args.seed)  # fmt: skip
+    sampler = data.EpochBatchSampler(records.sizes(), args.train_batch_size * accelerator.num_processes, args.seed,
+                                     records.chunk_counts())  # fmt: skip
     dataloader = torch.utils.data.DataLoader(
-        data.TrainingSamples(records, template, settings, models.tokenizers),
+        data.TrainingSamples(records, template, settings, None if stored else entries),
         batch_sampler=sampler,
         collate_fn=data.collate,
         num_workers=args.dataloader_num_workers,
@@ -1075,7 +1146,8 @@ def main(input_args=None):
     step_loss, bad_in_step = 0.0, False
     with stop_signals(state), contextlib.closing(progress):  # closed before an error's line is printed
         for epoch, samples in batches if state.step < args.max_train_steps else ():
-            batch = batch_to_device(samples, models, args.seed, args.noise_offset, accelerator.device, weight_dtype)
+            batch = batch_to_device(samples, models, prompt_encoder, args.seed, args.noise_offset, accelerator.device,
+                                    weight_dtype)  # fmt: skip
             with accelerator.accumulate(model):
                 loss = diffusion_loss(model, models.noise_scheduler, batch, args.snr_gamma)
                 mean_loss = share_loss_and_stop(accelerator, loss, state)
@@ -1121,7 +1193,7 @@ def main(input_args=None):
             if state.stop or state.step >= args.max_train_steps:
                 break
             if accelerator.is_main_process:
-                periodic_outputs(accelerator, args, models, model, hn, state.step, optimizer, optimizer_name,
+                periodic_outputs(accelerator, args, models, prompt_encoder, model, hn, state.step, optimizer, optimizer_name,
                                  weight_dtype)  # fmt: skip
                 if state.step % 50 == 0:
                     write_loss_csv(csv_path, loss_rows)
@@ -1137,11 +1209,13 @@ def main(input_args=None):
     if accelerator.is_main_process:
         write_loss_csv(csv_path, loss_rows)
         if state.stop is None:  # the last step's periodic files, before the final file, which may still fail
-            periodic_outputs(accelerator, args, models, model, hn, state.step, optimizer, optimizer_name, weight_dtype)
+            periodic_outputs(accelerator, args, models, prompt_encoder, model, hn, state.step, optimizer, optimizer_name,
+                             weight_dtype)  # fmt: skip
         final = os.path.join(args.output_dir, f"{args.hypernetwork_name}.pt")
         save_hypernetwork(hn, final, state.step, optimizer, optimizer_name)
         if args.save_safetensors:
-            save_hypernetwork(hn, os.path.join(args.output_dir, f"{args.hypernetwork_name}.safetensors"), state.step)
+            save_hypernetwork(hn, os.path.join(args.output_dir, f"{args.hypernetwork_name}.safetensors"), state.step,
+                              metadata=training_metadata(args))  # fmt: skip
         plot_loss(loss_rows, os.path.join(args.output_dir, "loss.png"), f"{args.hypernetwork_name}: loss per step")
         logger.info(f"wrote {final} at step {state.step}")
     accelerator.end_training()

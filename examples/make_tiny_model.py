@@ -42,8 +42,9 @@ def bytes_to_unicode():
     return dict(zip(printable, map(chr, codes)))
 
 
-def write_tokenizer_files(directory):
-    """A character-level CLIP BPE vocabulary (no merges): every byte, alone and word-final, plus the specials."""
+def write_tokenizer_files(directory, pad_token="<|endoftext|>"):
+    """A character-level CLIP BPE vocabulary (no merges): every byte, alone and word-final, plus the specials.
+    OpenCLIP encoders (SD 2.x, SDXL's second) pad with '!', as in diffusers' folders of the real models."""
     os.makedirs(directory, exist_ok=True)
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
@@ -52,7 +53,10 @@ def write_tokenizer_files(directory):
     with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
     return CLIPTokenizer(
-        os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=77
+        os.path.join(directory, "vocab.json"),
+        os.path.join(directory, "merges.txt"),
+        model_max_length=77,
+        pad_token=pad_token,
     )
 
 
@@ -135,13 +139,25 @@ def build_unet(preset="tiny", seed=0):
     return UNet2DConditionModel(in_channels=4, out_channels=4, **config["unet"]), scheduler
 
 
+def with_random_final_norm(text_encoder):
+    """A trained text encoder's final layer norm has gains and biases of its own; at its initial weight 1 and bias 0
+    every chunk of context has a mean of about 0, which the webui's emphasis divides by."""
+    norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(norm.weight.shape))
+        norm.bias.copy_(0.3 + 0.2 * torch.randn(norm.bias.shape))
+    return text_encoder
+
+
 def build_pipeline(preset="tiny", seed=0, tokenizer_dir=None):
     """The preset's pipeline with seeded random weights, in memory."""
     import tempfile
 
     config = PRESETS[preset]
     torch.manual_seed(seed)
-    tokenizer = write_tokenizer_files(tokenizer_dir or tempfile.mkdtemp(prefix="hypernet-tokenizer-"))
+    tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="hypernet-tokenizer-")
+    open_clip = preset.startswith("sd2")
+    tokenizer = write_tokenizer_files(tokenizer_dir, "!" if open_clip else "<|endoftext|>")
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **config["unet"])
 
     def text_config(sizes):
@@ -155,7 +171,7 @@ def build_pipeline(preset="tiny", seed=0, tokenizer_dir=None):
             **sizes,
         )
 
-    text_encoder = CLIPTextModel(text_config(config["text"]))
+    text_encoder = with_random_final_norm(CLIPTextModel(text_config(config["text"])))
     vae_blocks = len(config["vae"]["block_out_channels"])
     vae = AutoencoderKL(
         in_channels=3,
@@ -180,9 +196,9 @@ def build_pipeline(preset="tiny", seed=0, tokenizer_dir=None):
         pipeline = StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=text_encoder,
-            text_encoder_2=CLIPTextModelWithProjection(text_config(config["text_2"])),
+            text_encoder_2=with_random_final_norm(CLIPTextModelWithProjection(text_config(config["text_2"]))),
             tokenizer=tokenizer,
-            tokenizer_2=tokenizer,
+            tokenizer_2=write_tokenizer_files(tokenizer_dir + "_2", "!"),
             unet=unet,
             scheduler=scheduler,
         )

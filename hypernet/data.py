@@ -1,26 +1,30 @@
-"""Training data: the webui's dataset semantics, and the latent cache.
+"""Training data: the webui's dataset semantics, and the record store training reads.
 
 The webui's rules (modules/textual_inversion/dataset.py): images in a folder, each with an optional same-named .txt
 caption, else words from the file name; prompt templates with [filewords] and [name]; tags shuffled or dropped; the
 alpha channel as a loss weight; --varsize buckets; latents sampled once, deterministically or at every use.
 
-Images are read when they are encoded and never held: what stays in memory is one small record per image (latent
-mean and std, caption, loss weight). Encoding is split across processes and every record depends only on the
-image's index and the settings, so the cache is the same bit for bit for any number of processes. With a cache
-folder, each encoded latent is stored under a key of everything it depends on (the image's bytes, the crop, the
-VAE and its dtype) with a checksum, so a later run encodes only what changed.
+Images are read when they are encoded and never held. What training reads is a record store on disk: each image's
+latents (mean and std, of the image and of its mirror) in a file under a key of everything they depend on (the
+image's bytes, its crop, the VAE and its dtype), each distinct fixed prompt's text embedding in a file under a key
+of the prompt and the text encoders, and an index of the dataset (per image: its entries, crop and captions) that
+every process maps into memory. Batches read their entries when they are built, so a process's memory does not grow
+with the dataset, and the processes of a node share one copy of the store in the page cache. Encoding is split
+across processes and every entry depends only on its image or prompt and the settings, so the store and its index
+are the same bit for bit for any number of processes, and a later run, or a resume, encodes only what changed.
 """
 
-import bisect
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import random
 import re
-import sys
+import secrets
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,15 +38,15 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import UsageError, first_line
-from .formats import atomic_write
-from .memory import release_free_memory
+from .formats import atomic_write, check_writable_folder, hash_cache_path
+from .prompts import CHUNK_TOKENS, COMMA_BACKTRACK, PromptEncoder
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LATENT_SAMPLING_METHODS = ("once", "deterministic", "random")
-CACHE_FORMAT = "hypernet-latents-1"
-CHUNK = 16  # images (and captions, embedded together) a process takes at a time; the same for any process count
+STORE_FORMAT = "hypernet-latents-1"  # the checksum's prefix in every store entry
+CHUNK = 16  # images a process takes at a time; the same for any process count
 
 
 @dataclass(frozen=True)
@@ -128,40 +132,13 @@ def to_rgb(image, use_weight):
     return image.convert("RGBA" if use_weight and has_alpha else "RGB")
 
 
-class Texts:
-    """Strings kept as one: a str object per image costs about 50 bytes beyond its characters, which would make
-    memory grow with the dataset faster than the latents do."""
-
-    __slots__ = ("text", "ends")
-
-    def __init__(self, strings):
-        self.text = "".join(strings)
-        self.ends = np.cumsum([len(s) for s in strings], dtype=np.int64)
-
-    @classmethod
-    def join(cls, parts):
-        texts = cls([])
-        texts.text = "".join(part.text for part in parts)
-        offsets = np.cumsum([0] + [len(part.text) for part in parts[:-1]])
-        texts.ends = np.concatenate([part.ends + offset for part, offset in zip(parts, offsets)])
-        return texts
-
-    def __len__(self):
-        return len(self.ends)
-
-    @property
-    def nbytes(self):
-        return sys.getsizeof(self.text) + self.ends.nbytes
-
-    def __getitem__(self, index):
-        return self.text[int(self.ends[index - 1]) if index else 0 : int(self.ends[index])]
-
-
 @dataclass(frozen=True)
 class Entry:
-    """One image of a dataset as encoding needs it: read() gives its bytes; label is the name errors give it."""
+    """One image of a dataset as encoding needs it: row `row` of shard `shard` (a folder or a map-style dataset is
+    one shard), read() gives its bytes; label is the name errors give it."""
 
-    index: int
+    shard: int
+    row: int
     caption: str
     label: str
     read: Callable[[], bytes]
@@ -169,12 +146,13 @@ class Entry:
 
 class Entries:
     """A dataset's images and captions, each read when asked for: raw(i) gives image i's bytes, caption(i) its
-    caption, label(i) the name an error message gives it."""
+    caption, label(i) the name an error message gives it, source(i) its file's path where it has one, else its
+    bytes."""
 
     streamed = False
 
-    def __init__(self, count, read, caption, label):
-        self.count, self._read, self._caption, self._label = count, read, caption, label
+    def __init__(self, count, read, caption, label, path=None):
+        self.count, self._read, self._caption, self._label, self._path = count, read, caption, label, path
 
     def __len__(self):
         return self.count
@@ -191,17 +169,24 @@ class Entries:
     def image(self, index, use_weight=False):
         return to_rgb(decode_image(self.raw(index), self.label(index)), use_weight)
 
+    def source(self, index):
+        return self.raw(index) if self._path is None else self._path(index)
+
+    def entry(self, index):
+        return Entry(0, index, self.caption(index), self.label(index), partial(self.raw, index))
+
     def chunks(self, rank=0, world_size=1):
         """This process's chunks, in order: lists of the Entry of CHUNK consecutive images, every world_size-th
         chunk from the rank-th."""
         for start in range(rank * CHUNK, len(self), world_size * CHUNK):
-            yield [Entry(i, self.caption(i), self.label(i), partial(self.raw, i))
-                   for i in range(start, min(len(self), start + CHUNK))]  # fmt: skip
+            yield [self.entry(i) for i in range(start, min(len(self), start + CHUNK))]
 
 
 class StreamedEntries:
-    """A streamed `datasets` dataset (an IterableDataset), read once, in order, as it arrives. Every process reads
-    the stream; each decodes and encodes only the images of its own chunks."""
+    """A streamed `datasets` dataset (an IterableDataset), read once, in order, as it arrives. With at least as many
+    shards as processes, each process reads only its shards (shard i: process i mod processes), so the data is read
+    once in all; with fewer, every process reads the stream and encodes its own chunks of it. Rows are keyed by
+    (shard, row), which does not depend on the number of processes."""
 
     streamed = True
 
@@ -209,8 +194,13 @@ class StreamedEntries:
         self.dataset, self.name = dataset, name
         self.image_column, self.caption_column = image_column, caption_column
 
-    def rows(self):
-        rows = iter(self.dataset)
+    @property
+    def shards(self):
+        return max(1, int(getattr(self.dataset, "n_shards", 1) or 1))
+
+    def rows(self, shard):
+        source = self.dataset if self.shards == 1 else self.dataset.shard(num_shards=self.shards, index=shard)
+        rows = iter(source)
         index = 0
         while True:
             try:
@@ -219,31 +209,51 @@ class StreamedEntries:
                 return
             except Exception as e:  # whatever the source raises (a lost connection, a damaged shard), in one line
                 reason = first_line(e) or type(e).__name__
-                raise UsageError(f"--dataset_name {self.name}: reading row {index} failed ({reason})") from None
+                raise UsageError(
+                    f"--dataset_name {self.name}: reading {self.where(shard, index)} failed ({reason})"
+                ) from None
             yield row
             index += 1
 
-    def chunks(self, rank=0, world_size=1):
+    def where(self, shard, row):
+        return f"row {row}" if self.shards == 1 else f"shard {shard} row {row}"
+
+    def shard_chunks(self, shard):
         chunk = []
-        for index, row in enumerate(self.rows()):
-            if (index // CHUNK) % world_size != rank:
-                continue
+        for index, row in enumerate(self.rows(shard)):
             for column in (self.image_column, self.caption_column):
                 if column not in row:
                     raise UsageError(f"--dataset_name {self.name}: no column {column!r}; it has {', '.join(row)}")
-            label = f"{self.name} row {index}"
-            read = partial(image_bytes, row[self.image_column], label)
-            chunk.append(Entry(index, str(row[self.caption_column]), label, read))
-            if (index + 1) % CHUNK == 0:
+            label = f"{self.name} {self.where(shard, index)}"
+            chunk.append(Entry(shard, index, str(row[self.caption_column]), label,
+                               partial(image_bytes, row[self.image_column], label)))  # fmt: skip
+            if len(chunk) == CHUNK:
                 yield chunk
                 chunk = []
         if chunk:
             yield chunk
 
+    def chunks(self, rank=0, world_size=1):
+        if self.shards >= world_size:
+            for shard in range(rank, self.shards, world_size):
+                yield from self.shard_chunks(shard)
+            return
+        if rank == 0:
+            logger.warning(f"--dataset_name {self.name} has {self.shards} shard(s) for {world_size} processes: every "
+                           "process reads all of it; with as many shards as processes each would read its own")  # fmt: skip
+        dealt = itertools.count()
+        for shard in range(self.shards):
+            for chunk in self.shard_chunks(shard):
+                if next(dealt) % world_size == rank:
+                    yield chunk
+
 
 def _read_file(path):
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def image_bytes(value, label):
@@ -273,9 +283,9 @@ def folder_entries(data_dir):
                        f"{', '.join(sorted(skipped)[:5])}; convert them to PNG to use them")  # fmt: skip
     if not names:
         raise UsageError(f"--train_data_dir {data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    names = Texts(sorted(names))
+    names = sorted(names)
     path = lambda index: os.path.join(data_dir, names[index])  # noqa: E731
-    return Entries(len(names), lambda index: _read_file(path(index)), partial(_folder_caption, path), path)
+    return Entries(len(names), lambda index: _read_file(path(index)), partial(_folder_caption, path), path, path)
 
 
 def _folder_caption(path, index):
@@ -321,13 +331,36 @@ def dataset_entries(dataset_name, config_name=None, image_column="image", captio
                    lambda index: str(captions[index][caption_column]), label)  # fmt: skip
 
 
-def check_images(entries, use_weight=False):
-    """Open every image and caption once before any model loads, so that a bad file stops the run at once, by name."""
+def check_images(entries):
+    """Read every caption and every image's header once before any model loads, so that a bad file stops the run at
+    once, by name (an image whose data is damaged past its header stops every process when it is encoded)."""
     for index in range(len(entries)):
         entries.caption(index)
-        size = entries.image(index, use_weight).size
-        if min(size) < 8:
-            raise UsageError(f"{entries.label(index)}: image is {size[0]}x{size[1]}, too small to train on")
+        label = entries.label(index)
+        check_size(image_header(entries.source(index), label), label)
+
+
+def image_header(source, label):
+    """(width, height) of an image as decoded (EXIF rotations applied), from its header alone: `source` is the
+    image's bytes or its file's path."""
+    try:
+        if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
+            raise UsageError(f"{label}: empty file (0 bytes); remove it or replace it with the real image")
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            width, height = image.size
+            rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Image.DecompressionBombError as e:
+        raise UsageError(f"{label}: image too large to read safely ({e}); downscale it first") from None
+    except FileNotFoundError:
+        raise UsageError(f"{label}: no such file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UsageError(f"{label}: unreadable image ({e}); fix or remove it") from None
+    return (height, width) if rotated else (width, height)
+
+
+def check_size(size, label):
+    if min(size) < 8:
+        raise UsageError(f"{label}: image is {size[0]}x{size[1]}, too small to train on")
 
 
 def load_template(path):
@@ -355,10 +388,10 @@ def make_caption(template_line, filewords, name, rng=None, shuffle_tags=False, t
 # -- images to latents ----------------------------------------------------------------------------------------
 
 
-def training_size(image, settings):
+def training_size(image_size, settings):
     """(width, height) an image trains at: --resolution square, or with --varsize its own size in steps of 64."""
     if settings.varsize:
-        return max(64, image.width // 64 * 64), max(64, image.height // 64 * 64)
+        return max(64, image_size[0] // 64 * 64), max(64, image_size[1] // 64 * 64)
     return settings.resolution, settings.resolution
 
 
@@ -388,76 +421,23 @@ def alpha_weight(image, latent_shape):
     return weight / mean if mean > 0 else torch.ones(latent_shape)
 
 
-@dataclass(slots=True)
-class Record:
-    """One image, ready for training: latent means (of the image, and of its mirror with --random_flip) and, for
-    'random' sampling, their standard deviations; caption; loss weight; text embedding where captions are fixed."""
-
-    means: torch.Tensor  # (variants, channels, height, width): the image, then its mirror
-    stds: torch.Tensor  # the same shape; None unless latents are sampled again at every use
-    size: tuple  # (width, height) trained at
-    original_size: tuple  # (width, height) of the image file
-    crop_top_left: tuple  # (top, left) in the scaled image
-    flipped_crop_top_left: tuple  # the same crop, measured in the mirrored scaled image
-    filewords: str
-    caption: str  # with its template line, when captions are fixed
-    weight: torch.Tensor = None
-    embedding: torch.Tensor = None
-    pooled_embedding: torch.Tensor = None
-
-    @property
-    def mean(self):
-        return self.means[0]
-
-    @property
-    def flipped_mean(self):
-        return self.means[-1]
-
-    @property
-    def std(self):
-        return None if self.stds is None else self.stds[0]
-
-    @property
-    def flipped_std(self):
-        return None if self.stds is None else self.stds[-1]
+def scaled_crop(image, box, size):
+    scaled_w, scaled_h, left, top = box
+    return image.resize((scaled_w, scaled_h), Image.BICUBIC).crop((left, top, left + size[0], top + size[1]))
 
 
-class LatentCache:
-    """Encoded latents on disk, one file per key, each with a checksum; written atomically, so several processes
-    and runs can share the folder. A damaged entry is reported and encoded again, never used."""
+def pixel_values(images):
+    """PIL images as the VAE takes them: (n, 3, height, width) in [-1, 1]."""
+    pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in images])
+    return (pixels / 127.5 - 1.0).permute(0, 3, 1, 2)
 
-    def __init__(self, directory):
-        self.directory = directory
-        self.corrupt = 0
-        if directory:
-            os.makedirs(directory, exist_ok=True)
 
-    def path(self, key):
-        return os.path.join(self.directory, key[:2], key + ".safetensors")
+# -- the record store -----------------------------------------------------------------------------------------
 
-    def get(self, key):
-        if not self.directory or not os.path.isfile(self.path(key)):
-            return None
-        try:
-            with open(self.path(key), "rb") as f:
-                raw = f.read()
-            tensors = load_safetensors_bytes(raw)
-            header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
-            if header.get("checksum") != f"{CACHE_FORMAT}:{tensors_checksum(tensors)}":
-                raise ValueError("checksum mismatch")
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-            self.corrupt += 1
-            warnings.warn(f"latent cache entry {self.path(key)} is damaged ({e}); encoding it again", stacklevel=2)
-            return None
-        return tensors
 
-    def put(self, key, tensors):
-        if not self.directory:
-            return
-        metadata = {"checksum": f"{CACHE_FORMAT}:{tensors_checksum(tensors)}"}  # one key: the bytes are the same
-        data = save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-        with atomic_write(self.path(key)) as tmp, open(tmp, "wb") as f:
-            f.write(data)
+def default_store_dir():
+    """Where records go without --cache_dir: $HYPERNET_CACHE_DIR/records, else ~/.cache/hypernet/records."""
+    return os.path.join(os.path.dirname(hash_cache_path()), "records")
 
 
 def tensors_checksum(tensors):
@@ -468,305 +448,475 @@ def tensors_checksum(tensors):
     return digest.hexdigest()
 
 
+def entry_key(*parts):
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
+
+
+class RecordStore:
+    """Encoded records on disk, one safetensors file an entry, each with a checksum of its tensors: latents (the
+    latent distribution's mean and std, of the image and its mirror), loss weights and prompt embeddings, each under
+    a key of everything it depends on; and the indexes of datasets (index/). Every file is written under a
+    temporary name and renamed, so several processes and runs can share the folder."""
+
+    KINDS = {"latents": "", "weights": "weights", "prompts": "prompts"}  # latents at the top, as earlier versions
+
+    def __init__(self, directory, flag="--cache_dir"):
+        self.directory = directory
+        self.damaged = 0
+        check_writable_folder(directory, flag)
+
+    def path(self, kind, key):
+        name = key.hex()
+        return os.path.join(self.directory, self.KINDS[kind], name[:2], name + ".safetensors")
+
+    def read(self, kind, key):
+        """The tensors of an entry, checked against its checksum; None where it is missing or damaged (a damaged
+        one is counted and named in a warning, and is then written again)."""
+        path = self.path(kind, key)
+        try:
+            return self._load(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            self.damaged += 1
+            warnings.warn(f"record store entry {path} is damaged ({e}); encoding it again", stacklevel=2)
+            return None
+
+    def load(self, kind, key):
+        """The tensors of an entry that preparation checked; a file damaged since is one error, never trained on."""
+        path = self.path(kind, key)
+        try:
+            return self._load(path)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            raise UsageError(
+                f"record store entry {path} was damaged during training ({e}); run again to encode it again"
+            ) from None
+
+    @staticmethod
+    def _load(path):
+        with open(path, "rb") as f:
+            raw = f.read()
+        tensors = load_safetensors_bytes(raw)
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+        if header.get("checksum") != f"{STORE_FORMAT}:{tensors_checksum(tensors)}":
+            raise ValueError("checksum mismatch")
+        return tensors
+
+    def write(self, kind, key, tensors):
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        data = save_safetensors_bytes(tensors, metadata={"checksum": f"{STORE_FORMAT}:{tensors_checksum(tensors)}"})
+        with atomic_write(self.path(kind, key)) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+
+
+# One row of a dataset's index: where image (shard, row) of the dataset is in the store and how it was cropped.
+INDEX_ROW = np.dtype(
+    [
+        ("shard", "<i4"),
+        ("row", "<i8"),
+        ("latents", "u1", 32),  # the key of its latents entry
+        ("weights", "u1", 32),  # the key of its loss weight entry (zeros without --use_weight)
+        ("prompt", "<i4"),  # its fixed caption's row in the prompt table (-1 where captions change at every use)
+        ("chunks", "<i2"),  # the 77-token chunks of its prompt's context (with changing captions, at most this)
+        ("geometry", "<i4", 8),  # the pairs of GEOMETRY
+        ("shape", "<i4", 4),  # of its latents entry's tensors: (variants, channels, height, width)
+    ]
+)
+GEOMETRY = ("size", "original_size", "crop_top_left", "flipped_crop_top_left")  # size: (width, height)
+
+
+class MappedTexts:
+    """Strings in one UTF-8 array and their end offsets, as written by write_texts; memory-mapped, decoded when read."""
+
+    def __init__(self, blob, ends):
+        self.blob, self.ends = blob, ends
+
+    def __len__(self):
+        return len(self.ends)
+
+    def __getitem__(self, index):
+        start = int(self.ends[index - 1]) if index else 0
+        return bytes(self.blob[start : int(self.ends[index])]).decode("utf-8")
+
+
+def write_texts(folder, name, strings):
+    encoded = [s.encode("utf-8") for s in strings]
+    np.save(os.path.join(folder, f"{name}.npy"), np.frombuffer(b"".join(encoded), dtype=np.uint8))
+    np.save(os.path.join(folder, f"{name}_ends.npy"), np.cumsum([len(e) for e in encoded], dtype=np.int64))
+
+
+def read_texts(folder, name, mmap_mode):
+    load = partial(np.load, mmap_mode=mmap_mode)
+    return MappedTexts(load(os.path.join(folder, f"{name}.npy")), load(os.path.join(folder, f"{name}_ends.npy")))
+
+
+@dataclass(slots=True)
+class Record:
+    """One image, as training reads it: latent means (of the image, and of its mirror with --random_flip) and their
+    standard deviations; its crop; its caption (filewords) and prompt; loss weight; text embedding where captions
+    are fixed."""
+
+    means: torch.Tensor  # (variants, channels, height, width): the image, then its mirror
+    stds: torch.Tensor
+    size: tuple  # (width, height) trained at
+    original_size: tuple  # (width, height) of the image file
+    crop_top_left: tuple  # (top, left) in the scaled image
+    flipped_crop_top_left: tuple  # the same crop, measured in the mirrored scaled image
+    filewords: str
+    caption: str  # the prompt with its template line where captions are fixed, else ""
+    weight: torch.Tensor = None
+    embedding: torch.Tensor = None
+    pooled_embedding: torch.Tensor = None
+
+
+class Records:
+    """Every image's record, in the dataset's order, read from the store: the index is memory-mapped (one copy per
+    node in the page cache), each entry read when a batch needs it. With in_memory, every entry is read into this
+    process's memory once instead, as records were held before the store (for comparison: bench/bench_data.py)."""
+
+    def __init__(self, store, folder, in_memory=False):
+        self.store, self.folder = store, folder
+        mmap_mode = None if in_memory else "r"
+        self.rows = np.load(os.path.join(folder, "rows.npy"), mmap_mode=mmap_mode)
+        self.filewords = read_texts(folder, "filewords", mmap_mode)
+        self.prompts = read_texts(folder, "prompts", mmap_mode)
+        self.prompt_keys = np.load(os.path.join(folder, "prompt_keys.npy"), mmap_mode=mmap_mode)
+        self.memory = None
+        if in_memory:
+            self.memory = {}
+            for kind, key in self._entries():
+                self.memory[kind, key] = store.load(kind, key)
+
+    def _entries(self):
+        for row in self.rows:
+            yield "latents", bytes(row["latents"])
+            if row["weights"].any():
+                yield "weights", bytes(row["weights"])
+        for key in self.prompt_keys:
+            yield "prompts", bytes(key)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def entry(self, kind, key):
+        return self.store.load(kind, key) if self.memory is None else self.memory[kind, key]
+
+    def latents(self, index):
+        """(means, stds) of image `index`: (variants, channels, height, width) each."""
+        found = self.entry("latents", bytes(self.rows[index]["latents"]))
+        return found["mean"], found["std"]
+
+    def weight(self, index):
+        key = self.rows[index]["weights"]
+        return self.entry("weights", bytes(key))["weight"] if key.any() else None
+
+    def embedding(self, index):
+        """(embedding, pooled or None) of image `index`'s fixed prompt, or None where captions change."""
+        prompt = int(self.rows[index]["prompt"])
+        if prompt < 0:
+            return None
+        found = self.entry("prompts", bytes(self.prompt_keys[prompt]))
+        return found["embedding"], found.get("pooled")
+
+    def caption(self, index):
+        prompt = int(self.rows[index]["prompt"])
+        return self.prompts[prompt] if prompt >= 0 else ""
+
+    def geometry(self, index):
+        pairs = self.rows[index]["geometry"].tolist()
+        return {name: tuple(pairs[2 * n : 2 * n + 2]) for n, name in enumerate(GEOMETRY)}
+
+    def sizes(self):
+        """Each image's (width, height) as trained, an array (images, 2)."""
+        return np.asarray(self.rows["geometry"][:, :2])
+
+    def chunk_counts(self):
+        return np.asarray(self.rows["chunks"])
+
+    def __getitem__(self, index):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"image {index} of {len(self)}")
+        index %= len(self)
+        embedding = self.embedding(index)
+        means, stds = self.latents(index) if self.rows[index]["latents"].any() else (None, None)
+        return Record(
+            means=means,
+            stds=stds,
+            **self.geometry(index),
+            filewords=self.filewords[index],
+            caption=self.caption(index),
+            weight=self.weight(index),
+            embedding=None if embedding is None else embedding[0],
+            pooled_embedding=None if embedding is None else embedding[1],
+        )
+
+
 @dataclass
 class Encoders:
-    """The frozen models data preparation uses, with what identifies their weights in cache keys."""
+    """The frozen models data preparation uses, with what identifies their weights in store keys: the VAE and its
+    dtype, the prompt encoder and the dtype its embeddings are stored in (the one training uses them in)."""
 
     vae: torch.nn.Module
-    tokenizers: list
-    text_encoders: list
+    prompt_encoder: PromptEncoder
     device: torch.device
     dtype: torch.dtype
     vae_id: str = ""
+    text_id: str = ""
+    embedding_dtype: torch.dtype = torch.float32
     vae_calls: int = field(default=0)
+    prompt_calls: int = field(default=0)
+
+    def latent_shape(self, size):
+        """(channels, height, width) of the latents of an image of `size` (width, height)."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.vae.config.latent_channels, size[1] // factor, size[0] // factor
 
 
 def latent_key(content_hash, box, size, settings, encoders):
     parts = [content_hash, box, size, settings.random_flip, encoders.vae_id, str(encoders.dtype)]
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+    return entry_key(*parts)
 
 
-@torch.no_grad()
-def encode_image(entry, template, settings, encoders, cache):
-    """The record of an image: its crop and template line drawn from a generator keyed by its index, its latents
-    read from the cache or encoded."""
-    raw = entry.read()
-    image = to_rgb(decode_image(raw, entry.label), settings.use_weight)
-    generator = torch.Generator().manual_seed(sample_key(settings.seed, 1, entry.index))
-    size = training_size(image, settings)
-    scaled_w, scaled_h, left, top = crop_box(image.size, size, settings.center_crop, generator)
-    line = template[int(torch.randint(0, len(template), (1,), generator=generator))]
-    key = latent_key(hashlib.sha256(raw).hexdigest(), (scaled_w, scaled_h, left, top), size, settings, encoders)
-    latents = cache.get(key)
-    # The scaled crop is what the VAE encodes and where the loss weight's alpha comes from; a cache hit without
-    # --use_weight needs neither.
-    cropped = None
-    if latents is None or settings.use_weight:
-        cropped = image.resize((scaled_w, scaled_h), Image.BICUBIC).crop((left, top, left + size[0], top + size[1]))
-    if latents is None:
-        variants = [cropped, cropped.transpose(Image.FLIP_LEFT_RIGHT)] if settings.random_flip else [cropped]
-        pixels = torch.stack([torch.from_numpy(np.asarray(v.convert("RGB"), dtype=np.float32)) for v in variants])
-        pixels = (pixels / 127.5 - 1.0).permute(0, 3, 1, 2).to(encoders.device, encoders.dtype)
-        encoders.vae_calls += 1
-        dist = encoders.vae.encode(pixels).latent_dist
-        scaling = encoders.vae.config.scaling_factor
-        latents = {"mean": dist.mean.float().cpu() * scaling, "std": dist.std.float().cpu() * scaling}
-        cache.put(key, latents)
-    mean, std = latents["mean"], latents["std"]
-    once = mean + std * torch.randn(mean.shape, generator=generator)  # drawn whatever the method, so keys stay aligned
-    if settings.latent_sampling_method == "once":
-        mean = once
-    if settings.latent_sampling_method != "random":
-        std = None  # only 'random' samples again at every use
-    return Record(
-        means=mean,
-        stds=std,
-        size=size,
-        original_size=image.size,
-        crop_top_left=(top, left),
-        flipped_crop_top_left=(top, scaled_w - left - size[0]),
-        filewords=entry.caption,
-        caption=make_caption(line, entry.caption, settings.name),
-        weight=alpha_weight(cropped, mean.shape[1:]) if settings.use_weight else None,
-    )
+def prompt_key(prompt, encoders):
+    encoder = encoders.prompt_encoder
+    parts = ["prompt", prompt, encoders.text_id, encoder.encoding, encoder.clip_skip, str(encoders.embedding_dtype)]
+    return entry_key(*parts)
 
 
-def tokenize(prompts, tokenizers):
-    """Token ids of each tokenizer, padded to its length, as diffusers' pipelines tokenize."""
-    return [
-        tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        for tokenizer in tokenizers
-    ]
+def chunks_bound(prompt, encoder):
+    """The most 77-token chunks any shuffle or drop of the prompt's tags can take: read literally (brackets, weights
+    and BREAK as text) the prompt has at least as many tokens as any reading of its emphasis, and a comma more a tag
+    covers what rejoining tags can split; a closed chunk holds at least 56 tokens (the webui moves at most 20 back to
+    a comma), and BREAK closes one more."""
+    if encoder.encoding == "diffusers":
+        return 1
+    tokens = encoder.token_count(prompt, literal=True) + prompt.count(",")
+    breaks = prompt.count("BREAK")
+    if tokens <= CHUNK_TOKENS and not breaks:
+        return 1
+    return tokens // (CHUNK_TOKENS - COMMA_BACKTRACK + 1) + breaks + 1
 
 
-def encode_tokens(input_ids, text_encoders):
-    """(embeddings, pooled embeddings or None): SD 1.x/2.x the text encoder's last hidden state; SDXL, as its
-    pipeline does, both encoders' penultimate hidden states side by side and the second one's pooled output."""
-    if len(text_encoders) == 1:
-        (encoder,) = text_encoders
-        return encoder(input_ids[0].to(encoder.device))[0], None
-    states, pooled = [], None
-    for ids, encoder in zip(input_ids, text_encoders):
-        output = encoder(ids.to(encoder.device), output_hidden_states=True)
-        states.append(output.hidden_states[-2])
-        pooled = output[0]
-    return torch.cat(states, dim=-1), pooled
+@dataclass
+class Prepared:
+    """What one process made of one chunk of images: their index rows, captions, and fixed prompts."""
+
+    rows: np.ndarray
+    filewords: list
+    prompts: list  # the fixed prompt of each image, or None
+    prompt_keys: list  # each prompt's store key, or None
 
 
-GEOMETRY = ("size", "original_size", "crop_top_left", "flipped_crop_top_left")  # pairs of ints, one row an image
-MERGE = 8  # chunks Records merges into one StackedRecords as they arrive
+class Preparation:
+    """Encoding a dataset's images and fixed prompts into the store, one chunk at a time."""
+
+    def __init__(self, template, settings, encoders, store, encode_latents=True):
+        self.template, self.settings, self.encoders, self.store = template, settings, encoders, store
+        self.encode_latents = encode_latents
+        self.present = set()  # keys of the prompt entries this process checked or wrote
+
+    @torch.no_grad()
+    def chunk(self, chunk):
+        rows = np.zeros(len(chunk), dtype=INDEX_ROW)
+        filewords, prompts, keys = [], [], []
+        for row, entry in zip(rows, chunk):
+            self.image(row, entry)
+            filewords.append(entry.caption)
+            prompt, key = self.prompt(row, entry)
+            prompts.append(prompt)
+            keys.append(key)
+        return Prepared(rows, filewords, prompts, keys)
+
+    def image(self, row, entry):
+        settings, encoders = self.settings, self.encoders
+        raw = entry.read()
+        original_size = image_header(raw, entry.label)
+        check_size(original_size, entry.label)
+        size = training_size(original_size, settings)
+        generator = torch.Generator().manual_seed(sample_key(settings.seed, 1, entry.shard, entry.row))
+        box = crop_box(original_size, size, settings.center_crop, generator)
+        content_hash = hashlib.sha256(raw).hexdigest()
+        shape = encoders.latent_shape(size)
+        row["shard"], row["row"] = entry.shard, entry.row
+        row["geometry"] = [*size, *original_size, box[3], box[2], box[3], box[0] - box[2] - size[0]]
+        row["shape"] = (2 if settings.random_flip else 1, *shape)
+        cropped = None
+
+        def crop():
+            nonlocal cropped
+            if cropped is None:
+                cropped = scaled_crop(to_rgb(decode_image(raw, entry.label), settings.use_weight), box, size)
+            return cropped
+
+        if self.encode_latents:
+            key = latent_key(content_hash, box, size, settings, encoders)
+            if self.store.read("latents", key) is None:
+                variants = [crop(), crop().transpose(Image.FLIP_LEFT_RIGHT)] if settings.random_flip else [crop()]
+                encoders.vae_calls += 1
+                dist = encoders.vae.encode(pixel_values(variants).to(encoders.device, encoders.dtype)).latent_dist
+                scaling = encoders.vae.config.scaling_factor
+                latents = {"mean": dist.mean.float().cpu() * scaling, "std": dist.std.float().cpu() * scaling}
+                self.store.write("latents", key, latents)
+            row["latents"] = np.frombuffer(key, dtype=np.uint8)
+        if settings.use_weight and self.encode_latents:
+            key = entry_key("weight", content_hash, box, size, shape)
+            if self.store.read("weights", key) is None:
+                self.store.write("weights", key, {"weight": alpha_weight(crop(), shape)})
+            row["weights"] = np.frombuffer(key, dtype=np.uint8)
+
+    def prompt(self, row, entry):
+        """The image's fixed prompt and its store key (its embedding encoded where the store lacks it), or
+        (None, None) where captions change at every use; the chunk count of its context, or their bound."""
+        settings, encoder = self.settings, self.encoders.prompt_encoder
+        if not settings.fixed_captions:
+            row["prompt"] = -1
+            row["chunks"] = max(
+                chunks_bound(make_caption(line, entry.caption, settings.name), encoder) for line in self.template
+            )
+            return None, None
+        generator = torch.Generator().manual_seed(sample_key(settings.seed, 7, entry.shard, entry.row))
+        line = self.template[int(torch.randint(0, len(self.template), (1,), generator=generator))]
+        prompt = make_caption(line, entry.caption, settings.name)
+        row["chunks"] = encoder.chunk_count(prompt)
+        if not self.encode_latents:
+            return prompt, None
+        key = prompt_key(prompt, self.encoders)
+        if key not in self.present:
+            if self.store.read("prompts", key) is None:
+                # Each prompt alone, as the webui encodes a caption: its embedding then depends on nothing else.
+                ((embedding, pooled),) = encoder.each([prompt])
+                self.encoders.prompt_calls += 1
+                tensors = {"embedding": embedding.to(self.encoders.embedding_dtype).cpu()}
+                if pooled is not None:
+                    tensors["pooled"] = pooled.to(self.encoders.embedding_dtype).cpu()
+                self.store.write("prompts", key, tensors)
+            self.present.add(key)
+        return prompt, key
 
 
-@dataclass(eq=False)
-class StackedRecords:
-    """The records of consecutive images, each kind of tensor stacked into one: a tensor, an array or a str per image
-    would cost more memory than its latents."""
-
-    start: int  # the first image's index
-    groups: list  # one per latent shape: {"means": tensor, "stds": tensor or None, "weights": tensor or None}
-    slots: np.ndarray  # (images, 2): each image's group and row in it
-    geometry: np.ndarray  # (images, 8): the pairs of GEOMETRY
-    filewords: Texts
-    captions: Texts
-    embeddings: torch.Tensor = None
-    pooled_embeddings: torch.Tensor = None
-
-    @classmethod
-    def stack(cls, start, records):
-        shapes = list(dict.fromkeys(tuple(r.means.shape) for r in records))
-        members = [[i for i, r in enumerate(records) if tuple(r.means.shape) == shape] for shape in shapes]
-        groups = [
-            {
-                key: None
-                if getattr(records[rows[0]], name) is None
-                else torch.stack([getattr(records[i], name) for i in rows])
-                for key, name in (("means", "means"), ("stds", "stds"), ("weights", "weight"))
-            }  # fmt: skip
-            for rows in members
-        ]
-        slots = np.zeros((len(records), 2), dtype=np.int32)
-        for group, rows in enumerate(members):
-            slots[rows, 0], slots[rows, 1] = group, np.arange(len(rows))
-        geometry = np.array([[v for name in GEOMETRY for v in getattr(r, name)] for r in records], dtype=np.int32)
-        return cls(start, groups, slots, geometry, Texts([r.filewords for r in records]),
-                   Texts([r.caption for r in records]))  # fmt: skip
-
-    @classmethod
-    def concatenate(cls, stacks):
-        """One StackedRecords of consecutive ones: groups of the same shape joined."""
-        shapes, members, slots = {}, {}, []
-        for stack in stacks:
-            mapping = []  # each of its groups' new group and first row there
-            for group in stack.groups:
-                shape = tuple(group["means"].shape[1:])
-                joined = members.setdefault(shapes.setdefault(shape, len(shapes)), [])
-                mapping.append((shapes[shape], sum(len(g["means"]) for g in joined)))
-                joined.append(group)
-            mapping = np.array(mapping, dtype=np.int32)[stack.slots[:, 0]]
-            slots.append(np.stack([mapping[:, 0], mapping[:, 1] + stack.slots[:, 1]], axis=1))
-        groups = [
-            {key: None if joined[0][key] is None else torch.cat([g[key] for g in joined]) for key in joined[0]}
-            for joined in members.values()
-        ]
-        cat = lambda name: None if getattr(stacks[0], name) is None else torch.cat([getattr(s, name) for s in stacks])  # noqa: E731
-        return cls(stacks[0].start, groups, np.concatenate(slots), np.concatenate([s.geometry for s in stacks]),
-                   Texts.join([s.filewords for s in stacks]), Texts.join([s.captions for s in stacks]),
-                   cat("embeddings"), cat("pooled_embeddings"))  # fmt: skip
-
-    def __len__(self):
-        return len(self.slots)
-
-    def record(self, row):
-        group = self.groups[self.slots[row, 0]]
-        position = int(self.slots[row, 1])
-        pick = lambda tensor: None if tensor is None else tensor[position]  # noqa: E731
-        pairs = self.geometry[row].tolist()
-        return Record(
-            means=group["means"][position],
-            stds=pick(group["stds"]),
-            **{name: tuple(pairs[2 * n : 2 * n + 2]) for n, name in enumerate(GEOMETRY)},
-            filewords=self.filewords[row],
-            caption=self.captions[row],
-            weight=pick(group["weights"]),
-            embedding=None if self.embeddings is None else self.embeddings[row],
-            pooled_embedding=None if self.pooled_embeddings is None else self.pooled_embeddings[row],
-        )
-
-    @property
-    def nbytes(self):
-        arrays = self.slots.nbytes + self.geometry.nbytes + self.filewords.nbytes + self.captions.nbytes
-        return arrays + sum(t.untyped_storage().nbytes() for t in self.tensors())
-
-    def tensors(self):
-        found = [t for g in self.groups for t in g.values()]
-        return [t for t in (*found, self.embeddings, self.pooled_embeddings) if t is not None]
-
-    def converted(self, convert):
-        """The same records with every tensor passed through `convert`."""
-        optional = lambda t: None if t is None else convert(t)  # noqa: E731
-        groups = [{key: optional(value) for key, value in group.items()} for group in self.groups]
-        return StackedRecords(self.start, groups, self.slots, self.geometry, self.filewords, self.captions,
-                              optional(self.embeddings), optional(self.pooled_embeddings))  # fmt: skip
-
-
-class Records:
-    """Every image's record, in order: records[i] is image i's Record (its tensors views into stacked ones)."""
-
-    def __init__(self):
-        self.stacks, self.starts = [], []
-        self.count = 0
-        self._unmerged = 0
-
-    def append(self, stack):
-        if stack.start != self.count:
-            raise ValueError(f"records of image {stack.start} appended after {self.count} images")
-        self.stacks.append(stack)
-        self.starts.append(stack.start)
-        self.count += len(stack)
-        self._unmerged += 1
-        if self._unmerged == MERGE:
-            merged = StackedRecords.concatenate(self.stacks[-MERGE:])
-            del self.stacks[-MERGE:], self.starts[-MERGE:]
-            self.stacks.append(merged)
-            self.starts.append(merged.start)
-            self._unmerged = 0
-
-    def __len__(self):
-        return self.count
-
-    def __getitem__(self, index):
-        if not -self.count <= index < self.count:
-            raise IndexError(f"image {index} of {self.count}")
-        index %= self.count
-        n = bisect.bisect_right(self.starts, index) - 1
-        return self.stacks[n].record(index - self.starts[n])
-
-    def sizes(self):
-        """Each image's (width, height) as trained."""
-        return [tuple(pair) for stack in self.stacks for pair in stack.geometry[:, :2].tolist()]
-
-    @property
-    def nbytes(self):
-        """The memory the records take: tensors (latents, loss weights, text embeddings), per-image arrays, captions."""
-        return sum(stack.nbytes for stack in self.stacks)
-
-
-@torch.no_grad()
-def encode_chunk(chunk, template, settings, encoders, cache):
-    """The StackedRecords of a chunk (a list of Entry): latents, and with fixed captions the text embeddings, the
-    chunk's captions encoded together."""
-    records = [encode_image(entry, template, settings, encoders, cache) for entry in chunk]
-    result = StackedRecords.stack(chunk[0].index, records)
-    if settings.fixed_captions:
-        embeddings, pooled = encode_tokens(tokenize([r.caption for r in records], encoders.tokenizers),
-                                           encoders.text_encoders)  # fmt: skip
-        result.embeddings = embeddings.cpu()
-        result.pooled_embeddings = None if pooled is None else pooled.cpu()
-    return result
-
-
-def prepare_records(entries, template, settings, encoders, cache_dir=None, state=None, show_progress=False):
-    """Every image's record: each process (of accelerate's `state`) encodes its chunks, CHUNK images at a time, and
-    after every round of chunks the processes exchange theirs, so that all hold the same Records, bit for bit what
-    one process alone makes, and nothing but the records and one round stay in memory. An unreadable image stops
-    every process with the same error. Returns (records, damaged cache entries encoded again)."""
+def prepare_records(entries, template, settings, encoders, store_dir=None, state=None, show_progress=False,
+                    encode_latents=True):  # fmt: skip
+    """Every image's record, in the store: each process (of accelerate's `state`) encodes its chunks of CHUNK
+    images (latents where the store lacks them, and fixed prompts' embeddings), and after every round the processes
+    exchange the chunks' index rows, so that all build the same index, bit for bit what one process alone builds.
+    An unreadable image stops every process with the same error. With encode_latents False nothing is encoded (the
+    index holds the crops and prompts; training encodes at every step). Returns (records, damaged store entries
+    encoded again)."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     rank, world_size = (0, 1) if state is None else (state.process_index, state.num_processes)
-    cache = LatentCache(cache_dir)
-    records = Records()
+    store = RecordStore(store_dir or default_store_dir())
+    if world_size > 1:
+        check_shared(store, state)
+    preparation = Preparation(template, settings, encoders, store, encode_latents)
+    parts = []
     mine = entries.chunks(rank, world_size)
-    with tqdm(total=None if entries.streamed else len(entries), desc="Caching latents", disable=not show_progress,
-              unit="image") as progress:  # fmt: skip
+    with tqdm(total=None if entries.streamed else len(entries), desc="Encoding records", unit="image",
+              disable=not show_progress) as progress:  # fmt: skip
         while True:
             try:
                 chunk = next(mine, None)
-                payload = None if chunk is None else encode_chunk(chunk, template, settings, encoders, cache)
+                payload = None if chunk is None else preparation.chunk(chunk)
             except UsageError as e:
                 payload = str(e)
-            payloads = [payload] if world_size == 1 else exchange(payload)
+            payloads = [payload] if world_size == 1 else gather_object([payload])
             errors = [p for p in payloads if isinstance(p, str)]
             if errors:
                 raise UsageError(errors[0])
-            for received in payloads:
-                if received is not None:
-                    records.append(received)
-                    progress.update(len(received))
-            # The records stay; what encoding freed around them goes back to the system, so that memory grows with
-            # the records and not with the holes between them.
-            release_free_memory()
-            # Chunks are dealt in turn: once a process has none left, this round was the last.
-            if any(p is None for p in payloads):
+            received = [p for p in payloads if p is not None]
+            parts += received
+            progress.update(sum(len(p.rows) for p in received))
+            if not received:
                 break
-    corrupt = cache.corrupt if world_size == 1 else sum(gather_object([cache.corrupt]))
-    return records, corrupt
+    damaged = store.damaged if world_size == 1 else sum(gather_object([store.damaged]))
+    if not parts:
+        raise UsageError("the dataset held no images")
+    folder = write_index(store, parts, rank == 0 or world_size == 1)
+    if world_size > 1:
+        state.wait_for_everyone()
+    return Records(store, folder), damaged
 
 
-def exchange(payload):
-    """Every process's payload (StackedRecords, an error message or None), in process order. Records travel as numpy
-    arrays: pickling a tensor writes a torch.save archive of its storage, many times slower than the array itself."""
-    from accelerate.utils import gather_object
+def write_index(store, parts, writer):
+    """The index of the images in `parts` (from every process), in (shard, row) order, under a name of its content:
+    index/DIGEST/ in the store. Only `writer` writes it; the name is the same in every process."""
+    rows = np.concatenate([p.rows for p in parts])
+    order = np.lexsort((rows["row"], rows["shard"]))
+    rows = rows[order]
+    flat = lambda name: [value for p in parts for value in getattr(p, name)]  # noqa: E731
+    filewords, prompts, keys = ([flat(name)[i] for i in order] for name in ("filewords", "prompts", "prompt_keys"))
+    table = {}  # each distinct prompt's row, in order of first use
+    for i, prompt in enumerate(prompts):
+        if prompt is not None:
+            rows["prompt"][i] = table.setdefault(prompt, (len(table), keys[i]))[0]
+    texts = list(table)
+    prompt_keys = np.zeros((len(texts), 32), dtype=np.uint8)
+    for n, key in table.values():
+        if key is not None:
+            prompt_keys[n] = np.frombuffer(key, dtype=np.uint8)
+    digest = hashlib.sha256(rows.tobytes() + prompt_keys.tobytes())
+    for text in (*filewords, *texts):
+        digest.update(text.encode("utf-8") + b"\0")
+    folder = os.path.join(store.directory, "index", digest.hexdigest()[:32])
+    if writer and not os.path.isfile(os.path.join(folder, "rows.npy")):
+        staging = f"{folder}.{secrets.token_hex(4)}.tmp"
+        os.makedirs(staging)
+        try:
+            np.save(os.path.join(staging, "prompt_keys.npy"), prompt_keys)
+            write_texts(staging, "filewords", filewords)
+            write_texts(staging, "prompts", texts)
+            np.save(os.path.join(staging, "rows.npy"), rows)
+            try:
+                os.rename(staging, folder)
+            except OSError:
+                if not os.path.isfile(os.path.join(folder, "rows.npy")):  # not another run's identical index
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
-    is_stack = lambda p: isinstance(p, StackedRecords)  # noqa: E731
-    payloads = gather_object([payload.converted(lambda t: t.numpy()) if is_stack(payload) else payload])
-    return [p.converted(torch.from_numpy) if is_stack(p) else p for p in payloads]
+
+def check_shared(store, state):
+    """Every process must see the same store: what one writes, the others read. Refused where a node has a folder
+    of its own under the same path."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = [secrets.token_hex(8) if state.is_main_process else None]
+    marker = os.path.join(store.directory, ".shared-check")
+    if state.is_main_process:
+        with atomic_write(marker) as tmp, open(tmp, "w") as f:
+            f.write(token[0])
+    broadcast_object_list(token)
+    state.wait_for_everyone()
+    try:
+        with open(marker) as f:
+            sees = f.read() == token[0]
+    except OSError:
+        sees = False
+    if not all(gather_object([sees])):
+        raise UsageError(
+            f"--cache_dir {store.directory}: not the same folder on every node (the processes do not see each "
+            "other's files); give a folder on a filesystem every node mounts"
+        )
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """Full global batches of equal-sized images, in an order that depends only on the seed and the epoch; each item
-    is (epoch, index), so batch assembly needs no other state.
+    """Full global batches of images of one size and one context length, in an order that depends only on the seed
+    and the epoch; each item is (epoch, index), so batch assembly needs no other state.
 
     accelerate splits each global batch across the processes, so the data seen at each step is the same for any
     number of processes, and a resumed run skips exactly the batches it already trained on.
     """
 
-    def __init__(self, sizes, batch_size, seed):
-        self.groups = {}
-        for index, size in enumerate(sizes):
-            self.groups.setdefault(tuple(size), []).append(index)
+    def __init__(self, sizes, batch_size, seed, chunks=None):
+        keys = np.asarray(sizes).reshape(len(sizes), -1)
+        if chunks is not None:
+            keys = np.concatenate([keys, np.asarray(chunks).reshape(-1, 1)], axis=1)
+        groups, inverse = np.unique(keys, axis=0, return_inverse=True)
+        order = np.argsort(inverse.reshape(-1), kind="stable")
+        bounds = np.searchsorted(inverse.reshape(-1)[order], np.arange(len(groups) + 1))
+        self.groups = [order[bounds[g] : bounds[g + 1]].astype(np.int64) for g in range(len(groups))]
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
@@ -778,11 +928,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def batches(self):
         generator = torch.Generator().manual_seed(sample_key(self.seed, 2, self.epoch))
         batches = []
-        for size in sorted(self.groups):
-            members = self.groups[size]
-            order = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
-            while len(order) % self.batch_size:  # fill the last batch from the same size group
-                order.append(members[int(torch.randint(0, len(members), (1,), generator=generator))])
+        for members in self.groups:
+            order = [int(members[i]) for i in torch.randperm(len(members), generator=generator).tolist()]
+            while len(order) % self.batch_size:  # fill the last batch from the same group
+                order.append(int(members[int(torch.randint(0, len(members), (1,), generator=generator))]))
             batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         return [[(self.epoch, i) for i in batches[b]] for b in torch.randperm(len(batches), generator=generator)]
 
@@ -790,16 +939,17 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return iter(self.batches())
 
     def __len__(self):
-        return sum(math.ceil(len(m) / self.batch_size) for m in self.groups.values())
+        return sum(math.ceil(len(m) / self.batch_size) for m in self.groups)
 
 
 class TrainingSamples(torch.utils.data.Dataset):
-    """Batches built from the records, in DataLoader workers: latents sampled from the cached mean and std, flips,
-    loss weights, captions from their templates with tags shuffled and dropped, token ids. Every random draw comes
-    from a generator keyed by (seed, epoch, index), so the batches are the same for any number of workers."""
+    """Batches built from the records, in DataLoader workers: latents sampled from the stored mean and std, flips,
+    loss weights, fixed prompts' embeddings, changing captions from their templates with tags shuffled and dropped.
+    Every random draw comes from a generator keyed by (seed, epoch, index), so the batches are the same for any
+    number of workers. With entries (training without a store), the images' cropped pixels instead of latents."""
 
-    def __init__(self, records, template, settings, tokenizers):
-        self.records, self.template, self.settings, self.tokenizers = records, template, settings, tokenizers
+    def __init__(self, records, template, settings, entries=None):
+        self.records, self.template, self.settings, self.entries = records, template, settings, entries
 
     def __len__(self):
         return len(self.records)
@@ -808,43 +958,88 @@ class TrainingSamples(torch.utils.data.Dataset):
         return self.__getitems__([key])
 
     def __getitems__(self, keys):
-        settings = self.settings
-        latents, weights, captions, embeddings, pooled, time_ids = [], [], [], [], [], []
+        settings, records = self.settings, self.records
+        latents, pixels, noises, weights, captions, embeddings, pooled, time_ids = [], [], [], [], [], [], [], []
+        chunks = {int(records.rows[index]["chunks"]) for _, index in keys}
         for epoch, index in keys:
-            record = self.records[index]
             generator = torch.Generator().manual_seed(sample_key(settings.seed, 3, epoch, index))
             flip = settings.random_flip and bool(torch.rand(1, generator=generator) < 0.5)
-            mean = record.flipped_mean if flip else record.mean
-            std = record.flipped_std if flip else record.std
-            if settings.latent_sampling_method == "random":
-                mean = mean + std * torch.randn(mean.shape, generator=generator)
-            latents.append(mean)
-            if record.weight is not None:
-                weights.append(record.weight.flip(-1) if flip else record.weight)
-            top, left = record.flipped_crop_top_left if flip else record.crop_top_left
-            time_ids.append(torch.tensor([*record.original_size[::-1], top, left, *record.size[::-1]]))
-            if record.embedding is not None:
-                embeddings.append(record.embedding)
-                if record.pooled_embedding is not None:
-                    pooled.append(record.pooled_embedding)
+            if self.entries is None:
+                latents.append(self.latent(epoch, index, flip, generator))
+                weight = records.weight(index)
+            else:
+                image, weight = self.pixels(index)
+                pixels.append(image.flip(-1) if flip else image)
+                noises.append(self.noise(index, generator))
+            if weight is not None:
+                weights.append(weight.flip(-1) if flip else weight)
+            geometry = records.geometry(index)
+            top, left = geometry["flipped_crop_top_left" if flip else "crop_top_left"]
+            time_ids.append(torch.tensor([*geometry["original_size"][::-1], top, left, *geometry["size"][::-1]]))
+            found = records.embedding(index) if self.entries is None else None
+            if found is not None:
+                embeddings.append(found[0])
+                if found[1] is not None:
+                    pooled.append(found[1])
+            elif int(records.rows[index]["prompt"]) >= 0:
+                captions.append(records.caption(index))
             else:
                 rng = random.Random(sample_key(settings.seed, 4, epoch, index))
                 line = self.template[rng.randrange(len(self.template))]
-                captions.append(make_caption(line, record.filewords, settings.name, rng, settings.shuffle_tags,
-                                             settings.tag_drop_out))  # fmt: skip
+                captions.append(make_caption(line, records.filewords[index], settings.name, rng,
+                                             settings.shuffle_tags, settings.tag_drop_out))  # fmt: skip
         batch = {
             "keys": list(keys),
-            "latents": torch.stack(latents),
             "weight": torch.stack(weights) if weights else None,
             "time_ids": torch.stack(time_ids),
+            "chunks": max(chunks),
         }
+        if latents:
+            batch["latents"] = torch.stack(latents)
+        else:
+            batch["pixels"], batch["latent_noise"] = torch.stack(pixels), torch.stack(noises)
         if embeddings:
             batch["encoder_hidden_states"] = torch.stack(embeddings)
             batch["pooled_embeddings"] = torch.stack(pooled) if pooled else None
         else:
             batch["captions"] = captions
-            batch["input_ids"] = tokenize(captions, self.tokenizers)
         return batch
+
+    def latent(self, epoch, index, flip, generator):
+        """The latent an image trains on at this use: the mean of its (or its mirror's) latent distribution plus
+        its standard deviation times noise(): the mean itself ('deterministic'), a draw fixed for the image
+        ('once'), or a new draw at every use ('random')."""
+        means, stds = self.records.latents(index)
+        mean, std = (means[-1], stds[-1]) if flip else (means[0], stds[0])
+        if self.settings.latent_sampling_method == "deterministic":
+            return mean
+        return mean + std * self.noise(index, generator)
+
+    def noise(self, index, generator):
+        shape = tuple(int(n) for n in self.records.rows[index]["shape"][1:])
+        method = self.settings.latent_sampling_method
+        if method == "random":
+            return torch.randn(shape, generator=generator)
+        if method == "once":
+            return torch.randn(
+                shape, generator=torch.Generator().manual_seed(sample_key(self.settings.seed, 6, index))
+            )
+        return torch.zeros(shape)
+
+    def pixels(self, index):
+        """(pixels, loss weight or None) of image `index`, cropped as its record says, for encoding at every step."""
+        settings, geometry = self.settings, self.records.geometry(index)
+        size = geometry["size"]
+        top, left = geometry["crop_top_left"]
+        scale = max(size[0] / geometry["original_size"][0], size[1] / geometry["original_size"][1])
+        scaled = (max(size[0], round(geometry["original_size"][0] * scale)),
+                  max(size[1], round(geometry["original_size"][1] * scale)))  # fmt: skip
+        entry = self.entries.entry(index)
+        image = to_rgb(decode_image(entry.read(), entry.label), settings.use_weight)
+        cropped = scaled_crop(image, (*scaled, left, top), size)
+        shape = tuple(self.records.rows[index]["shape"][1:])
+        weight = alpha_weight(cropped, shape) if settings.use_weight else None
+        return pixel_values([cropped])[0], weight
 
 
 def collate(batch):

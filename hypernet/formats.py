@@ -489,8 +489,10 @@ def _pt_state_dict(module, legacy, dtype):
     return state
 
 
-def save(hn, path, optimizer_state_dict=None, optimizer_name=None, dtype=None):
+def save(hn, path, optimizer_state_dict=None, optimizer_name=None, dtype=None, metadata=None):
     """Write `hn` to `path` (.pt in A1111's layout, or .safetensors), and its optimizer state to `path`.optim.
+    `metadata`: more text keys for a .safetensors file's metadata (how it was trained); a .pt holds only the webui's
+    keys.
 
     Both are written under temporary names and renamed into place together: a failure (a full disk) leaves the
     previous pair whole.
@@ -501,8 +503,13 @@ def save(hn, path, optimizer_state_dict=None, optimizer_name=None, dtype=None):
     paths = [path] if optimizer_state_dict is None else [path, path + OPTIM_SUFFIX]
     with atomic_writes(paths) as temporaries:
         if path.endswith(".safetensors"):
-            tensors, metadata = safetensors_tensors_and_metadata(hn, dtype)
-            save_safetensors_file(tensors, temporaries[0], metadata=metadata)
+            tensors, own = safetensors_tensors_and_metadata(hn, dtype)
+            clashing = sorted(set(own) & set(metadata or {}))
+            if clashing:
+                raise HypernetError(f"{path}: metadata keys {clashing} are the format's own")
+            save_safetensors_file(
+                tensors, temporaries[0], metadata={**own, **{k: str(v) for k, v in (metadata or {}).items()}}
+            )
         else:
             torch_save_for_webui(pt_dict(hn, dtype), temporaries[0], path)
         if optimizer_state_dict is not None:

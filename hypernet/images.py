@@ -19,11 +19,12 @@ def infotext(
     model_hash=None,
     model=None,
     hypernetworks=(),
+    clip_skip=1,
 ):
     """A1111's parameters text: prompt, optional 'Negative prompt:' line, then 'Key: value' pairs.
 
     hypernetworks: (name, multiplier) pairs, written as A1111 writes them ('Hypernet', 'Hypernet strength';
-    several are joined with ', ').
+    several are joined with ', '). 'Clip skip' is written where it is above 1, as the webui writes it.
     """
     fields = {
         "Steps": steps,
@@ -33,6 +34,7 @@ def infotext(
         "Size": f"{width}x{height}" if width and height else None,
         "Model hash": model_hash,
         "Model": model,
+        "Clip skip": clip_skip if clip_skip > 1 else None,
     }
     if hypernetworks:
         fields["Hypernet"] = ", ".join(name for name, _ in hypernetworks)
@@ -59,14 +61,23 @@ class Generation:
     model_hash: str = None
     model: str = None
     hypernetworks: list = field(default_factory=list)  # (name, multiplier) pairs
+    clip_skip: int = 1
+
+    def images(self, pipeline, encoder, device, count=1):
+        """`count` images of a diffusers text-to-image pipeline, image i with seed + i, the prompts encoded by
+        `encoder` (hypernet.prompts.text_to_image)."""
+        from .prompts import text_to_image
+
+        return text_to_image(
+            pipeline, encoder, self.prompt, self.negative_prompt, **self.pipeline_kwargs(device, count)
+        )
 
     def pipeline_kwargs(self, device, count=1):
-        """Arguments of a diffusers text-to-image pipeline call for `count` images, image i with seed + i."""
+        """The sampling arguments of a diffusers text-to-image pipeline call for `count` images, image i with seed + i
+        (the prompts are passed encoded: images())."""
         import torch
 
         return dict(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt or None,
             num_images_per_prompt=count,
             num_inference_steps=self.steps,
             guidance_scale=self.cfg_scale,
@@ -77,7 +88,8 @@ class Generation:
 
     def infotext(self):
         return infotext(self.prompt, self.negative_prompt, self.steps, self.sampler, self.cfg_scale, self.seed,
-                        self.width, self.height, self.model_hash, self.model, self.hypernetworks)  # fmt: skip
+                        self.width, self.height, self.model_hash, self.model, self.hypernetworks,
+                        self.clip_skip)  # fmt: skip
 
 
 def save_png(image, path, parameters=None):

@@ -1,6 +1,7 @@
 """Host memory: keeping freed memory in the process for the next CPU step, or handing it back."""
 
 import ctypes
+import os
 import sys
 
 # glibc's mallopt() options (malloc.h).
@@ -51,3 +52,22 @@ def release_free_memory():
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+def held_memory(pid=None):
+    """Bytes of memory a process and all its descendants (DataLoader workers) hold that the kernel cannot page out
+    to their files: RssAnon + RssShmem of each, from /proc. Memory-mapped files and the page cache are not in it.
+    None where /proc has no such fields (not Linux)."""
+    pids, total = [pid or os.getpid()], 0
+    for current in pids:
+        try:
+            with open(f"/proc/{current}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            total += sum(int(fields[key].split()[0]) * 1024 for key in ("RssAnon", "RssShmem"))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    pids += [int(child) for child in f.read().split()]
+        except (OSError, KeyError, ValueError):
+            if current == pids[0]:
+                return None
+    return total

@@ -1,6 +1,8 @@
 """The webui's prompt syntax: <hypernet:NAME:STRENGTH> (NAME looked up in one folder), and its text conditioning
 (emphasis, BREAK, prompts of any length, Clip skip) as PromptEncoder and encode_prompts."""
 
+import json
+import logging
 import math
 import os
 import re
@@ -9,6 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 PROMPT_HYPERNET = re.compile(r"<hypernet:([^:>]+)(?::([^>]*))?>")
 MAX_MULTIPLIER = 100.0
@@ -225,6 +229,7 @@ class PromptEncoder:
         self.rules = [EncoderRules.of(t, e) for t, e in zip(self.tokenizers, self.text_encoders)]
         self.sdxl = len(self.text_encoders) == 2
         self.clip_skip, self.encoding = clip_skip, encoding
+        self._empty = None
         layers = min(rules.layers for rules in self.rules)
         if not 1 <= clip_skip <= layers:
             raise UsageError(f"clip skip {clip_skip}: the text encoder has {layers} layers; use 1 to {layers}")
@@ -252,6 +257,42 @@ class PromptEncoder:
     def chunk_count(self, prompt):
         """How many 77-token chunks the prompt's context has."""
         return 1 if self.encoding == "diffusers" else len(self.chunks(prompt)[0])
+
+    def token_count(self, prompt, literal=False):
+        """The prompt's tokens (no start, end or padding) in the longest of its encoders' tokenizations; literal:
+        with brackets, weights and BREAK read as plain text."""
+        pieces = [(prompt, 1.0)] if literal else [p for p in parse_emphasis(prompt) if p != BREAK]
+        counts = []
+        for tokenizer, rules in zip(self.tokenizers, self.rules):
+            texts = [normalize_text(text, rules.open_clip) for text, _ in pieces]
+            ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+            counts.append(sum(len(i) for i in ids))
+        return max(counts)
+
+    def padded(self, prompts, chunks):
+        """(embeddings (batch, 77 * chunks, width), pooled or None): each prompt as each() encodes it, padded with
+        empty chunks to `chunks` (as the webui pads the shorter prompts of a batch), or cut to it with a warning."""
+        contexts, pooled = [], []
+        for prompt, (embedding, prompt_pooled) in zip(prompts, self.each(prompts)):
+            have = embedding.shape[0] // (CHUNK_TOKENS + 2)
+            if have > chunks:
+                logger.warning(
+                    f"prompt {prompt[:60]!r}: {have} chunks, more than this batch's {chunks}; cut to {chunks}"
+                )
+                embedding = embedding[: chunks * (CHUNK_TOKENS + 2)]
+            elif have < chunks:
+                embedding = torch.cat([embedding, self.empty_context().repeat(chunks - have, 1)])
+            contexts.append(embedding)
+            pooled.append(prompt_pooled)
+        return torch.stack(contexts), None if pooled[0] is None else torch.stack(pooled)
+
+    @torch.no_grad()
+    def empty_context(self):
+        """The context of an empty chunk (77, width), as each() encodes it alone."""
+        if self._empty is None:
+            states = [self._encode_rows(e, [empty_chunk(rules)])[0][0] for e, rules in enumerate(self.rules)]
+            self._empty = torch.cat(states, dim=-1)
+        return self._empty
 
     @torch.no_grad()
     def __call__(self, prompts):
@@ -343,7 +384,10 @@ class PromptEncoder:
 
 def emphasize(states, weights):
     """The webui's "Original" emphasis: every token's embedding times its weight, then all of them scaled so that
-    their mean is the mean before."""
+    their mean is the mean before. Where every weight is 1 this is the identity, bit for bit, and is skipped: the
+    webui's division gives 0/0 for a chunk whose mean is exactly 0."""
+    if bool((weights == 1).all()):
+        return states
     original = states.mean()
     scaled = states * weights.unsqueeze(-1)
     return scaled * (original / scaled.mean())
@@ -354,3 +398,77 @@ def encode_prompts(prompts, tokenizers, text_encoders, clip_skip=1):
     chunks of any prompt; pooled None for SD 1.x and 2.x, SDXL's second encoder's pooled output of the first chunk.
     Clip skip as the webui numbers it (1: the last layer; ignored for SD 2.x and SDXL, as the webui ignores it)."""
     return PromptEncoder(tokenizers, text_encoders, clip_skip)(prompts)
+
+
+def check_clip_skip(clip_skip, folder):
+    """--clip_skip from 1 to the layers of the text encoder of a diffusers folder (read from its config alone)."""
+    try:
+        with open(os.path.join(folder, "text_encoder", "config.json")) as f:
+            layers = int(json.load(f)["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        layers = None
+    if clip_skip < 1 or (layers is not None and clip_skip > layers):
+        raise UsageError(
+            f"--clip_skip {clip_skip}: use 1 to {layers or 'the text encoder layers'} (1: the last layer)"
+        )
+
+
+def pipeline_conditioning(encoder, prompt, negative_prompt=""):
+    """(kwargs, lengths) for a diffusers text-to-image pipeline: prompt_embeds and negative_prompt_embeds of one prompt
+    and its negative as `encoder` encodes each alone (SDXL: the pooled ones too; an empty negative prompt as zeros,
+    as the webui and diffusers' SDXL pipeline make it), the shorter padded with empty chunks to the other's length;
+    lengths: (negative tokens, prompt tokens) before that padding, for unpadded_cross_attention."""
+    (positive, pooled), (negative, negative_pooled) = encoder.each([prompt, negative_prompt])
+    if encoder.sdxl and not negative_prompt:
+        negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
+    lengths = (negative.shape[0], positive.shape[0])
+    tokens = max(lengths)
+    empty = encoder.empty_context().to(positive.device)
+
+    def pad(context, filler):
+        return torch.cat([context, filler.repeat((tokens - context.shape[0]) // filler.shape[0], 1)])[None]
+
+    zeros = encoder.sdxl and not negative_prompt
+    kwargs = {
+        "prompt_embeds": pad(positive, empty),
+        "negative_prompt_embeds": pad(negative, torch.zeros_like(empty) if zeros else empty),
+    }
+    if encoder.sdxl:
+        kwargs.update(pooled_prompt_embeds=pooled[None], negative_pooled_prompt_embeds=negative_pooled[None])
+    return kwargs, lengths
+
+
+class unpadded_cross_attention:
+    """While in effect, the UNet's cross-attention reads the negative and the positive halves of a classifier-free
+    guidance batch (negatives first, as diffusers' pipelines join them) each up to its own prompt's length, and the
+    padding past it not at all: what the webui computes by default when the two differ in length, running them
+    apart. `images` is the number of images a call makes (each half's rows)."""
+
+    def __init__(self, unet, lengths, images):
+        self.unet, self.lengths, self.images, self.handle = unet, lengths, images, None
+
+    def __enter__(self):
+        if self.lengths[0] != self.lengths[1]:
+            self.handle = self.unet.register_forward_pre_hook(self.hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+
+    def hook(self, module, args, kwargs):
+        states = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+        rows, tokens = states.shape[:2]
+        halves = [self.lengths[0]] * self.images + [self.lengths[1]] * self.images
+        lengths = halves if rows == len(halves) else [self.lengths[1]] * rows  # without guidance: positives alone
+        mask = torch.arange(tokens, device=states.device)[None] < torch.tensor(lengths, device=states.device)[:, None]
+        kwargs["encoder_attention_mask"] = mask.to(states.dtype)
+        return args, kwargs
+
+
+def text_to_image(pipeline, encoder, prompt, negative_prompt="", num_images_per_prompt=1, **kwargs):
+    """The images of a diffusers text-to-image pipeline (SD 1.x, 2.x, SDXL) for one prompt, with the prompt and the
+    negative prompt encoded by `encoder`, each at its own length (pipeline_conditioning, unpadded_cross_attention)."""
+    conditioning, lengths = pipeline_conditioning(encoder, prompt, negative_prompt)
+    with unpadded_cross_attention(pipeline.unet, lengths, num_images_per_prompt):
+        return pipeline(**conditioning, num_images_per_prompt=num_images_per_prompt, **kwargs).images

@@ -243,12 +243,20 @@ def load_models(path, revision=None, variant=None, dtype=torch.float32, vae_path
     return Models(tokenizers, text_encoders, vae, unet, noise_scheduler)
 
 
-def batch_to_device(samples, models, seed, noise_offset, device, dtype):
-    """A training batch from the samples a DataLoader worker built: noise and timesteps drawn from generators keyed by
-    each sample's (seed, epoch, index), text embedded where it was not cached, SDXL's added conditioning."""
-    from .data import encode_tokens, sample_key
+def batch_to_device(samples, models, prompt_encoder, seed, noise_offset, device, dtype):
+    """A training batch from the samples a DataLoader worker built: latents (encoded here where the samples hold
+    pixels), noise and timesteps drawn from generators keyed by each sample's (seed, epoch, index), prompts encoded
+    where their embeddings were not stored, SDXL's added conditioning."""
+    from .data import sample_key
 
-    latents = samples["latents"].to(device, dtype)
+    if "pixels" in samples:
+        with torch.no_grad():
+            dist = models.vae.encode(samples["pixels"].to(device, models.vae.dtype)).latent_dist
+        scaling = models.vae.config.scaling_factor
+        mean, std = dist.mean.float() * scaling, dist.std.float() * scaling
+        latents = (mean + std * samples["latent_noise"].to(device)).to(dtype)
+    else:
+        latents = samples["latents"].to(device, dtype)
     noises, timesteps = [], []
     num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
     for epoch, index in samples["keys"]:
@@ -258,8 +266,7 @@ def batch_to_device(samples, models, seed, noise_offset, device, dtype):
     if samples.get("encoder_hidden_states") is not None:
         embeddings, pooled = samples["encoder_hidden_states"], samples.get("pooled_embeddings")
     else:
-        with torch.no_grad():
-            embeddings, pooled = encode_tokens(samples["input_ids"], models.text_encoders)
+        embeddings, pooled = prompt_encoder.padded(samples["captions"], samples["chunks"])
     batch = {
         "latents": latents,
         "noise": torch.stack(noises).to(device, dtype),

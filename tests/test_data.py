@@ -1,5 +1,6 @@
-"""The data pipeline: the latent cache (sharded, on disk, verified), lazy datasets, DataLoader workers."""
+"""The data pipeline: the record store (sharded encoding, on disk, verified), lazy datasets, DataLoader workers."""
 
+import itertools
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from PIL import Image
 from records_worker import records_as_dict
 
 from hypernet import data, formats
+from hypernet.prompts import PromptEncoder
 from hypernet.training import load_models
 
 
@@ -22,8 +24,9 @@ def models(tiny_model_dir):
     return load_models(tiny_model_dir)
 
 
-def encoders_of(models):
-    return data.Encoders(models.vae, models.tokenizers, models.text_encoders, "cpu", torch.float32, vae_id="tiny")
+def encoders_of(models, vae_id="tiny"):
+    prompt_encoder = PromptEncoder(models.tokenizers, models.text_encoders)
+    return data.Encoders(models.vae, prompt_encoder, "cpu", torch.float32, vae_id=vae_id, text_id="tiny")
 
 
 SETTINGS = data.DataSettings(name="n", resolution=64, random_flip=True, latent_sampling_method="once", seed=4)
@@ -42,15 +45,16 @@ def records_equal(a, b):
     assert_same_records(records_as_dict(a), records_as_dict(b))
 
 
-def test_warm_cache_encodes_nothing_and_gives_the_same_records(models, small_dataset, tmp_path):
+def test_warm_store_encodes_nothing_and_gives_the_same_records(models, small_dataset, tmp_path):
     entries = data.folder_entries(small_dataset)
     cold, warm = encoders_of(models), encoders_of(models)
     first, _ = data.prepare_records(entries, ["[filewords]"], SETTINGS, cold, str(tmp_path / "cache"))
     second, _ = data.prepare_records(entries, ["[filewords]"], SETTINGS, warm, str(tmp_path / "cache"))
-    assert cold.vae_calls == 8 and warm.vae_calls == 0
+    assert (cold.vae_calls, cold.prompt_calls) == (8, 8) and (warm.vae_calls, warm.prompt_calls) == (0, 0)
+    assert first.folder == second.folder, "the same index"
     records_equal(first, second)
-    uncached, _ = data.prepare_records(entries, ["[filewords]"], SETTINGS, encoders_of(models))
-    records_equal(first, uncached)
+    other, _ = data.prepare_records(entries, ["[filewords]"], SETTINGS, encoders_of(models), str(tmp_path / "other"))
+    records_equal(first, other)
 
 
 def read(path):
@@ -63,8 +67,12 @@ def write(path, content):
         f.write(content)
 
 
-def cache_files(directory):
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs if f.endswith(".safetensors"))
+def cache_files(directory, kind="latents"):
+    """The store's entry files of one kind."""
+    top = os.path.join(directory, data.RecordStore.KINDS[kind])
+    return sorted(
+        os.path.join(top, d, f) for d in os.listdir(top) if len(d) == 2 for f in os.listdir(os.path.join(top, d))
+    )
 
 
 def test_a_damaged_entry_is_encoded_again_with_a_warning(models, small_dataset, tmp_path):
@@ -78,11 +86,26 @@ def test_a_damaged_entry_is_encoded_again_with_a_warning(models, small_dataset, 
     write(files[3], bytes(damaged))
     write(files[5], read(files[5])[:100])  # truncated
     encoders = encoders_of(models)
-    with pytest.warns(UserWarning, match="latent cache entry .* is damaged .*; encoding it again"):
+    prompt = cache_files(cache, "prompts")[0]
+    write(prompt, read(prompt)[:-3])
+    with pytest.warns(UserWarning, match="record store entry .* is damaged .*; encoding it again"):
         second, corrupt = data.prepare_records(entries, ["[filewords]"], SETTINGS, encoders, cache)
-    assert encoders.vae_calls == 2 and corrupt == 2
+    assert encoders.vae_calls == 2 and encoders.prompt_calls == 1 and corrupt == 3
     records_equal(first, second)
     assert read(files[3]) == good, "rewritten whole"
+
+
+def test_an_entry_damaged_during_training_is_never_trained_on(models, small_dataset, tmp_path):
+    cache = str(tmp_path / "cache")
+    records, _ = data.prepare_records(data.folder_entries(small_dataset), ["[filewords]"], SETTINGS,
+                                      encoders_of(models), cache)  # fmt: skip
+    samples = data.TrainingSamples(records, ["[filewords]"], SETTINGS)
+    path = records.store.path("latents", bytes(records.rows[2]["latents"]))
+    damaged = bytearray(read(path))
+    damaged[-1] ^= 1
+    write(path, bytes(damaged))
+    with pytest.raises(data.UsageError, match=r"record store entry .* was damaged during training .*; run again"):
+        samples.__getitems__([(0, 2)])
 
 
 def test_a_changed_image_or_setting_encodes_just_what_changed(models, small_dataset, tmp_path):
@@ -99,21 +122,22 @@ def test_a_changed_image_or_setting_encodes_just_what_changed(models, small_data
         encoders = encoders_of(models)
         data.prepare_records(data.folder_entries(str(folder)), ["[filewords]"], changed, encoders, cache)
         assert encoders.vae_calls == (8 if changed.resolution == 128 else 0)
-    other_vae = data.Encoders(models.vae, models.tokenizers, models.text_encoders, "cpu", torch.float32, vae_id="x")
+    other_vae = encoders_of(models, vae_id="x")
     data.prepare_records(data.folder_entries(str(folder)), ["[filewords]"], SETTINGS, other_vae, cache)
     assert other_vae.vae_calls == 8, "another VAE's latents are other entries"
 
 
-def test_dataloader_workers_give_the_same_batches(models, small_dataset):
+def test_dataloader_workers_give_the_same_batches(models, small_dataset, tmp_path):
     settings = data.DataSettings(name="n", resolution=64, random_flip=True, latent_sampling_method="random",
                                  shuffle_tags=True, tag_drop_out=0.3, use_weight=True, seed=2)  # fmt: skip
     template = ["a [filewords] by [name]", "[filewords], art"]
-    records, _ = data.prepare_records(data.folder_entries(small_dataset), template, settings, encoders_of(models))
+    records, _ = data.prepare_records(data.folder_entries(small_dataset), template, settings, encoders_of(models),
+                                      str(tmp_path / "store"))  # fmt: skip
     batches = {}
     for workers in (0, 2):
-        sampler = data.EpochBatchSampler([r.size for r in records], 3, seed=2)
+        sampler = data.EpochBatchSampler(records.sizes(), 3, seed=2, chunks=records.chunk_counts())
         loader = torch.utils.data.DataLoader(
-            data.TrainingSamples(records, template, settings, models.tokenizers),
+            data.TrainingSamples(records, template, settings),
             batch_sampler=sampler,
             collate_fn=data.collate,
             num_workers=workers,
@@ -124,10 +148,9 @@ def test_dataloader_workers_give_the_same_batches(models, small_dataset):
             batches[workers] += list(loader)
     assert len(batches[0]) == 2 * 3
     for a, b in zip(batches[0], batches[2]):
-        assert a["keys"] == b["keys"] and a["captions"] == b["captions"]
+        assert a["keys"] == b["keys"] and a["captions"] == b["captions"] and a["chunks"] == b["chunks"] == 1
         for key in ("latents", "weight", "time_ids"):
             assert torch.equal(a[key], b[key]), key
-        assert all(torch.equal(x, y) for x, y in zip(a["input_ids"], b["input_ids"]))
     assert batches[0][0]["captions"] != batches[0][3]["captions"], "tags reshuffled in the next epoch"
 
 
@@ -175,26 +198,36 @@ def test_file_hashes_are_cached_by_size_and_time(tmp_path, monkeypatch):
     assert cache[os.path.realpath(path)]["size"] == 1001
 
 
+def torchrun(processes, port, script, *argv):
+    """`script` under torchrun with `processes` processes on one core each (the same arithmetic in each process,
+    whatever their number: the thread count can change a convolution's rounding)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+               str(port), os.path.join(ROOT, script), *map(str, argv)]  # fmt: skip
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
 def test_two_processes_cache_the_same_latents_as_one(tiny_model_dir, small_dataset, tmp_path):
-    flags = ["--random_flip", "--save_every", 0, "--max_train_steps", 2, "--hypernetwork_name", "x"]
-    assert train(tiny_model_dir, small_dataset, tmp_path / "one", "--cache_dir", tmp_path / "cache1", *flags) == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
-               os.path.join(ROOT, "train_hypernetwork.py"), "--pretrained_model_name_or_path", tiny_model_dir,
-               "--train_data_dir", small_dataset, "--output_dir", str(tmp_path / "two"), "--resolution", "64",
-               "--cache_dir", str(tmp_path / "cache2"), "--preview_every", "0", "--checkpointing_steps", "0",
-               *map(str, flags)]  # fmt: skip
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    one, two = cache_files(tmp_path / "cache1"), cache_files(tmp_path / "cache2")
-    assert len(one) == 8 and [os.path.basename(f) for f in one] == [os.path.basename(f) for f in two]
-    assert all(read(a) == read(b) for a, b in zip(one, two)), "bit for bit"
+    flags = ["--random_flip", "--save_every", 0, "--max_train_steps", 2, "--hypernetwork_name", "x",
+             "--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", small_dataset, "--resolution", 64,
+             "--preview_every", 0, "--checkpointing_steps", 0]  # fmt: skip
+    for processes in (1, 2):
+        result = torchrun(processes, 29630 + processes, "train_hypernetwork.py", *flags, "--output_dir",
+                          tmp_path / f"out{processes}", "--cache_dir", tmp_path / f"cache{processes}")  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    for kind in ("latents", "prompts"):
+        one, two = cache_files(tmp_path / "cache1", kind), cache_files(tmp_path / "cache2", kind)
+        assert len(one) == 8 and [os.path.basename(f) for f in one] == [os.path.basename(f) for f in two]
+        assert all(read(a) == read(b) for a, b in zip(one, two)), "bit for bit"
+    (one,), (two,) = (os.listdir(tmp_path / f"cache{n}" / "index") for n in (1, 2))
+    assert one == two, "the same index"
 
 
-def test_texts_give_back_each_string():
+def test_mapped_texts_give_back_each_string(tmp_path):
     strings = ["", "a red fox", "", "ß, é, 狐", "tags, with, commas\nand a newline", ""]
-    texts = data.Texts(strings)
+    data.write_texts(str(tmp_path), "t", strings)
+    texts = data.read_texts(str(tmp_path), "t", "r")
     assert len(texts) == 6 and [texts[i] for i in range(6)] == strings
 
 
@@ -235,7 +268,7 @@ def test_a_streamed_dataset_gives_the_records_of_the_folder(models, varied_datas
     template = ["[filewords], [name]"]
     expected, _ = data.prepare_records(data.folder_entries(images), template, settings, encoders_of(models))
     entries = data.dataset_entries(parquet, streaming=True)
-    assert entries.streamed and not hasattr(entries, "__len__")
+    assert entries.streamed and not hasattr(entries, "__len__") and entries.shards == 1
     streamed, _ = data.prepare_records(entries, template, settings, encoders_of(models))
     assert len(streamed) == 40 and len({r.size for r in streamed}) == 3
     assert streamed[7].filewords == "thing 7, noise, é" and streamed[5].weight.shape == streamed[5].means.shape[1:]
@@ -278,43 +311,58 @@ def test_training_on_a_stream(tiny_model_dir, varied_dataset, tmp_path):
     assert settings["dataset_size"] == 40 and formats.load(out / "s.pt").step == 2
 
 
+def make_sharded_parquet(folder, images, shards=4):
+    """The varied dataset's rows in `shards` Parquet files: a stream of that many shards."""
+    import datasets
+
+    names = sorted(n for n in os.listdir(images) if n.endswith(".png"))
+    rows = {"image": [os.path.join(images, n) for n in names],
+            "text": [open(os.path.join(images, n[:-4] + ".txt")).read() for n in names]}  # fmt: skip
+    dataset = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    os.makedirs(folder)
+    for shard in range(shards):
+        dataset.shard(shards, shard, contiguous=True).to_parquet(os.path.join(folder, f"train-{shard}.parquet"))
+    return str(folder)
+
+
+def test_a_sharded_stream_is_keyed_by_shard_and_row(models, varied_dataset, tmp_path):
+    images, _ = varied_dataset
+    sharded = make_sharded_parquet(tmp_path / "sharded", images)
+    entries = data.dataset_entries(sharded, streaming=True)
+    assert entries.shards == 4
+    mine = [[(e.shard, e.row) for e in chunk] for chunk in entries.chunks(1, 2)]
+    assert {shard for chunk in mine for shard, _ in chunk} == {1, 3}, "process 1 of 2 reads shards 1 and 3 alone"
+    records, _ = data.prepare_records(entries, ["[filewords]"], data.DataSettings(**VARIED), encoders_of(models),
+                                      str(tmp_path / "store"))  # fmt: skip
+    assert len(records) == 40 and records.rows["shard"].tolist() == [s for s in range(4) for _ in range(10)]
+    assert records.rows["row"].tolist() == list(range(10)) * 4
+
+
 @pytest.mark.slow
-def test_two_processes_hold_the_records_of_one(models, tiny_model_dir, varied_dataset, tmp_path):
+def test_two_processes_hold_the_records_of_one(tiny_model_dir, varied_dataset, tmp_path):
     images, parquet = varied_dataset
-    settings = data.DataSettings(**VARIED)
-    expected, _ = data.prepare_records(data.folder_entries(images), ["[filewords], [name]"], settings,
-                                       encoders_of(models))  # fmt: skip
-    expected = records_as_dict(expected)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    sharded = make_sharded_parquet(tmp_path / "sharded", images)
     broken = tmp_path / "broken"
     shutil.copytree(images, broken)
     (broken / "020.png").write_bytes(b"not a png")  # in the second chunk: the second process's
-    for n, (source, extra) in enumerate([(images, []), (parquet, ["--streaming"]), (str(broken), [])]):
-        out = tmp_path / f"records{n}"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(29641 + n), os.path.join(ROOT, "tests", "records_worker.py"), tiny_model_dir, source, str(out),
-                   json.dumps(VARIED), *extra]  # fmt: skip
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    port = itertools.count(29641)
+    for n, (source, extra) in enumerate([(images, []), (parquet, ["--streaming"]), (sharded, ["--streaming"]),
+                                         (str(broken), [])]):  # fmt: skip
+        saved = {}
+        for processes in (1, 2) if source != str(broken) else (2,):
+            out = tmp_path / f"records{n}-{processes}"
+            result = torchrun(processes, next(port), "tests/records_worker.py", tiny_model_dir, source, out,
+                              json.dumps(VARIED), tmp_path / f"store{n}-{processes}", *extra)  # fmt: skip
+            if source == str(broken):
+                assert result.returncode != 0
+                assert result.stderr.count("error: ") == 2 and result.stderr.count("020.png: unreadable image") == 2
+                continue
+            assert result.returncode == 0, result.stderr[-3000:]
+            saved[processes] = [torch.load(f"{out}.{rank}") for rank in range(processes)]
         if source == str(broken):
-            assert result.returncode != 0
-            assert result.stderr.count("error: ") == 2 and result.stderr.count("020.png: unreadable image") == 2
             continue
-        assert result.returncode == 0, result.stderr[-3000:]
-        for rank in (0, 1):
-            saved = torch.load(f"{out}.{rank}")
-            assert_same_records(expected, (saved["tensors"], saved["fields"]))
-
-
-def test_records_merged_as_they_arrive_are_the_same(models, varied_dataset, monkeypatch):
-    images, _ = varied_dataset
-    settings = data.DataSettings(**VARIED)
-    separate, _ = data.prepare_records(data.folder_entries(images), ["[filewords]"], settings, encoders_of(models))
-    monkeypatch.setattr(data, "MERGE", 2)
-    merged, _ = data.prepare_records(data.folder_entries(images), ["[filewords]"], settings, encoders_of(models))
-    assert [len(s) for s in separate.stacks] == [16, 16, 8] and [len(s) for s in merged.stacks] == [32, 8]
-    assert len(merged.stacks[0].groups) == 3, "one group per latent shape"
-    assert merged.sizes() == separate.sizes() and merged.nbytes < separate.nbytes
-    records_equal(separate, merged)
-    with pytest.raises(IndexError):
-        merged[40]
-    assert merged[-1].filewords == separate[39].filewords
+        (one,) = saved[1]
+        assert len(one["fields"]) == 40
+        for two in saved[2]:
+            assert_same_records((one["tensors"], one["fields"]), (two["tensors"], two["fields"]))
+            assert os.path.basename(two["index"]) == os.path.basename(one["index"]), "the same index, bit for bit"

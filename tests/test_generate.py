@@ -192,3 +192,15 @@ def test_from_single_file_with_a_local_config_matches_the_folder(tiny_model_dir,
     assert np.array_equal(pixels(single), pixels(folder))
     info = Image.open(single).info["parameters"]
     assert f"Model hash: {hypernet.shorthash(checkpoint)}, Model: tiny," in info
+
+
+def test_a_long_prompt_with_emphasis_and_clip_skip_2(tiny_model_dir, tmp_path):
+    long = "a teal star, (bold outline:1.3), " + "stripes, " * 20 + "BREAK orange"
+    first = gen(tiny_model_dir, tmp_path / "a", "--prompt", long, "--negative_prompt", "blurry", "--clip_skip", "2")
+    info = Image.open(first[0]).info["parameters"]
+    assert info.startswith(long + "\nNegative prompt: blurry\nSteps: 4, ") and ", Clip skip: 2" in info
+    plain = gen(tiny_model_dir, tmp_path / "b", "--prompt", long, "--negative_prompt", "blurry")
+    assert "Clip skip" not in Image.open(plain[0]).info["parameters"], "the webui writes it only above 1"
+    assert not np.array_equal(pixels(first[0]), pixels(plain[0]))
+    cut = gen(tiny_model_dir, tmp_path / "c", "--prompt", long[:60], "--negative_prompt", "blurry")
+    assert not np.array_equal(pixels(cut[0]), pixels(plain[0])), "the tokens past 75 count"

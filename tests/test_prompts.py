@@ -194,3 +194,54 @@ def test_diffusers_encoding_equals_diffusers_pipelines(family, encoders, tmp_pat
                 states = text_encoders[0](ids.input_ids, output_hidden_states=True).hidden_states[-(skip + 1)]
                 theirs = text_encoders[0].final_layer_norm(states)  # what that code computes
         torch.testing.assert_close(ours, theirs)
+
+
+def family_pipeline(family, request):
+    from diffusers import DiffusionPipeline
+
+    folder = request.getfixturevalue(
+        {"sd1": "tiny_model_dir", "sd2": "sd2_model_dir", "sdxl": "sdxl_model_dir"}[family]
+    )
+    pipeline = DiffusionPipeline.from_pretrained(folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def pipeline_encoder(pipeline, **kwargs):
+    tokenizers = [t for t in (pipeline.tokenizer, getattr(pipeline, "tokenizer_2", None)) if t is not None]
+    encoders = [e for e in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)) if e is not None]
+    return PromptEncoder(tokenizers, encoders, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_plain_short_prompt_generates_what_the_pipeline_generates(family, request):
+    """Below 76 tokens and without emphasis, the webui's context is diffusers' own (SD 2.x and SDXL padding with '!'
+    after the end token, SDXL zeros for an empty negative prompt), so the images are the pipeline's."""
+    from hypernet.prompts import text_to_image
+
+    pipeline = family_pipeline(family, request)
+    encoder = pipeline_encoder(pipeline)
+    for negative in ("", "blurry, dark"):
+        common = dict(num_inference_steps=2, guidance_scale=5.0, width=64, height=64, output_type="np")
+        ours = text_to_image(pipeline, encoder, "a red circle", negative,
+                             generator=torch.Generator().manual_seed(1), **common)  # fmt: skip
+        theirs = pipeline(prompt="a red circle", negative_prompt=negative or None,
+                          generator=torch.Generator().manual_seed(1), **common).images  # fmt: skip
+        assert abs(ours - theirs).max() < 1e-5, (family, negative)
+
+
+def test_prompt_and_negative_of_different_lengths_are_each_attended_at_their_own(tiny_pipeline):
+    from hypernet.prompts import unpadded_cross_attention
+
+    unet = tiny_pipeline.unet
+    generator = torch.Generator().manual_seed(0)
+    short, long = torch.randn(1, 77, 96, generator=generator), torch.randn(1, 154, 96, generator=generator)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    padded = torch.cat([short, torch.randn(1, 77, 96, generator=generator)], dim=1)
+    with torch.no_grad():
+        apart = torch.cat([unet(latents[:1], 10, short).sample, unet(latents[1:], 10, long).sample])
+        with unpadded_cross_attention(unet, (77, 154), images=1):
+            together = unet(latents, 10, encoder_hidden_states=torch.cat([padded, long])).sample
+        unmasked = unet(latents, 10, encoder_hidden_states=torch.cat([padded, long])).sample
+    torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked[:1], apart[:1], atol=1e-3), "the hook is gone after the block"

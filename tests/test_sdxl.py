@@ -14,6 +14,7 @@ from test_train import assert_same_weights, read_csv
 
 import hypernet
 from hypernet import data, training
+from hypernet.prompts import PromptEncoder
 
 
 def test_a_full_sdxl_run_writes_every_file(sdxl_model_dir, small_dataset, tmp_path):
@@ -39,10 +40,12 @@ def test_sdxl_loss_on_a_fixed_batch_falls(sdxl_model_dir, small_dataset, tmp_pat
                  "--weight_init", "XavierNormal", "--center_crop", "--hypernetwork_name", "fit", steps=40) == 0  # fmt: skip
     models = training.load_models(sdxl_model_dir)
     settings = data.DataSettings(name="fit", resolution=64, center_crop=True)
-    encoders = data.Encoders(models.vae, models.tokenizers, models.text_encoders, "cpu", torch.float32)
-    records, _ = data.prepare_records(data.folder_entries(small_dataset), ["[filewords]"], settings, encoders)
-    samples = data.TrainingSamples(records, ["[filewords]"], settings, models.tokenizers)
-    batch = training.batch_to_device(samples.__getitems__([(0, i) for i in range(8)]), models, 0, 0.0, "cpu",
+    prompt_encoder = PromptEncoder(models.tokenizers, models.text_encoders)
+    encoders = data.Encoders(models.vae, prompt_encoder, "cpu", torch.float32)
+    records, _ = data.prepare_records(data.folder_entries(small_dataset), ["[filewords]"], settings, encoders,
+                                      str(tmp_path / "store"))  # fmt: skip
+    samples = data.TrainingSamples(records, ["[filewords]"], settings)
+    batch = training.batch_to_device(samples.__getitems__([(0, i) for i in range(8)]), models, prompt_encoder, 0, 0.0, "cpu",
                                      torch.float32)  # fmt: skip
     assert batch["encoder_hidden_states"].shape == (8, 77, 96)
     assert batch["added_cond_kwargs"]["text_embeds"].shape == (8, 64)
@@ -69,23 +72,24 @@ def test_sdxl_resume_is_bitwise_exact(sdxl_model_dir, small_dataset, tmp_path):
     assert read_csv(tmp_path / "full" / "loss.csv") == read_csv(tmp_path / "half" / "loss.csv")
 
 
-def test_time_ids_are_the_images_size_and_crop(tmp_path):
+def test_time_ids_are_the_images_size_and_crop(sdxl_model_dir, tmp_path):
     for name, size in (("wide.png", (160, 96)), ("tall.png", (64, 200))):
         Image.new("RGB", size, (90, 20, 200)).save(tmp_path / name)
     entries = data.folder_entries(str(tmp_path))
+    models = training.load_models(sdxl_model_dir)
 
     class FakeVAE(torch.nn.Module):
-        config = type("Config", (), {"scaling_factor": 1.0})
+        config = type("Config", (), {"scaling_factor": 1.0, "latent_channels": 4, "block_out_channels": [1] * 4})
 
         def encode(self, pixels):
             latent = torch.zeros(pixels.shape[0], 4, pixels.shape[2] // 8, pixels.shape[3] // 8)
             return type("Out", (), {"latent_dist": type("Dist", (), {"mean": latent, "std": latent + 1})})
 
-    encoders = data.Encoders(FakeVAE(), [], [], "cpu", torch.float32)
+    encoders = data.Encoders(FakeVAE(), PromptEncoder(models.tokenizers, models.text_encoders), "cpu", torch.float32)
     for settings in (data.DataSettings(name="n", resolution=64, random_flip=True, seed=1, shuffle_tags=True),
                      data.DataSettings(name="n", varsize=True, center_crop=True, shuffle_tags=True)):  # fmt: skip
-        records, _ = data.prepare_records(entries, ["x"], settings, encoders)
-        samples = data.TrainingSamples(records, ["x"], settings, [])
+        records, _ = data.prepare_records(entries, ["x"], settings, encoders, str(tmp_path / "store"))
+        samples = data.TrainingSamples(records, ["x"], settings)
         for index, (original, record) in enumerate(zip([(64, 200), (160, 96)], (records[0], records[1]))):
             width, height = record.size
             scale = max(width / original[0], height / original[1])

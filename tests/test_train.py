@@ -11,6 +11,7 @@ from PIL import Image
 
 import hypernet
 from hypernet import data, training
+from hypernet.prompts import PromptEncoder
 
 
 def read_csv(path):
@@ -106,10 +107,12 @@ def test_loss_on_a_fixed_batch_falls(tiny_model_dir, small_dataset, tmp_path):
                  "--weight_init", "XavierNormal", "--center_crop", steps=40) == 0  # fmt: skip
     models = training.load_models(tiny_model_dir)
     settings = data.DataSettings(name="fit", resolution=64, center_crop=True)
-    encoders = data.Encoders(models.vae, models.tokenizers, models.text_encoders, "cpu", torch.float32)
-    records, _ = data.prepare_records(data.folder_entries(small_dataset), ["[filewords]"], settings, encoders)
-    samples = data.TrainingSamples([records[i] for i in range(8)], ["[filewords]"], settings, models.tokenizers)
-    batch = training.batch_to_device(samples.__getitems__([(0, i) for i in range(8)]), models, 0, 0.0, "cpu",
+    prompt_encoder = PromptEncoder(models.tokenizers, models.text_encoders)
+    encoders = data.Encoders(models.vae, prompt_encoder, "cpu", torch.float32)
+    records, _ = data.prepare_records(data.folder_entries(small_dataset), ["[filewords]"], settings, encoders,
+                                      str(tmp_path / "store"))  # fmt: skip
+    samples = data.TrainingSamples(records, ["[filewords]"], settings)
+    batch = training.batch_to_device(samples.__getitems__([(0, i) for i in range(8)]), models, prompt_encoder, 0, 0.0, "cpu",
                                      torch.float32)  # fmt: skip
     unet, scheduler = models.unet, models.noise_scheduler
 
