@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from hypernet.formats import (
     write_failure,
 )
 from hypernet.images import Generation, save_png
-from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting
+from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting, release_free_memory
 from hypernet.module import TRAINABLE_ACTIVATIONS, WEIGHT_INITS
 from hypernet.training import (
     UNetWithHypernetwork,
@@ -1019,7 +1020,6 @@ def main(input_args=None):
 
     accelerator = make_accelerator(args, find_unused_parameters=bool(unused_widths))
     lock = claim_output_dir(args, resuming=checkpoint is not None) if accelerator.is_main_process else None
-    apply_retain_setting(args.retain_freed_memory, accelerator.device.type)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
@@ -1053,6 +1053,7 @@ def main(input_args=None):
         text_id=on_main_process(accelerator, text_weights_id, args) if stored else "",
         embedding_dtype=weight_dtype,
     )
+    started = time.perf_counter()
     try:
         records, damaged = data.prepare_records(entries, template, settings, encoders, args.cache_dir,
                                                 accelerator.state, accelerator.is_local_main_process, stored)  # fmt: skip
@@ -1060,12 +1061,16 @@ def main(input_args=None):
         if str(e) == "the dataset held no images":
             raise UsageError(f"--dataset_name {args.dataset_name}: the stream held no rows") from None
         raise
+    # What preparing the records freed goes back to the system; from here on, a step's freed memory is kept.
+    release_free_memory()
+    apply_retain_setting(args.retain_freed_memory, accelerator.device.type)
     counts = [encoders.vae_calls, encoders.prompt_calls]
     if accelerator.num_processes > 1:
         counts = [sum(c) for c in zip(*gather_object([counts]))]
     if stored:
         logger.info(f"record store {args.cache_dir or data.default_store_dir()}: encoded {counts[0]} images and "
-                    f"{counts[1]} prompts; the rest of the {len(records)} images' records were stored already")  # fmt: skip
+                    f"{counts[1]} prompts in {time.perf_counter() - started:.2f} s; the rest of the {len(records)} "
+                    "images' records were stored already")  # fmt: skip
     if damaged:
         logger.warning(f"{damaged} damaged entries of the record store were encoded again")
     initial_step = hn.step

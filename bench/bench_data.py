@@ -1,158 +1,276 @@
-"""Data pipeline at scale: latent caching with 1 and 2 processes, a second run with a warm --cache_dir, and peak
-memory as the dataset grows.
+"""The record store at scale: held memory as the dataset grows, with 1 and 2 processes on one node; a run under a
+memory limit below its records' size; caching with 1 and 2 processes and with a warm store; a training step's time
+from the store, from records held in memory, and encoding at every step.
 
-    python bench/bench_data.py --images 2000 --resolution 64
+    python bench/bench_data.py --images 2000 --large 16000 --resolution 64
 
-On a few thousand small generated images (the tiny model's VAE and text encoder, CPU, gloo), with hypernet.data's
-own sharded caching as train_hypernetwork.py runs it:
-  caching_seconds  {1, 2} processes encoding the whole dataset (torchrun, one core each; each process encodes its
-                   share, then the shares are exchanged)
-  warm_start       the same caching again with a warm --cache_dir (no VAE call) against a cold one
-  peak_rss_mib     peak resident memory of caching --images and 4x --images (--repeats runs each, 9 by default, a
-                   run of each size side by side on one core each; the ratio from the medians), the resident memory
-                   after caching, and the records' size: tensors, per-image arrays and captions (tensors_mib: the
-                   tensors alone); beyond_records_bytes_per_image: what memory grew by per added image besides its
-                   records
+On generated noise images with distinct captions (the tiny model's VAE and text encoder, CPU, gloo), running
+train_hypernetwork.py itself under torchrun, one core a process:
+  held_mib          the most memory the run's process tree (the launcher, the training processes, their DataLoader
+                    workers) held that cannot be paged out (RssAnon + RssShmem, polled every 0.1 s; a page a worker
+                    shares with its parent counts twice), for --images and --large images, with 1 and 2 processes;
+                    held_proportional_mib: the same with each shared page counted once (Pss_Anon + Pss_Shmem);
+                    store_mib: the size of the records it trained on (a caption of about 100 tokens an image)
+  memory_limit      the --large run again in a memory cgroup whose limit is below its records' size (where this
+                    machine lets root make one): whether it finished, the limit and the records' size
+  caching_seconds   encoding --images records with 1 and 2 processes, and again with a warm store (no VAE call)
+  step_ms           a training step (batch 4) with its batch read from the store, from the same records held in
+                    memory, and encoded at every step (--encode_on_the_fly), side by side in rounds (medians)
 Prints one JSON line.
 """
 
 import argparse
-import concurrent.futures
+import contextlib
 import json
 import os
-import resource
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
-from common import ROOT, machine, process_status
+from common import ROOT, machine
 from PIL import Image
+
+from hypernet.memory import held_memory
+
+TAGS = ("stripes", "dots", "outline", "teal", "orange", "grain", "blur", "glow", "flat", "ink", "wash", "chalk")
 
 
 def make_images(directory, count, resolution, seed=0):
-    """`count` small PNGs with captions, each different."""
+    """`count` noise PNGs, each with a caption of its own (so that each image has a text embedding of its own)."""
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(count):
         pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(os.path.join(directory, f"{i:05d}.png"), compress_level=1)
-        with open(os.path.join(directory, f"{i:05d}.txt"), "w") as f:
-            f.write(f"image {i}, noise, {'warm' if i % 2 else 'cold'}")
+        with open(os.path.join(directory, f"{i:05d}.txt"), "w") as f:  # about 100 tokens: a context of 2 chunks
+            f.write(f"image {i}, noise, {'warm' if i % 2 else 'cold'}, " + ", ".join(TAGS[(i + k) % len(TAGS)]
+                                                                                   for k in range(10)))  # fmt: skip
 
 
-def worker(args):
-    """Cache the dataset's latents as train_hypernetwork.py does, in this process's share; the main process prints
-    seconds, VAE calls, peak memory and the records' size."""
-    import torch
-    from accelerate import PartialState
-    from common import build
+def folder_mib(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 2**20
 
-    from hypernet import data
-    from hypernet.memory import retain_freed_memory
 
-    # In train_hypernetwork.py's order: the folder is scanned and every image checked before the model loads, and
-    # --retain_freed_memory (auto: on, on the CPU) applies from there on.
-    entries = data.folder_entries(args.data)
-    data.check_images(entries)
-    state = PartialState(cpu=True)
-    retain_freed_memory()
-    pipeline = build("tiny", "cpu", torch.float32)
-    encoders = data.Encoders(pipeline.vae, [pipeline.tokenizer], [pipeline.text_encoder], "cpu", torch.float32,
-                             vae_id="bench")  # fmt: skip
-    settings = data.DataSettings(name="bench", resolution=args.resolution, random_flip=True)
-    state.wait_for_everyone()
+def train_command(model, data, out, store, processes, port, steps, resolution, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+            str(port), os.path.join(ROOT, "train_hypernetwork.py"), "--pretrained_model_name_or_path", model,
+            "--train_data_dir", data, "--output_dir", out, "--cache_dir", store, "--resolution", str(resolution),
+            "--max_train_steps", str(steps), "--train_batch_size", "4", "--dataloader_num_workers", "1",
+            "--save_every", "0", "--checkpointing_steps", "0", "--preview_every", "0", *extra]  # fmt: skip
+
+
+def run_polled(command, cgroup=None):
+    """Run a command, polling its process tree's held memory; (peak held bytes, seconds, completed process)."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    if cgroup:  # the process enters the cgroup before it starts Python
+        command = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *command]
     start = time.perf_counter()
-    records, _ = data.prepare_records(entries, ["[filewords]"], settings, encoders, args.cache_dir, state)
-    state.wait_for_everyone()
-    seconds = time.perf_counter() - start
-    if state.is_main_process:
-        print(json.dumps({
-            "seconds": seconds,
-            "vae_calls": encoders.vae_calls,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_after_mib": process_status("VmRSS") / 2**20,
-            "records_mib": records.nbytes / 2**20,
-            "tensors_mib": sum(t.nbytes for s in records.stacks for t in s.tensors()) / 2**20,
-        }))  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, done = [0, 0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], held_memory(process.pid) or 0)
+            peak[1] = max(peak[1], held_memory(process.pid, proportional=True) or 0)
+            time.sleep(0.1)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    stdout, stderr = process.communicate()
+    done.set()
+    poller.join()
+    return peak, time.perf_counter() - start, subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def run_worker(data_dir, processes, resolution, cache_dir=None, port=29651):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-               str(port), os.path.abspath(__file__), "--worker", "--data", data_dir, "--resolution", str(resolution)]  # fmt: skip
-    if cache_dir:
-        command += ["--cache_dir", cache_dir]
-    # One core per process, as each process of a multi-GPU run has a GPU of its own: on this machine's 2 cores a
-    # single process would otherwise use both through torch's threads, and 2 processes would share them.
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise SystemExit(result.stderr[-3000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def encoding_report(stderr):
+    """(images encoded, prompts encoded, seconds) from the run's log line about its record store."""
+    found = re.findall(r"encoded (\d+) images and (\d+) prompts in ([\d.]+) s", stderr)
+    if not found:
+        raise SystemExit(f"no record store line in the run's log:\n{stderr[-3000:]}")
+    images, prompts, seconds = found[-1]
+    return int(images), int(prompts), float(seconds)
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit):
+    """A cgroup (v1 or v2) whose memory limit is `limit` bytes, or None where this machine does not allow one."""
+    path = None
+    for root, limit_file in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes"), ("/sys/fs/cgroup", "memory.max")):
+        candidate = os.path.join(root, f"hypernet-bench-{os.getpid()}")
+        try:
+            os.mkdir(candidate)
+        except OSError:
+            continue
+        try:
+            with open(os.path.join(candidate, limit_file), "w") as f:
+                f.write(str(limit))
+            path = candidate
+            break
+        except OSError:
+            os.rmdir(candidate)
+    try:
+        yield path
+    finally:
+        if path:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
+
+def step_times(args):
+    """Seconds per training step (median of rounds) with batches read from the store, from the same records held in
+    memory, and encoded at every step, in one process: each round runs every variant's steps in turn."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from hypernet import Hypernetwork, data, training
+    from hypernet.attachment import attention_widths_from_config
+    from hypernet.memory import retain_freed_memory
+    from hypernet.prompts import PromptEncoder
+
+    torch.set_num_threads(1)
+    retain_freed_memory()
+    models = training.load_models(args.model)
+    prompt_encoder = PromptEncoder(models.tokenizers, models.text_encoders)
+    encoders = data.Encoders(models.vae, prompt_encoder, "cpu", torch.float32, vae_id="bench", text_id="bench")
+    settings = data.DataSettings(name="bench", resolution=args.resolution)
+    entries = data.folder_entries(args.data)
+    stored, _ = data.prepare_records(entries, ["[filewords]"], settings, encoders, args.store)
+    unstored, _ = data.prepare_records(entries, ["[filewords]"], settings, encoders, args.store, encode_latents=False)
+    variants = {
+        "store": data.TrainingSamples(stored, ["[filewords]"], settings),
+        "memory": data.TrainingSamples(
+            data.Records(stored.store, stored.folder, in_memory=True), ["[filewords]"], settings
+        ),  # fmt: skip
+        "on_the_fly": data.TrainingSamples(unstored, ["[filewords]"], settings, entries),
+    }
+    set_seed(0)
+    hn = Hypernetwork(attention_widths_from_config(args.model)).train()
+    model = training.UNetWithHypernetwork(models.unet, hn)
+    optimizer, _ = training.make_optimizer(hn.parameters())
+    sampler = data.EpochBatchSampler(stored.sizes(), 4, 0, stored.chunk_counts())
+    batches = []
+    while len(batches) < (args.rounds + 1) * args.steps:
+        sampler.set_epoch(len(batches))
+        batches += sampler.batches()
+    times = {name: [] for name in variants}
+    position = 0
+    for round_ in range(args.rounds + 1):  # the first round warms up; each round starts at the next variant
+        names = list(variants)[round_ % len(variants) :] + list(variants)[: round_ % len(variants)]
+        for name, samples in ((n, variants[n]) for n in names):
+            start = time.perf_counter()
+            for keys in batches[position : position + args.steps]:
+                batch = training.batch_to_device(samples.__getitems__(keys), models, prompt_encoder, 0, 0.0, "cpu",
+                                                 torch.float32)  # fmt: skip
+                loss = training.diffusion_loss(model, models.noise_scheduler, batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            times[name].append((time.perf_counter() - start) / args.steps)
+        position += args.steps
+    print(json.dumps({name: statistics.median(t[1:]) * 1000 for name, t in times.items()}))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2000, help="Images in the dataset (4x for the memory check).")
+    parser.add_argument("--images", type=int, default=2000, help="Images of the small dataset.")
+    parser.add_argument("--large", type=int, default=16000, help="Images of the large dataset.")
     parser.add_argument("--resolution", type=int, default=64, help="Image side in pixels.")
-    parser.add_argument("--repeats", type=int, default=9, help="Runs of each size for the peak memory's median.")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--train_steps", type=int, default=50, help="Training steps of each memory run.")
+    parser.add_argument("--steps", type=int, default=20, help="Steps of each variant in a step-time round.")
+    parser.add_argument("--rounds", type=int, default=5, help="Step-time rounds after the warm-up round.")
+    parser.add_argument("--step_times", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--cache_dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        return worker(args)
+    if args.step_times:
+        return step_times(args)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        small, large = os.path.join(tmp, "small"), os.path.join(tmp, "large")
-        make_images(small, args.images, args.resolution)
-        make_images(large, 4 * args.images, args.resolution, seed=1)
-        one = run_worker(small, 1, args.resolution)
-        two = run_worker(small, 2, args.resolution)
-        cache = os.path.join(tmp, "cache")
-        cold = run_worker(small, 1, args.resolution, cache)
-        warm = run_worker(small, 1, args.resolution, cache)
-        # Peak memory moves by a few MiB from run to run (how much of a round's freed working memory is still
-        # resident when it peaks): the median of --repeats runs of each size, a small and a large run at a time.
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            runs = [pool.submit(run_worker, folder, 1, args.resolution, port=29700 + i)
-                    for i, folder in enumerate([small, large] * args.repeats)]  # fmt: skip
-            runs = [run.result() for run in runs]
-        smalls, larges = runs[0::2], runs[1::2]
-    median = lambda runs, key: statistics.median(run[key] for run in runs)  # noqa: E731
-    records_growth = larges[0]["records_mib"] - smalls[0]["records_mib"]
-    growth = lambda key: median(larges, key) - median(smalls, key)  # noqa: E731
-    beyond_records = lambda key: (growth(key) - records_growth) * 2**20 / (3 * args.images)  # noqa: E731
-    sizes = (str(args.images), str(4 * args.images))
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from make_tiny_model import make_tiny_model
+
+    tmp = tempfile.mkdtemp(prefix="hypernet-bench-data-")
+    try:
+        model = os.path.join(tmp, "model")
+        make_tiny_model(model, "tiny")
+        sizes = {"small": args.images, "large": args.large}
+        folders = {name: os.path.join(tmp, name) for name in sizes}
+        for name, count in sizes.items():
+            make_images(folders[name], count, args.resolution, seed=len(name))
+        port = iter(range(29700, 29800))
+        held, proportional, store_mib, caching = {}, {}, {}, {}
+        for name in ("small", "large"):
+            for processes in (1, 2):
+                store = os.path.join(tmp, f"store-{name}-{processes}")
+                command = train_command(model, folders[name], os.path.join(tmp, f"out-{name}-{processes}"), store,
+                                        processes, next(port), args.train_steps, args.resolution)  # fmt: skip
+                peak, _, result = run_polled(command)
+                if result.returncode:
+                    raise SystemExit(result.stderr[-3000:])
+                held[f"{sizes[name]}x{processes}"] = peak[0] / 2**20
+                proportional[f"{sizes[name]}x{processes}"] = peak[1] / 2**20
+                store_mib[str(sizes[name])] = folder_mib(store)
+                if name == "small":
+                    caching[str(processes)] = encoding_report(result.stderr)[2]
+        warm_command = train_command(model, folders["small"], os.path.join(tmp, "out-warm"),
+                                     os.path.join(tmp, "store-small-1"), 1, next(port), 1, args.resolution)  # fmt: skip
+        _, _, warm = run_polled(warm_command)
+        caching["warm"] = encoding_report(warm.stderr)[2]
+
+        # The limit: below the records' size, and a third above the memory the process needs besides them (its
+        # proportional share, so that the worker's pages shared with its parent count once, as a cgroup counts them).
+        records = store_mib[str(args.large)]
+        small_1 = held[f"{args.images}x1"]
+        limit = int(max(0.5 * records, 1.33 * proportional[f"{args.images}x1"]) * 2**20)
+        with memory_cgroup(limit) as cgroup:
+            if limit >= records * 2**20:
+                limited = {"skipped": f"the records ({records:.0f} MiB) are smaller than the process needs"}
+            elif cgroup:
+                command = train_command(model, folders["large"], os.path.join(tmp, "out-limited"),
+                                        os.path.join(tmp, "store-limited"), 1, next(port), args.train_steps,
+                                        args.resolution)  # fmt: skip
+                _, seconds, result = run_polled(command, cgroup)
+                limited = {"limit_mib": limit / 2**20, "records_mib": records, "finished": result.returncode == 0,
+                           "seconds": seconds}  # fmt: skip
+            else:
+                limited = {"skipped": "no memory cgroup can be made here"}
+
+        step = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--step_times", "--model", model, "--data", folders["small"],
+             "--store", os.path.join(tmp, "store-small-1"), "--resolution", str(args.resolution), "--steps",
+             str(args.steps), "--rounds", str(args.rounds)],
+            env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        )  # fmt: skip
+        if step.returncode:
+            raise SystemExit(step.stderr[-3000:])
+        step_ms = json.loads(step.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(
         json.dumps(
             {
                 "bench": "data",
                 "machine": machine(),
                 "images": args.images,
+                "large": args.large,
                 "resolution": args.resolution,
-                "caching_seconds": {"1": one["seconds"], "2": two["seconds"]},
-                "caching_2/1": two["seconds"] / one["seconds"],
-                "warm_start": {
-                    "cold_seconds": cold["seconds"],
-                    "warm_seconds": warm["seconds"],
-                    "cold_vae_calls": cold["vae_calls"],
-                    "warm_vae_calls": warm["vae_calls"],
-                },  # fmt: skip
-                "peak_rss_mib": dict(
-                    zip(sizes, ([run["peak_rss_mib"] for run in smalls], [run["peak_rss_mib"] for run in larges]))
-                ),  # fmt: skip
-                "rss_after_mib": dict(zip(sizes, (median(smalls, "rss_after_mib"), median(larges, "rss_after_mib")))),
-                "records_mib": dict(zip(sizes, (smalls[0]["records_mib"], larges[0]["records_mib"]))),
-                "tensors_mib": dict(zip(sizes, (smalls[0]["tensors_mib"], larges[0]["tensors_mib"]))),
-                "peak_rss_growth_over_records_growth": growth("peak_rss_mib") / records_growth,
-                "rss_after_growth_over_records_growth": growth("rss_after_mib") / records_growth,
-                "beyond_records_bytes_per_image": {
-                    "peak": beyond_records("peak_rss_mib"),
-                    "after": beyond_records("rss_after_mib"),
-                },  # fmt: skip
+                "held_mib": held,
+                "held_proportional_mib": proportional,
+                "store_mib": store_mib,
+                "held_growth_1_process_mib": held[f"{args.large}x1"] - small_1,
+                "held_2_processes_over_twice_1_mib": held[f"{args.large}x2"] - 2 * small_1,
+                "memory_limit": limited,
+                "caching_seconds": caching,
+                "warm_encoded": encoding_report(warm.stderr)[:2],
+                "step_ms": step_ms,
+                "store/memory": step_ms["store"] / step_ms["memory"],
+                "on_the_fly/store": step_ms["on_the_fly"] / step_ms["store"],
             }
         )
     )

@@ -54,16 +54,18 @@ def release_free_memory():
         return False
 
 
-def held_memory(pid=None):
+def held_memory(pid=None, proportional=False):
     """Bytes of memory a process and all its descendants (DataLoader workers) hold that the kernel cannot page out
-    to their files: RssAnon + RssShmem of each, from /proc. Memory-mapped files and the page cache are not in it.
-    None where /proc has no such fields (not Linux)."""
+    to their files: RssAnon + RssShmem of each, from /proc (a page a forked worker shares with its parent counts in
+    both). proportional: Pss_Anon + Pss_Shmem instead, each shared page counted once in all. Memory-mapped files and
+    the page cache are in neither. None where /proc has no such fields (not Linux)."""
     pids, total = [pid or os.getpid()], 0
+    source, keys = ("smaps_rollup", ("Pss_Anon", "Pss_Shmem")) if proportional else ("status", ("RssAnon", "RssShmem"))
     for current in pids:
         try:
-            with open(f"/proc/{current}/status") as f:
+            with open(f"/proc/{current}/{source}") as f:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
-            total += sum(int(fields[key].split()[0]) * 1024 for key in ("RssAnon", "RssShmem"))
+            total += sum(int(fields[key].split()[0]) * 1024 for key in keys)
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as f:
                     pids += [int(child) for child in f.read().split()]

@@ -58,14 +58,14 @@ def test_bench_generate_reports_merged_and_wrapped_hypernetworks_against_plain()
     assert flop_ratios["one_wrapped/plain"] > 1
 
 
-def test_bench_data_reports_sharded_caching_warm_starts_and_memory():
-    result = bench("bench_data.py", "--images", "24", "--resolution", "32", "--repeats", "1", model=())
-    assert set(result["caching_seconds"]) == {"1", "2"} and result["caching_2/1"] > 0
-    warm = result["warm_start"]
-    assert warm["cold_vae_calls"] == 24 and warm["warm_vae_calls"] == 0
-    assert result["tensors_mib"]["96"] == pytest.approx(4 * result["tensors_mib"]["24"])
-    assert result["tensors_mib"]["96"] < result["records_mib"]["96"] < 1.1 * result["tensors_mib"]["96"]
-    assert len(result["peak_rss_mib"]["96"]) == 1 and result["peak_rss_growth_over_records_growth"] > 0
+def test_bench_data_reports_held_memory_caching_and_step_times():
+    result = bench("bench_data.py", "--images", "24", "--large", "96", "--train_steps", "2", "--steps", "2",
+                   "--rounds", "1", model=())  # fmt: skip
+    assert set(result["held_mib"]) == {"24x1", "24x2", "96x1", "96x2"} and result["held_mib"]["24x2"] > 0
+    assert result["store_mib"]["96"] == pytest.approx(4 * result["store_mib"]["24"], rel=0.05)
+    assert result["warm_encoded"] == [0, 0] and set(result["caching_seconds"]) == {"1", "2", "warm"}
+    assert set(result["step_ms"]) == {"store", "memory", "on_the_fly"} and result["store/memory"] > 0
+    assert "skipped" in result["memory_limit"] or set(result["memory_limit"]) >= {"finished", "limit_mib"}
 
 
 PEAK = """
