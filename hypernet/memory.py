@@ -66,10 +66,24 @@ def held_memory(pid=None, proportional=False):
             with open(f"/proc/{current}/{source}") as f:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
             total += sum(int(fields[key].split()[0]) * 1024 for key in keys)
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as f:
-                    pids += [int(child) for child in f.read().split()]
         except (OSError, KeyError, ValueError):
             if current == pids[0]:
                 return None
+            continue  # a child that exited while we read
+        pids += _children(current)
     return total
+
+
+def _children(pid):
+    children = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for task in tasks:
+        try:  # a thread can end between the listing and the read
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(child) for child in f.read().split()]
+        except OSError:
+            pass
+    return children
