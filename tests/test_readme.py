@@ -108,7 +108,10 @@ def scaled_down(command):
     """The README's command on the tiny model: small sizes, few steps, `python` for `accelerate launch`."""
     command = command.replace("accelerate launch ", "python ")
     command = re.sub(r"--resolution \d+", "--resolution 64", command)
-    command = re.sub(r"--max_train_steps \d+", "--max_train_steps 3 --preview_every 0 --save_every 2", command)
+    few_steps = "--max_train_steps 3 --preview_every 0 --save_every 2"
+    command = re.sub(r"--max_train_steps \d+", few_steps, command)
+    if "train_hypernetwork.py" in command and "--max_train_steps" not in command:
+        command += " " + few_steps  # a command that trains to the schedule's end
     command = re.sub(r"--num_images \d+", "--num_images 2", command)
     if "generate.py" in command:
         command += " --num_inference_steps 2 --no_progress"
