@@ -27,6 +27,18 @@ def polygon(cx, cy, r, sides, rotation=0.0, inner=None):
     return points
 
 
+def draw_shape(draw, shape, cx, cy, r, **style):
+    """One of SHAPES centred at (cx, cy) with radius r; style is ImageDraw's fill, outline and width."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], **style)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], **style)
+    else:
+        sides, rotation, inner = {"triangle": (3, -math.pi / 2, None), "diamond": (4, 0, None),
+                                  "star": (5, -math.pi / 2, r * 0.45), "hexagon": (6, 0, None)}[shape]  # fmt: skip
+        draw.polygon(polygon(cx, cy, r, sides, rotation, inner), **style)
+
+
 def draw_image(shape, place, size, rng):
     image = Image.new("RGB", (size, size), CREAM)
     draw = ImageDraw.Draw(image)
@@ -46,15 +58,7 @@ def draw_image(shape, place, size, rng):
     cx += rng.uniform(-4, 4)
     cy += rng.uniform(-4, 4)
     fill = ORANGE if rng.random() < 0.5 else TEAL
-    style = dict(fill=fill, outline=INK, width=max(4, size // 24))
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], **style)
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], **style)
-    else:
-        sides, rotation, inner = {"triangle": (3, -math.pi / 2, None), "diamond": (4, 0, None),
-                                  "star": (5, -math.pi / 2, r * 0.45), "hexagon": (6, 0, None)}[shape]  # fmt: skip
-        draw.polygon(polygon(cx, cy, r, sides, rotation, inner), **style)
+    draw_shape(draw, shape, cx, cy, r, fill=fill, outline=INK, width=max(4, size // 24))
     return image, "orange" if fill == ORANGE else "teal"
 
 

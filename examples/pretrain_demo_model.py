@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from make_style_dataset import PLACES, SHAPES, polygon
+from make_style_dataset import PLACES, SHAPES, draw_shape
 from make_tiny_model import bytes_to_unicode
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -54,17 +54,6 @@ IMAGE_SIZE = 64
 def caption_of(shape, colour, place, rng):
     article = "an" if colour[0] in "aeiou" else "a"
     return f"{rng.choice(FRAMINGS)}{article} {colour} {shape} {place}"
-
-
-def draw_shape(draw, shape, cx, cy, r, **style):
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], **style)
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], **style)
-    else:
-        sides, rotation, inner = {"triangle": (3, -math.pi / 2, None), "diamond": (4, 0, None),
-                                  "star": (5, -math.pi / 2, r * 0.45), "hexagon": (6, 0, None)}[shape]  # fmt: skip
-        draw.polygon(polygon(cx, cy, r, sides, rotation, inner), **style)
 
 
 def draw_scene(shape, colour, place, rng):
