@@ -217,7 +217,7 @@ def encode_scenes(vae, subjects, rng):
     return torch.cat(latents)
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, captions, args, rng, log):
+def train_unet(unet, text_encoder, tokenizer, latents, captions, args, log):
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
@@ -310,7 +310,7 @@ def main(argv=None):
     latents = latents * vae.config.scaling_factor
     log(f"encoded {len(latents)} pictures; latent scaling factor {vae.config.scaling_factor}")
 
-    train_unet(unet, text_encoder, tokenizer, latents, captions, args, rng, log)
+    train_unet(unet, text_encoder, tokenizer, latents, captions, args, log)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")  # fmt: skip
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
