@@ -51,9 +51,12 @@ EXTRA_WORDS = (
 IMAGE_SIZE = 64
 
 
+def subject_text(shape, colour, place):
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} {place}"
+
+
 def caption_of(shape, colour, place, rng):
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"{rng.choice(FRAMINGS)}{article} {colour} {shape} {place}"
+    return rng.choice(FRAMINGS) + subject_text(shape, colour, place)
 
 
 def draw_scene(shape, colour, place, rng):
@@ -257,7 +260,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, args, log):
 
 
 def write_samples(pipeline, path, seed=0):
-    prompts = [f"a {colour} {shape} {place}" for colour, shape, place in
+    prompts = [subject_text(shape, colour, place) for colour, shape, place in
                [("red", "circle", "in the middle"), ("blue", "square", "on the left"), ("yellow", "star", "large"),
                 ("green", "triangle", "at the top"), ("purple", "hexagon", "on the right"),
                 ("pink", "diamond", "at the bottom"), ("teal", "star", "in the middle"),
