@@ -42,16 +42,19 @@ def bytes_to_unicode():
     return dict(zip(printable, map(chr, codes)))
 
 
-def write_tokenizer_files(directory, pad_token="<|endoftext|>"):
-    """A character-level CLIP BPE vocabulary (no merges): every byte, alone and word-final, plus the specials.
-    OpenCLIP encoders (SD 2.x, SDXL's second) pad with '!', as in diffusers' folders of the real models."""
+def write_tokenizer_files(directory, pad_token="<|endoftext|>", merges=()):
+    """A CLIP BPE vocabulary: every byte, alone and word-final, the tokens `merges` (pairs of symbols, in the order
+    BPE applies them) make, and the specials. Without merges it is character-level. OpenCLIP encoders (SD 2.x,
+    SDXL's second) pad with '!', as in diffusers' folders of the real models."""
     os.makedirs(directory, exist_ok=True)
     chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = chars + [c + "</w>" for c in chars]
+    tokens += [a + b for a, b in merges if a + b not in tokens]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
     with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump({token: i for i, token in enumerate(tokens)}, f, ensure_ascii=False)
     with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return CLIPTokenizer(
         os.path.join(directory, "vocab.json"),
         os.path.join(directory, "merges.txt"),

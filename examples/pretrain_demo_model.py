@@ -16,7 +16,6 @@ to characters, as the tiny models' tokenizer does for everything.
 """
 
 import argparse
-import json
 import math
 import os
 import random
@@ -28,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from make_style_dataset import PLACES, SHAPES, draw_shape
-from make_tiny_model import bytes_to_unicode
+from make_tiny_model import write_tokenizer_files
 from PIL import Image, ImageDraw
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 COLOURS = {
     "red": (210, 40, 40),
@@ -124,21 +123,9 @@ def learn_merges(words):
 
 
 def write_word_tokenizer(directory, text):
-    """CLIP's byte-level BPE: every byte alone and word-final, each word of `text` one token, and the specials."""
-    os.makedirs(directory, exist_ok=True)
+    """CLIP's byte-level BPE with merges that make each word of `text` one token."""
     words = sorted(set(re.findall(r"[a-z]+", text.lower())))
-    merges = learn_merges([w for w in words if len(w) > 1])
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars]
-    tokens += [a + b for a, b in merges if a + b not in tokens]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({token: i for i, token in enumerate(tokens)}, f, ensure_ascii=False)
-    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tokenizer = CLIPTokenizer(
-        os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=77
-    )
+    tokenizer = write_tokenizer_files(directory, merges=learn_merges([w for w in words if len(w) > 1]))
     for word in words:
         assert len(tokenizer.tokenize(word)) == 1, f"{word!r} is not one token: {tokenizer.tokenize(word)}"
     return tokenizer
