@@ -230,6 +230,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, args, log):
         drop = torch.rand(args.batch_size, generator=generator) < args.caption_dropout
         batch_ids[drop] = empty
         noise = torch.randn(latents[index].shape, generator=generator)
+        noise = noise + args.noise_offset * torch.randn((*noise.shape[:2], 1, 1), generator=generator)
         timesteps = torch.randint(0, 1000, (args.batch_size,), generator=generator)
         noisy = scheduler.add_noise(latents[index], noise, timesteps)
         context = text_encoder(batch_ids).last_hidden_state
@@ -268,11 +269,19 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True, help="Folder to write the diffusers pipeline to.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for the pictures, the weights and the noise.")
     parser.add_argument("--num_images", type=int, default=20000, help="How many captioned pictures to draw.")
-    parser.add_argument("--vae_steps", type=int, default=800, help="Training steps of the VAE (batch 16).")
+    parser.add_argument("--vae_steps", type=int, default=2400, help="Training steps of the VAE (batch 16).")
     parser.add_argument("--vae_learning_rate", type=float, default=1e-3, help="Peak learning rate of the VAE.")
-    parser.add_argument("--steps", type=int, default=2200, help="Training steps of the UNet and text encoder.")
+    parser.add_argument("--steps", type=int, default=2600, help="Training steps of the UNet and text encoder.")
     parser.add_argument("--batch_size", type=int, default=32, help="Batch size of the UNet's training.")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate of the UNet.")
+    parser.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.1,
+        help="Noise offset (a random constant per sample and channel, times this, added to the noise). Without it a "
+        "16x16 latent keeps its mean colour through the last timestep, and the model takes colour from the noise "
+        "instead of the prompt.",
+    )
     parser.add_argument(
         "--caption_dropout", type=float, default=0.1, help="Share of empty captions, for classifier-free guidance."
     )

@@ -1,0 +1,79 @@
+"""The pretrained demo model in examples/demo-sd: it loads with from_pretrained, follows its prompts' colours, and
+its script gives the same files for the same seed."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT
+
+DEMO = os.path.join(ROOT, "examples", "demo-sd")
+COLOURS = {  # examples/pretrain_demo_model.py
+    "red": (210, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 210),
+    "yellow": (235, 205, 30),
+    "purple": (130, 50, 170),
+    "pink": (240, 120, 170),
+    "orange": (236, 112, 20),
+    "teal": (0, 128, 128),
+}
+GRAY = (128, 128, 128)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(DEMO, safety_checker=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def nearest_colour_counts(image):
+    """How many pixels lie nearest to each of COLOURS, among the pixels not nearest to the gray background."""
+    names = list(COLOURS) + ["gray"]
+    palette = np.array(list(COLOURS.values()) + [GRAY], dtype=np.float32)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 1, 3)
+    nearest = np.sqrt(((pixels - palette[None]) ** 2).sum(-1)).argmin(1)
+    return {name: int((nearest == i).sum()) for i, name in enumerate(names) if name != "gray"}
+
+
+def test_the_demo_model_is_the_sd1_layout_in_safetensors(demo):
+    assert type(demo.unet).__name__ == "UNet2DConditionModel" and demo.unet.config.cross_attention_dim == 64
+    assert type(demo.vae).__name__ == "AutoencoderKL" and type(demo.text_encoder).__name__ == "CLIPTextModel"
+    for part in ("unet", "vae", "text_encoder"):
+        assert os.path.isfile(os.path.join(DEMO, part, "model.safetensors" if part == "text_encoder" else
+                                           "diffusion_pytorch_model.safetensors"))  # fmt: skip
+    assert demo.unet.dtype == torch.float32
+
+
+@pytest.mark.parametrize("colour", list(COLOURS))
+def test_the_demo_model_draws_the_colour_its_prompt_names(demo, colour):
+    article = "an" if colour[0] in "aeiou" else "a"
+    for seed in (0, 1):
+        generator = torch.Generator().manual_seed(seed)
+        (image,) = demo(f"{article} {colour} circle in the middle", num_inference_steps=20, generator=generator,
+                        height=64, width=64).images  # fmt: skip
+        counts = nearest_colour_counts(image)
+        assert max(counts, key=counts.get) == colour, (seed, counts)
+        assert counts[colour] >= 0.08 * 64 * 64, (seed, counts)
+
+
+@pytest.mark.slow
+def test_the_pretraining_script_gives_the_same_files_for_the_same_seed(tmp_path):
+    digests = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        result = subprocess.run([sys.executable, "examples/pretrain_demo_model.py", "--output_dir", str(out),
+                                 "--num_images", "64", "--vae_steps", "2", "--steps", "2", "--batch_size", "4"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        assert "unet/diffusion_pytorch_model.safetensors" in files and "samples.png" in files
+        digests.append({f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files})
+    assert digests[0] == digests[1]
