@@ -1,0 +1,183 @@
+"""A before/after grid of generate.py's images, and how close each strength comes to the style.
+
+    python examples/before_after.py quickstart/strength-0 quickstart/strength-1 \\
+        --train_data_dir examples/style_dataset --output quickstart/before-after.png
+
+Reads the PNGs in the folders given, pairs them by the prompt and seed in their infotext, and draws one row per
+prompt: its seeds at the first strength, then the same seeds at the next. A prompt counts as "in the captions"
+where a training caption starts with its first clause (the text before its first comma). The style measure is
+the share of an image's pixels in the style's palette (hypernet.evaluation.palette_share; by default the palette
+of examples/make_style_dataset.py). Writes the grid, and beside it a .json file with every image's measure and
+the means per strength, and prints the means.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+from make_style_dataset import CREAM, INK, ORANGE, TEAL
+from PIL import Image, ImageDraw
+
+from hypernet.evaluation import PALETTE_TOLERANCE, palette_share
+from hypernet.formats import atomic_write
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def fail(message):
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
+def hex_colour(rgb):
+    return "".join(f"{c:02x}" for c in rgb)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", help="Folders of generate.py's PNGs (one per strength, or mixed).")
+    parser.add_argument("--train_data_dir", required=True, help="The training images and their .txt captions.")
+    parser.add_argument("--output", required=True, help="The grid's PNG path; the measures go beside it as .json.")
+    parser.add_argument(
+        "--palette",
+        default=",".join(map(hex_colour, (CREAM, INK, ORANGE, TEAL))),
+        help="The style's colours as comma-separated hex RGB (default: the style dataset's cream, ink, orange, teal).",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=PALETTE_TOLERANCE, help="RGB distance within which a pixel is a colour."
+    )
+    return parser.parse_args(argv)
+
+
+def parse_palette(text):
+    try:
+        return [tuple(int(h[i : i + 2], 16) for i in (0, 2, 4)) for h in text.split(",") if len(h.strip()) == 6]
+    except ValueError:
+        return []
+
+
+def generated(folder):
+    """(prompt, seed, strength, image) of each PNG in `folder` that carries generate.py's infotext."""
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".png") or name == "grid.png":
+            continue
+        image = Image.open(os.path.join(folder, name))
+        text = image.info.get("parameters", "")
+        seed = re.search(r"(?:^|, )Seed: (\d+)", text)
+        if not seed:
+            continue
+        strength = re.search(r"(?:^|, )Hypernet strength: ([-\d.e]+)(?:,|$)", text, re.M)
+        image.load()
+        yield text.split("\n", 1)[0], int(seed.group(1)), float(strength.group(1)) if strength else 0.0, image
+
+
+def training_set(folder, size):
+    captions, images = [], []
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in IMAGE_EXTENSIONS:
+            images.append(Image.open(os.path.join(folder, name)).convert("RGB").resize(size, Image.LANCZOS))
+            caption_path = os.path.join(folder, stem + ".txt")
+            if os.path.isfile(caption_path):
+                with open(caption_path, encoding="utf-8") as f:
+                    captions.append(f.read().strip())
+    return captions, images
+
+
+def in_captions(prompt, captions):
+    subject = prompt.split(",", 1)[0].strip()
+    return any(caption.startswith(subject) for caption in captions)
+
+
+def draw_grid(rows, strengths, captions):
+    """Rows of (prompt, {(strength, seed): image}): the row's seeds at each strength in turn, each image shown at 2x
+    where it is small."""
+    first = next(iter(rows[0][1].values()))
+    scale = 2 if first.width <= 128 else 1
+    cell, gap, label = first.width * scale, 8, 260
+    columns = max(len({seed for _, seed in images}) for _, images in rows)
+    width = label + len(strengths) * (columns * cell + gap)
+    grid = Image.new("RGB", (width, 20 + len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for s, strength in enumerate(strengths):
+        draw.text((label + s * (columns * cell + gap) + 4, 4), f"strength {strength:g}", fill="black")
+    for r, (prompt, images) in enumerate(rows):
+        top = 20 + r * cell
+        where = "in the captions" if in_captions(prompt, captions) else "not in the captions"
+        draw.text((4, top + cell // 2 - 12), prompt.split(",", 1)[0], fill="black")
+        draw.text((4, top + cell // 2 + 2), f"({where})", fill="gray")
+        seeds = sorted({seed for _, seed in images})
+        for s, strength in enumerate(strengths):
+            for c, seed in enumerate(seeds):
+                image = images.get((strength, seed))
+                if image is not None:
+                    left = label + s * (columns * cell + gap) + c * cell
+                    grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (left, top))
+    return grid
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    palette = parse_palette(args.palette)
+    if not palette:
+        fail(f"--palette {args.palette!r}: give colours as comma-separated 6-digit hex RGB, e.g. f6e8c8,101010")
+    for folder in args.folders + [args.train_data_dir]:
+        if not os.path.isdir(folder):
+            fail(f"{folder}: not a folder; give generate.py's --output_dir folders and the training images")
+
+    by_prompt = defaultdict(dict)
+    for folder in args.folders:
+        for prompt, seed, strength, image in generated(folder):
+            by_prompt[prompt][strength, seed] = image
+    if not by_prompt:
+        fail(f"{', '.join(args.folders)}: no PNGs with generate.py's infotext (Seed: ...) in them")
+    strengths = sorted({strength for images in by_prompt.values() for strength, _ in images})
+    size = next(iter(next(iter(by_prompt.values())).values())).size
+    captions, training_images = training_set(args.train_data_dir, size)
+
+    records = []
+    for prompt, images in by_prompt.items():
+        for (strength, seed), image in sorted(images.items()):
+            records.append(dict(prompt=prompt, seed=seed, strength=strength, in_captions=in_captions(prompt, captions),
+                                style=palette_share(image, palette, args.tolerance)))  # fmt: skip
+    means = {}
+    for group, wanted in (("in_captions", True), ("not_in_captions", False)):
+        for strength in strengths:
+            values = [r["style"] for r in records if r["in_captions"] == wanted and r["strength"] == strength]
+            if values:
+                means.setdefault(group, {})[f"{strength:g}"] = sum(values) / len(values)
+    training = [palette_share(image, palette, args.tolerance) for image in training_images]
+    report = dict(
+        measure="share of pixels within `tolerance` (RGB distance) of a `palette` colour",
+        palette=[hex_colour(colour) for colour in palette],
+        tolerance=args.tolerance,
+        training_images=sum(training) / len(training) if training else None,
+        means=means,
+        images=records,
+    )
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with atomic_write(args.output) as tmp:
+        draw_grid(list(by_prompt.items()), strengths, captions).save(tmp, format="PNG")
+    with atomic_write(os.path.splitext(args.output)[0] + ".json") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+
+    print(f"style = share of pixels in the palette {', '.join(report['palette'])} (within {args.tolerance:g}):")
+    if training:
+        print(f"  the {len(training)} training images:{'':21}{report['training_images']:.2f}")
+    for group, label in (
+        ("in_captions", "prompts in the training captions:"),
+        ("not_in_captions", "prompts not in the captions:"),
+    ):
+        if group in means:
+            print(f"  {label:<36}" + "   ".join(f"strength {s}: {v:.2f}" for s, v in means[group].items()))
+    print(f"wrote {args.output} and {os.path.splitext(args.output)[0]}.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()
