@@ -68,6 +68,18 @@ def test_bench_data_reports_held_memory_caching_and_step_times():
     assert "skipped" in result["memory_limit"] or set(result["memory_limit"]) >= {"finished", "limit_mib"}
 
 
+def test_bench_style_measures_every_variant_at_every_step_count_for_both_prompt_groups():
+    result = bench("bench_style.py", "--at", "0,2", "--seeds", "1", "--only", "relu,lora", model=())
+    assert set(result["style"]) == {"relu", "lora"}
+    for variant in result["style"].values():
+        assert set(variant) == {"0", "2"}
+        for measured in variant.values():
+            assert set(measured) == {"in_captions", "not_in_captions"}
+            assert all(0 <= share <= 1 for share in measured.values())
+    assert result["style"]["lora"]["0"] == result["base_style"], "LoRA starts at B = 0: the base model's images"
+    assert result["trainable_parameters"]["relu"] > result["trainable_parameters"]["lora"] > 0
+
+
 PEAK = """
 import json, sys, torch
 from common import PeakMemory
