@@ -285,7 +285,10 @@ def test_ctrl_c_saves_and_a_second_one_quits_at_once(tiny_model_dir, small_datas
     wait_until_training(process)
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
-    time.sleep(0.2)
+    # The second Ctrl-C goes as soon as the run says it is stopping: still within its step or its save, however
+    # fast this machine finishes them.
+    while "press Ctrl-C again" not in process.stderr.readline():
+        assert process.poll() is None, "the run ended before it acknowledged the first Ctrl-C"
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=30)
     assert process.returncode != 0
