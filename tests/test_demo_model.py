@@ -10,19 +10,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import ROOT
+from pretrain_demo_model import BACKGROUND, COLOURS, subject_text
 
 DEMO = os.path.join(ROOT, "examples", "demo-sd")
-COLOURS = {  # examples/pretrain_demo_model.py
-    "red": (210, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 70, 210),
-    "yellow": (235, 205, 30),
-    "purple": (130, 50, 170),
-    "pink": (240, 120, 170),
-    "orange": (236, 112, 20),
-    "teal": (0, 128, 128),
-}
-GRAY = (128, 128, 128)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +27,7 @@ def demo():
 def nearest_colour_counts(image):
     """How many pixels lie nearest to each of COLOURS, among the pixels not nearest to the gray background."""
     names = list(COLOURS) + ["gray"]
-    palette = np.array(list(COLOURS.values()) + [GRAY], dtype=np.float32)
+    palette = np.array(list(COLOURS.values()) + [BACKGROUND], dtype=np.float32)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 1, 3)
     nearest = np.sqrt(((pixels - palette[None]) ** 2).sum(-1)).argmin(1)
     return {name: int((nearest == i).sum()) for i, name in enumerate(names) if name != "gray"}
@@ -54,10 +44,9 @@ def test_the_demo_model_is_the_sd1_layout_in_safetensors(demo):
 
 @pytest.mark.parametrize("colour", list(COLOURS))
 def test_the_demo_model_draws_the_colour_its_prompt_names(demo, colour):
-    article = "an" if colour[0] in "aeiou" else "a"
     for seed in (0, 1):
         generator = torch.Generator().manual_seed(seed)
-        (image,) = demo(f"{article} {colour} circle in the middle", num_inference_steps=20, generator=generator,
+        (image,) = demo(subject_text("circle", colour, "in the middle"), num_inference_steps=20, generator=generator,
                         height=64, width=64).images  # fmt: skip
         counts = nearest_colour_counts(image)
         assert max(counts, key=counts.get) == colour, (seed, counts)
