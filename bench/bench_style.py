@@ -5,10 +5,11 @@
 Every variant trains on the same batches in one run: the 24 images of examples/style_dataset at 64x64 through
 examples/demo-sd's VAE, each with a caption from examples/templates/style_filewords.txt (name "quick-style"),
 batch 4, the same noise and timesteps, AdamW (weight decay 0.01), diffusion_loss of hypernet.training. At each step
-count in --at, each variant generates the quickstart's prompts (examples/quickstart_prompts.txt) with --seeds seeds,
+count in --at, each variant generates the prompts of examples/quickstart_prompts.txt (two whose subject a training
+caption names, two with a colour and place none names) with --seeds seeds,
 20 DDIM steps, CFG 7, as generate.py does, and its style is the mean share of pixels in the style's palette
 (hypernet.evaluation.palette_share), for the prompts in and not in the training captions. Variants:
-  linear    the webui's default hypernetwork: layer structure 1,2,1, linear, learning rate "2e-3:200, 1e-3"
+  linear    the webui's default hypernetwork: layer structure 1,2,1, linear, --learning_rate (the quickstart's)
   relu      the quickstart's: 1,2,1 with relu, the same rate
   lora      peft LoRA rank 4 (alpha 4) on to_q/to_k/to_v/to_out.0, as diffusers' LoRA script trains; the same rate
   lora_1e-4 the same LoRA at diffusers' default learning rate 1e-4
