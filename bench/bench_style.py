@@ -118,11 +118,13 @@ def batches(mean, std, embeddings, batch_size, seed):
 
 
 def style_of(pipeline, unet, encoder, prompts, seeds, subjects, grid_path=None):
+    from before_after import in_captions  # examples/ is on the path once common is imported
+
     pipeline.unet = unet
     shares = {"in_captions": [], "not_in_captions": []}
     images = []
     for p, prompt in enumerate(prompts):
-        group = "in_captions" if any(s.startswith(prompt.split(",")[0]) for s in subjects) else "not_in_captions"
+        group = "in_captions" if in_captions(prompt, subjects) else "not_in_captions"
         for s in range(seeds):
             generation = Generation(prompt=prompt, steps=20, cfg_scale=7.0, seed=p * seeds + s, width=64, height=64)
             with torch.no_grad():

@@ -21,10 +21,9 @@ from collections import defaultdict
 from make_style_dataset import CREAM, INK, ORANGE, TEAL
 from PIL import Image, ImageDraw
 
+from hypernet.data import IMAGE_EXTENSIONS, read_caption
 from hypernet.evaluation import PALETTE_TOLERANCE, palette_share
 from hypernet.formats import atomic_write
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def fail(message):
@@ -82,8 +81,7 @@ def training_set(folder, size):
             images.append(Image.open(os.path.join(folder, name)).convert("RGB").resize(size, Image.LANCZOS))
             caption_path = os.path.join(folder, stem + ".txt")
             if os.path.isfile(caption_path):
-                with open(caption_path, encoding="utf-8") as f:
-                    captions.append(f.read().strip())
+                captions.append(read_caption(caption_path))
     return captions, images
 
 
