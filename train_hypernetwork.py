@@ -37,6 +37,7 @@ from hypernet import data
 from hypernet.attachment import attention_widths_from_config, check_widths
 from hypernet.errors import HypernetError, UsageError, run_script
 from hypernet.formats import (
+    OPTIM_SUFFIX,
     atomic_write,
     base_model_hash,
     cached_sha256,
@@ -55,6 +56,7 @@ from hypernet.training import (
     make_lr_scheduler,
     make_optimizer,
     optimizer_class,
+    optimizer_state_problem,
     parse_schedule,
     rate_at,
     resume_optimizer_state,
@@ -1083,8 +1085,13 @@ def main(input_args=None):
                                                (args.adam_beta1, args.adam_beta2), args.adam_weight_decay,
                                                args.adam_epsilon)  # fmt: skip
     if hn.optimizer_state_dict is not None and hn.optimizer_name == optimizer_name:
-        resume_optimizer_state(optimizer, hn.optimizer_state_dict)
-        logger.info(f"continuing the optimizer state of {args.resume_hypernetwork}")
+        problem = optimizer_state_problem(hn.optimizer_state_dict, optimizer, optimizer_name)
+        if problem:
+            logger.warning(f"ignoring optimizer state: {args.resume_hypernetwork}{OPTIM_SUFFIX}: {problem}; training "
+                           "starts a fresh optimizer state")  # fmt: skip
+        else:
+            resume_optimizer_state(optimizer, hn.optimizer_state_dict)
+            logger.info(f"continuing the optimizer state of {args.resume_hypernetwork}")
     hn.optimizer_state_dict = None
     lr_scheduler = make_lr_scheduler(optimizer, args.lr_schedule, args.lr_scheduler, args.lr_warmup_steps,
                                      initial_step, args.max_train_steps)  # fmt: skip

@@ -343,9 +343,19 @@ def check_images(entries):
 def image_header(source, label):
     """(width, height) of an image as decoded (EXIF rotations applied), from its header alone: `source` is the
     image's bytes or its file's path."""
+    if not isinstance(source, bytes):
+        try:
+            with open(source, "rb") as f:
+                empty = not f.read(1)
+        except FileNotFoundError:
+            raise UsageError(f"{label}: no such file") from None
+        except OSError as e:
+            raise UsageError(f"{label}: cannot be read ({e.strerror or e})") from None
+    else:
+        empty = not source
+    if empty:
+        raise UsageError(f"{label}: empty file (0 bytes); remove it or replace it with the real image")
     try:
-        if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
-            raise UsageError(f"{label}: empty file (0 bytes); remove it or replace it with the real image")
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             width, height = image.size
             rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)

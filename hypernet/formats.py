@@ -56,10 +56,19 @@ OPTIM_SUFFIX = ".optim"
 def shorthash(path):
     """A1111's short hash of a file: the first 10 hex characters of the sha256 of its bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise read_failure(path, e) from None
     return digest.hexdigest()[:10]
+
+
+def read_failure(path, error):
+    """The FormatError for an OSError while reading `path`: a "regular" file whose read fails (/proc/self/mem, a
+    failing disk, a network mount gone away) is refused by name."""
+    return FormatError(f"{path}: cannot be read ({error.strerror or first_line(error) or type(error).__name__})")
 
 
 def write_failure(error, path):
@@ -188,7 +197,7 @@ def regular_file(path):
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
     except OSError as e:
-        raise FormatError(f"{path}: cannot be read ({e.strerror})") from None
+        raise read_failure(path, e) from None
     if stat.S_ISDIR(info.st_mode):
         raise FormatError(f"{path}: is a folder, not a hypernetwork file")
     if not stat.S_ISREG(info.st_mode):
@@ -198,8 +207,11 @@ def regular_file(path):
 
 def file_kind(path, size):
     """'zip', 'pickle' (torch's format before 1.6), 'tar', 'safetensors', or None, from the first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(512)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise read_failure(path, e) from None
     if head.startswith(b"PK\x03\x04"):
         return "zip"
     if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
@@ -539,6 +551,13 @@ def safetensors_tensors_and_metadata(hn, dtype=None):
 def read_safetensors_header(path):
     """The JSON header of a safetensors file, checked for sane sizes before anything else is read."""
     size = regular_file(path)
+    try:
+        return _read_safetensors_header(path, size)
+    except OSError as e:
+        raise read_failure(path, e) from None
+
+
+def _read_safetensors_header(path, size):
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
@@ -658,10 +677,12 @@ def load_optimizer_state(hn, path):
         saved = torch_load_safely(optim_path)
         check_plain(saved, optim_path, budget=[MAX_OPTIM_VALUES], tensors=True)
         problem = optimizer_file_problem(saved, path, list(hn.parameters()))
+        if not problem:
+            problem = optimizer_fit_problem(saved, optim_path, list(hn.parameters()))
     except FormatError as e:
         problem = str(e)
     if problem:
-        warnings.warn(f"ignoring optimizer state: {problem}", stacklevel=3)
+        warnings.warn(f"ignoring optimizer state: {problem}; training restarts the optimizer", stacklevel=3)
         return
     hn.optimizer_name = saved.get("optimizer_name") or "AdamW"
     hn.optimizer_state_dict = saved["optimizer_state_dict"]
@@ -678,9 +699,21 @@ def optimizer_file_problem(saved, path, parameters):
     if saved.get("hash") != expected:
         return (
             f"{optim_path} was saved for another file (hash {str(saved.get('hash'))[:40]!r}, "
-            f"{os.path.basename(path)} has {expected}); training restarts the optimizer"
+            f"{os.path.basename(path)} has {expected})"
         )
     problem = optimizer_state_mismatch(saved["optimizer_state_dict"], parameters)
+    return f"{optim_path}: {problem}" if problem else None
+
+
+def optimizer_fit_problem(saved, optim_path, parameters):
+    """Why the saved state does not fit the optimizer it names, built with its own hyperparameters, or None."""
+    from .training import optimizer_for_state, optimizer_state_problem
+
+    name = saved.get("optimizer_name") or "AdamW"
+    optimizer = optimizer_for_state(parameters, name, saved["optimizer_state_dict"])
+    if optimizer is None:
+        return None  # a class this installation lacks (bitsandbytes): the structure checked above is all we can say
+    problem = optimizer_state_problem(saved["optimizer_state_dict"], optimizer, name)
     return f"{optim_path}: {problem}" if problem else None
 
 

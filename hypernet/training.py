@@ -1,6 +1,7 @@
 """What the training script and the benches share: the loss, the optimizer, the webui's learning-rate schedules,
 the frozen model with the hypernetwork attached."""
 
+import copy
 import hashlib
 import inspect
 import math
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .attachment import attach
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 
 def parse_schedule(text, flag):
@@ -152,6 +153,100 @@ def resume_optimizer_state(optimizer, state):
     optimizer.load_state_dict(state)
     for group, keys in zip(optimizer.param_groups, implementation):
         group.update(keys)
+
+
+# How an optimizer computes, not what it computes: a resumed optimizer keeps its own.
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def optimizer_for_state(parameters, name, state_dict):
+    """A fresh optimizer of the class `name` (as a .optim records it) over copies of `parameters`, with the first
+    saved param group's hyperparameters, to check a saved state against; None where the class is unavailable."""
+    try:
+        cls, _ = optimizer_class("AdamW", True) if name == "AdamW8bit" else optimizer_class(name)
+    except UsageError:
+        return None
+    accepted = inspect.signature(cls.__init__).parameters
+    group = (state_dict.get("param_groups") or [{}])[0]
+    kwargs = {k: v for k, v in group.items() if k in accepted and k not in IMPLEMENTATION_KEYS + ("params",)}
+    copies = [torch.zeros_like(p, requires_grad=True) for p in parameters]
+    try:
+        return cls(copies, **kwargs)
+    except (TypeError, ValueError) as e:
+        return _Unbuildable(f"its hyperparameters do not make a {name} ({first_line(e)})")
+
+
+class _Unbuildable:
+    def __init__(self, problem):
+        self.problem = problem
+
+
+def _stepped(optimizer, state_dict=None):
+    """A copy of `optimizer` (and of its parameters) after one step on zero gradients, from `state_dict` if given."""
+    trial = copy.deepcopy(optimizer)
+    if state_dict is not None:
+        resume_optimizer_state(trial, copy.deepcopy(state_dict))
+    for group in trial.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    trial.step()
+    return trial
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _count(value):
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 and not value.is_complex() else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def optimizer_state_problem(state_dict, optimizer, name):
+    """Why a saved optimizer state cannot continue `optimizer` (a `name`), or None if it can: its param groups and
+    their order, the switches this optimizer was built with (amsgrad, maximize, nesterov, ...), and each
+    parameter's state keys, shapes and dtypes as this optimizer makes them, with finite values; last, one step from
+    it. Everything runs on copies: `optimizer` and its parameters are untouched."""
+    if isinstance(optimizer, _Unbuildable):
+        return optimizer.problem
+    try:
+        expected = _stepped(optimizer).state_dict()
+    except Exception:  # an optimizer that cannot step on zero gradients gives no template to check against
+        return None
+    groups, own_groups = state_dict["param_groups"], expected["param_groups"]
+    if len(groups) != len(own_groups):
+        return f"it has {len(groups)} parameter groups, this {name} has {len(own_groups)}"
+    for group, own in zip(groups, own_groups):
+        if list(group["params"]) != list(own["params"]):
+            return "its parameters are not in the hypernetwork's order"
+        for key, value in own.items():
+            if isinstance(value, bool) and key not in IMPLEMENTATION_KEYS and group.get(key, value) != value:
+                return f"its {key} is {group.get(key)}, this run's {name} has {value}"
+    for index, values in state_dict["state"].items():
+        own = expected["state"].get(index, {})
+        if set(values) != set(own):
+            return (
+                f"the state of parameter {index} holds {', '.join(sorted(map(str, values))) or 'nothing'}; "
+                f"{name} keeps {', '.join(sorted(own))}"
+            )
+        for key, value in values.items():
+            if key == "step":
+                step = _count(value)
+                if step is None or not math.isfinite(step) or step < 0:
+                    return f"the step of parameter {index} is {value!r}, not a count of steps"
+            elif isinstance(own[key], torch.Tensor):
+                if _describe(value) != _describe(own[key]):
+                    return f"{key} of parameter {index} is {_describe(value)}; {name} keeps {_describe(own[key])}"
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    return f"{key} of parameter {index} holds NaN or infinite values"
+    try:
+        _stepped(optimizer, state_dict)
+    except Exception as e:
+        return f"it does not load into {name} ({type(e).__name__}: {first_line(e)})"
+    return None
 
 
 def make_lr_scheduler(optimizer, schedule, scheduler_name="constant", warmup_steps=0, initial_step=0, max_steps=1):

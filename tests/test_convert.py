@@ -122,3 +122,34 @@ def test_info_prints_every_field(tmp_path, capsys):
         f.write(b"\0")
     code, out = run(capsys, "--info", tmp_path / "c.pt")
     assert "optimizer_state     present, INVALID: ignoring optimizer state:" in out
+
+
+UNREADABLE = "/proc/self/mem"  # a regular file whose read fails with EIO
+
+
+@pytest.mark.skipif(not os.path.exists(UNREADABLE), reason="needs Linux's /proc")
+def test_files_whose_read_fails_are_named_in_one_line(tmp_path, capsys):
+    from helpers import ROOT
+
+    for name in ("mem.pt", "mem.safetensors"):
+        os.symlink(UNREADABLE, tmp_path / name)
+    for path in (UNREADABLE, tmp_path / "mem.pt", tmp_path / "mem.safetensors"):
+        assert run_script("convert.py", "--info", path) == 2
+        assert capsys.readouterr().err.strip() == f"convert.py: error: {path}: cannot be read (Input/output error)"
+        code = run_script("generate.py", "--pretrained_model_name_or_path", os.path.join(ROOT, "examples", "demo-sd"),
+                          "--hypernetwork", path, "--prompt", "x", "--output_dir", tmp_path / "out")  # fmt: skip
+        assert code == 2
+        assert capsys.readouterr().err.strip() == f"generate.py: error: {path}: cannot be read (Input/output error)"
+
+    code = run_script("generate.py", "--pretrained_model_name_or_path", os.path.join(ROOT, "examples", "demo-sd"),
+                      "--prompts_file", UNREADABLE, "--output_dir", tmp_path / "out")  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"generate.py: error: --prompts_file {UNREADABLE}: cannot be read (Input/output error)"
+    )
+
+    shutil.copy(a1111_file("case1_default_relu"), tmp_path / "c.pt")
+    os.symlink(UNREADABLE, tmp_path / "c.pt.optim")
+    code, out = run(capsys, "--info", tmp_path / "c.pt")
+    reason = f"ignoring optimizer state: {tmp_path / 'c.pt.optim'}: cannot be read (Input/output error)"
+    assert code == 0 and f"optimizer_state     present, INVALID: {reason}; training restarts the optimizer" in out

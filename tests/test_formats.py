@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 
@@ -128,6 +129,79 @@ def test_optimizer_state_with_wrong_shapes_ignored(tmp_path):
     hypernet.save(hn, tmp_path / "w.pt", optimizer_state_dict=state)
     with pytest.warns(UserWarning, match=r"exp_avg of parameter 0 has shape \(3, 3\)"):
         assert hypernet.load(tmp_path / "w.pt", optimizer_state=True).optimizer_state_dict is None
+
+
+def _sgd_state(state):
+    for values in state["state"].values():
+        moment = values["exp_avg"]
+        values.clear()
+        values["momentum_buffer"] = torch.zeros_like(moment)
+
+
+def _amsgrad_without_its_moment(state):
+    state["param_groups"][0]["amsgrad"] = True
+
+
+def _missing_second_moment(state):
+    del state["state"][3]["exp_avg_sq"]
+
+
+def _two_groups(state):
+    params = state["param_groups"][0]["params"]
+    state["param_groups"] = [dict(state["param_groups"][0], params=params[:4]),
+                             dict(state["param_groups"][0], params=params[4:])]  # fmt: skip
+
+
+def _nan_step(state):
+    state["state"][0]["step"] = torch.tensor(float("nan"))
+
+
+def _integer_moments(state):
+    state["state"][2]["exp_avg"] = state["state"][2]["exp_avg"].to(torch.int64)
+
+
+def _permuted(state):
+    params = state["param_groups"][0]["params"]
+    params[0], params[4] = params[4], params[0]  # the K and V modules' first weights: the same shape
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_sgd_state, r"the state of parameter 0 holds momentum_buffer; AdamW keeps exp_avg, exp_avg_sq, step"),
+    (_amsgrad_without_its_moment, r"the state of parameter 0 holds exp_avg, exp_avg_sq, step; AdamW keeps exp_avg, "
+                                  r"exp_avg_sq, max_exp_avg_sq, step"),
+    (_missing_second_moment, r"the state of parameter 3 holds exp_avg, step; AdamW keeps exp_avg, exp_avg_sq, step"),
+    (_two_groups, r"it has 2 parameter groups, this AdamW has 1"),
+    (_nan_step, r"step of parameter 0 holds NaN or infinite values"),
+    (_integer_moments, r"exp_avg of parameter 2 is a int64 tensor of shape \(96, 192\); AdamW keeps a float32 tensor "
+                       r"of shape \(96, 192\)"),
+    (_permuted, r"its parameters are not in the hypernetwork's order"),
+])  # fmt: skip
+def test_optimizer_state_that_does_not_fit_its_optimizer_is_ignored_with_one_warning(tmp_path, damage, reason):
+    hn = hypernet.load(a1111_file("case8_with_optim"), optimizer_state=True)
+    state = hn.optimizer_state_dict
+    damage(state)
+    hypernet.save(hn, tmp_path / "d.pt", optimizer_state_dict=state, optimizer_name="AdamW")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = hypernet.load(tmp_path / "d.pt", optimizer_state=True)
+    assert loaded.optimizer_state_dict is None and loaded.optimizer_name is None
+    (warning,) = [str(w.message) for w in caught]
+    assert "\n" not in warning
+    assert re.fullmatch(rf"ignoring optimizer state: {re.escape(str(tmp_path / 'd.pt.optim'))}: {reason}; "
+                        "training restarts the optimizer", warning), warning  # fmt: skip
+
+
+def test_an_amsgrad_state_with_its_moment_fits_an_amsgrad_adamw(tmp_path):
+    hn = hypernet.Hypernetwork([40], name="a")
+    optimizer = torch.optim.AdamW(hn.parameters(), amsgrad=True)
+    for p in hn.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    hypernet.save(hn, tmp_path / "a.pt", optimizer_state_dict=optimizer.state_dict(), optimizer_name="AdamW")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = hypernet.load(tmp_path / "a.pt", optimizer_state=True)
+    assert loaded.optimizer_state_dict["param_groups"][0]["amsgrad"] is True
 
 
 def test_save_writes_optim_companion_with_file_hash(tmp_path):

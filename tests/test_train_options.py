@@ -106,6 +106,35 @@ def test_bad_data_is_reported_by_file_before_heavy_work(
     assert code == 2 and "has widths [768, 320, 640, 1280] but this model's attention layers use" in text
 
 
+UNREADABLE = "/proc/self/mem"  # a regular file whose read fails with EIO
+
+
+@pytest.mark.skipif(not os.path.exists(UNREADABLE), reason="needs Linux's /proc")
+@pytest.mark.parametrize("what", ["image", "caption", "template", "resume"])
+def test_a_file_whose_read_fails_is_named_in_one_line(
+    tiny_model_dir, small_dataset, tmp_path, capsys, no_heavy_work, what
+):
+    folder = tmp_path / "data"
+    shutil.copytree(small_dataset, folder)
+    extra = []
+    if what == "image":
+        bad = folder / "zz-mem.png"
+    elif what == "caption":
+        first = sorted(n for n in os.listdir(folder) if n.endswith(".png"))[0]
+        bad = folder / (first[:-4] + ".txt")
+        bad.unlink(missing_ok=True)
+    elif what == "template":
+        bad = tmp_path / "template.txt"
+        extra = ["--template_file", str(bad)]
+    else:
+        bad = tmp_path / "mem.pt"
+        extra = ["--resume_hypernetwork", str(bad)]
+    os.symlink(UNREADABLE, bad)
+    code, text = run_cli(capsys, base_argv(tiny_model_dir, folder, tmp_path / "o") + extra)
+    assert code == 2 and "\n" not in text, text
+    assert f"{bad}: cannot be read (Input/output error)" in text, text
+
+
 def test_cli_prints_one_line_and_exits_2(tiny_model_dir, tmp_path, capsys):
     assert run_script("train_hypernetwork.py", *base_argv(tiny_model_dir, tmp_path / "none", tmp_path / "o")) == 2
     err = capsys.readouterr().err.strip()
@@ -124,6 +153,46 @@ def test_continue_an_a1111_file_with_its_optimizer_state(tiny_model_dir, small_d
     assert int(state[0]["step"]) == 4, "3 steps on top of the file's 1: its AdamW state carried on"
     original = torch.load(a1111_file("case8_with_optim"), weights_only=True)
     assert list(torch.load(out / "case8b.pt", weights_only=True)) == list(original)
+
+
+def _with_amsgrad(state):
+    state["param_groups"][0]["amsgrad"] = True
+    for values in state["state"].values():
+        values["max_exp_avg_sq"] = values["exp_avg_sq"].clone()
+    return "its amsgrad is True, this run's AdamW has False"
+
+
+def _with_sgd_state(state):
+    for values in state["state"].values():
+        moment = values.pop("exp_avg")
+        values.clear()
+        values["momentum_buffer"] = moment
+    return "the state of parameter 0 holds momentum_buffer; AdamW keeps exp_avg, exp_avg_sq, step"
+
+
+@pytest.mark.parametrize("damage", [_with_amsgrad, _with_sgd_state])
+def test_a_companion_that_does_not_fit_the_runs_optimizer_warns_once_and_training_starts_it_fresh(
+    tiny_model_dir, small_dataset, tmp_path, caplog, damage
+):
+    import logging
+    import warnings
+
+    hn = hypernet.load(a1111_file("case8_with_optim"), optimizer_state=True)
+    state = hn.optimizer_state_dict
+    reason = damage(state)
+    hypernet.save(hn, tmp_path / "case8.pt", optimizer_state_dict=state, optimizer_name="AdamW")
+    out = tmp_path / "more"
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train(tiny_model_dir, small_dataset, out, "--resume_hypernetwork", tmp_path / "case8.pt",
+                     "--hypernetwork_name", "case8b", steps=4) == 0  # fmt: skip
+    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
+    said = [line for line in said if "optimizer state" in line]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert said[0].startswith(f"ignoring optimizer state: {tmp_path / 'case8.pt.optim'}: {reason}; training "), said
+    state = hypernet.load(out / "case8b.pt", optimizer_state=True).optimizer_state_dict
+    assert int(state["state"][0]["step"]) == 3, "a fresh AdamW state: the 3 steps of this run"
+    assert state["param_groups"][0]["amsgrad"] is False
 
 
 def test_v_prediction_snr_noise_offset_checkpointing_bf16(sd2_model_dir, small_dataset, tmp_path):
