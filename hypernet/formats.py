@@ -109,9 +109,9 @@ def check_writable_folder(path, flag="--output_dir"):
 @contextmanager
 def atomic_writes(paths):
     """Temporary paths beside each of `paths`, renamed into place together once the block succeeds: the files are
-    replaced all or none (a failure leaves the previous ones whole). Temporary files get the umask's mode, as open()
-    would give the files themselves."""
-    temporaries, current = [], None
+    replaced all or none (a failure leaves the previous ones whole). The files get the umask's mode, as open()
+    would give them, also where a writer creates its temporary file anew (safetensors' save_file makes it 0600)."""
+    temporaries, modes, current = [], [], None
     try:
         for path in paths:
             current = path
@@ -120,12 +120,14 @@ def atomic_writes(paths):
             tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             temporaries.append(tmp)
+            modes.append(stat.S_IMODE(os.stat(tmp).st_mode))
         current = paths[0]
         yield temporaries
-        for path, tmp in zip(paths, temporaries):
+        for path, tmp, mode in zip(paths, temporaries, modes):
             current = path
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+                os.fchmod(f.fileno(), mode)
         for path, tmp in zip(paths, temporaries):
             os.replace(tmp, path)
     except (OSError, RuntimeError, SafetensorError) as e:

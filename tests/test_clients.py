@@ -111,6 +111,26 @@ def test_training_files_pass_the_webui_checks(optimizer, tiny_model_dir, small_d
     assert os.stat(out / "loss.png").st_mode & 0o777 == 0o640
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_every_file_a_run_writes_gets_the_umasks_mode(tiny_model_dir, small_dataset, tmp_path, mask):
+    out = tmp_path / "run"
+    previous = os.umask(mask)
+    try:
+        assert train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "style", "--save_every", 2,
+                     "--save_safetensors", "--checkpointing_steps", 2, "--preview_every", 2, steps=2) == 0  # fmt: skip
+        assert run_script("convert.py", out / "style.pt", tmp_path / "converted.safetensors") == 0
+    finally:
+        os.umask(previous)
+    files = [p for p in [*out.rglob("*"), tmp_path / "converted.safetensors", tmp_path / "converted.safetensors.optim"]
+             if p.is_file()]  # fmt: skip
+    kinds = {p.suffix for p in files}
+    assert {".pt", ".optim", ".safetensors", ".png", ".csv", ".json"} <= kinds, kinds
+    assert any("checkpoint-2" in p.parts for p in files)
+    wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files
+             if p.stat().st_mode & 0o777 != 0o666 & ~mask}  # fmt: skip
+    assert not wrong, f"expected {oct(0o666 & ~mask)}: {wrong}"
+
+
 def test_new_hypernetworks_store_linear_and_none_round_trips(tmp_path):
     hypernet.save(hypernet.Hypernetwork([40]), tmp_path / "new.pt")
     data = torch.load(tmp_path / "new.pt", weights_only=True)
