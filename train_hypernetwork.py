@@ -256,7 +256,8 @@ def make_parser():
         "--max_bad_steps",
         type=int,
         default=10,
-        help="Stop after this many non-finite losses in a row (each such step is skipped).",
+        help="Stop after this many bad steps in a row: a non-finite loss, or an optimizer step that makes the weights "
+        "non-finite (each such step is skipped, back to the last good weights).",
     )
     training.add_argument(
         "--dataloader_num_workers",
@@ -906,9 +907,10 @@ def share_loss_and_stop(accelerator, loss, state):
 
 def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, last_good, bad, clip_mode, clip_value):
     """Clip and step; for a step with a non-finite loss, drop its gradients and go back to the last good weights
-    (the ones before the previous step, which made this loss). Returns the gradient norm and the learning rate the
-    step used."""
-    grad_norm, learn_rate = None, optimizer.param_groups[0]["lr"]
+    (the ones before the previous step, which made this loss); for a step that makes the weights or the optimizer
+    state non-finite, go back to the weights before it. Returns the gradient norm, the learning rate the step used
+    and whether the step made the weights non-finite."""
+    grad_norm, learn_rate, overflowed = None, optimizer.param_groups[0]["lr"], False
     if bad:
         optimizer.zero_grad(set_to_none=True)
         last_good.restore()
@@ -924,8 +926,11 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, last_good, 
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not last_good.finite():
+            last_good.restore()
+            overflowed = True
     lr_scheduler.step()
-    return grad_norm, learn_rate
+    return grad_norm, learn_rate, overflowed
 
 
 def training_batches(accelerator, dataloader, sampler, first_epoch, skip_batches):
@@ -977,6 +982,15 @@ class LastGood:
             p: {k: v.clone() if torch.is_tensor(v) else v for k, v in values.items()}
             for p, values in self.optimizer.state.items()
         }
+
+    @torch.no_grad()
+    def finite(self):
+        """Whether the weights and the optimizer's floating-point state are all finite (one device sync)."""
+        tensors = list(self.parameters) + [
+            v for values in self.optimizer.state.values() for v in values.values()
+            if torch.is_tensor(v) and v.is_floating_point()
+        ]  # fmt: skip
+        return bool(torch.stack([torch.isfinite(t).all().to(self.parameters[0].device) for t in tensors]).all())
 
     @torch.no_grad()
     def restore(self):
@@ -1168,9 +1182,9 @@ def main(input_args=None):
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     clip_value = rate_at(args.clip_grad_schedule, state.step)
-                    grad_norm, learn_rate = optimizer_step(accelerator, optimizer, lr_scheduler, parameters,
-                                                           last_good, bad_in_step, args.clip_grad_mode,
-                                                           clip_value)  # fmt: skip
+                    grad_norm, learn_rate, overflowed = optimizer_step(accelerator, optimizer, lr_scheduler,
+                                                                       parameters, last_good, bad_in_step,
+                                                                       args.clip_grad_mode, clip_value)  # fmt: skip
             if not accelerator.sync_gradients:
                 continue
 
@@ -1182,11 +1196,17 @@ def main(input_args=None):
                 logger.warning(
                     f"step {state.step}: non-finite loss ({step_loss}); step skipped, back to the last good weights"
                 )
+            elif overflowed:
+                state.bad_steps += 1
+                logger.warning(
+                    f"step {state.step}: the optimizer step made the weights non-finite (loss {step_loss:.4f}, learning "
+                    f"rate {learn_rate:.3g}); step undone, back to the last good weights"
+                )
             else:
                 if not last_good.restored:  # a step on restored weights shows nothing new: the streak goes on
                     state.bad_steps = 0
                 state.losses.append(step_loss)
-            last_good.restored = bad_in_step
+            last_good.restored = bad_in_step or overflowed
             if accelerator.is_main_process:
                 epoch_step = (state.step - initial_step - 1) % steps_per_epoch + 1
                 loss_rows.append([state.step, epoch, epoch_step, f"{step_loss:.7f}", learn_rate])
@@ -1236,7 +1256,8 @@ def main(input_args=None):
         lock.close()
     if state.stop == "bad":
         raise HypernetError(
-            f"stopped at step {state.step}: {args.max_bad_steps} non-finite losses in a row; the last good "
+            f"stopped at step {state.step}: {args.max_bad_steps} bad steps in a row (non-finite loss or weights); the "
+            "last good "
             "hypernetwork is saved. Lower --learning_rate, use --clip_grad_mode norm, or try --mixed_precision bf16/no"
         )
     if state.stop == "signal":

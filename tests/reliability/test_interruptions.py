@@ -148,7 +148,7 @@ def test_too_many_bad_steps_stop_with_the_last_good_hypernetwork(
         capsys.readouterr()
         .err.splitlines()[-1]
         .startswith(
-            "train_hypernetwork.py: error: stopped at step 4: 2 non-finite losses in a row; the last good hypernetwork"
+            "train_hypernetwork.py: error: stopped at step 4: 2 bad steps in a row (non-finite loss or weights); the last good hypernetwork"
         )
     )
     # The weights after step 2 gave the non-finite loss of step 3: the last good ones are those after step 1.

@@ -35,12 +35,44 @@ def test_a_diverging_run_keeps_the_last_good_hypernetwork(tiny_model_dir, small_
     out = tmp_path / "diverge"
     code = train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--learning_rate", "1e20",
                  "--max_bad_steps", 2, "--save_every", 1, "--weight_init", "XavierNormal", steps=10)  # fmt: skip
-    assert code == 2 and "non-finite losses in a row; the last good hypernetwork is saved" in last_line(capsys)
+    assert (
+        code == 2
+        and "bad steps in a row (non-finite loss or weights); the last good hypernetwork is saved" in last_line(capsys)
+    )
     final = hypernet.load(out / "x.pt")
     assert all_finite(out / "x.pt") and max(p.abs().max() for p in final.parameters()) < 10, "not the 1e20 weights"
     for name in os.listdir(out / "hypernetworks"):
         if name.endswith(".pt"):
             assert all_finite(out / "hypernetworks" / name), name
+
+
+def test_a_step_that_overflows_the_weights_is_undone_at_once(tiny_model_dir, small_dataset, tmp_path, capsys, caplog):
+    out = tmp_path / "first"
+    code = train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--learning_rate", "1e39",
+                 "--max_bad_steps", 2, "--save_every", 1, steps=10)  # fmt: skip
+    assert code == 2 and "stopped at step 2: 2 bad steps in a row" in last_line(capsys)
+    assert "step 1: the optimizer step made the weights non-finite" in caplog.text
+    initial = hypernet.load(out / "hypernetworks" / "x-1.pt")
+    final = hypernet.load(out / "x.pt")
+    assert all(torch.equal(a, b) for a, b in zip(initial.parameters(), final.parameters()))
+    assert all_finite(out / "x.pt") and final.step == 2
+
+    # The rate overflows at step 2 (a save step) and at step 4 (a save step and the last): each is undone, the
+    # steps between train on, and the run ends normally with the weights of step 3.
+    out = tmp_path / "later"
+    code = train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--learning_rate",
+                 "1e-3:1, 1e39:2, 1e-3:3, 1e39", "--save_every", 1, "--save_safetensors", steps=4)  # fmt: skip
+    assert code == 0
+    saved = {step: hypernet.load(out / "hypernetworks" / f"x-{step}.pt") for step in (1, 2, 3, 4)}
+    same = [
+        all(torch.equal(a, b) for a, b in zip(saved[s].parameters(), saved[s + 1].parameters())) for s in (1, 2, 3)
+    ]
+    assert same == [True, False, True], "step 2 undone, step 3 trained, step 4 undone"
+    for path in (out / "x.pt", out / "x.safetensors"):
+        final = hypernet.load(path)
+        assert all(torch.equal(a, b) for a, b in zip(saved[3].parameters(), final.parameters())), path
+    optim = hypernet.load(out / "x.pt", optimizer_state=True).optimizer_state_dict
+    assert all(torch.isfinite(v).all() for s in optim["state"].values() for v in s.values() if torch.is_tensor(v))
 
 
 def test_an_optim_with_nan_weight_decay_is_ignored(tiny_model_dir, small_dataset, tmp_path):
