@@ -570,7 +570,9 @@ def _read_safetensors_header(path, size):
                 raise FormatError(f"{path}: a PyTorch file: name it .pt")
             raise FormatError(f"{path}: corrupted safetensors header (it claims {length} bytes, the file has {size})")
         try:
-            header = json.loads(f.read(length))
+            header = json.loads(f.read(length), object_pairs_hook=unique_keys)
+        except DuplicateKey as e:
+            raise FormatError(f"{path}: corrupted safetensors header (the key {e.key[:80]!r} appears twice)") from None
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise FormatError(f"{path}: corrupted safetensors header (not JSON)") from None
     if not isinstance(header, dict):
@@ -578,12 +580,30 @@ def _read_safetensors_header(path, size):
     return header
 
 
+class DuplicateKey(ValueError):
+    def __init__(self, key):
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs):
+    """json's object_pairs_hook that refuses a key given twice (json.loads would keep the last one silently)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def _metadata_value(metadata, key, path, default):
     if key not in metadata:
         return default
     text = metadata[key]
     try:
-        value = json.loads(text) if isinstance(text, str) else None
+        value = json.loads(text, object_pairs_hook=unique_keys) if isinstance(text, str) else None
+    except DuplicateKey as e:
+        raise FormatError(f"{path}: corrupted metadata: {key} has the key {e.key[:80]!r} twice") from None
     except (ValueError, RecursionError):
         raise FormatError(f"{path}: corrupted metadata: {key} is not JSON") from None
     if not isinstance(text, str):
@@ -613,6 +633,9 @@ def load_safetensors(path, name=None):
         raise FormatError(
             f"{path}: corrupted metadata: widths {str(metadata.get('widths'))[:80]!r} is not a list of integers"
         )
+    if len(set(widths)) != len(widths):
+        twice = next(w for w in widths if widths.count(w) > 1)
+        raise FormatError(f"{path}: corrupted metadata: widths lists {twice} twice")
     if pt_keys is not None and (not isinstance(pt_keys, list) or not all(isinstance(k, str) for k in pt_keys)):
         raise FormatError(f"{path}: corrupted metadata: pt_keys is not a list of names")
     if not isinstance(legacy, bool) or not isinstance(extra, dict):

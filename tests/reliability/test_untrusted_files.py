@@ -50,6 +50,29 @@ def test_forged_safetensors_headers_are_refused(tmp_path, header, data, message)
     assert str(tmp_path / "f.safetensors") in str(info.value)
 
 
+def test_duplicate_keys_and_widths_are_refused_by_name(tmp_path):
+    path = tmp_path / "d.safetensors"
+    hypernet.save(hypernet.Hypernetwork([4, 8], name="d"), path)
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        raw, data = f.read(length).decode(), f.read()
+    cases = [
+        (raw.replace('"__metadata__":{', '"__metadata__":{"format":"x",', 1),
+         r"corrupted safetensors header \(the key 'format' appears twice\)"),
+        (raw.replace('"widths":"[4,8]"', '"widths":"[4,4,8]"').replace('"widths":"[4, 8]"', '"widths":"[4, 4, 8]"'),
+         r"corrupted metadata: widths lists 4 twice"),
+        (raw.replace('"pt_legacy_layout":', '"pt_extra":' + json.dumps('{"a": 1, "a": 2}') + ',"pt_legacy_layout":'),
+         r"corrupted metadata: pt_extra has the key 'a' twice"),
+    ]  # fmt: skip
+    for forged, message in cases:
+        assert forged != raw, message
+        encoded = forged.encode()
+        path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+        with pytest.raises(hypernet.FormatError, match=message) as info:
+            hypernet.load(path)
+        assert str(info.value).startswith(f"{path}: ")
+
+
 def test_huge_header_length_is_refused_before_reading(tmp_path):
     with open(tmp_path / "h.safetensors", "wb") as f:
         f.write(struct.pack("<Q", 2**62) + b"{}")
