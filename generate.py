@@ -20,7 +20,7 @@ import sys
 import torch
 
 import hypernet
-from hypernet.attachment import attention_widths_from_config, check_widths
+from hypernet.attachment import attention_widths_from_config, check_widths, unused_widths
 from hypernet.errors import HypernetError, UsageError, run_script
 from hypernet.formats import DTYPES, base_model_hash, check_writable_folder
 from hypernet.images import Generation, save_png
@@ -253,12 +253,16 @@ def load_hypernetworks(args):
     return loaded
 
 
-def check_all_widths(hypernetworks, widths):
+def check_all_widths(hypernetworks, widths, warn=False):
+    """Refuse a file none of whose widths the model uses; with `warn`, say of each that some of its widths it does not."""
     for path, hn in hypernetworks.items():
         try:
             check_widths(hn, widths, path)
         except HypernetError as e:
             raise UsageError(str(e)) from None
+        message = unused_widths(hn, widths, path)
+        if message and warn:
+            print(f"warning: {message}", file=sys.stderr)
 
 
 def next_image_number(output_dir):
@@ -335,7 +339,8 @@ def main(input_args=None):
     pipeline = load_pipeline(args, dtype, device)
     for hn in hypernetworks.values():
         hn.to(device)
-    check_all_widths(hypernetworks, hypernet.attention_widths(pipeline.unet))  # a single file's show only now
+    # A single file's mismatch shows only now; so does every warning, once, against the model's own layers.
+    check_all_widths(hypernetworks, hypernet.attention_widths(pipeline.unet), warn=True)
     attachment = hypernet.attach(pipeline.unet, [], merge=not args.no_merge)
     encoder = prompt_encoder(pipeline, args)
     repeats = {}  # copies of files stacked more than once in one prompt

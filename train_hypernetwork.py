@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 import hypernet
 import hypernet.prompts
 from hypernet import data
-from hypernet.attachment import attention_widths_from_config, check_widths
+from hypernet.attachment import attention_widths_from_config, check_widths, unused_widths
 from hypernet.errors import HypernetError, UsageError, run_script
 from hypernet.formats import (
     OPTIM_SUFFIX,
@@ -1031,16 +1031,16 @@ def main(input_args=None):
     model_widths = attention_widths_from_config(args.pretrained_model_name_or_path, revision=args.revision)
     set_seed(args.seed)
     hn = make_hypernetwork(args, model_widths)
-    unused_widths = sorted(set(hn.widths) - set(model_widths))
+    unused = unused_widths(hn, model_widths, args.resume_hypernetwork or "--enable_sizes")
     checkpoint = resolve_checkpoint(args)
 
-    accelerator = make_accelerator(args, find_unused_parameters=bool(unused_widths))
+    accelerator = make_accelerator(args, find_unused_parameters=unused is not None)
     lock = claim_output_dir(args, resuming=checkpoint is not None) if accelerator.is_main_process else None
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
-    if unused_widths:
-        logger.warning(f"widths {unused_widths} of the hypernetwork are not in this model ({model_widths}); unused")
+    if unused:
+        logger.warning(unused)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -10,6 +10,8 @@ into to_k/to_v where the layer's tokens outnumber its width, and, merged for inf
 hypernetwork into the projections once so that a generation costs what the plain UNet costs.
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -369,6 +371,25 @@ def check_widths(hypernetwork, model_widths, what=None):
         )
 
 
+TEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def unused_widths(hypernetwork, model_widths, what=None):
+    """One line where some of the hypernetwork's widths match no attention layer of the model, so that their modules
+    never apply (an SD 1.x file on SD 2.x applies its self-attention modules alone); None where every width does."""
+    unused = [w for w in hypernetwork.widths if w not in model_widths]
+    applied = [w for w in hypernetwork.widths if w in model_widths]
+    if not unused or not applied:
+        return None
+    family = next((TEXT_WIDTHS[w] + " " for w in model_widths if w in TEXT_WIDTHS), "")
+    named = ", ".join(f"{w} (the {TEXT_WIDTHS[w]} text width)" if w in TEXT_WIDTHS else str(w) for w in unused)
+    return (
+        f"{what or f'hypernetwork {hypernetwork.name!r}'}: its width{'s' * (len(unused) > 1)} {named} "
+        f"match{'es' * (len(unused) == 1)} no attention layer of this {family}model (widths {list(model_widths)}), "
+        f"so only its modules for {', '.join(map(str, applied))} apply; it was made for another model family"
+    )
+
+
 def attach(unet, hypernetworks, merge=False, use_linear_maps=True):
     """Wrap every attention layer's to_k and to_v of `unet` so that the hypernetworks apply, in order, each at its own
     multiplier; the attention processors stay as they are.
@@ -384,6 +405,8 @@ def attach(unet, hypernetworks, merge=False, use_linear_maps=True):
     device = next(unet.parameters()).device
     for hypernetwork in hypernetworks:
         check_widths(hypernetwork, model_widths)
+        if message := unused_widths(hypernetwork, model_widths):
+            warnings.warn(message, stacklevel=2)
         if next(hypernetwork.parameters()).device != device:
             hypernetwork.to(device)
     attachment = Attachment(unet, hypernetworks, use_linear_maps=use_linear_maps)

@@ -186,6 +186,23 @@ def test_width_mismatch_names_both_sides(unet):
         hypernet.attach(unet, [sd1])
 
 
+def test_a_hypernetwork_for_another_family_warns_which_of_its_modules_apply(unet):
+    sd1 = hypernet.Hypernetwork(hypernet.SD1_WIDTHS, name="for-sd1")
+    assert hypernet.attachment.unused_widths(sd1, sorted(hypernet.SD2_WIDTHS)) == (
+        "hypernetwork 'for-sd1': its width 768 (the SD 1.x text width) matches no attention layer of this SD 2.x "
+        "model (widths [320, 640, 1024, 1280]), so only its modules for 320, 640, 1280 apply; it was made for another "
+        "model family"
+    )
+    assert hypernet.attachment.unused_widths(sd1, sorted(hypernet.SD1_WIDTHS)) is None
+    tiny_sd2 = hypernet.Hypernetwork([128, 40, 80, 160], name="tiny-sd2")
+    with pytest.warns(UserWarning) as caught:
+        hypernet.attach(unet, [tiny_sd2]).detach()
+    assert [str(w.message) for w in caught] == [
+        "hypernetwork 'tiny-sd2': its width 128 matches no attention layer of this model (widths [40, 80, 96, 160]), "
+        "so only its modules for 40, 80, 160 apply; it was made for another model family"
+    ]
+
+
 def count_calls(module):
     calls = []
     return calls, module.register_forward_hook(lambda *a: calls.append(1))

@@ -128,6 +128,17 @@ def test_sd2_v_prediction_and_sdxl_pipelines(model_fixture, tmp_path, request):
     assert np.array_equal(zero, plain) and not np.array_equal(with_hn, plain)
 
 
+def test_a_hypernetwork_for_another_family_gets_one_warning_line(sd2_model_dir, tmp_path, capsys):
+    case1 = a1111_file("case1_default_relu")
+    capsys.readouterr()
+    gen(sd2_model_dir, tmp_path / "w", "--prompt", "x", "--num_inference_steps", 2, "--hypernetwork", case1)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "matches no attention layer" in line]
+    assert warnings == [
+        f"warning: {case1}: its width 96 matches no attention layer of this model (widths [40, 80, 128, 160]), so "
+        "only its modules for 40, 80, 160 apply; it was made for another model family"
+    ]
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

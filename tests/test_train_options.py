@@ -195,6 +195,21 @@ def test_a_companion_that_does_not_fit_the_runs_optimizer_warns_once_and_trainin
     assert state["param_groups"][0]["amsgrad"] is False
 
 
+def test_resuming_a_hypernetwork_of_another_family_warns_which_modules_train(
+    sd2_model_dir, small_dataset, tmp_path, caplog
+):
+    import logging
+
+    case1 = a1111_file("case1_default_relu")
+    with caplog.at_level(logging.WARNING):
+        assert train(sd2_model_dir, small_dataset, tmp_path / "o", "--resume_hypernetwork", case1, steps=1236) == 0
+    said = [r.getMessage() for r in caplog.records if "matches no attention layer" in r.getMessage()]
+    assert said == [
+        f"{case1}: its width 96 matches no attention layer of this model (widths [128, 40, 80, 160]), so only its "
+        "modules for 40, 80, 160 apply; it was made for another model family"
+    ]
+
+
 def test_v_prediction_snr_noise_offset_checkpointing_bf16(sd2_model_dir, small_dataset, tmp_path):
     out = tmp_path / "sd2"
     assert train(sd2_model_dir, small_dataset, out, "--snr_gamma", 5, "--noise_offset", 0.05,
