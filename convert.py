@@ -110,6 +110,15 @@ def convert_folder(source_dir, target_dir, to=None, dtype_name=None, overwrite=F
     return reports, skipped, failures
 
 
+def other_programs_verdict(path):
+    if path.endswith(".pt"):
+        return "the webui's layout, which hypernetwork loaders read"
+    return (
+        "ComfyUI, Easy Diffusion and ersatzForge list a .safetensors in a hypernetwork folder and apply nothing from "
+        "this layout; give them the .pt (convert.py FILE.safetensors FILE.pt)"
+    )
+
+
 def info(path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -142,6 +151,7 @@ def info(path):
         "optional_info": hn.optional_info,
         "webui": webui_verdict(path),
         "comfyui": comfyui_verdict(hn, path),
+        "others": other_programs_verdict(path),
     }
 
 

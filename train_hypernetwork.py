@@ -281,7 +281,12 @@ def make_parser():
         default=500,
         help="Write hypernetworks/NAME-STEP.pt (+ .optim) every N steps; 0 = off.",
     )
-    outputs.add_argument("--save_safetensors", action="store_true", help="Also write NAME.safetensors at the end.")
+    outputs.add_argument(
+        "--save_safetensors",
+        action="store_true",
+        help="Also write safetensors/NAME.safetensors at the end: in a folder of its own, because ComfyUI, Easy "
+        "Diffusion and ersatzForge list a .safetensors in a hypernetwork folder and apply nothing from it.",
+    )
     outputs.add_argument(
         "--checkpointing_steps", type=int, default=500, help="Save an accelerate checkpoint every N steps; 0 = off."
     )
@@ -1246,7 +1251,7 @@ def main(input_args=None):
         final = os.path.join(args.output_dir, f"{args.hypernetwork_name}.pt")
         save_hypernetwork(hn, final, state.step, optimizer, optimizer_name)
         if args.save_safetensors:
-            save_hypernetwork(hn, os.path.join(args.output_dir, f"{args.hypernetwork_name}.safetensors"), state.step,
+            save_hypernetwork(hn, os.path.join(args.output_dir, "safetensors", f"{args.hypernetwork_name}.safetensors"), state.step,
                               metadata=training_metadata(args))  # fmt: skip
         plot_loss(loss_rows, os.path.join(args.output_dir, "loss.png"), f"{args.hypernetwork_name}: loss per step")
         logger.info(f"wrote {final} at step {state.step}")

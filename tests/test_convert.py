@@ -123,6 +123,13 @@ def test_info_prints_every_field(tmp_path, capsys):
     code, out = run(capsys, "--info", tmp_path / "c.pt")
     assert "optimizer_state     present, INVALID: ignoring optimizer state:" in out
 
+    assert run(capsys, a1111_file("case1_default_relu"), tmp_path / "c.safetensors")[0] == 0
+    code, out = run(capsys, "--info", tmp_path / "c.safetensors")
+    assert code == 0 and (
+        "others              ComfyUI, Easy Diffusion and ersatzForge list a .safetensors in a hypernetwork folder and "
+        "apply nothing from this layout; give them the .pt" in out
+    )
+
 
 UNREADABLE = "/proc/self/mem"  # a regular file whose read fails with EIO
 

@@ -23,7 +23,7 @@ def test_a_full_sdxl_run_writes_every_file(sdxl_model_dir, small_dataset, tmp_pa
                  "--checkpointing_steps", 3, "--preview_every", 3, "--preview_prompt", "a red circle",
                  "--save_safetensors", "--random_flip", "--activation_func", "relu", steps=6) == 0  # fmt: skip
     names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
-    for expected in ["xl.pt", "xl.pt.optim", "xl.safetensors", "hypernetworks/xl-3.pt", "images/xl-3.png",
+    for expected in ["xl.pt", "xl.pt.optim", "safetensors/xl.safetensors", "hypernetworks/xl-3.pt", "images/xl-3.png",
                      "images/xl-6.png", "checkpoint-6/hypernetwork.safetensors", "loss.csv", "loss.png"]:  # fmt: skip
         assert expected in names, expected
     hn = hypernet.load(out / "xl.pt")

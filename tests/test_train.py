@@ -63,7 +63,7 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
     assert rc == 0
     names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     for expected in [
-        "inky.pt", "inky.pt.optim", "inky.safetensors", "loss.csv", "loss.png", "training_settings.json",
+        "inky.pt", "inky.pt.optim", "safetensors/inky.safetensors", "loss.csv", "loss.png", "training_settings.json",
         "hypernetworks/inky-4.pt", "hypernetworks/inky-4.pt.optim", "hypernetworks/inky-8.pt",
         "images/inky-4-0.png", "images/inky-4-1.png", "images/inky-8-0.png", "images/inky-8-1.png",
         "checkpoint-8/hypernetwork.safetensors", "checkpoint-8/optimizer.bin",
@@ -85,7 +85,7 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
     assert hn.step == 8 and hn.name == "inky" and hn.activation_func == "relu"
     assert hn.sd_checkpoint == settings["model_hash"] and hn.sd_checkpoint_name == os.path.basename(tiny_model_dir)
     assert hn.optimizer_name == "AdamW" and hn.optimizer_state_dict is not None
-    from_st = hypernet.load(out / "inky.safetensors")
+    from_st = hypernet.load(out / "safetensors" / "inky.safetensors")
     x = torch.randn(2, 77, 96)
     assert torch.equal(hypernet.apply_hypernetworks([hn], x)[0], hypernet.apply_hypernetworks([from_st], x)[0])
     assert not torch.equal(hypernet.apply_hypernetworks([hn], x)[0], x)
