@@ -35,7 +35,7 @@ import hypernet
 import hypernet.prompts
 from hypernet import data
 from hypernet.attachment import attention_widths_from_config, check_widths, unused_widths
-from hypernet.errors import HypernetError, UsageError, run_script
+from hypernet.errors import HypernetError, UsageError, first_line, run_script
 from hypernet.formats import (
     OPTIM_SUFFIX,
     atomic_write,
@@ -55,7 +55,6 @@ from hypernet.training import (
     load_models,
     make_lr_scheduler,
     make_optimizer,
-    optimizer_class,
     optimizer_state_problem,
     parse_schedule,
     rate_at,
@@ -70,6 +69,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 HYPERNETWORK_FLAGS = ("layer_structure", "activation_func", "weight_init", "add_layer_norm", "use_dropout",
                       "dropout_structure", "activate_output", "enable_sizes")  # fmt: skip
 MAX_PARAMETERS = 2_000_000_000
+MAX_SIZE = 8192  # pixels: training resolution and preview sizes
 
 
 def make_parser():
@@ -421,6 +421,9 @@ def validate_args(args, given=()):
         value = getattr(args, flag)
         if value is not None and (not math.isfinite(value) or value < 0):
             raise UsageError(f"--{flag} {value}: must be a finite number, 0 or more")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 0 and below 1")
     if args.streaming and args.encode_on_the_fly:
         raise UsageError("--encode_on_the_fly reads images again at every step; a --streaming dataset is read once")
     if args.encode_on_the_fly and args.cache_dir is not None:
@@ -428,7 +431,7 @@ def validate_args(args, given=()):
     hypernet.prompts.check_clip_skip(args.clip_skip, args.pretrained_model_name_or_path)
     if args.use_8bit_adam and args.optimizer != "AdamW":
         raise UsageError("--use_8bit_adam replaces --optimizer AdamW; do not give both")
-    optimizer_class(args.optimizer, args.use_8bit_adam)
+    check_optimizer(args)
     if args.hypernetwork_name is None:
         args.hypernetwork_name = os.path.basename(os.path.abspath(args.output_dir))
     if not re.fullmatch(r"[\w\-][\w.\- ]*", args.hypernetwork_name):
@@ -440,13 +443,69 @@ def validate_args(args, given=()):
     for flag in ("resolution", "preview_width", "preview_height"):
         if getattr(args, flag) % 8 or getattr(args, flag) < 8:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be a positive multiple of 8")
+        if getattr(args, flag) > MAX_SIZE:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: at most {MAX_SIZE} pixels")
     if args.preview_steps < 1:
         raise UsageError(f"--preview_steps {args.preview_steps}: must be at least 1")
+    timesteps = model_config(args.pretrained_model_name_or_path, "scheduler", "scheduler_config.json").get(
+        "num_train_timesteps", 1000
+    )
+    if args.preview_steps > timesteps:
+        raise UsageError(f"--preview_steps {args.preview_steps}: at most the scheduler's {timesteps} timesteps")
+    check_model_files(args)
+    if args.cache_dir is not None:
+        check_writable_folder(args.cache_dir, "--cache_dir")
     if args.preview_prompt is None:
         args.preview_prompt = [f"a picture, art by {args.hypernetwork_name}"]
     check_output_dir(args)
     if args.report_to in ("wandb", "all"):
         check_wandb()
+
+
+def check_optimizer(args):
+    """The optimizer class takes these settings and parameters shaped as a hypernetwork's (matrices and vectors)."""
+    shapes = [torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    try:
+        make_optimizer(shapes, args.optimizer, args.use_8bit_adam, (args.adam_beta1, args.adam_beta2),
+                       args.adam_weight_decay, args.adam_epsilon)  # fmt: skip
+    except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+        raise UsageError(f"--optimizer {args.optimizer}: cannot train a hypernetwork ({first_line(e)})") from None
+
+
+def model_config(folder, subfolder, name):
+    """A JSON config of a model folder's part, {} where there is none; unreadable is one line naming it."""
+    path = os.path.join(folder, subfolder, name)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable JSON config ({first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: not a JSON object")
+    return config
+
+
+def check_model_files(args):
+    """--variant names files the model has; --pretrained_vae_model_name_or_path is a VAE's folder."""
+    if args.variant is not None:
+        for part in ("unet", "vae", "text_encoder"):
+            folder = os.path.join(args.pretrained_model_name_or_path, part)
+            names = os.listdir(folder) if os.path.isdir(folder) else []
+            if not any(f".{args.variant}." in name for name in names):
+                raise UsageError(
+                    f"--variant {args.variant}: {folder} has no file of that variant "
+                    f"(such as diffusion_pytorch_model.{args.variant}.safetensors); leave --variant out"
+                )
+    vae = args.pretrained_vae_model_name_or_path
+    if vae is not None:
+        config = model_config(vae, "", "config.json")
+        if config.get("_class_name") not in ("AutoencoderKL", None) or "latent_channels" not in config:
+            raise UsageError(
+                f"--pretrained_vae_model_name_or_path {vae}: not a VAE folder (its config.json is for "
+                f"{config.get('_class_name') or 'no diffusers model'}, not AutoencoderKL)"
+            )
 
 
 def check_output_dir(args):

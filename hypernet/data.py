@@ -340,11 +340,16 @@ def check_images(entries):
         check_size(image_header(entries.source(index), label), label)
 
 
+MAX_IMAGE_BYTES = 1 << 30
+
+
 def image_header(source, label):
     """(width, height) of an image as decoded (EXIF rotations applied), from its header alone: `source` is the
     image's bytes or its file's path."""
     if not isinstance(source, bytes):
         try:
+            if os.path.getsize(source) > MAX_IMAGE_BYTES:
+                raise UsageError(f"{label}: larger than {MAX_IMAGE_BYTES >> 30} GiB, too large for a training image")
             with open(source, "rb") as f:
                 empty = not f.read(1)
         except FileNotFoundError:

@@ -67,6 +67,13 @@ def base_argv(model, data, out):
         (["--checkpointing_steps", "-1"], r"--checkpointing_steps -1: must be 0 or more"),
         (["--noise_offset", "nan"], r"--noise_offset nan: must be a finite number, 0 or more"),
         (["--streaming"], r"--streaming reads a --dataset_name; a --train_data_dir folder is read as it is"),
+        (["--adam_beta1", "1.5"], r"--adam_beta1 1.5: must be at least 0 and below 1"),
+        (["--adam_beta2", "1.0"], r"--adam_beta2 1.0: must be at least 0 and below 1"),
+        (["--optimizer", "Muon"], r"--optimizer Muon: cannot train a hypernetwork \(Muon only supports 2D parameters"),
+        (["--preview_steps", "5000"], r"--preview_steps 5000: at most the scheduler's 1000 timesteps"),
+        (["--preview_width", "100000"], r"--preview_width 100000: at most 8192 pixels"),
+        (["--resolution", "100000"], r"--resolution 100000: at most 8192 pixels"),
+        (["--variant", "bogus"], r"--variant bogus: .*unet has no file of that variant \(such as diffusion_pytorch_model.bogus.safetensors\); leave --variant out"),
     ],
 )  # fmt: skip
 def test_bad_flags_are_one_line_errors_before_heavy_work(
@@ -75,6 +82,22 @@ def test_bad_flags_are_one_line_errors_before_heavy_work(
     code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") + extra)
     assert code == 2 and "\n" not in text
     assert __import__("re").search(message, text), text
+
+
+def test_unusable_model_parts_and_cache_folders_are_one_line_errors_before_heavy_work(
+    tiny_model_dir, small_dataset, tmp_path, capsys, no_heavy_work
+):
+    unet = os.path.join(tiny_model_dir, "unet")
+    code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") +
+                         ["--pretrained_vae_model_name_or_path", unet])  # fmt: skip
+    assert code == 2 and text == (
+        f"--pretrained_vae_model_name_or_path {unet}: not a VAE folder (its config.json is for "
+        "UNet2DConditionModel, not AutoencoderKL)"
+    )
+    (tmp_path / "a-file").write_text("x")
+    code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") +
+                         ["--cache_dir", str(tmp_path / "a-file")])  # fmt: skip
+    assert code == 2 and text == f"--cache_dir {tmp_path / 'a-file'}: is a file, not a folder", text
 
 
 def test_bad_data_is_reported_by_file_before_heavy_work(
@@ -94,6 +117,11 @@ def test_bad_data_is_reported_by_file_before_heavy_work(
     (broken / "zz-bad.png").write_bytes(b"")
     code, text = run_cli(capsys, base_argv(tiny_model_dir, broken, tmp_path / "o"))
     assert code == 2 and f"{broken / 'zz-bad.png'}: empty file (0 bytes)" in text
+
+    with open(broken / "zz-bad.png", "wb") as f:
+        f.truncate(2 << 30)  # sparse: 2 GiB claimed, nothing on disk
+    code, text = run_cli(capsys, base_argv(tiny_model_dir, broken, tmp_path / "o"))
+    assert code == 2 and text == f"{broken / 'zz-bad.png'}: larger than 1 GiB, too large for a training image"
 
     code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o")[:-2])
     assert code == 2 and "the following arguments are required: --output_dir" in text
