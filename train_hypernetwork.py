@@ -42,6 +42,7 @@ from hypernet.formats import (
     base_model_hash,
     cached_sha256,
     check_writable_folder,
+    torch_load_safely,
     weights_id,
     write_failure,
 )
@@ -739,9 +740,33 @@ def read_training_state(checkpoint):
         if not (isinstance(saved["step"], int) and isinstance(saved["losses"], list)
                 and isinstance(saved["bad_steps"], int)):  # fmt: skip
             raise ValueError("wrong types")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                   for x in saved["losses"]):  # fmt: skip
+            raise ValueError("its losses are not all finite numbers")
+        if not isinstance(saved.get("run_id"), (str, type(None))):
+            raise ValueError("its run_id is not text")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path}: damaged ({e}); resume from an earlier checkpoint or start anew") from None
     return saved
+
+
+def check_checkpoint_files(path):
+    """Every file of a checkpoint is one this script writes, and its optimizer and scheduler states read safely as
+    state dicts, before accelerate's load_state sees them."""
+    for name in sorted(os.listdir(path)):
+        if name not in CHECKPOINT_FILES and not re.fullmatch(r"random_states_\d+\.pkl", name):
+            raise UsageError(
+                f"{os.path.join(path, name)}: not a file this script's checkpoints hold (it may come from another "
+                "script); resume from a checkpoint of train_hypernetwork.py"
+            )
+    for name, keys in (("optimizer.bin", ("state", "param_groups")), ("scheduler.bin", ())):
+        file = os.path.join(path, name)
+        try:
+            state = torch_load_safely(file)
+        except HypernetError as e:
+            raise UsageError(f"{e}; resume from an earlier checkpoint or start anew") from None
+        if not isinstance(state, dict) or any(key not in state for key in keys):
+            raise UsageError(f"{file}: damaged (not a state dict); resume from an earlier checkpoint or start anew")
 
 
 def resolve_checkpoint(args):
@@ -771,6 +796,7 @@ def resolve_checkpoint(args):
             f"--resume_from_checkpoint {path}: not a complete checkpoint of this script (missing {', '.join(missing)})"
         )
     read_training_state(path)
+    check_checkpoint_files(path)
     saved = hypernet.load(os.path.join(path, "hypernetwork.safetensors"))
     if args.resume_hypernetwork is None:
         changed = [f"--{flag}" for flag, attribute in (("layer_structure", "layer_structure"),

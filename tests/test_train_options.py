@@ -100,6 +100,36 @@ def test_unusable_model_parts_and_cache_folders_are_one_line_errors_before_heavy
     assert code == 2 and text == f"--cache_dir {tmp_path / 'a-file'}: is a file, not a folder", text
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _losses_text(path):
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(state, losses=["a"])))
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("optimizer.bin", _truncate, r"optimizer.bin: not a readable PyTorch file .*; resume from an earlier checkpoint"),
+    ("scheduler.bin", lambda p: p.write_bytes(b"garbage"), r"scheduler.bin: not a PyTorch file; resume from an earlier"),
+    ("custom_checkpoint_0.pkl", lambda p: p.write_bytes(b"\x80\x04N."),
+     r"custom_checkpoint_0.pkl: not a file this script's checkpoints hold"),
+    ("training_state.json", _losses_text, r"training_state.json: damaged \(its losses are not all finite numbers\)"),
+])  # fmt: skip
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_the_run_is_left_as_it_was(
+    tiny_model_dir, small_dataset, tmp_path, capsys, name, damage, message
+):
+    out = tmp_path / "run"
+    assert train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, steps=2) == 0
+    damage(out / "checkpoint-2" / name)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv = base_argv(tiny_model_dir, small_dataset, out) + ["--resume_from_checkpoint", "latest", "--resolution", "64", "--max_train_steps",
+                                                             "4", "--checkpointing_steps", "2"]  # fmt: skip
+    code, text = run_cli(capsys, argv)
+    assert code == 2 and "\n" not in text and __import__("re").search(message, text), text
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_bad_data_is_reported_by_file_before_heavy_work(
     tiny_model_dir, small_dataset, tmp_path, capsys, no_heavy_work
 ):
