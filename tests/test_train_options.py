@@ -94,6 +94,21 @@ def test_unusable_model_parts_and_cache_folders_are_one_line_errors_before_heavy
         f"--pretrained_vae_model_name_or_path {unet}: not a VAE folder (its config.json is for "
         "UNet2DConditionModel, not AutoencoderKL)"
     )
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    shutil.copy(os.path.join(small_dataset, sorted(os.listdir(small_dataset))[0]), folder / "a.png")
+    (folder / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "text": "x"}\n{"file_name": "gone.png", "text": "y"}\n'
+    )
+    argv = ["--pretrained_model_name_or_path", tiny_model_dir, "--dataset_name", str(folder), "--output_dir",
+            str(tmp_path / "o")]  # fmt: skip
+    code, text = run_cli(capsys, argv)
+    line = text.splitlines()[-1]  # after the progress bar of datasets' split generation
+    assert (
+        code == 2
+        and line == f"train_hypernetwork.py: error: {folder / 'gone.png'}: cannot be read (No such file or directory)"
+    ), text
+
     (tmp_path / "a-file").write_text("x")
     code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") +
                          ["--cache_dir", str(tmp_path / "a-file")])  # fmt: skip
