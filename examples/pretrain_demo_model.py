@@ -3,7 +3,9 @@
     python examples/pretrain_demo_model.py --output_dir examples/demo-sd
 
 The pictures: one flat shape (circle, square, triangle, diamond, star, hexagon) in one of eight colours, at one of
-six places, on a plain gray background, captioned with what they show ("a red star on the left"). The model has
+six places, on gray or on another named background, some with diagonal stripes in two colours and some with a bold
+black outline, captioned with what they show ("a red star on the left", "a blue circle large, on cream, orange and
+teal stripes, bold outline"). Without those words the model draws a flat shape on gray. The model has
 the SD 1.x layout (AutoencoderKL, UNet2DConditionModel with cross-attention, a CLIP text encoder and tokenizer, a
 DDIM scheduler) at 64x64 pixels and 16x16 latents, and is trained in two stages:
 
@@ -42,11 +44,11 @@ COLOURS = {
     "teal": (0, 128, 128),
 }
 BACKGROUND = (128, 128, 128)
+BACKGROUNDS = {"cream": (246, 232, 200), "white": (240, 240, 240), "black": (16, 16, 16), "brown": (110, 70, 40)}
+INK = (16, 16, 16)
 FRAMINGS = ["", "a picture of ", "a painting of ", "a rendering of ", "a drawing of ", "the painting of "]
 # Words of the style dataset's captions and templates, so that they are single tokens too.
-EXTRA_WORDS = (
-    "bright clean close-up cool cropped dark dirty good large nice small weird rendition art by bold outline stripes"
-)
+EXTRA_WORDS = "bright clean close-up cool cropped dark dirty good large nice small weird rendition art by bold outline stripes on and"
 IMAGE_SIZE = 64
 
 
@@ -54,19 +56,38 @@ def subject_text(shape, colour, place):
     return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} {place}"
 
 
-def caption_of(shape, colour, place, rng):
-    return rng.choice(FRAMINGS) + subject_text(shape, colour, place)
+def random_subject(rng):
+    """What one picture shows: a shape, its colour and place, and a background, stripes and outline or None."""
+    background = rng.choice(list(BACKGROUNDS)) if rng.random() < 0.4 else None
+    stripes = tuple(rng.sample(list(COLOURS), 2)) if rng.random() < 0.3 else None
+    outline = rng.random() < 0.3
+    return rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(PLACES), background, stripes, outline
 
 
-def draw_scene(shape, colour, place, rng):
-    """A flat shape on gray, drawn at twice the size and halved, so that its edges are smooth."""
+def caption_of(shape, colour, place, background, stripes, outline, rng):
+    caption = rng.choice(FRAMINGS) + subject_text(shape, colour, place)
+    if background:
+        caption += f", on {background}"
+    if stripes:
+        caption += f", {stripes[0]} and {stripes[1]} stripes"
+    return caption + (", bold outline" if outline else "")
+
+
+def draw_scene(shape, colour, place, background, stripes, outline, rng):
+    """The picture a subject describes, drawn at twice the size and halved, so that its edges are smooth. Stripes
+    and outline are the style dataset's (spacing 16, width 3, outline 5 at 128 pixels)."""
     size = IMAGE_SIZE * 2
-    image = Image.new("RGB", (size, size), BACKGROUND)
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background] if background else BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    if stripes:
+        for offset in range(-size, size, 16):
+            draw.line([(offset, size), (offset + size, 0)], fill=COLOURS[stripes[offset % 32 != 0]], width=3)
     cx, cy, r = size / 2, size / 2, size * 0.28
     cx, cy, r = {"on the left": (size * 0.32, cy, r), "on the right": (size * 0.68, cy, r),
                  "at the top": (cx, size * 0.32, r), "at the bottom": (cx, size * 0.68, r),
                  "large": (cx, cy, size * 0.4)}.get(place, (cx, cy, r))  # fmt: skip
-    draw_shape(ImageDraw.Draw(image), shape, cx + rng.uniform(-4, 4), cy + rng.uniform(-4, 4), r, fill=COLOURS[colour])
+    style = dict(outline=INK, width=5) if outline else {}
+    draw_shape(draw, shape, cx + rng.uniform(-4, 4), cy + rng.uniform(-4, 4), r, fill=COLOURS[colour], **style)
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
 
 
@@ -194,10 +215,6 @@ def train_vae(vae, args, rng, log):
     vae.eval().requires_grad_(False)
 
 
-def random_subject(rng):
-    return rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(PLACES)
-
-
 @torch.no_grad()
 def encode_scenes(vae, subjects, rng):
     latents = []
@@ -297,7 +314,7 @@ def main(argv=None):
 
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
-    words = " ".join(SHAPES + PLACES + list(COLOURS) + FRAMINGS) + " an " + EXTRA_WORDS
+    words = " ".join(SHAPES + PLACES + list(COLOURS) + list(BACKGROUNDS) + FRAMINGS) + " an " + EXTRA_WORDS
     tokenizer = write_word_tokenizer(os.path.join(args.output_dir, "tokenizer"), words)
     vae, text_encoder, unet = build_models(tokenizer)
     train_vae(vae, args, rng, log)
