@@ -6,9 +6,9 @@
 Reads the PNGs in the folders given, pairs them by the prompt and seed in their infotext, and draws one row per
 prompt: its seeds at the first strength, then the same seeds at the next. A prompt counts as "in the captions"
 where a training caption starts with its first clause (the text before its first comma). The style measure is
-the share of an image's pixels in the style's palette (hypernet.evaluation.palette_share; by default the palette
-of examples/make_style_dataset.py). Writes the grid, and beside it a .json file with every image's measure and
-the means per strength, and prints the means.
+the distance of an image's colours to the training images' (hypernet.evaluation.colour_distance, in 0-255 RGB
+units; lower is closer), with the training images at the generated images' size. Writes the grid, and beside it
+a .json file with every image's measure and the means per strength, and prints the means.
 """
 
 import argparse
@@ -18,11 +18,10 @@ import re
 import sys
 from collections import defaultdict
 
-from make_style_dataset import CREAM, INK, ORANGE, TEAL
 from PIL import Image, ImageDraw
 
 from hypernet.data import IMAGE_EXTENSIONS, read_caption
-from hypernet.evaluation import PALETTE_TOLERANCE, palette_share
+from hypernet.evaluation import colour_distance, colour_quantiles
 from hypernet.formats import atomic_write
 
 
@@ -31,31 +30,12 @@ def fail(message):
     sys.exit(2)
 
 
-def hex_colour(rgb):
-    return "".join(f"{c:02x}" for c in rgb)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", help="Folders of generate.py's PNGs (one per strength, or mixed).")
     parser.add_argument("--train_data_dir", required=True, help="The training images and their .txt captions.")
     parser.add_argument("--output", required=True, help="The grid's PNG path; the measures go beside it as .json.")
-    parser.add_argument(
-        "--palette",
-        default=",".join(map(hex_colour, (CREAM, INK, ORANGE, TEAL))),
-        help="The style's colours as comma-separated hex RGB (default: the style dataset's cream, ink, orange, teal).",
-    )
-    parser.add_argument(
-        "--tolerance", type=float, default=PALETTE_TOLERANCE, help="RGB distance within which a pixel is a colour."
-    )
     return parser.parse_args(argv)
-
-
-def parse_palette(text):
-    try:
-        return [tuple(int(h[i : i + 2], 16) for i in (0, 2, 4)) for h in text.split(",") if len(h.strip()) == 6]
-    except ValueError:
-        return []
 
 
 def generated(folder):
@@ -119,9 +99,6 @@ def draw_grid(rows, strengths, captions):
 
 def main(argv=None):
     args = parse_args(argv)
-    palette = parse_palette(args.palette)
-    if not palette:
-        fail(f"--palette {args.palette!r}: give colours as comma-separated 6-digit hex RGB, e.g. f6e8c8,101010")
     for folder in args.folders + [args.train_data_dir]:
         if not os.path.isdir(folder):
             fail(f"{folder}: not a folder; give generate.py's --output_dir folders and the training images")
@@ -135,24 +112,26 @@ def main(argv=None):
     strengths = sorted({strength for images in by_prompt.values() for strength, _ in images})
     size = next(iter(next(iter(by_prompt.values())).values())).size
     captions, training_images = training_set(args.train_data_dir, size)
+    if not training_images:
+        fail(f"--train_data_dir {args.train_data_dir}: no training images to measure the style against")
+    style = colour_quantiles(training_images)
 
     records = []
     for prompt, images in by_prompt.items():
         for (strength, seed), image in sorted(images.items()):
             records.append(dict(prompt=prompt, seed=seed, strength=strength, in_captions=in_captions(prompt, captions),
-                                style=palette_share(image, palette, args.tolerance)))  # fmt: skip
+                                style=colour_distance(image, style)))  # fmt: skip
     means = {}
     for group, wanted in (("in_captions", True), ("not_in_captions", False)):
         for strength in strengths:
             values = [r["style"] for r in records if r["in_captions"] == wanted and r["strength"] == strength]
             if values:
                 means.setdefault(group, {})[f"{strength:g}"] = sum(values) / len(values)
-    training = [palette_share(image, palette, args.tolerance) for image in training_images]
+    training = [colour_distance(image, style) for image in training_images]
     report = dict(
-        measure="share of pixels within `tolerance` (RGB distance) of a `palette` colour",
-        palette=[hex_colour(colour) for colour in palette],
-        tolerance=args.tolerance,
-        training_images=sum(training) / len(training) if training else None,
+        measure="colour_distance: sliced Wasserstein-1 distance of the image's RGB distribution to the training "
+        "images', in 0-255 RGB units; lower is closer to the style",
+        training_images=sum(training) / len(training),
         means=means,
         images=records,
     )
@@ -164,15 +143,14 @@ def main(argv=None):
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
 
-    print(f"style = share of pixels in the palette {', '.join(report['palette'])} (within {args.tolerance:g}):")
-    if training:
-        print(f"  the {len(training)} training images:{'':21}{report['training_images']:.2f}")
+    print("style = colour distance to the training images (lower is closer):")
+    print(f"  each of the {len(training)} training images:{'':13}{report['training_images']:.1f}")
     for group, label in (
         ("in_captions", "prompts in the training captions:"),
         ("not_in_captions", "prompts not in the captions:"),
     ):
         if group in means:
-            print(f"  {label:<36}" + "   ".join(f"strength {s}: {v:.2f}" for s, v in means[group].items()))
+            print(f"  {label:<36}" + "   ".join(f"strength {s}: {v:.1f}" for s, v in means[group].items()))
     print(f"wrote {args.output} and {os.path.splitext(args.output)[0]}.json")
     return report
 

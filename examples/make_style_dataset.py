@@ -2,8 +2,10 @@
 
     python examples/make_style_dataset.py --output_dir examples/style_dataset
 
-Every image has the same style (thick black outlines, flat orange and teal, diagonal cream stripes behind) and a
-different subject, named in a same-named .txt caption, in A1111's dataset layout.
+Every image has the same style (thick black outlines, flat orange and teal, a cream background with diagonal orange
+and teal stripes) and a different subject, named in a same-named .txt caption, in A1111's dataset layout. The
+captions name the subject only ("an orange circle in the middle"): what they leave out, the style, is what a
+hypernetwork trained on them learns to add.
 """
 
 import argparse
@@ -72,7 +74,7 @@ def make_style_dataset(output_dir, size=128, seed=0):
             stem = os.path.join(output_dir, f"{count:02d}-{shape}")
             image.save(stem + ".png", optimize=True)
             with open(stem + ".txt", "w", encoding="utf-8") as f:
-                f.write(f"{'an' if color == 'orange' else 'a'} {color} {shape} {place}, bold outline, stripes\n")
+                f.write(f"{'an' if color == 'orange' else 'a'} {color} {shape} {place}\n")
             count += 1
     return count
 

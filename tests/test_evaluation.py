@@ -1,28 +1,43 @@
-"""The style measure: the share of pixels within a distance of a palette colour."""
+"""The style measure: the sliced Wasserstein distance between colour distributions, against its formula."""
 
-import math
-
+import numpy as np
 import pytest
 from PIL import Image
 
-from hypernet.evaluation import palette_share
+from hypernet.evaluation import DIRECTIONS, colour_distance, colour_quantiles
 
-PALETTE = [(246, 232, 200), (0, 128, 128)]
-
-
-def test_palette_share_counts_pixels_within_the_tolerance_of_any_colour():
-    pixels = [(246, 232, 200)] * 30 + [(0, 128 + 39, 128)] * 20 + [(0, 128, 128 + 41)] * 10 + [(128, 128, 128)] * 40
-    image = Image.new("RGB", (10, 10))
-    image.putdata(pixels)
-    assert palette_share(image, PALETTE, tolerance=40) == pytest.approx(0.5)
-    assert palette_share(image, PALETTE, tolerance=41) == pytest.approx(0.6)
-    distance_to_gray = min(math.dist((128, 128, 128), colour) for colour in PALETTE)
-    assert palette_share(image, PALETTE, tolerance=distance_to_gray) == pytest.approx(1.0)
+CREAM, TEAL, GRAY = (246, 232, 200), (0, 128, 128), (128, 128, 128)
 
 
-def test_palette_share_reads_any_image_mode():
-    assert palette_share(Image.new("RGBA", (4, 4), (0, 128, 128, 0)), PALETTE) == 1.0
-    assert palette_share(Image.new("L", (4, 4), 0), PALETTE) == 0.0
+def flat(colour, size=(16, 16)):
+    return Image.new("RGB", size, colour)
+
+
+def test_flat_images_are_the_mean_projected_distance_of_their_colours_apart():
+    expected = np.abs((np.subtract(GRAY, CREAM)) @ DIRECTIONS.T).mean()
+    assert colour_distance(flat(GRAY), [flat(CREAM)]) == pytest.approx(expected)
+    assert colour_distance(flat(CREAM), [flat(CREAM), flat(CREAM, (4, 4))]) == 0.0
+
+
+def test_the_arrangement_of_pixels_does_not_matter_their_proportions_do():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    shuffled = rng.permutation(pixels.reshape(-1, 3)).reshape(32, 32, 3)
+    assert colour_distance(Image.fromarray(pixels), [Image.fromarray(shuffled)]) == pytest.approx(0.0, abs=1e-9)
+    half = np.zeros((16, 16, 3), dtype=np.uint8)
+    half[:, :8], half[:, 8:] = CREAM, TEAL
+    # half the mass has to move from teal to cream, so half the flat distance
+    full = colour_distance(flat(TEAL), [flat(CREAM)])
+    assert colour_distance(Image.fromarray(half), [flat(CREAM)]) == pytest.approx(full / 2, rel=0.02)
+
+
+def test_reference_quantiles_are_reused_and_any_image_mode_is_read():
+    reference = colour_quantiles([flat(CREAM), flat(TEAL)])
+    assert reference.shape == (256, len(DIRECTIONS))
+    image = flat(GRAY)
+    assert colour_distance(image, reference) == colour_distance(image, [flat(CREAM), flat(TEAL)])
+    assert colour_distance(Image.new("RGBA", (4, 4), TEAL + (0,)), [flat(TEAL)]) == 0.0
+    assert colour_distance(Image.new("L", (4, 4), 128), [flat(GRAY)]) == 0.0
 
 
 @pytest.mark.slow
@@ -51,7 +66,7 @@ def test_before_after_pairs_generated_images_by_prompt_and_seed_and_reports_thei
                              "--train_data_dir", "examples/style_dataset", "--output", str(out)], cwd=ROOT,
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "prompts in the training captions:" in result.stdout and "the 24 training images:" in result.stdout
+    assert "prompts in the training captions:" in result.stdout and "each of the 24 training images:" in result.stdout
     assert Image.open(out).size == (260 + 2 * (2 * 128 + 8), 20 + 2 * 128)
     report = json.loads((tmp_path / "grid.json").read_text())
     images = {(r["prompt"].split(",")[0], r["seed"], r["strength"]): r for r in report["images"]}
@@ -59,28 +74,16 @@ def test_before_after_pairs_generated_images_by_prompt_and_seed_and_reports_thei
     assert set(images) == {(p, s, k) for p, seeds in (("a teal star in the middle", (3, 4)),
                                                       ("a red square at the bottom", (5, 6))) for s in seeds
                            for k in (0.0, 1.0)}  # fmt: skip
-    palette = [tuple(int(h[i : i + 2], 16) for i in (0, 2, 4)) for h in report["palette"]]
+    names = sorted(n for n in os.listdir(os.path.join(ROOT, "examples", "style_dataset")) if n.endswith(".png"))
+    training = [Image.open(os.path.join(ROOT, "examples", "style_dataset", n)).convert("RGB").resize((64, 64),
+                Image.LANCZOS) for n in names]  # fmt: skip
     for folder, strength in (("s0", 0.0), ("s1", 1.0)):
         for name in os.listdir(tmp_path / folder):
             if name.endswith(".png") and name != "grid.png":
                 image = Image.open(tmp_path / folder / name)
                 prompt, seed = image.info["parameters"].split(",")[0], int(name.split("-")[1].split(".")[0])
-                assert images[prompt, seed, strength]["style"] == palette_share(image, palette)
+                assert images[prompt, seed, strength]["style"] == pytest.approx(colour_distance(image, training))
     for group, wanted in (("in_captions", True), ("not_in_captions", False)):
         assert all(r["in_captions"] == wanted for r in report["images"] if ("teal" in r["prompt"]) == wanted)
         values = [r["style"] for r in report["images"] if r["in_captions"] == wanted and r["strength"] == 1.0]
         assert report["means"][group]["1"] == pytest.approx(sum(values) / len(values))
-
-
-def test_before_after_refuses_a_palette_it_cannot_read(tmp_path):
-    import subprocess
-    import sys
-
-    from helpers import ROOT
-
-    result = subprocess.run([sys.executable, "examples/before_after.py", str(tmp_path), "--train_data_dir",
-                             str(tmp_path), "--output", str(tmp_path / "g.png"), "--palette", "cream"], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "--palette 'cream': give colours as comma-separated 6-digit hex RGB, e.g. f6e8c8,101010"
-    ]
