@@ -3,7 +3,7 @@
 # Offline (no account needed; sync later with `wandb sync`): WANDB_MODE=offline bash examples/wandb.sh
 set -euo pipefail
 python "$(dirname "$0")/../train_hypernetwork.py" \
-  --pretrained_model_name_or_path "${MODEL:-quickstart/tiny-sd}" \
+  --pretrained_model_name_or_path "${MODEL:-examples/demo-sd}" \
   --train_data_dir examples/style_dataset \
   --output_dir "${OUT:-quickstart/wandb-run}" \
   --resolution 64 --max_train_steps 20 --learning_rate 1e-3 \
