@@ -109,6 +109,22 @@ def test_unusable_model_parts_and_cache_folders_are_one_line_errors_before_heavy
         and line == f"train_hypernetwork.py: error: {folder / 'gone.png'}: cannot be read (No such file or directory)"
     ), text
 
+    import builtins
+    import errno
+
+    import hypernet.formats
+
+    def read_only(path, *args, **kwargs):
+        if ".write-test-" in str(path) and "cache-on-ro" in str(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hypernet.formats, "open", read_only, raising=False)
+        code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") +
+                             ["--cache_dir", str(tmp_path / "cache-on-ro")])  # fmt: skip
+    assert code == 2 and text == f"--cache_dir {tmp_path / 'cache-on-ro'}: not writable (Read-only file system)", text
+
     (tmp_path / "a-file").write_text("x")
     code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") +
                          ["--cache_dir", str(tmp_path / "a-file")])  # fmt: skip
