@@ -1,14 +1,15 @@
 """How far the style comes with training: hypernetworks and a rank-4 LoRA on the demo model, the same data and steps.
 
-    python bench/bench_style.py --at 0,50,100,200,300
+    python bench/bench_style.py --at 0,250,500,1000,2000
 
 Every variant trains on the same batches in one run: the 24 images of examples/style_dataset at 64x64 through
 examples/demo-sd's VAE, each with a caption from examples/templates/style_filewords.txt (name "quick-style"),
 batch 4, the same noise and timesteps, AdamW (weight decay 0.01), diffusion_loss of hypernet.training. At each step
 count in --at, each variant generates the prompts of examples/quickstart_prompts.txt (two whose subject a training
-caption names, two with a colour and place none names) with --seeds seeds,
-20 DDIM steps, CFG 7, as generate.py does, and its style is the mean share of pixels in the style's palette
-(hypernet.evaluation.palette_share), for the prompts in and not in the training captions. Variants:
+caption names, two with a colour and place none names) with --seeds seeds, 20 DDIM steps, CFG 7, as generate.py
+does, and its style is the mean colour distance of those images to the training images
+(hypernet.evaluation.colour_distance; lower is closer), for the prompts in and not in the training captions.
+Variants:
   linear    the webui's default hypernetwork: layer structure 1,2,1, linear, --learning_rate (the quickstart's)
   relu      the quickstart's: 1,2,1 with relu, the same rate
   lora      peft LoRA rank 4 (alpha 4) on to_q/to_k/to_v/to_out.0, as diffusers' LoRA script trains; the same rate
@@ -27,12 +28,11 @@ import time
 
 import torch
 from common import ROOT, machine
-from make_style_dataset import CREAM, INK, ORANGE, TEAL
 from PIL import Image
 
 import hypernet
 from hypernet.data import load_template, make_caption, pixel_values
-from hypernet.evaluation import palette_share
+from hypernet.evaluation import colour_distance, colour_quantiles
 from hypernet.images import Generation
 from hypernet.prompts import PromptEncoder
 from hypernet.training import (
@@ -46,8 +46,7 @@ from hypernet.training import (
 
 DEMO = os.path.join(ROOT, "examples", "demo-sd")
 STYLE = os.path.join(ROOT, "examples", "style_dataset")
-PALETTE = [CREAM, INK, ORANGE, TEAL]
-HYPERNETWORK_RATE = "2e-3:200, 1e-3"
+HYPERNETWORK_RATE = "5e-3"
 
 
 class LoraUNet(torch.nn.Module):
@@ -82,9 +81,10 @@ def make_variants(unet, names, learning_rate):
 
 
 def training_data(models, encoder):
-    """Latent mean and std of each style image at 64x64, and the embedding of each (image, template line)."""
+    """Latent mean and std of each style image at 64x64, the embedding of each (image, template line), the
+    subjects of the captions and the images' colour quantiles."""
     names = sorted(n for n in os.listdir(STYLE) if n.endswith(".png"))
-    images = [Image.open(os.path.join(STYLE, n)).convert("RGB").resize((64, 64), Image.BICUBIC) for n in names]
+    images = [Image.open(os.path.join(STYLE, n)).convert("RGB").resize((64, 64), Image.LANCZOS) for n in names]
     with torch.no_grad():
         dist = models.vae.encode(pixel_values(images)).latent_dist
     scaling = models.vae.config.scaling_factor
@@ -97,7 +97,7 @@ def training_data(models, encoder):
         subjects.append(filewords.split(",")[0])
     embeddings = encoder.each([c for per_image in captions for c in per_image])
     per_image = [[embeddings[i * len(templates) + t][0] for t in range(len(templates))] for i in range(len(names))]
-    return dist.mean * scaling, dist.std * scaling, per_image, subjects
+    return dist.mean * scaling, dist.std * scaling, per_image, subjects, colour_quantiles(images)
 
 
 def batches(mean, std, embeddings, batch_size, seed):
@@ -117,11 +117,11 @@ def batches(mean, std, embeddings, batch_size, seed):
             }
 
 
-def style_of(pipeline, unet, encoder, prompts, seeds, subjects, grid_path=None):
+def style_of(pipeline, unet, encoder, prompts, seeds, subjects, reference, grid_path=None):
     from before_after import in_captions  # examples/ is on the path once common is imported
 
     pipeline.unet = unet
-    shares = {"in_captions": [], "not_in_captions": []}
+    distances = {"in_captions": [], "not_in_captions": []}
     images = []
     for p, prompt in enumerate(prompts):
         group = "in_captions" if in_captions(prompt, subjects) else "not_in_captions"
@@ -129,18 +129,18 @@ def style_of(pipeline, unet, encoder, prompts, seeds, subjects, grid_path=None):
             generation = Generation(prompt=prompt, steps=20, cfg_scale=7.0, seed=p * seeds + s, width=64, height=64)
             with torch.no_grad():
                 (image,) = generation.images(pipeline, encoder, "cpu")
-            shares[group].append(palette_share(image, PALETTE))
+            distances[group].append(colour_distance(image, reference))
             images.append(image)
     if grid_path:
         from diffusers.utils import make_image_grid
 
         make_image_grid(images, len(prompts), seeds).save(grid_path)
-    return {group: round(sum(v) / len(v), 4) for group, v in shares.items()}
+    return {group: round(sum(v) / len(v), 2) for group, v in distances.items()}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--at", default="0,50,100,200,300", help="Step counts at which to measure the style.")
+    parser.add_argument("--at", default="0,250,500,1000,2000", help="Step counts at which to measure the style.")
     parser.add_argument("--seeds", type=int, default=4, help="Seeds per prompt at each measurement.")
     parser.add_argument("--batch_size", type=int, default=4, help="Training batch size (the quickstart's).")
     parser.add_argument(
@@ -163,13 +163,15 @@ def main(argv=None):
     pipeline = StableDiffusionPipeline.from_pretrained(DEMO, safety_checker=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     encoder = PromptEncoder(models.tokenizers, models.text_encoders)
-    mean, std, embeddings, subjects = training_data(models, encoder)
+    mean, std, embeddings, subjects, reference = training_data(models, encoder)
     with open(os.path.join(ROOT, "examples", "quickstart_prompts.txt")) as f:
         prompts = [line.strip() for line in f if line.strip()]
     variants = make_variants(models.unet, names, args.learning_rate)
+    if args.image_dir:
+        os.makedirs(args.image_dir, exist_ok=True)
 
     started = time.time()
-    base_style = style_of(pipeline, models.unet, encoder, prompts, args.seeds, subjects)
+    base_style = style_of(pipeline, models.unet, encoder, prompts, args.seeds, subjects, reference)
     style = {name: {} for name in names}
     train_seconds = {name: 0.0 for name in names}
     data = batches(mean, std, embeddings, args.batch_size, args.seed)
@@ -178,7 +180,8 @@ def main(argv=None):
             for name, variant in variants.items():
                 variant["model"].eval()
                 grid = os.path.join(args.image_dir, f"{name}-{step}.png") if args.image_dir else None
-                style[name][step] = style_of(pipeline, variant["unet"], encoder, prompts, args.seeds, subjects, grid)
+                style[name][step] = style_of(pipeline, variant["unet"], encoder, prompts, args.seeds, subjects,
+                                             reference, grid)  # fmt: skip
                 variant["model"].train()
         if step == at[-1]:
             break
