@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 import uuid
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -1184,7 +1185,9 @@ def main(input_args=None):
     hn.sd_checkpoint_name = os.path.basename(os.path.normpath(args.pretrained_model_name_or_path))
     hn.train()
     hn.requires_grad_(True)
-    model = UNetWithHypernetwork(models.unet, hn)
+    with warnings.catch_warnings():  # widths the model lacks were logged above, before any model loaded
+        warnings.filterwarnings("ignore", message=".*matches no attention layer")
+        model = UNetWithHypernetwork(models.unet, hn)
     optimizer, optimizer_name = make_optimizer(hn.parameters(), args.optimizer, args.use_8bit_adam,
                                                (args.adam_beta1, args.adam_beta2), args.adam_weight_decay,
                                                args.adam_epsilon)  # fmt: skip

@@ -288,11 +288,14 @@ def test_resuming_a_hypernetwork_of_another_family_warns_which_modules_train(
     sd2_model_dir, small_dataset, tmp_path, caplog
 ):
     import logging
+    import warnings
 
     case1 = a1111_file("case1_default_relu")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert train(sd2_model_dir, small_dataset, tmp_path / "o", "--resume_hypernetwork", case1, steps=1236) == 0
     said = [r.getMessage() for r in caplog.records if "matches no attention layer" in r.getMessage()]
+    assert not [w for w in caught if "matches no attention layer" in str(w.message)], "said once, not twice"
     assert said == [
         f"{case1}: its width 96 matches no attention layer of this model (widths [128, 40, 80, 160]), so only its "
         "modules for 40, 80, 160 apply; it was made for another model family"
