@@ -735,7 +735,10 @@ def optimizer_fit_problem(saved, optim_path, parameters):
     from .training import optimizer_for_state, optimizer_state_problem
 
     name = saved.get("optimizer_name") or "AdamW"
-    optimizer = optimizer_for_state(parameters, name, saved["optimizer_state_dict"])
+    try:
+        optimizer = optimizer_for_state(parameters, name, saved["optimizer_state_dict"])
+    except ValueError as e:
+        return f"{optim_path}: {e}"
     if optimizer is None:
         return None  # a class this installation lacks (bitsandbytes): the structure checked above is all we can say
     problem = optimizer_state_problem(saved["optimizer_state_dict"], optimizer, name)

@@ -161,7 +161,8 @@ IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 
 def optimizer_for_state(parameters, name, state_dict):
     """A fresh optimizer of the class `name` (as a .optim records it) over copies of `parameters`, with the first
-    saved param group's hyperparameters, to check a saved state against; None where the class is unavailable."""
+    saved param group's hyperparameters, to check a saved state against; None where the class is unavailable.
+    Hyperparameters the class refuses raise ValueError with the reason."""
     try:
         cls, _ = optimizer_class("AdamW", True) if name == "AdamW8bit" else optimizer_class(name)
     except UsageError:
@@ -173,12 +174,7 @@ def optimizer_for_state(parameters, name, state_dict):
     try:
         return cls(copies, **kwargs)
     except (TypeError, ValueError) as e:
-        return _Unbuildable(f"its hyperparameters do not make a {name} ({first_line(e)})")
-
-
-class _Unbuildable:
-    def __init__(self, problem):
-        self.problem = problem
+        raise ValueError(f"its hyperparameters do not make a {name} ({first_line(e)})") from None
 
 
 def _stepped(optimizer, state_dict=None):
@@ -210,8 +206,6 @@ def optimizer_state_problem(state_dict, optimizer, name):
     their order, the switches this optimizer was built with (amsgrad, maximize, nesterov, ...), and each
     parameter's state keys, shapes and dtypes as this optimizer makes them, with finite values; last, one step from
     it. Everything runs on copies: `optimizer` and its parameters are untouched."""
-    if isinstance(optimizer, _Unbuildable):
-        return optimizer.problem
     try:
         expected = _stepped(optimizer).state_dict()
     except Exception:  # an optimizer that cannot step on zero gradients gives no template to check against
