@@ -22,7 +22,8 @@ import hypernet
 from hypernet.clients import comfyui_verdict, webui_verdict
 from hypernet.conversion import TOLERANCE, check_representable, verify
 from hypernet.errors import HypernetError, UsageError, run_script
-from hypernet.formats import DTYPES, OPTIM_SUFFIX, shorthash, write_failure
+from hypernet.formats import DTYPES, OPTIM_SUFFIX, write_failure
+from hypernet.publishing import file_hashes
 
 SUFFIXES = (".pt", ".safetensors")
 
@@ -124,6 +125,7 @@ def info(path):
         warnings.simplefilter("always")
         hn = hypernet.load(path, optimizer_state=True)
     optim_path = path + OPTIM_SUFFIX
+    hashes = file_hashes(path)
     if hn.optimizer_state_dict is not None:
         optimizer = f"present, valid ({hn.optimizer_name})"
     elif os.path.lexists(optim_path):
@@ -146,7 +148,9 @@ def info(path):
         "sd_checkpoint_name": hn.sd_checkpoint_name,
         "parameters": sum(p.numel() for p in hn.parameters()),
         "dtype": str(next(hn.parameters()).dtype).replace("torch.", ""),
-        "shorthash": shorthash(path),
+        "sha256": hashes["sha256"],
+        "autov2": hashes["autov2"],  # Civitai's short hash
+        "shorthash": hashes["webui"],  # the webui's: its cards, 'Model hash', the .optim's hash
         "optimizer_state": optimizer,
         "optional_info": hn.optional_info,
         "webui": webui_verdict(path),

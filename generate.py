@@ -33,6 +33,7 @@ from hypernet.prompts import (
     parse_multiplier,
     parse_prompt,
 )
+from hypernet.publishing import file_hashes
 
 # A1111 sampler names -> (diffusers scheduler class, extra config). diffusers class names work as well.
 SCHEDULERS = {
@@ -344,6 +345,7 @@ def main(input_args=None):
     attachment = hypernet.attach(pipeline.unet, [], merge=not args.no_merge)
     encoder = prompt_encoder(pipeline, args)
     repeats = {}  # copies of files stacked more than once in one prompt
+    short_hashes = {path: file_hashes(path)["webui"] for path in hypernetworks}
     model_hash = base_model_hash(args.pretrained_model_name_or_path)
     model_name = os.path.splitext(os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)))[0]
     width = args.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
@@ -360,7 +362,7 @@ def main(input_args=None):
         attachment.hypernetworks[:] = stacked(hypernetworks, stack, repeats)
         if attachment.merged:
             attachment.merge()  # now, once for the prompt's images
-        names = [(hypernetworks[path].name or os.path.splitext(os.path.basename(path))[0], m) for path, m in stack]
+        names = [(os.path.splitext(os.path.basename(path))[0], m, short_hashes[path]) for path, m in stack]
         for start in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - start)
             generation = Generation(

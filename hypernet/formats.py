@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file as save_safetensors_file
 
 from .errors import FormatError, HypernetError, NotAHypernetworkError, UsageError, first_line
+from .modelspec import modelspec_metadata
 from .module import ACTIVATIONS, LOAD_DEFAULTS, Hypernetwork
 
 # A1111's file keys, in the order its Hypernetwork.save() writes them, and the attribute each one holds.
@@ -505,8 +506,8 @@ def _pt_state_dict(module, legacy, dtype):
 
 def save(hn, path, optimizer_state_dict=None, optimizer_name=None, dtype=None, metadata=None):
     """Write `hn` to `path` (.pt in A1111's layout, or .safetensors), and its optimizer state to `path`.optim.
-    `metadata`: more text keys for a .safetensors file's metadata (how it was trained); a .pt holds only the webui's
-    keys.
+    A .safetensors file also carries ModelSpec keys (hypernet.modelspec); `metadata`: more text keys for its
+    metadata, which may replace those (how it was trained); a .pt holds only the webui's keys.
 
     Both are written under temporary names and renamed into place together: a failure (a full disk) leaves the
     previous pair whole.
@@ -521,9 +522,9 @@ def save(hn, path, optimizer_state_dict=None, optimizer_name=None, dtype=None, m
             clashing = sorted(set(own) & set(metadata or {}))
             if clashing:
                 raise HypernetError(f"{path}: metadata keys {clashing} are the format's own")
-            save_safetensors_file(
-                tensors, temporaries[0], metadata={**own, **{k: str(v) for k, v in (metadata or {}).items()}}
-            )
+            stem = os.path.splitext(os.path.basename(path))[0]
+            described = {**modelspec_metadata(hn, stem), **{k: str(v) for k, v in (metadata or {}).items()}}
+            save_safetensors_file(tensors, temporaries[0], metadata={**own, **described})
         else:
             torch_save_for_webui(pt_dict(hn, dtype), temporaries[0], path)
         if optimizer_state_dict is not None:

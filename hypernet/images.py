@@ -1,5 +1,6 @@
 """PNG files that carry their generation parameters as AUTOMATIC1111 infotext, so the webui's PNG Info reads them."""
 
+import json
 from dataclasses import dataclass, field
 
 from PIL import PngImagePlugin
@@ -23,9 +24,13 @@ def infotext(
 ):
     """A1111's parameters text: prompt, optional 'Negative prompt:' line, then 'Key: value' pairs.
 
-    hypernetworks: (name, multiplier) pairs, written as A1111 writes them ('Hypernet', 'Hypernet strength';
-    several are joined with ', '). 'Clip skip' is written where it is above 1, as the webui writes it.
+    hypernetworks: (name, multiplier, short hash or None) for each one applied, in order. The prompt names each as
+    the webui's own prompts do, <hypernet:NAME:MULTIPLIER>, so that pasting the text into the webui applies them
+    again; 'Hashes' (model and hypernet:NAME, the files' short hashes) is the field Civitai reads to link the files,
+    as its webui extension writes it. 'Clip skip' is written where it is above 1, as the webui writes it.
     """
+    hashes = {"model": model_hash} if model_hash else {}
+    hashes.update({f"hypernet:{name}": sha for name, _, sha in hypernetworks if sha})
     fields = {
         "Steps": steps,
         "Sampler": sampler,
@@ -35,11 +40,9 @@ def infotext(
         "Model hash": model_hash,
         "Model": model,
         "Clip skip": clip_skip if clip_skip > 1 else None,
+        "Hashes": json.dumps(hashes) if hashes else None,
     }
-    if hypernetworks:
-        fields["Hypernet"] = ", ".join(name for name, _ in hypernetworks)
-        fields["Hypernet strength"] = ", ".join(f"{m:g}" for _, m in hypernetworks)
-    text = prompt
+    text = " ".join([prompt, *(f"<hypernet:{name}:{m:g}>" for name, m, _ in hypernetworks)]).strip()
     if negative_prompt:
         text += f"\nNegative prompt: {negative_prompt}"
     pairs = ", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None)
@@ -60,7 +63,7 @@ class Generation:
     height: int = None
     model_hash: str = None
     model: str = None
-    hypernetworks: list = field(default_factory=list)  # (name, multiplier) pairs
+    hypernetworks: list = field(default_factory=list)  # (name, multiplier, short hash or None)
     clip_skip: int = 1
 
     def images(self, pipeline, encoder, device, count=1):

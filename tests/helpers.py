@@ -1,7 +1,9 @@
 """What the tests share besides fixtures: paths, the reference files, running the scripts as a user runs them."""
 
 import contextlib
+import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -102,3 +104,13 @@ def read_only_folder(path):
     finally:
         if mounted and os.geteuid() == 0:
             subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def infotext_hashes(parameters):
+    """The 'Hashes' field of an infotext as Civitai reads it (its webui extension's pattern: Hashes: {...})."""
+    found = re.search(r"Hashes:\s*(\{.*?\})", parameters)
+    return json.loads(found.group(1)) if found else {}
+
+
+# The webui's infotext pattern for the prompt's extra networks as Civitai's extension matches them.
+CIVITAI_NETWORK = re.compile(r"<(lora|hypernet):([a-zA-Z0-9_\.\-\s]+):([0-9.]+)(?:[:].*)?>")

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import shutil
@@ -109,7 +110,11 @@ def test_info_prints_every_field(tmp_path, capsys):
     assert fields["weight_init"] == "Normal" and fields["activate_output"] is False
     assert fields["parameters"] == 2 * (2 * (96 * 192 + 192 + 192 * 96 + 96)) // 2 + 2 * (40 * 80 + 80 + 80 * 40 + 40)
     with open(os.path.join(A1111, "cases.json")) as f:
-        assert fields["shorthash"] == json.load(f)["case8_with_optim"]["shorthash"]
+        case = json.load(f)["case8_with_optim"]
+    # The webui's own hashes (written by its modules/hashes.py), and Civitai's AutoV2: sha256's first 10 hex digits.
+    assert fields["shorthash"] == case["shorthash"] and fields["sha256"] == case["sha256"]
+    assert fields["sha256"] == hashlib.sha256((tmp_path / "c.pt").read_bytes()).hexdigest()
+    assert fields["autov2"] == fields["sha256"][:10]
     assert fields["optimizer_state"] == "present, valid (AdamW)"
     assert "sd_checkpoint" in fields and "sd_checkpoint_name" in fields
     code, out = run(capsys, "--info", a1111_file("case3_layernorm_swish"))

@@ -1,9 +1,10 @@
+import hashlib
 import os
 import shutil
 
 import numpy as np
 import pytest
-from helpers import a1111_file, run_script
+from helpers import CIVITAI_NETWORK, a1111_file, infotext_hashes, run_script
 from PIL import Image
 
 import hypernet
@@ -51,7 +52,12 @@ def test_multiplier_zero_is_the_plain_pipeline_and_the_image_follows_the_multipl
     )
     assert np.array_equal(pixels(tagged[0]), images[1]), "prompt syntax = flag at the same strength"
     info = Image.open(tagged[0]).info["parameters"]
-    assert info.startswith("a cat\nSteps: 4, ") and "Hypernet: case1_default_relu, Hypernet strength: 1" in info
+    assert info.startswith("a cat <hypernet:case1:1>\nSteps: 4, ")
+    assert CIVITAI_NETWORK.findall(info.split("\n")[0]) == [("hypernet", "case1", "1")]
+    assert infotext_hashes(info) == {
+        "model": hypernet.formats.base_model_hash(tiny_model_dir),
+        "hypernet:case1": hashlib.sha256((hn_dir / "case1.pt").read_bytes()).hexdigest()[:10],
+    }
 
 
 def test_stacking_order_and_both_syntaxes(tiny_model_dir, hn_dir, tmp_path):
@@ -62,7 +68,9 @@ def test_stacking_order_and_both_syntaxes(tiny_model_dir, hn_dir, tmp_path):
                   hn_dir, "--hypernetwork", f"{hn_dir / 'swish.safetensors'}:0.7")[0]  # fmt: skip
     assert not np.array_equal(pixels(both), pixels(swapped)), "order matters, as in A1111"
     info = Image.open(both).info["parameters"]
-    assert "Hypernet: case1_default_relu, case3_layernorm_swish, Hypernet strength: 0.5, 0.7" in info
+    assert info.startswith("a dog <hypernet:case1_default_relu:0.5> <hypernet:swish:0.7>\n")
+    assert sorted(infotext_hashes(info)) == ["hypernet:case1_default_relu", "hypernet:swish", "model"]
+    assert infotext_hashes(info)["hypernet:swish"] == hypernet.shorthash(hn_dir / "swish.safetensors")
 
 
 def test_a_file_stacked_twice_applies_twice_at_each_strength(tiny_model_dir, hn_dir, tmp_path):
@@ -71,7 +79,7 @@ def test_a_file_stacked_twice_applies_twice_at_each_strength(tiny_model_dir, hn_
                 "--hypernetwork_dir", hn_dir)  # fmt: skip
     assert np.array_equal(pixels(once[0]), pixels(twice[0]))
     info = Image.open(twice[0]).info["parameters"]
-    assert "Hypernet: case1_default_relu, case1_default_relu, Hypernet strength: 0.8, 0" in info
+    assert info.startswith("a dog <hypernet:case1:0.8> <hypernet:case1:0>\n")
 
 
 def test_text_mlp_runs_once_per_step_and_linear_ones_are_merged(tiny_model_dir, hn_dir, tmp_path, monkeypatch):
@@ -102,9 +110,11 @@ def test_options_seed_batch_size_negative_scheduler_prompts_file(tiny_model_dir,
     assert [os.path.basename(p) for p in written] == [f"{i:05d}-{10 + i}.png" for i in range(6)]
     assert Image.open(written[0]).size == (64, 96)
     info = Image.open(written[4]).info["parameters"]
+    model_hash = hypernet.formats.base_model_hash(tiny_model_dir)
     assert info == (
         "a blue square\nNegative prompt: blurry\nSteps: 4, Sampler: DPM++ 2M Karras, CFG scale: 5.5, Seed: 14, "
-        f"Size: 64x96, Model hash: {hypernet.formats.base_model_hash(tiny_model_dir)}, Model: {os.path.basename(tiny_model_dir)}"
+        f"Size: 64x96, Model hash: {model_hash}, Model: {os.path.basename(tiny_model_dir)}, "
+        f'Hashes: {{"model": "{model_hash}"}}'
     )
     grid = Image.open(tmp_path / "o" / "grid.png")
     assert grid.size == (3 * 64, 2 * 96)
