@@ -10,6 +10,7 @@ Only the hypernetwork trains; the UNet, text encoders and VAE stay frozen. See R
 import argparse
 import contextlib
 import csv
+import dataclasses
 import functools
 import hashlib
 import io
@@ -27,6 +28,7 @@ import uuid
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -49,7 +51,9 @@ from hypernet.formats import (
 )
 from hypernet.images import Generation, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting, release_free_memory
+from hypernet.modelspec import model_family, modelspec_metadata, tag_frequency, training_keys
 from hypernet.module import TRAINABLE_ACTIVATIONS, WEIGHT_INITS
+from hypernet.publishing import card_description, file_hashes, hub_files, model_card, push_folder, write_card_files
 from hypernet.training import (
     UNetWithHypernetwork,
     batch_to_device,
@@ -72,6 +76,7 @@ HYPERNETWORK_FLAGS = ("layer_structure", "activation_func", "weight_init", "add_
                       "dropout_structure", "activate_output", "enable_sizes")  # fmt: skip
 MAX_PARAMETERS = 2_000_000_000
 MAX_SIZE = 8192  # pixels: training resolution and preview sizes
+RUN_FILES = ("training_settings.json",)  # beside NAME.pt, NAME.json and NAME.preview.png in the output folder
 
 
 def make_parser():
@@ -299,10 +304,28 @@ def make_parser():
         "--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-STEP folder to continue exactly."
     )
     outputs.add_argument(
-        "--preview_every", type=int, default=500, help="Write images/NAME-STEP.png previews every N steps; 0 = off."
+        "--preview_every",
+        "--validation_steps",
+        dest="preview_every",
+        type=int,
+        default=500,
+        help="Write images/NAME-STEP.png previews every N steps; 0 = off. --validation_steps is diffusers' name.",
     )
     outputs.add_argument(
-        "--preview_prompt", action="append", default=None, help="Preview prompt; repeat the flag for several."
+        "--preview_prompt",
+        "--validation_prompt",
+        dest="preview_prompt",
+        action="append",
+        default=None,
+        help="Preview prompt; repeat the flag for several. --validation_prompt is diffusers' name.",
+    )
+    outputs.add_argument(
+        "--num_preview_images",
+        "--num_validation_images",
+        dest="num_preview_images",
+        type=int,
+        default=1,
+        help="Previews per prompt, image i with --preview_seed + i. --num_validation_images is diffusers' name.",
     )
     outputs.add_argument("--preview_negative_prompt", default="", help="Negative prompt of the previews.")
     outputs.add_argument("--preview_seed", type=int, default=0, help="Seed of the previews.")
@@ -316,6 +339,23 @@ def make_parser():
     outputs.add_argument("--tracker_project_name", default="hypernet", help="Tracker project name.")
     outputs.add_argument("--run_name", default=None, help="Tracker run name (default: the hypernetwork name).")
     outputs.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
+    outputs.add_argument(
+        "--optional_info",
+        default=None,
+        help="A note stored in the .pt's optional_info (the webui keeps it) and as the description of the "
+        "safetensors file and the model card.",
+    )
+    outputs.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the output folder (without checkpoints and logs) to the Hugging Face Hub at the end.",
+    )
+    outputs.add_argument(
+        "--hub_model_id", default=None, help="The Hub repository to push to (default: the output folder's name)."
+    )
+    outputs.add_argument(
+        "--hub_token", default=None, help="The Hub token to push with (default: the one `hf auth login` stored)."
+    )
 
     return parser
 
@@ -405,7 +445,8 @@ def validate_args(args, given=()):
     if len(args.lr_schedule) > 1 and args.lr_scheduler != "constant":
         raise UsageError("--learning_rate is an A1111 schedule; use it with --lr_scheduler constant")
     args.clip_grad_schedule = parse_schedule(args.clip_grad_value, "--clip_grad_value")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution", "max_bad_steps"):
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution", "max_bad_steps",
+                 "num_preview_images"):  # fmt: skip
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     for flag in ("save_every", "checkpointing_steps", "preview_every", "dataloader_num_workers", "lr_warmup_steps",
@@ -460,8 +501,30 @@ def validate_args(args, given=()):
     if args.preview_prompt is None:
         args.preview_prompt = [f"a picture, art by {args.hypernetwork_name}"]
     check_output_dir(args)
+    if args.hypernetwork_name + ".json" in RUN_FILES:
+        raise UsageError(f"--hypernetwork_name {args.hypernetwork_name}: its card file would be the run's own "
+                         f"{args.hypernetwork_name}.json; choose another name")  # fmt: skip
+    if args.push_to_hub:
+        check_hub_login(args)
+    elif args.hub_model_id or args.hub_token:
+        raise UsageError("--hub_model_id and --hub_token are for --push_to_hub; add it or leave them out")
     if args.report_to in ("wandb", "all"):
         check_wandb()
+
+
+def check_hub_login(args):
+    """What pushing needs that can be known before training: a token, the Hub not switched off, and a token not
+    logged where the run's command line is (W&B records it)."""
+    from huggingface_hub import constants, get_token
+
+    if args.hub_token and args.report_to in ("wandb", "all"):
+        raise UsageError("--hub_token with --report_to wandb would log the token with the command line; log in with "
+                         "`hf auth login` (or set HF_TOKEN) instead")  # fmt: skip
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or leave out "
+                         "--push_to_hub")  # fmt: skip
+    if not (args.hub_token or get_token()):
+        raise UsageError("--push_to_hub: no Hugging Face token; run `hf auth login`, set HF_TOKEN or pass --hub_token")
 
 
 def check_optimizer(args):
@@ -595,6 +658,8 @@ def make_hypernetwork(args, model_widths):
             dropout_structure=args.dropout_structure,
             activate_output=args.activate_output,
         )
+    if args.optional_info is not None:
+        hn.optional_info = args.optional_info
     try:
         check_widths(hn, model_widths, "the hypernetwork")
     except HypernetError as e:
@@ -717,6 +782,7 @@ class RunState:
     stop: str = None  # why the run stops early: "signal" or "bad"
     signals: list = field(default_factory=list)
     run_id: str = None  # the same in every checkpoint of one run, resumed or not
+    last_preview: tuple = None  # (step, Generation of the first image) of this process's newest previews
 
     def to_json(self):
         return {"step": self.step, "losses": list(self.losses), "bad_steps": self.bad_steps, "run_id": self.run_id}
@@ -918,6 +984,158 @@ def training_metadata(args):
     return {"clip_skip": args.clip_skip, "text_encoding": args.text_encoding}
 
 
+@dataclass
+class RunSummary:
+    """What the files a run leaves for others say about it: base model, steps, data, settings, times."""
+
+    family: str  # hypernet.modelspec.FAMILIES
+    prediction_type: str
+    base_model_name: str
+    base_model_hash: str
+    steps: int
+    images: int
+    dataset: str
+    tags: dict
+    started_at: float
+    finished_at: float
+    settings: dict  # the settings that matter, by flag name
+
+
+def run_summary(args, models, hn, records, state, optimizer_name, total_batch_size, mixed_precision, started_at):
+    prediction_type = models.noise_scheduler.config.get("prediction_type", "epsilon")
+    settings = {
+        "layer_structure": ", ".join(f"{v:g}" for v in hn.layer_structure),
+        "activation_func": hn.activation_func,
+        "add_layer_norm": hn.add_layer_norm,
+        "dropout_structure": ", ".join(f"{v:g}" for v in hn.dropout_structure) if hn.use_dropout else "none",
+        "weight_init": hn.weight_init,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler,
+        "optimizer": optimizer_name,
+        "total_batch_size": total_batch_size,
+        "resolution": args.resolution,
+        "clip_skip": args.clip_skip,
+        "text_encoding": args.text_encoding,
+        "mixed_precision": mixed_precision,
+        "seed": args.seed,
+    }
+    return RunSummary(
+        family=model_family(hn.widths, models.sdxl, prediction_type),
+        prediction_type=prediction_type,
+        base_model_name=hn.sd_checkpoint_name,
+        base_model_hash=hn.sd_checkpoint,
+        steps=state.step,
+        images=len(records),
+        dataset=os.path.basename(os.path.normpath(args.train_data_dir or args.dataset_name)),
+        tags=tag_frequency(records.filewords[i] for i in range(len(records))),
+        started_at=started_at,
+        finished_at=time.time(),
+        settings=settings,
+    )
+
+
+def safetensors_metadata(args, hn, run):
+    """training_metadata, ModelSpec keys and kohya's training keys, for safetensors/NAME.safetensors."""
+    kohya = {
+        "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler,
+        "optimizer": run.settings["optimizer"],
+        "seed": args.seed,
+        "clip_skip": args.clip_skip,
+        "batch_size_per_device": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "mixed_precision": run.settings["mixed_precision"],
+        "noise_offset": args.noise_offset,
+        "min_snr_gamma": args.snr_gamma,
+        "output_name": args.hypernetwork_name,
+        "training_comment": args.optional_info,
+    }
+    date = datetime.fromtimestamp(run.finished_at, timezone.utc)
+    return {
+        **training_metadata(args),
+        **modelspec_metadata(hn, args.hypernetwork_name, run.family, args.resolution, run.prediction_type, date),
+        **training_keys(
+            run.family,
+            run.base_model_name,
+            run.base_model_hash,
+            args.resolution,
+            run.steps,
+            run.images,
+            run.tags,
+            run.dataset,
+            run.started_at,
+            run.finished_at,
+            {k: v for k, v in kohya.items() if v is not None},
+        ),  # fmt: skip
+    }
+
+
+def newest_previews(args):
+    """(step, [(prompt, path relative to --output_dir), ...]) of the newest previews in images/, the prompts read
+    from their infotext; (None, []) where there are none."""
+    folder = os.path.join(args.output_dir, "images")
+    pattern = re.compile(rf"{re.escape(args.hypernetwork_name)}-(\d+)((?:-\d+)*)\.png")
+    found = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if match := pattern.fullmatch(name):
+            found.setdefault(int(match[1]), []).append(name)
+    if not found:
+        return None, []
+    step = max(found)
+    previews = []
+    for name in sorted(
+        found[step], key=lambda n: [int(p) for p in re.findall(r"\d+", n[len(args.hypernetwork_name) :])]
+    ):
+        with Image.open(os.path.join(folder, name)) as image:
+            prompt = image.info.get("parameters", "").split("\n")[0]
+        previews.append((hypernet.prompts.PROMPT_HYPERNET.sub("", prompt).strip(), f"images/{name}"))
+    return step, previews
+
+
+def publish_run(args, hn, final, run, last_preview, repo_id):
+    """Beside NAME.pt, the webui's Extra Networks card files; README.md, the model card; with --push_to_hub, the
+    folder uploaded. The card's preview is the newest one; where it shows this file's weights (made at the final
+    step in this run), its infotext names this file and its hash."""
+    step, previews = newest_previews(args)
+    infotext = None
+    if previews and last_preview is not None and last_preview[0] == step == run.steps:
+        infotext = dataclasses.replace(
+            last_preview[1], hypernetworks=[(args.hypernetwork_name, 1.0, file_hashes(final)["webui"])]
+        ).infotext()
+    shown = {k: run.settings[k] for k in ("layer_structure", "activation_func", "learning_rate", "total_batch_size")}
+    description = card_description(run.base_model_name, run.steps, run.images, shown)
+    if hn.optional_info:
+        description += f" {hn.optional_info}"
+    notes = "\n".join(f"{key}: {value}" for key, value in {**run.settings, "hypernet": hypernet.__version__}.items())
+    preview = os.path.join(args.output_dir, previews[0][1]) if previews else None
+    write_card_files(final, preview, description, notes, infotext)
+    card = model_card(args.hypernetwork_name, args.pretrained_model_name_or_path, description, previews,
+                      {"steps": run.steps, "images": run.images, **run.settings},
+                      hub_files(args.output_dir, extra=["README.md"]), repo_id)  # fmt: skip
+    readme = os.path.join(args.output_dir, "README.md")
+    with atomic_write(readme) as tmp:
+        card.save(tmp)
+    if repo_id is not None:
+        try:
+            push_folder(repo_id, args.output_dir, args.hub_token)
+        except Exception as e:  # an HTTP or network error: the files are all here
+            raise HypernetError(f"--push_to_hub: uploading to {repo_id} failed ({first_line(e)}); every file is in "
+                                f"{args.output_dir}: upload it with `hf upload {repo_id} {args.output_dir}`") from None  # fmt: skip
+        logger.info(f"pushed {args.output_dir} to https://huggingface.co/{repo_id}")
+
+
+def create_hub_repo(args):
+    """The Hub repository of --push_to_hub, created now (where it is not there) so that a refusal comes before
+    training, not after."""
+    from huggingface_hub import create_repo
+
+    repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    try:
+        return create_repo(repo, exist_ok=True, token=args.hub_token).repo_id
+    except Exception as e:  # an HTTP, network or validation error: each is one line here
+        raise UsageError(f"--push_to_hub: could not create the Hub repository {repo}: {first_line(e)}") from None
+
+
 def preview_pipeline(args, models, unet, weight_dtype):
     from diffusers import DiffusionPipeline
 
@@ -934,11 +1152,28 @@ def preview_pipeline(args, models, unet, weight_dtype):
     return pipeline
 
 
+def preview_hypernetwork(args, step):
+    """How previews name the hypernetwork: the file of this step's weights, hypernetworks/NAME-STEP.pt, with its
+    short hash where --save_every wrote one at this step; else the run's name, without a hash."""
+    path = os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{step}.pt")
+    if args.save_every and step % args.save_every == 0 and os.path.isfile(path):
+        return f"{args.hypernetwork_name}-{step}", file_hashes(path)["webui"]
+    return args.hypernetwork_name, None
+
+
+def preview_path(args, step, prompt_index, image_index):
+    suffix = f"-{prompt_index}" if len(args.preview_prompt) > 1 else ""
+    suffix += f"-{image_index}" if args.num_preview_images > 1 else ""
+    return os.path.join(args.output_dir, "images", f"{args.hypernetwork_name}-{step}{suffix}.png")
+
+
 def log_validation(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype):
-    """Preview images of the hypernetwork as it is now, with webui infotext, logged to the trackers; the random
-    number generators are left as they were, so previews change nothing about the training."""
+    """Preview images of the hypernetwork as it is now, with webui infotext, logged to the trackers under
+    "validation" with their prompts as captions, as diffusers' scripts log them; the random number generators are
+    left as they were, so previews change nothing about the training."""
     pipeline = preview_pipeline(args, models, accelerator.unwrap_model(model).unet, weight_dtype)
-    images = []
+    name, short_hash = preview_hypernetwork(args, step)
+    images, generations = [], []
     hn.eval()
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
         for i, prompt in enumerate(args.preview_prompt):
@@ -953,35 +1188,39 @@ def log_validation(accelerator, args, models, prompt_encoder, model, hn, step, w
                 height=args.preview_height,
                 model_hash=hn.sd_checkpoint,
                 model=hn.sd_checkpoint_name,
-                hypernetworks=[(args.hypernetwork_name, 1.0)],
+                hypernetworks=[(name, 1.0, short_hash)],
                 clip_skip=args.clip_skip if prompt_encoder.clip_skip_applies else 1,
             )
             with torch.no_grad(), accelerator.autocast():
-                image = generation.images(pipeline, prompt_encoder, accelerator.device)[0]
-            suffix = f"-{i}" if len(args.preview_prompt) > 1 else ""
-            path = os.path.join(args.output_dir, "images", f"{args.hypernetwork_name}-{step}{suffix}.png")
-            save_png(image, path, generation.infotext())
-            images.append((prompt, image))
+                batch = generation.images(pipeline, prompt_encoder, accelerator.device, args.num_preview_images)
+            for j, image in enumerate(batch):
+                one = dataclasses.replace(generation, seed=args.preview_seed + j)
+                save_png(image, preview_path(args, step, i, j), one.infotext())
+                images.append((prompt, image))
+                generations.append(one)
     hn.train()
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(
-                "preview", np.stack([np.asarray(im) for _, im in images]), step, dataformats="NHWC"
+                "validation", np.stack([np.asarray(im) for _, im in images]), step, dataformats="NHWC"
             )
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"preview": [wandb.Image(im, caption=p) for p, im in images]}, step=step)
+            tracker.log({"validation": [wandb.Image(im, caption=p) for p, im in images]}, step=step)
+    return generations[0]
 
 
 def periodic_outputs(accelerator, args, models, prompt_encoder, model, hn, step, optimizer, optimizer_name,
                      weight_dtype):  # fmt: skip
-    """hypernetworks/NAME-STEP.pt every --save_every steps, previews every --preview_every steps."""
+    """hypernetworks/NAME-STEP.pt every --save_every steps, previews every --preview_every steps; returns (step,
+    the first preview's Generation) where it made previews."""
     if args.save_every and step % args.save_every == 0:
         path = os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{step}.pt")
         save_hypernetwork(hn, path, step, optimizer, optimizer_name)
     if args.preview_every and step % args.preview_every == 0:
-        log_validation(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype)
+        return step, log_validation(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype)
+    return None
 
 
 def share_loss_and_stop(accelerator, loss, state):
@@ -1127,6 +1366,8 @@ def main(input_args=None):
 
     accelerator = make_accelerator(args, find_unused_parameters=unused is not None)
     lock = claim_output_dir(args, resuming=checkpoint is not None) if accelerator.is_main_process else None
+    repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
+    started_at = time.time()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
@@ -1224,7 +1465,7 @@ def main(input_args=None):
     steps_per_epoch = max(1, math.ceil(len(dataloader) / args.gradient_accumulation_steps))
     if accelerator.is_main_process:
         run_settings = {
-            **{k: v for k, v in vars(args).items() if k not in ("lr_schedule", "clip_grad_schedule")},
+            **{k: v for k, v in vars(args).items() if k not in ("lr_schedule", "clip_grad_schedule", "hub_token")},
             "model_hash": hn.sd_checkpoint,
             "dataset_size": len(records),
             "num_processes": accelerator.num_processes,
@@ -1318,8 +1559,8 @@ def main(input_args=None):
             if state.stop or state.step >= args.max_train_steps:
                 break
             if accelerator.is_main_process:
-                periodic_outputs(accelerator, args, models, prompt_encoder, model, hn, state.step, optimizer, optimizer_name,
-                                 weight_dtype)  # fmt: skip
+                state.last_preview = periodic_outputs(accelerator, args, models, prompt_encoder, model, hn, state.step,
+                                                      optimizer, optimizer_name, weight_dtype) or state.last_preview  # fmt: skip
                 if state.step % 50 == 0:
                     write_loss_csv(csv_path, loss_rows)
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
@@ -1334,15 +1575,18 @@ def main(input_args=None):
     if accelerator.is_main_process:
         write_loss_csv(csv_path, loss_rows)
         if state.stop is None:  # the last step's periodic files, before the final file, which may still fail
-            periodic_outputs(accelerator, args, models, prompt_encoder, model, hn, state.step, optimizer, optimizer_name,
-                             weight_dtype)  # fmt: skip
+            state.last_preview = periodic_outputs(accelerator, args, models, prompt_encoder, model, hn, state.step,
+                                                  optimizer, optimizer_name, weight_dtype) or state.last_preview  # fmt: skip
         final = os.path.join(args.output_dir, f"{args.hypernetwork_name}.pt")
         save_hypernetwork(hn, final, state.step, optimizer, optimizer_name)
+        run = run_summary(args, models, hn, records, state, optimizer_name, total_batch_size,
+                          accelerator.mixed_precision, started_at)  # fmt: skip
         if args.save_safetensors:
-            save_hypernetwork(hn, os.path.join(args.output_dir, "safetensors", f"{args.hypernetwork_name}.safetensors"), state.step,
-                              metadata=training_metadata(args))  # fmt: skip
+            path = os.path.join(args.output_dir, "safetensors", f"{args.hypernetwork_name}.safetensors")
+            save_hypernetwork(hn, path, state.step, metadata=safetensors_metadata(args, hn, run))
         plot_loss(loss_rows, os.path.join(args.output_dir, "loss.png"), f"{args.hypernetwork_name}: loss per step")
         logger.info(f"wrote {final} at step {state.step}")
+        publish_run(args, hn, final, run, state.last_preview, repo_id)
     accelerator.end_training()
     accelerator.unwrap_model(model).attachment.detach()
     if lock is not None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import ROOT, run_script, train
 from PIL import Image
+from safetensors import safe_open
 from test_train import assert_same_weights, read_csv
 
 import hypernet
@@ -30,8 +31,14 @@ def test_a_full_sdxl_run_writes_every_file(sdxl_model_dir, small_dataset, tmp_pa
     assert hn.widths == [96, 80, 160], "the text width first, then the self-attention widths, as the webui orders"
     assert hn.step == 6 and hn.sd_checkpoint == hypernet.formats.base_model_hash(sdxl_model_dir)
     info = Image.open(out / "images" / "xl-6.png").info["parameters"]
-    assert info.startswith("a red circle\nSteps: 3, Sampler: EulerDiscreteScheduler, CFG scale: 7.0, Seed: 0, ")
-    assert "Size: 64x64" in info and "Hypernet: xl, Hypernet strength: 1" in info
+    assert info.startswith(
+        "a red circle <hypernet:xl-6:1>\nSteps: 3, Sampler: EulerDiscreteScheduler, CFG scale: 7.0, Seed: 0, "
+    )
+    assert "Size: 64x64" in info
+    with safe_open(out / "safetensors" / "xl.safetensors", "pt") as f:
+        keys = f.metadata()
+    assert keys["modelspec.architecture"] == "stable-diffusion-xl-v1-base/hypernetwork"
+    assert keys["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
 def test_sdxl_loss_on_a_fixed_batch_falls(sdxl_model_dir, small_dataset, tmp_path):

@@ -1,13 +1,20 @@
+import collections
 import csv
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import types
 
+import huggingface_hub
+import numpy as np
 import pytest
 import torch
-from helpers import ROOT, train
+from helpers import ROOT, infotext_hashes, train
+from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
+from safetensors import safe_open
 
 import hypernet
 from hypernet import data, training
@@ -38,6 +45,20 @@ def assert_same_weights(a, b, atol=0.0):
 
 def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
     captured = {}
+    pushed = {}
+
+    def fake_create_repo(repo_id, exist_ok=False, token=None):
+        pushed["created"] = repo_id
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def fake_upload_folder(repo_id, folder_path, commit_message, ignore_patterns, token):
+        files = [os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs]
+        pushed["files"] = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+        pushed["repo"] = repo_id
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
     real_load_models = training.load_models
 
     def spy(*args, **kwargs):
@@ -58,6 +79,7 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
         "--preview_prompt", "a red circle", "--preview_prompt", "a blue square", "--preview_negative_prompt", "blurry",
         "--preview_seed", 5, "--preview_guidance_scale", 4.0, "--preview_width", 64, "--preview_height", 128,
         "--save_safetensors", "--report_to", "tensorboard", "--tracker_project_name", "proj", "--seed", 3,
+        "--optional_info", "inky test run", "--push_to_hub", "--hub_model_id", "me/inky",
         steps=8,
     )  # fmt: skip
     assert rc == 0
@@ -70,7 +92,8 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
     ]:  # fmt: skip
         assert expected in names, f"{expected} missing from {sorted(names)}"
     assert not os.path.exists(out / "checkpoint-4"), "--checkpoints_total_limit 1 keeps only the newest"
-    assert any(n.startswith("logs/proj/events.out.tfevents") for n in names)
+    events = [n for n in names if n.startswith("logs/proj/events.out.tfevents")]
+    assert events and b"validation" in (out / events[0]).read_bytes(), "previews logged as diffusers logs them"
 
     rows = read_csv(out / "loss.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
@@ -92,8 +115,52 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
 
     preview = Image.open(out / "images" / "inky-8-1.png")
     assert preview.size == (64, 128)
-    assert preview.info["parameters"].startswith("a blue square\nNegative prompt: blurry\nSteps: 3,")
-    assert "Seed: 5" in preview.info["parameters"] and "Hypernet: inky" in preview.info["parameters"]
+    parameters = preview.info["parameters"]
+    assert parameters.startswith("a blue square <hypernet:inky-8:1>\nNegative prompt: blurry\nSteps: 3,")
+    assert "Seed: 5" in parameters and infotext_hashes(parameters) == {
+        "model": settings["model_hash"], "hypernet:inky-8": hypernet.shorthash(out / "hypernetworks" / "inky-8.pt")
+    }  # fmt: skip
+    assert "Hashes" not in Image.open(out / "images" / "inky-4-0.png").info["parameters"].split("Model hash")[0]
+
+    # The webui's Extra Networks card: the first of NAME.png, NAME.preview.png (then .jpg ...) that exists is its
+    # preview; NAME.json, its user metadata, gives the card's description.
+    assert not os.path.exists(out / "inky.png") and os.path.isfile(out / "inky.preview.png")
+    card_preview = Image.open(out / "inky.preview.png")
+    assert np.array_equal(np.asarray(card_preview), np.asarray(Image.open(out / "images" / "inky-8-0.png")))
+    assert card_preview.info["parameters"].startswith("a red circle <hypernet:inky:1>\n")
+    assert infotext_hashes(card_preview.info["parameters"])["hypernet:inky"] == hypernet.shorthash(out / "inky.pt")
+    user_metadata = json.load(open(out / "inky.json", encoding="utf8"))
+    assert user_metadata["description"].startswith(
+        f"Hypernetwork trained on {os.path.basename(tiny_model_dir)} for 8 steps on 8 images; "
+    )
+    assert (
+        user_metadata["description"].endswith(" inky test run") and "activation_func: relu" in user_metadata["notes"]
+    )
+    assert hypernet.load(out / "inky.pt").optional_info == "inky test run"
+    assert torch.load(out / "inky.pt", weights_only=True)["optional_info"] == "inky test run"
+
+    with safe_open(out / "safetensors" / "inky.safetensors", "pt") as f:
+        keys = f.metadata()
+    assert all(isinstance(v, str) for v in keys.values())
+    assert keys["modelspec.architecture"] == "stable-diffusion-v1/hypernetwork" and keys["modelspec.title"] == "inky"
+    assert keys["modelspec.resolution"] == "64x64" and keys["modelspec.prediction_type"] == "epsilon"
+    assert keys["ss_steps"] == "8" and keys["ss_num_train_images"] == "8" and keys["ss_resolution"] == "(64, 64)"
+    assert keys["ss_sd_model_hash"] == settings["model_hash"] and keys["ss_base_model_version"] == "sd_v1"
+    assert keys["ss_training_comment"] == "inky test run" and keys["modelspec.description"] == "inky test run"
+    captions = [open(p).read().strip() for p in sorted(pathlib.Path(small_dataset).glob("*.txt"))]
+    want = collections.Counter(t.strip() for c in captions for t in c.split(",") if t.strip())
+    assert json.loads(keys["ss_tag_frequency"]) == {os.path.basename(small_dataset): dict(want)}
+    assert float(keys["ss_training_started_at"]) <= float(keys["ss_training_finished_at"])
+
+    card = huggingface_hub.ModelCard.load(out / "README.md")
+    assert {"hypernetwork", "diffusers-training"} <= set(card.data.tags) and card.data.base_model is None
+    assert [w["output"]["url"] for w in card.data.widget] == ["images/inky-8-0.png", "images/inky-8-1.png"]
+    assert [w["text"] for w in card.data.widget] == ["a red circle", "a blue square"]
+    assert "<hypernet:inky:1>" in card.text and "HypernetworkLoader" in card.text and "hypernet.load(" in card.text
+    assert pushed["created"] == pushed["repo"] == "me/inky"
+    assert {"inky.pt", "README.md", "inky.preview.png", "inky.json", "images/inky-8-0.png"} <= set(pushed["files"])
+    assert not [f for f in pushed["files"] if f.startswith(("checkpoint-", "logs", "hypernetworks", "."))]
+    assert "hub_token" not in settings
 
     for model, before in zip(captured["models"], captured["before"]):
         after = model.state_dict()

@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from helpers import a1111_file, run_script, train
@@ -74,6 +75,10 @@ def base_argv(model, data, out):
         (["--preview_width", "100000"], r"--preview_width 100000: at most 8192 pixels"),
         (["--resolution", "100000"], r"--resolution 100000: at most 8192 pixels"),
         (["--variant", "bogus"], r"--variant bogus: .*unet has no file of that variant \(such as diffusion_pytorch_model.bogus.safetensors\); leave --variant out"),
+        (["--num_validation_images", "0"], r"--num_preview_images 0: must be at least 1"),
+        (["--hub_model_id", "me/x"], r"--hub_model_id and --hub_token are for --push_to_hub; add it or leave them out"),
+        (["--push_to_hub", "--hub_token", "t", "--report_to", "wandb"], r"--hub_token with --report_to wandb would log the token"),
+        (["--hypernetwork_name", "training_settings"], r"its card file would be the run's own training_settings.json"),
     ],
 )  # fmt: skip
 def test_bad_flags_are_one_line_errors_before_heavy_work(
@@ -393,12 +398,45 @@ def test_report_to_all_logs_to_wandb_offline_and_tensorboard(tiny_model_dir, sma
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
     assert train(tiny_model_dir, small_dataset, out, "--report_to", "all", "--run_name", "my-run",
-                 "--preview_every", 2, "--latent_sampling_method", "deterministic", steps=2) == 0  # fmt: skip
+                 "--validation_steps", 2, "--validation_prompt", "a purple cat", "--num_validation_images", 2,
+                 "--latent_sampling_method", "deterministic", steps=2) == 0  # fmt: skip
+    first, second = (Image.open(out / "images" / f"wb-2-{i}.png") for i in (0, 1))  # diffusers' flag names
+    assert first.info["parameters"].startswith("a purple cat <hypernet:wb:1>\n")
+    assert "Seed: 0," in first.info["parameters"] and "Seed: 1," in second.info["parameters"]
+    assert not np.array_equal(np.asarray(first), np.asarray(second))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "logs" / "hypernet")), "tensorboard too"
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1
     run_dir = tmp_path / "wandb" / runs[0]
-    assert any(name.startswith("preview_2_") for name in os.listdir(run_dir / "files" / "media" / "images"))
+    assert any(name.startswith("validation_2_") for name in os.listdir(run_dir / "files" / "media" / "images"))
     log = next(run_dir.glob("*.wandb")).read_bytes()
-    for key in (b"loss", b"lr", b"grad_norm", b"my-run"):
+    for key in (b"loss", b"lr", b"grad_norm", b"my-run", b"a purple cat"):  # the prompt is the image's caption
         assert key in log, key
+
+
+def test_push_to_hub_is_refused_in_one_line_without_a_token_the_hub_or_a_network(
+    tiny_model_dir, small_dataset, tmp_path, capsys, no_heavy_work, monkeypatch
+):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    argv = base_argv(tiny_model_dir, small_dataset, tmp_path / "o") + ["--push_to_hub"]
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    code, text = run_cli(capsys, argv)
+    assert (
+        code == 2
+        and text == "--push_to_hub: no Hugging Face token; run `hf auth login`, set HF_TOKEN or pass --hub_token"
+    )
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, text = run_cli(capsys, argv + ["--hub_token", "hf_test"])
+    assert code == 2 and text.startswith("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", "http://127.0.0.1:9")  # nothing listens there
+    code, text = run_cli(capsys, argv + ["--hub_token", "hf_test", "--hub_model_id", "me/style"])
+    assert code == 2 and "\n" not in text
+    assert text.startswith("--push_to_hub: could not create the Hub repository me/style: "), text
+    assert not os.path.exists(tmp_path / "o" / "README.md")
