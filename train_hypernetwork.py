@@ -49,7 +49,7 @@ from hypernet.formats import (
     weights_id,
     write_failure,
 )
-from hypernet.images import Generation, save_png
+from hypernet.images import Generation, infotext_prompt, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting, release_free_memory
 from hypernet.modelspec import model_family, modelspec_metadata, tag_frequency, training_keys
 from hypernet.module import TRAINABLE_ACTIVATIONS, WEIGHT_INITS
@@ -1087,8 +1087,8 @@ def newest_previews(args):
         found[step], key=lambda n: [int(p) for p in re.findall(r"\d+", n[len(args.hypernetwork_name) :])]
     ):
         with Image.open(os.path.join(folder, name)) as image:
-            prompt = image.info.get("parameters", "").split("\n")[0]
-        previews.append((hypernet.prompts.PROMPT_HYPERNET.sub("", prompt).strip(), f"images/{name}"))
+            prompt, _ = infotext_prompt(image.info.get("parameters", ""))
+        previews.append((prompt, f"images/{name}"))
     return step, previews
 
 

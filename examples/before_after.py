@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from hypernet.data import IMAGE_EXTENSIONS, read_caption
 from hypernet.evaluation import colour_distance, colour_quantiles
 from hypernet.formats import atomic_write
+from hypernet.images import infotext_prompt
 
 
 def fail(message):
@@ -48,9 +49,9 @@ def generated(folder):
         seed = re.search(r"(?:^|, )Seed: (\d+)", text)
         if not seed:
             continue
-        strength = re.search(r"(?:^|, )Hypernet strength: ([-\d.e]+)(?:,|$)", text, re.M)
+        prompt, hypernetworks = infotext_prompt(text)
         image.load()
-        yield text.split("\n", 1)[0], int(seed.group(1)), float(strength.group(1)) if strength else 0.0, image
+        yield prompt, int(seed.group(1)), hypernetworks[0][1] if hypernetworks else 0.0, image
 
 
 def training_set(folder, size):

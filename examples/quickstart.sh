@@ -43,6 +43,9 @@ Quickstart finished. What it wrote:
   $OUT/before-after.png              4 prompts x 4 seeds, at strength 0 (the base model) and at strength 1
   $OUT/before-after.json             the style measure of every image in it, and the means printed above
   $OUT/run/quick-style.pt            the hypernetwork (A1111 .pt: webui, ComfyUI) and its .pt.optim
+  $OUT/run/quick-style.preview.png   the webui's Extra Networks card: its preview and, in quick-style.json,
+                                     its description; copy the three files into the webui's models/hypernetworks/
+  $OUT/run/README.md                 the model card (what --push_to_hub uploads with the files)
   $OUT/run/safetensors/             quick-style.safetensors, the same weights as safetensors
   $OUT/run/loss.png, loss.csv        the loss per step
   $OUT/run/images/                   preview images every 500 steps

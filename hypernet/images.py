@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from PIL import PngImagePlugin
 
 from .formats import atomic_write
+from .prompts import PROMPT_HYPERNET
 
 
 def infotext(
@@ -47,6 +48,13 @@ def infotext(
         text += f"\nNegative prompt: {negative_prompt}"
     pairs = ", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None)
     return f"{text}\n{pairs}"
+
+
+def infotext_prompt(text):
+    """An infotext's prompt without its <hypernet:NAME:M> tags, and (NAME, multiplier) of each tag in order."""
+    first = text.split("\n", 1)[0]
+    tags = [(name, float(m) if m else 1.0) for name, m in PROMPT_HYPERNET.findall(first)]
+    return PROMPT_HYPERNET.sub("", first).strip(), tags
 
 
 @dataclass

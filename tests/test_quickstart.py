@@ -17,6 +17,7 @@ from helpers import ROOT
 from PIL import Image
 
 from hypernet.evaluation import colour_distance, colour_quantiles
+from hypernet.images import infotext_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def image_of(out, record):
     for name in sorted(os.listdir(folder)):
         image = Image.open(os.path.join(folder, name))
         text = image.info.get("parameters", "")
-        if text.split("\n", 1)[0] == record["prompt"] and f"Seed: {record['seed']}," in text:
+        if infotext_prompt(text)[0] == record["prompt"] and f"Seed: {record['seed']}," in text:
             image.load()
             return image
     raise AssertionError(f"no image of {record['prompt']!r}, seed {record['seed']} in {folder}")
