@@ -37,7 +37,13 @@ from PIL import Image, ImageDraw
 import hypernet
 import hypernet.prompts
 from hypernet import data
-from hypernet.attachment import attention_widths_from_config, check_widths, unused_widths
+from hypernet.attachment import (
+    COMPILE_MODES,
+    attention_widths_from_config,
+    check_widths,
+    compile_blocks,
+    unused_widths,
+)
 from hypernet.errors import HypernetError, UsageError, first_line, run_script
 from hypernet.formats import (
     OPTIM_SUFFIX,
@@ -257,6 +263,18 @@ def make_parser():
         "--gradient_checkpointing", action="store_true", help="Trade compute for memory in the frozen UNet."
     )
     training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    training.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the UNet's repeated transformer blocks, hypernetwork wrappers inside, with torch.compile "
+        "(regional compilation): the first step pays the compilation, later ones run faster on a GPU.",
+    )
+    training.add_argument(
+        "--torch_compile_mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile's mode: reduce-overhead uses CUDA graphs (shapes stay fixed without --varsize).",
+    )
     training.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5 is usual).")
     training.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset, as in diffusers' scripts.")
     training.add_argument(
@@ -1429,6 +1447,8 @@ def main(input_args=None):
     with warnings.catch_warnings():  # widths the model lacks were logged above, before any model loaded
         warnings.filterwarnings("ignore", message=".*matches no attention layer")
         model = UNetWithHypernetwork(models.unet, hn)
+    if args.torch_compile:
+        compile_blocks(models.unet, args.torch_compile_mode)
     optimizer, optimizer_name = make_optimizer(hn.parameters(), args.optimizer, args.use_8bit_adam,
                                                (args.adam_beta1, args.adam_beta2), args.adam_weight_decay,
                                                args.adam_epsilon)  # fmt: skip

@@ -1,6 +1,6 @@
 """AUTOMATIC1111-style hypernetworks for diffusers: the module, the file formats, attaching to a UNet."""
 
-from .attachment import Attachment, apply_hypernetworks, attach, attention_widths
+from .attachment import Attachment, apply_hypernetworks, attach, attention_widths, compile_blocks
 from .errors import FormatError, HypernetError, NotAHypernetworkError, UsageError, WidthMismatchError
 from .formats import load, save, shorthash
 from .module import SD1_WIDTHS, SD2_WIDTHS, SDXL_WIDTHS, Hypernetwork, HypernetworkModule
@@ -22,6 +22,7 @@ __all__ = [
     "apply_hypernetworks",
     "attach",
     "attention_widths",
+    "compile_blocks",
     "load",
     "save",
     "shorthash",

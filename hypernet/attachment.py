@@ -158,7 +158,11 @@ class HypernetworkProjection(nn.Module):
         self.base_layer = base_layer
         self.side = side
         self.attachment = attachment
-        self._merged = None  # (key, weight, bias)
+        # The merged projection, made again when the stack's revisions change; kept in the same tensors where it can
+        # be, so that a compiled block reads the new weights without compiling again.
+        self.merged_key = None
+        self.merged_weight = None
+        self.merged_bias = None
 
     @property
     def in_features(self):
@@ -175,6 +179,10 @@ class HypernetworkProjection(nn.Module):
         if not any(hypernetwork.pair(width) is not None for hypernetwork in hypernetworks):
             return self.base_layer(x, *args, **kwargs)
         if torch.compiler.is_compiling():
+            # The compiled path: the merged weights the UNet's forward hook brought up to date, else the modules.
+            if attachment.merged and self.merged_weight is not None and not args and not kwargs:
+                if not (torch.is_grad_enabled() and attachment.trainable()):
+                    return F.linear(x, self.merged_weight, self.merged_bias)
             return self.base_layer(apply_side(hypernetworks, x, self.side), *args, **kwargs)
         if attachment.merged and not args and not kwargs:
             merged = self.merged_weights(hypernetworks)
@@ -225,12 +233,26 @@ class HypernetworkProjection(nn.Module):
         """This projection with every hypernetwork at its width baked in, made once per revision of the stack, or
         None where one of them is not linear, the base layer is not a plain Linear, or gradients must flow."""
         if torch.is_grad_enabled() and any(p.requires_grad for hn in hypernetworks for p in hn.parameters()):
-            return None
+            return None  # the stored weights stay as they were, unread until no gradient must flow
         base = self.base_layer
-        key = (tuple(hn.revision for hn in hypernetworks), base.weight.device, base.weight.dtype)
-        if self._merged is None or self._merged[0] != key:
-            self._merged = (key, self.merge(hypernetworks))
-        return self._merged[1]
+        key = (tuple(id(hn) for hn in hypernetworks), tuple(hn.revision for hn in hypernetworks), base.weight.device,
+               base.weight.dtype)  # fmt: skip
+        if self.merged_key != key:
+            merged = self.merge(hypernetworks)
+            self.merged_key = key
+            if merged is None:
+                self.merged_weight = self.merged_bias = None
+            elif (
+                self.merged_weight is not None
+                and _same_layout(self.merged_weight, merged[0])
+                and (_same_layout(self.merged_bias, merged[1]))
+            ):
+                self.merged_weight.copy_(merged[0])
+                if merged[1] is not None:
+                    self.merged_bias.copy_(merged[1])
+            else:
+                self.merged_weight, self.merged_bias = merged
+        return None if self.merged_weight is None else (self.merged_weight, self.merged_bias)
 
     def merge(self, hypernetworks):
         width = self.base_layer.in_features
@@ -244,7 +266,13 @@ class HypernetworkProjection(nn.Module):
         return weight.to(base.weight.dtype), None if bias is None else bias.to(base.weight.dtype)
 
     def unmerge(self):
-        self._merged = None
+        self.merged_key = self.merged_weight = self.merged_bias = None
+
+
+def _same_layout(a, b):
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
 class Attachment:
@@ -263,6 +291,7 @@ class Attachment:
         self.levels = self_attention_levels(unet)
         self._state = None
         self.projections = []
+        self.blocks = [module for module in unet.modules() if type(module).__name__ in REPEATED_BLOCKS]
         for attn in attention_layers(unet):
             for side, name in ((K, "to_k"), (V, "to_v")):
                 projection = HypernetworkProjection(getattr(attn, name), side, self)
@@ -272,6 +301,16 @@ class Attachment:
             unet.register_forward_pre_hook(self._before_unet_forward, with_kwargs=True),
             unet.register_forward_hook(self._after_unet_forward),
         ]
+
+    @property
+    def compiled(self):
+        """Whether the UNet's repeated blocks, where every attention layer sits, are compiled (compile_blocks, or
+        diffusers' compile_repeated_blocks): their layers then run the modules or the merged weights as a graph, and
+        the UNet's forward prepares nothing for them."""
+        return any(getattr(block, "_compiled_call_impl", None) is not None for block in self.blocks)
+
+    def trainable(self):
+        return any(p.requires_grad for hn in self.hypernetworks for p in hn.parameters())
 
     def forward_state(self):
         state = self._state
@@ -284,6 +323,11 @@ class Attachment:
         # as its first run did. Replaced at the next forward: nothing outlives it into another one.
         self._state = None
         if torch.compiler.is_compiling():
+            return
+        if self.merged:
+            for _, _, projection in self.projections:  # outside any compiled block, so that none compiles again
+                projection.merged_weights(self.hypernetworks)
+        if self.compiled:
             return
         state = _Forward(tuple(hn.revision for hn in self.hypernetworks))
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
@@ -343,6 +387,27 @@ class Attachment:
 
     def __exit__(self, *exc):
         self.detach()
+
+
+# The UNet blocks that hold the attention layers, repeated through the model: what regional compilation compiles
+# (diffusers' UNet2DConditionModel._repeated_blocks).
+REPEATED_BLOCKS = ("BasicTransformerBlock",)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def compile_blocks(unet, mode="default", fullgraph=False, backend="inductor"):
+    """Regional compilation: torch.compile each of the UNet's repeated transformer blocks in place, as diffusers'
+    compile_repeated_blocks does, with any hypernetwork wrappers inside them (attach before or after). Blocks of one
+    shape share their compiled code, so compiling costs a few blocks' worth, once. mode: "default",
+    "reduce-overhead" (CUDA graphs, where shapes stay the same), "max-autotune"."""
+    if mode not in COMPILE_MODES:
+        raise UsageError(f"torch.compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    blocks = [module for module in unet.modules() if type(module).__name__ in REPEATED_BLOCKS]
+    if not blocks:
+        raise UsageError(f"this UNet has no {' or '.join(REPEATED_BLOCKS)} to compile")
+    for block in blocks:
+        block.compile(mode=None if mode == "default" else mode, fullgraph=fullgraph, backend=backend)
+    return unet
 
 
 def attention_layers(unet):

@@ -408,6 +408,11 @@ def build(path, widths, meta, tensors):
     dtypes = {t.dtype for t in tensors.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     hn.load_state_dict({key: t.to(dtype).contiguous() for key, t in tensors.items()}, assign=True)
+    for module in hn.modules():  # what no file holds, made on the meta device with the rest, made real
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_meta:
+                setattr(module, name, torch.ones((), dtype=dtype))
+    hn.set_multiplier(1.0)
     # Loaded weights overwrite the initialisation, so keep the file's values even where hypernet does not use them.
     hn.weight_init = meta["weight_init"]
     hn.use_dropout = meta["use_dropout"]

@@ -101,6 +101,9 @@ class HypernetworkModule(nn.Module):
             )
         if dropout_structure is not None:
             check_dropout_structure(dropout_structure, layer_structure)
+        # The multiplier as a tensor too, for forward: a compiled block reads its value, so that changing it compiles
+        # nothing again. Not persistent: no file holds it, as the webui's files hold none.
+        self.register_buffer("multiplier_tensor", torch.ones(()), persistent=False)
         self.multiplier = 1.0
 
         layers = []
@@ -137,8 +140,18 @@ class HypernetworkModule(nn.Module):
                 nn.init.kaiming_normal_(layer.weight, nonlinearity=nonlinearity)
             nn.init.zeros_(layer.bias)
 
+    @property
+    def multiplier(self):
+        return self._multiplier
+
+    @multiplier.setter
+    def multiplier(self, value):
+        self._multiplier = float(value)
+        with torch.no_grad():
+            self.multiplier_tensor.fill_(self._multiplier)
+
     def forward(self, x):
-        return x + self.linear(x) * self.effective_multiplier
+        return x + self.linear(x) * (1.0 if self.training else self.multiplier_tensor)
 
     @property
     def effective_multiplier(self):
