@@ -2,7 +2,10 @@
 
 Hypernetworks are attached as generate.py attaches them, merged into to_k/to_v where they are linear, once per
 prompt (setup_seconds_per_prompt, outside the per-image time); the `one_wrapped` variant runs the same
-hypernetwork unmerged (its modules applied in every layer and step).
+hypernetwork unmerged (its modules applied in every layer and step). With --torch_compile, `plain_compiled` and
+`one_compiled` run the plain and the one-hypernetwork (merged) variants on a second pipeline whose UNet
+transformer blocks are compiled (hypernet.compile_blocks); their first image pays the compilation
+(first_image_seconds).
 
     python bench/bench_generate.py --preset sd15 --resolution 512
 
@@ -39,6 +42,15 @@ def main():
         help="On the CPU, leave glibc's default of returning freed memory to the kernel (hypernet.memory).",
     )
     parser.add_argument("--no_flops", action="store_true", help="Skip the FLOP count of one image per variant.")
+    parser.add_argument(
+        "--torch_compile", action="store_true", help="Add plain_compiled and one_compiled (regional compilation)."
+    )
+    parser.add_argument(
+        "--torch_compile_mode",
+        default="default",
+        choices=hypernet.attachment.COMPILE_MODES,
+        help="torch.compile mode.",
+    )
     args = parser.parse_args()
 
     dtype_name = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
@@ -51,7 +63,13 @@ def main():
                 for _ in range(2)],
     }  # fmt: skip
     stacks["one_wrapped"] = stacks["one"]
-    attachment = hypernet.attach(pipeline.unet, [], merge=True)
+    attachments = {"eager": (pipeline, hypernet.attach(pipeline.unet, [], merge=True))}
+    if args.torch_compile:
+        compiled = build(args.preset, args.device, DTYPES[dtype_name])
+        attachments["compiled"] = (compiled, hypernet.attach(compiled.unet, [], merge=True))
+        hypernet.compile_blocks(compiled.unet, args.torch_compile_mode)
+        stacks["plain_compiled"], stacks["one_compiled"] = stacks["plain"], stacks["one"]
+    current = {}
 
     for stack in stacks.values():
         for hn in stack:
@@ -59,11 +77,12 @@ def main():
 
     def use(name):
         """Set up a variant's stack as generate.py does for a prompt: merged once, before its images."""
+        current["pipeline"], attachment = attachments["compiled" if name.endswith("_compiled") else "eager"]
         attachment.hypernetworks[:] = stacks[name]
         attachment.unmerge() if name == "one_wrapped" else attachment.merge()
 
     def generate():
-        pipeline(
+        current["pipeline"](
             "a castle on a hill",
             num_inference_steps=args.num_inference_steps,
             width=args.resolution,
@@ -71,9 +90,10 @@ def main():
             generator=torch.Generator(args.device).manual_seed(0),
         )
 
+    first_image = {}  # for the compiled variants, their compilation
     for name in stacks:
         use(name)
-        generate()
+        first_image[name] = timed(args.device, generate)
     # Peak memory first: on the CPU it is read from the resident set, which stops moving once freed memory is kept.
     peaks = {}
     for name in stacks:
@@ -98,7 +118,7 @@ def main():
     if not args.no_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
-        for name in stacks:
+        for name in [name for name in stacks if not name.endswith("_compiled")]:
             use(name)
             with FlopCounterMode(display=False) as counter:
                 generate()
@@ -123,6 +143,12 @@ def main():
                     "one/plain": seconds["one"] / seconds["plain"],
                     "two/plain": seconds["two"] / seconds["plain"],
                     "one_wrapped/plain": seconds["one_wrapped"] / seconds["plain"],
+                },
+                "first_image_seconds": first_image,
+                "compiled_ratios": {
+                    f"{name}_compiled/{name}": seconds[f"{name}_compiled"] / seconds[name]
+                    for name in ("plain", "one")
+                    if f"{name}_compiled" in seconds
                 },
                 "gflop_per_image": {name: round(f / 1e9, 1) for name, f in flops.items()},
                 "flop_ratios": {f"{name}/plain": flops[name] / flops["plain"] for name in flops if name != "plain"},

@@ -10,6 +10,8 @@ Variants, timed interleaved in one process after warm-up, batch 1, median over -
             cache, linear modules not multiplied out), torch's default AdamW as the webui uses
   hypernet_layers (linear hypernetworks) our step with the layers run one by one, not multiplied out
   hypernet_8bit (with --use_8bit_adam) the hypernetwork step with bitsandbytes' AdamW8bit
+  floor_compiled, hypernet_compiled (with --torch_compile) floor and hypernet on a copy of the UNet whose
+            transformer blocks are compiled (hypernet.compile_blocks: regional compilation, inductor)
 The FLOP floor of hypernet/floor is measured with torch.utils.flop_counter on one step of each.
 Prints one JSON line.
 """
@@ -62,18 +64,21 @@ def make_variants(pipeline, args, device, dtype):
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     batch = make_batch(pipeline, args.resolution, device, dtype)
 
-    def floor_step():
-        latents = batch["latents"].clone().requires_grad_(True)
-        with torch.autocast(**amp):
-            noisy = scheduler.add_noise(latents, batch["noise"], batch["timesteps"])
-            prediction = unet(
-                noisy,
-                batch["timesteps"],
-                batch["encoder_hidden_states"],
-                added_cond_kwargs=batch.get("added_cond_kwargs"),
-            ).sample
-            loss = F.mse_loss(prediction.float(), batch["noise"].float())
-        scaler.scale(loss).backward()
+    def floor(unet):
+        def step():
+            latents = batch["latents"].clone().requires_grad_(True)
+            with torch.autocast(**amp):
+                noisy = scheduler.add_noise(latents, batch["noise"], batch["timesteps"])
+                prediction = unet(
+                    noisy,
+                    batch["timesteps"],
+                    batch["encoder_hidden_states"],
+                    added_cond_kwargs=batch.get("added_cond_kwargs"),
+                ).sample
+                loss = F.mse_loss(prediction.float(), batch["noise"].float())
+            scaler.scale(loss).backward()
+
+        return step
 
     def trainer(model, parameters, optimizer_class, fused=False):
         parameters = list(parameters)
@@ -115,7 +120,7 @@ def make_variants(pipeline, args, device, dtype):
             self.step()
 
     variants = {
-        "floor": floor_step,
+        "floor": floor(unet),
         "hypernet": Attached(trainer(ours, hn.parameters(), torch.optim.AdamW, fused=True)),
         "a1111": Attached(
             trainer(ours, hn.parameters(), torch.optim.AdamW), text_context_once=False, use_linear_maps=False
@@ -124,6 +129,15 @@ def make_variants(pipeline, args, device, dtype):
     if all(module.is_linear for module in hn.modules() if isinstance(module, hypernet.HypernetworkModule)):
         variants["hypernet_layers"] = Attached(
             trainer(ours, hn.parameters(), torch.optim.AdamW, fused=True), use_linear_maps=False
+        )
+    if args.torch_compile:
+        # Copies of their own: compiling changes the blocks in place, and attaching per step would compile again.
+        variants["floor_compiled"] = floor(hypernet.compile_blocks(copy.deepcopy(unet), args.torch_compile_mode))
+        compiled_hn = copy.deepcopy(hn)
+        compiled_model = UNetWithHypernetwork(copy.deepcopy(unet), compiled_hn)
+        hypernet.compile_blocks(compiled_model.unet, args.torch_compile_mode)
+        variants["hypernet_compiled"] = trainer(
+            compiled_model, compiled_hn.parameters(), torch.optim.AdamW, fused=True
         )
     if args.use_8bit_adam:
         import bitsandbytes
@@ -234,6 +248,15 @@ def main():
     )
     parser.add_argument("--no_flops", action="store_true", help="Skip the FLOP count.")
     parser.add_argument(
+        "--torch_compile", action="store_true", help="Add floor_compiled and hypernet_compiled (regional compilation)."
+    )
+    parser.add_argument(
+        "--torch_compile_mode",
+        default="default",
+        choices=hypernet.attachment.COMPILE_MODES,
+        help="torch.compile mode.",
+    )
+    parser.add_argument(
         "--release_freed_memory",
         action="store_true",
         help="On the CPU, leave glibc's default of returning freed memory to the kernel (hypernet.memory).",
@@ -254,12 +277,20 @@ def main():
         unknown = set(args.only) - set(variants)
         if unknown:
             parser.error(f"--only: no variant {sorted(unknown)}; the variants are {sorted(variants)}")
-        variants = {name: step for name, step in variants.items() if name in {"floor", "hypernet", *args.only}}
+        keep = {
+            "floor",
+            "hypernet",
+            *args.only,
+            *(("floor_compiled", "hypernet_compiled") if args.torch_compile else ()),
+        }
+        variants = {name: step for name, step in variants.items() if name in keep}
 
+    first_step = {}  # the first call: for the compiled variants, their compilation
     for _ in range(args.warmup):
-        for step in variants.values():
+        for name, step in variants.items():
             with prepared(step):
-                step()
+                seconds = timed(args.device, step)
+            first_step.setdefault(name, seconds)
     # Peak memory first: on the CPU it is read from the resident set, which stops moving once freed memory is kept.
     peaks = {}
     for name, step in variants.items():
@@ -318,6 +349,19 @@ def main():
         },
     }
     result["optimizer_step_seconds"] = optimizer_step_seconds(hn, args.device)
+    result["first_step_seconds"] = first_step
+    if args.torch_compile:
+        pairs = {"floor_compiled/floor": ("floor_compiled", "floor"),
+                 "hypernet_compiled/hypernet": ("hypernet_compiled", "hypernet"),
+                 "hypernet_compiled/floor_compiled": ("hypernet_compiled", "floor_compiled")}  # fmt: skip
+        result["compiled_paired_ratios"] = {
+            name: median([x / y for x, y in zip(times[a], times[b])]) for name, (a, b) in pairs.items()
+        }
+        result["compiled_paired_ratio_interval_95"] = {
+            name: [round(v, 3) for v in median_interval([x / y for x, y in zip(times[a], times[b])])]
+            for name, (a, b) in pairs.items()
+        }
+        result["torch_compile_mode"] = args.torch_compile_mode
     if "hypernet_8bit" in variants:
         result["optimizer_state_mib"] = {
             name: round(optimizer_state_bytes(variants[name].optimizer) / 2**20, 2)

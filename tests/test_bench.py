@@ -33,9 +33,16 @@ def test_bench_train_reports_every_variant_and_the_multiplied_out_step_does_less
     assert set(result["optimizer_step_seconds"]) == {"default", "fused"}
 
 
-def test_bench_train_only_times_floor_and_hypernet_with_the_named_variants_and_pairs_them_by_round():
-    result = bench("bench_train.py", "--steps", "3", "--warmup", "0", "--no_flops", "--only", "a1111")
-    assert set(result["seconds_per_step"]) == {"floor", "hypernet", "a1111"}
+def test_bench_train_only_times_floor_and_hypernet_with_the_named_and_compiled_variants_and_pairs_them_by_round():
+    result = bench(
+        "bench_train.py", "--steps", "3", "--warmup", "1", "--no_flops", "--torch_compile", "--only", "a1111"
+    )
+    assert set(result["seconds_per_step"]) == {"floor", "hypernet", "a1111", "floor_compiled", "hypernet_compiled"}
+    assert set(result["compiled_paired_ratios"]) == {
+        "floor_compiled/floor", "hypernet_compiled/hypernet", "hypernet_compiled/floor_compiled"
+    }  # fmt: skip
+    first, steady = result["first_step_seconds"], result["seconds_per_step"]
+    assert first["hypernet_compiled"] > steady["hypernet_compiled"], "the first step compiles"
     rounds = result["seconds_by_round"]
     assert all(len(times) == 3 for times in rounds.values())
     per_round = sorted(h / f for h, f in zip(rounds["hypernet"], rounds["floor"]))
@@ -51,8 +58,9 @@ def test_bench_train_only_times_floor_and_hypernet_with_the_named_variants_and_p
 
 
 def test_bench_generate_reports_merged_and_wrapped_hypernetworks_against_plain():
-    result = bench("bench_generate.py", "--num_inference_steps", "2", "--rounds", "1")
-    assert set(result["seconds_per_image"]) == {"plain", "one", "two", "one_wrapped"}
+    result = bench("bench_generate.py", "--num_inference_steps", "2", "--rounds", "1", "--torch_compile")
+    assert set(result["seconds_per_image"]) == {"plain", "one", "two", "one_wrapped", "plain_compiled", "one_compiled"}
+    assert set(result["compiled_ratios"]) == {"plain_compiled/plain", "one_compiled/one"}
     flop_ratios = result["flop_ratios"]
     assert flop_ratios["one/plain"] == flop_ratios["two/plain"] == 1.0, "merged: the plain pipeline's arithmetic"
     assert flop_ratios["one_wrapped/plain"] > 1
