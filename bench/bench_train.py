@@ -2,7 +2,7 @@
 
     python bench/bench_train.py --preset sd15 --resolution 256 --steps 5
 
-Variants, timed interleaved in one process after warm-up, batch 1, median over --steps rounds:
+Variants, timed interleaved in one process after warm-up, batch --batch_size (1), median over --steps rounds:
   floor     the frozen UNet's forward and backward to its inputs: no trainable weights at all
   hypernet  our hypernetwork step (hypernet.training: diffusion_loss, UNetWithHypernetwork, fused AdamW)
   lora      a rank-4 LoRA on to_q/to_k/to_v/to_out.0 through peft, as diffusers' LoRA script trains
@@ -32,15 +32,15 @@ from hypernet.memory import retain_freed_memory
 from hypernet.training import UNetWithHypernetwork, diffusion_loss, fused_kwargs
 
 
-def make_batch(pipeline, resolution, device, dtype, seed=0):
+def make_batch(pipeline, resolution, device, dtype, seed=0, size=1):
     generator = torch.Generator().manual_seed(seed)
     side = resolution // pipeline.vae_scale_factor
     width = pipeline.unet.config.cross_attention_dim
     batch = {
-        "latents": torch.randn(1, 4, side, side, generator=generator).to(device, dtype),
-        "noise": torch.randn(1, 4, side, side, generator=generator).to(device, dtype),
-        "timesteps": torch.randint(0, 1000, (1,), generator=generator).to(device),
-        "encoder_hidden_states": torch.randn(1, 77, width, generator=generator).to(device, dtype),
+        "latents": torch.randn(size, 4, side, side, generator=generator).to(device, dtype),
+        "noise": torch.randn(size, 4, side, side, generator=generator).to(device, dtype),
+        "timesteps": torch.randint(0, 1000, (size,), generator=generator).to(device),
+        "encoder_hidden_states": torch.randn(size, 77, width, generator=generator).to(device, dtype),
         "weight": None,
     }
     if pipeline.unet.config.addition_embed_type == "text_time":  # SDXL: pooled text and (size, crop, size) ids
@@ -49,8 +49,10 @@ def make_batch(pipeline, resolution, device, dtype, seed=0):
             - 6 * pipeline.unet.config.addition_time_embed_dim
         )
         batch["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(1, pooled, generator=generator).to(device, dtype),
-            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]]).to(device, dtype),
+            "text_embeds": torch.randn(size, pooled, generator=generator).to(device, dtype),
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * size).to(
+                device, dtype
+            ),
         }
     return batch
 
@@ -62,7 +64,7 @@ def make_variants(pipeline, args, device, dtype):
     unet = pipeline.unet
     amp = dict(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
-    batch = make_batch(pipeline, args.resolution, device, dtype)
+    batch = make_batch(pipeline, args.resolution, device, dtype, size=args.batch_size)
 
     def floor(unet):
         def step():
@@ -205,6 +207,23 @@ def measure_flops(fn):
     return counter.get_total_flops()
 
 
+def device_busy_seconds(variants, device, steps=3):
+    """Per variant, the seconds per step the GPU spends running kernels (torch.profiler's device time, summed over
+    every kernel), beside the wall time: where it is far below, the step waits on the CPU launching kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    busy = {}
+    for name, step in variants.items():
+        with prepared(step), torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            sync(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy[name] = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps
+    return busy
+
+
 def profile(variants, device):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -228,6 +247,7 @@ def main():
         help="Model architecture (random weights): sd15, sdxl (full size), tiny, tiny_sdxl.",
     )
     parser.add_argument("--resolution", type=int, default=256, help="Image side in pixels.")
+    parser.add_argument("--batch_size", type=int, default=1, help="Images per step.")
     parser.add_argument(
         "--activation_func",
         default="linear",
@@ -350,6 +370,9 @@ def main():
     }
     result["optimizer_step_seconds"] = optimizer_step_seconds(hn, args.device)
     result["first_step_seconds"] = first_step
+    result["batch_size"] = args.batch_size
+    if args.device.startswith("cuda"):
+        result["device_busy_seconds_per_step"] = device_busy_seconds(variants, args.device)
     if args.torch_compile:
         pairs = {"floor_compiled/floor": ("floor_compiled", "floor"),
                  "hypernet_compiled/hypernet": ("hypernet_compiled", "hypernet"),

@@ -46,6 +46,25 @@ def apply_side(hypernetworks, context, side, maps=None):
     return out
 
 
+def apply_side_in_graph(hypernetworks, context, side):
+    """apply_side for a compiled block: a linear module runs as its linear map, made in the graph, where the context
+    has more tokens than its width (then the map, made in each layer, costs less than the layers it replaces)."""
+    width, tokens = context.shape[-1], context.shape[:-1].numel()
+    autocast = torch.is_autocast_enabled(context.device.type)
+    out = context
+    for hypernetwork in hypernetworks:
+        pair = hypernetwork.pair(width)
+        if pair is None:
+            continue
+        module = pair[side]
+        x = out.to(context.dtype if autocast else module.linear[0].weight.dtype)
+        if module.is_linear and tokens > width:
+            out = (x + F.linear(x, *module.linear_map())).to(context.dtype)
+        else:
+            out = module(x).to(context.dtype)
+    return out
+
+
 def apply_hypernetworks(hypernetworks, context):
     """The webui's apply_hypernetworks: the (K, V) contexts after every hypernetwork in turn."""
     return apply_side(hypernetworks, context, K), apply_side(hypernetworks, context, V)
@@ -183,7 +202,9 @@ class HypernetworkProjection(nn.Module):
             if attachment.merged and self.merged_weight is not None and not args and not kwargs:
                 if not (torch.is_grad_enabled() and attachment.trainable()):
                     return F.linear(x, self.merged_weight, self.merged_bias)
-            return self.base_layer(apply_side(hypernetworks, x, self.side), *args, **kwargs)
+            if not attachment.use_linear_maps:
+                return self.base_layer(apply_side(hypernetworks, x, self.side), *args, **kwargs)
+            return self.base_layer(apply_side_in_graph(hypernetworks, x, self.side), *args, **kwargs)
         if attachment.merged and not args and not kwargs:
             merged = self.merged_weights(hypernetworks)
             if merged is not None:

@@ -154,10 +154,6 @@ class HypernetworkModule(nn.Module):
         return x + self.linear(x) * (1.0 if self.training else self.multiplier_tensor)
 
     @property
-    def effective_multiplier(self):
-        return 1.0 if self.training else self.multiplier
-
-    @property
     def is_linear(self):
         """Whether the MLP is only Linear layers as it runs now: no activation, no layer norm, no active dropout."""
         return all(
@@ -175,7 +171,8 @@ class HypernetworkModule(nn.Module):
         weight, bias = linears[0].weight, linears[0].bias
         for layer in linears[1:]:
             weight, bias = layer.weight @ weight, F.linear(bias, layer.weight, layer.bias)
-        return weight * self.effective_multiplier, bias * self.effective_multiplier
+        multiplier = 1.0 if self.training else self.multiplier_tensor
+        return weight * multiplier, bias * multiplier
 
 
 # Revisions are unique across hypernetworks, so that a stack's tuple of revisions names its exact state.
