@@ -522,6 +522,13 @@ def validate_args(args, given=()):
     if args.hypernetwork_name + ".json" in RUN_FILES:
         raise UsageError(f"--hypernetwork_name {args.hypernetwork_name}: its card file would be the run's own "
                          f"{args.hypernetwork_name}.json; choose another name")  # fmt: skip
+    if args.torch_compile_mode != "default" and not args.torch_compile:
+        raise UsageError(
+            f"--torch_compile_mode {args.torch_compile_mode} is for --torch_compile; add it or leave it out"
+        )
+    if args.torch_compile_mode == "reduce-overhead" and args.varsize:
+        raise UsageError("--torch_compile_mode reduce-overhead records CUDA graphs of fixed shapes, and --varsize "
+                         "batches change shape; use --torch_compile_mode default")  # fmt: skip
     if args.push_to_hub:
         check_hub_login(args)
     elif args.hub_model_id or args.hub_token:

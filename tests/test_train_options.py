@@ -76,6 +76,8 @@ def base_argv(model, data, out):
         (["--resolution", "100000"], r"--resolution 100000: at most 8192 pixels"),
         (["--variant", "bogus"], r"--variant bogus: .*unet has no file of that variant \(such as diffusion_pytorch_model.bogus.safetensors\); leave --variant out"),
         (["--num_validation_images", "0"], r"--num_preview_images 0: must be at least 1"),
+        (["--torch_compile_mode", "max-autotune"], r"--torch_compile_mode max-autotune is for --torch_compile; add it"),
+        (["--torch_compile", "--torch_compile_mode", "reduce-overhead", "--varsize"], r"records CUDA graphs of fixed shapes"),
         (["--hub_model_id", "me/x"], r"--hub_model_id and --hub_token are for --push_to_hub; add it or leave them out"),
         (["--push_to_hub", "--hub_token", "t", "--report_to", "wandb"], r"--hub_token with --report_to wandb would log the token"),
         (["--hypernetwork_name", "training_settings"], r"its card file would be the run's own training_settings.json"),
