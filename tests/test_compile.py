@@ -118,6 +118,26 @@ def test_generation_compiles_once_across_multipliers_and_merging(frozen_unet, ki
     assert not torch.allclose(results[0.3], plain, atol=1e-4)
 
 
+def test_attach_works_on_a_compiled_unet_and_detach_restores_it(frozen_unet):
+    torch._dynamo.reset()
+    sample, timesteps, text = inputs()
+    hypernetworks = stack("relu")
+    eager = copy.deepcopy(frozen_unet)
+    with torch.no_grad(), hypernet.attach(eager, copy.deepcopy(hypernetworks)):
+        want = eager(sample, timesteps, text).sample
+    counter = CompileCounter()
+    hypernet.compile_blocks(frozen_unet, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        plain = frozen_unet(sample, timesteps, text).sample
+        with hypernet.attach(frozen_unet, hypernetworks) as attachment:
+            assert attachment.compiled
+            got = frozen_unet(sample, timesteps, text).sample
+        again = frozen_unet(sample, timesteps, text).sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+    assert not torch.allclose(got, plain, atol=1e-4)
+
+
 def test_at_most_one_compilation_per_bucket_shape(frozen_unet):
     torch._dynamo.reset()
     hypernetworks = stack("relu")
