@@ -11,14 +11,17 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-A1111 = os.path.join(os.path.dirname(ROOT), "shared", "a1111")
+# The webui-written reference files, copied from ../shared/a1111 (tests/data/README.md), so that a clone of the
+# repository alone passes; tests/test_fixtures.py checks the copies against ../shared/a1111 where it sits beside.
+A1111 = os.path.join(ROOT, "tests", "data", "a1111")
+SHARED_A1111 = os.path.join(os.path.dirname(ROOT), "shared", "a1111")
 CASES = ["case1_default_relu", "case3_layernorm_swish", "case7_old_format", "case8_with_optim"]
 
 
 def a1111_file(case, suffix=".pt"):
     path = os.path.join(A1111, case + suffix)
     if not os.path.exists(path):
-        pytest.fail(f"reference file {path} is missing: ../shared/a1111 must sit beside the checkout")
+        pytest.fail(f"reference file {path} is missing from the repository's tests/data/a1111")
     return path
 
 
