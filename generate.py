@@ -250,7 +250,9 @@ def validate_args(args):
     available = hypernetworks_in(args.hypernetwork_dir)
     args.jobs = [parse_prompt(prompt, args.hypernetwork_dir, available) for prompt in args.prompt]
     if args.torch_compile_mode != "default" and not args.torch_compile:
-        raise UsageError(f"--torch_compile_mode {args.torch_compile_mode} is for --torch_compile; add it or leave it out")
+        raise UsageError(
+            f"--torch_compile_mode {args.torch_compile_mode} is for --torch_compile; add it or leave it out"
+        )
     check_writable_folder(args.output_dir)
 
 
