@@ -535,6 +535,8 @@ def validate_args(args, given=()):
         raise UsageError("--hub_model_id and --hub_token are for --push_to_hub; add it or leave them out")
     if args.report_to in ("wandb", "all"):
         check_wandb()
+    if args.report_to in ("tensorboard", "all"):
+        check_tensorboard(args.report_to)
 
 
 def check_hub_login(args):
@@ -605,11 +607,23 @@ def check_output_dir(args):
     check_writable_folder(args.output_dir)
 
 
+def check_tensorboard(report_to):
+    try:
+        import tensorboard  # noqa: F401  (what torch.utils.tensorboard, accelerate's tracker, writes with)
+    except ImportError:
+        raise UsageError(
+            f"--report_to {report_to} needs TensorBoard: pip install 'hypernet[tensorboard]' (or pip install "
+            "tensorboard)"
+        ) from None
+
+
 def check_wandb():
     try:
         import wandb  # noqa: F401
     except ImportError:
-        raise UsageError("--report_to wandb needs wandb: pip install wandb") from None
+        raise UsageError(
+            "--report_to wandb needs wandb: pip install 'hypernet[wandb]' (or pip install wandb)"
+        ) from None
     if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
         return
     import netrc

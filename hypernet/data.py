@@ -297,7 +297,13 @@ def _folder_caption(path, index):
 def dataset_entries(dataset_name, config_name=None, image_column="image", caption_column="text", streaming=False):
     """A `datasets` dataset (a local imagefolder, Arrow or Parquet files, or a dataset name), read lazily: images
     stay encoded in the dataset until they are needed. With `streaming`, StreamedEntries read as the data arrives."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(
+            f"--dataset_name {dataset_name}: needs Hugging Face datasets: pip install 'hypernet[datasets]' (or "
+            "pip install datasets); a folder of images works with --train_data_dir without it"
+        ) from None
 
     try:
         if os.path.isdir(dataset_name):

@@ -442,3 +442,22 @@ def test_push_to_hub_is_refused_in_one_line_without_a_token_the_hub_or_a_network
     assert code == 2 and "\n" not in text
     assert text.startswith("--push_to_hub: could not create the Hub repository me/style: "), text
     assert not os.path.exists(tmp_path / "o" / "README.md")
+
+
+@pytest.mark.parametrize(
+    "module, flags, message",
+    [
+        ("wandb", ["--report_to", "wandb"], "--report_to wandb needs wandb: pip install 'hypernet[wandb]'"),
+        ("tensorboard", ["--report_to", "tensorboard"], "--report_to tensorboard needs TensorBoard: pip install 'hypernet[tensorboard]'"),
+        ("datasets", ["--dataset_name", "{data}"], "needs Hugging Face datasets: pip install 'hypernet[datasets]'"),
+    ],
+)  # fmt: skip
+def test_a_missing_extra_is_named_in_one_line(
+    tiny_model_dir, small_dataset, tmp_path, capsys, monkeypatch, no_heavy_work, module, flags, message
+):
+    monkeypatch.setitem(__import__("sys").modules, module, None)
+    argv = base_argv(tiny_model_dir, small_dataset, tmp_path / "o") + [f.format(data=small_dataset) for f in flags]
+    if "--dataset_name" in flags:
+        argv.remove("--train_data_dir"), argv.remove(str(small_dataset))
+    code, text = run_cli(capsys, argv)
+    assert code == 2 and "\n" not in text and message in text, text
