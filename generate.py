@@ -330,8 +330,11 @@ def prompt_encoder(pipeline, args):
     encoders = [e for e in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)) if e is not None]
     encoder = PromptEncoder(tokenizers, encoders, args.clip_skip, args.text_encoding)
     if args.clip_skip > 1 and not encoder.clip_skip_applies:
-        print(f"--clip_skip {args.clip_skip}: the webui ignores Clip skip for SD 2.x and SDXL, and so does "
-              "--text_encoding webui; the last layer is read", file=sys.stderr)  # fmt: skip
+        print(
+            f"--clip_skip {args.clip_skip}: the webui ignores Clip skip for SD 2.x and SDXL, and so does "
+            "--text_encoding webui; the last layer is read",
+            file=sys.stderr,
+        )
     return encoder
 
 

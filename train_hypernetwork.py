@@ -78,8 +78,16 @@ logger = logging.getLogger("train_hypernetwork")
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # Settings of the hypernetwork itself: a resumed file keeps its own, so giving a different one is an error.
-HYPERNETWORK_FLAGS = ("layer_structure", "activation_func", "weight_init", "add_layer_norm", "use_dropout",
-                      "dropout_structure", "activate_output", "enable_sizes")  # fmt: skip
+HYPERNETWORK_FLAGS = (
+    "layer_structure",
+    "activation_func",
+    "weight_init",
+    "add_layer_norm",
+    "use_dropout",
+    "dropout_structure",
+    "activate_output",
+    "enable_sizes",
+)
 MAX_PARAMETERS = 2_000_000_000
 MAX_SIZE = 8192  # pixels: training resolution and preview sizes
 RUN_FILES = ("training_settings.json",)  # beside NAME.pt, NAME.json and NAME.preview.png in the output folder
@@ -104,9 +112,10 @@ def make_parser():
 
     hn = parser.add_argument_group("hypernetwork")
     hn.add_argument(
-        "--hypernetwork_name", default=None, help="Name of the hypernetwork ([name] in templates, file names). "
-        "Default: the name of --output_dir."
-    )  # fmt: skip
+        "--hypernetwork_name",
+        default=None,
+        help="Name of the hypernetwork ([name] in templates, file names). Default: the name of --output_dir.",
+    )
     hn.add_argument(
         "--resume_hypernetwork",
         default=None,
@@ -382,8 +391,13 @@ def parse_args(input_args=None):
     parser = make_parser()
     argv = sys.argv[1:] if input_args is None else [str(a) for a in input_args]
     args = parser.parse_args(argv)
-    given = {a.dest for a in parser._actions for option in a.option_strings
-             for word in argv if word == option or word.startswith(option + "=")}  # fmt: skip
+    given = {
+        a.dest
+        for a in parser._actions
+        for option in a.option_strings
+        for word in argv
+        if word == option or word.startswith(option + "=")
+    }
     validate_args(args, given)
     return args
 
@@ -463,12 +477,24 @@ def validate_args(args, given=()):
     if len(args.lr_schedule) > 1 and args.lr_scheduler != "constant":
         raise UsageError("--learning_rate is an A1111 schedule; use it with --lr_scheduler constant")
     args.clip_grad_schedule = parse_schedule(args.clip_grad_value, "--clip_grad_value")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "resolution", "max_bad_steps",
-                 "num_preview_images"):  # fmt: skip
+    for flag in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "resolution",
+        "max_bad_steps",
+        "num_preview_images",
+    ):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    for flag in ("save_every", "checkpointing_steps", "preview_every", "dataloader_num_workers", "lr_warmup_steps",
-                 "preview_seed"):  # fmt: skip
+    for flag in (
+        "save_every",
+        "checkpointing_steps",
+        "preview_every",
+        "dataloader_num_workers",
+        "lr_warmup_steps",
+        "preview_seed",
+    ):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be 0 or more")
     if not 0 <= args.seed < 2**32:
@@ -477,8 +503,15 @@ def validate_args(args, given=()):
         raise UsageError(f"--checkpoints_total_limit {args.checkpoints_total_limit}: must be at least 1")
     if not 0 <= args.tag_drop_out < 1:
         raise UsageError(f"--tag_drop_out {args.tag_drop_out}: must be in [0, 1)")
-    for flag in ("snr_gamma", "noise_offset", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-                 "preview_guidance_scale"):  # fmt: skip
+    for flag in (
+        "snr_gamma",
+        "noise_offset",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_weight_decay",
+        "adam_epsilon",
+        "preview_guidance_scale",
+    ):
         value = getattr(args, flag)
         if value is not None and (not math.isfinite(value) or value < 0):
             raise UsageError(f"--{flag} {value}: must be a finite number, 0 or more")
@@ -520,15 +553,19 @@ def validate_args(args, given=()):
         args.preview_prompt = [f"a picture, art by {args.hypernetwork_name}"]
     check_output_dir(args)
     if args.hypernetwork_name + ".json" in RUN_FILES:
-        raise UsageError(f"--hypernetwork_name {args.hypernetwork_name}: its card file would be the run's own "
-                         f"{args.hypernetwork_name}.json; choose another name")  # fmt: skip
+        raise UsageError(
+            f"--hypernetwork_name {args.hypernetwork_name}: its card file would be the run's own "
+            f"{args.hypernetwork_name}.json; choose another name"
+        )
     if args.torch_compile_mode != "default" and not args.torch_compile:
         raise UsageError(
             f"--torch_compile_mode {args.torch_compile_mode} is for --torch_compile; add it or leave it out"
         )
     if args.torch_compile_mode == "reduce-overhead" and args.varsize:
-        raise UsageError("--torch_compile_mode reduce-overhead records CUDA graphs of fixed shapes, and --varsize "
-                         "batches change shape; use --torch_compile_mode default")  # fmt: skip
+        raise UsageError(
+            "--torch_compile_mode reduce-overhead records CUDA graphs of fixed shapes, and --varsize "
+            "batches change shape; use --torch_compile_mode default"
+        )
     if args.push_to_hub:
         check_hub_login(args)
     elif args.hub_model_id or args.hub_token:
@@ -545,11 +582,14 @@ def check_hub_login(args):
     from huggingface_hub import constants, get_token
 
     if args.hub_token and args.report_to in ("wandb", "all"):
-        raise UsageError("--hub_token with --report_to wandb would log the token with the command line; log in with "
-                         "`hf auth login` (or set HF_TOKEN) instead")  # fmt: skip
+        raise UsageError(
+            "--hub_token with --report_to wandb would log the token with the command line; log in with "
+            "`hf auth login` (or set HF_TOKEN) instead"
+        )
     if constants.HF_HUB_OFFLINE:
-        raise UsageError("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or leave out "
-                         "--push_to_hub")  # fmt: skip
+        raise UsageError(
+            "--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it or leave out --push_to_hub"
+        )
     if not (args.hub_token or get_token()):
         raise UsageError("--push_to_hub: no Hugging Face token; run `hf auth login`, set HF_TOKEN or pass --hub_token")
 
@@ -558,8 +598,14 @@ def check_optimizer(args):
     """The optimizer class takes these settings and parameters shaped as a hypernetwork's (matrices and vectors)."""
     shapes = [torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)]
     try:
-        make_optimizer(shapes, args.optimizer, args.use_8bit_adam, (args.adam_beta1, args.adam_beta2),
-                       args.adam_weight_decay, args.adam_epsilon)  # fmt: skip
+        make_optimizer(
+            shapes,
+            args.optimizer,
+            args.use_8bit_adam,
+            (args.adam_beta1, args.adam_beta2),
+            args.adam_weight_decay,
+            args.adam_epsilon,
+        )
     except (ValueError, TypeError, RuntimeError, AssertionError) as e:
         raise UsageError(f"--optimizer {args.optimizer}: cannot train a hypernetwork ({first_line(e)})") from None
 
@@ -656,8 +702,9 @@ def data_settings(args):
 def read_entries(args):
     if args.train_data_dir is not None:
         return data.folder_entries(args.train_data_dir)
-    return data.dataset_entries(args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column,
-                                args.streaming)  # fmt: skip
+    return data.dataset_entries(
+        args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column, args.streaming
+    )
 
 
 def make_hypernetwork(args, model_widths):
@@ -843,11 +890,15 @@ def read_training_state(checkpoint):
     try:
         with open(path) as f:
             saved = json.load(f)
-        if not (isinstance(saved["step"], int) and isinstance(saved["losses"], list)
-                and isinstance(saved["bad_steps"], int)):  # fmt: skip
+        if not (
+            isinstance(saved["step"], int)
+            and isinstance(saved["losses"], list)
+            and isinstance(saved["bad_steps"], int)
+        ):
             raise ValueError("wrong types")
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                   for x in saved["losses"]):  # fmt: skip
+        if not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in saved["losses"]
+        ):
             raise ValueError("its losses are not all finite numbers")
         if not isinstance(saved.get("run_id"), (str, type(None))):
             raise ValueError("its run_id is not text")
@@ -905,11 +956,16 @@ def resolve_checkpoint(args):
     check_checkpoint_files(path)
     saved = hypernet.load(os.path.join(path, "hypernetwork.safetensors"))
     if args.resume_hypernetwork is None:
-        changed = [f"--{flag}" for flag, attribute in (("layer_structure", "layer_structure"),
-                                                        ("activation_func", "activation_func"),
-                                                        ("add_layer_norm", "add_layer_norm"),
-                                                        ("activate_output", "activate_output"))
-                   if getattr(args, flag) != getattr(saved, attribute)]  # fmt: skip
+        changed = [
+            f"--{flag}"
+            for flag, attribute in (
+                ("layer_structure", "layer_structure"),
+                ("activation_func", "activation_func"),
+                ("add_layer_norm", "add_layer_norm"),
+                ("activate_output", "activate_output"),
+            )
+            if getattr(args, flag) != getattr(saved, attribute)
+        ]
         if args.enable_sizes != "auto" and sorted(args.enable_sizes) != sorted(saved.widths):
             changed.append("--enable_sizes")
         if changed:
@@ -1105,7 +1161,7 @@ def safetensors_metadata(args, hn, run):
             run.started_at,
             run.finished_at,
             {k: v for k, v in kohya.items() if v is not None},
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -1148,9 +1204,15 @@ def publish_run(args, hn, final, run, last_preview, repo_id):
     notes = "\n".join(f"{key}: {value}" for key, value in {**run.settings, "hypernet": hypernet.__version__}.items())
     preview = os.path.join(args.output_dir, previews[0][1]) if previews else None
     write_card_files(final, preview, description, notes, infotext)
-    card = model_card(args.hypernetwork_name, args.pretrained_model_name_or_path, description, previews,
-                      {"steps": run.steps, "images": run.images, **run.settings},
-                      hub_files(args.output_dir, extra=["README.md"]), repo_id)  # fmt: skip
+    card = model_card(
+        args.hypernetwork_name,
+        args.pretrained_model_name_or_path,
+        description,
+        previews,
+        {"steps": run.steps, "images": run.images, **run.settings},
+        hub_files(args.output_dir, extra=["README.md"]),
+        repo_id,
+    )
     readme = os.path.join(args.output_dir, "README.md")
     with atomic_write(readme) as tmp:
         card.save(tmp)
@@ -1158,8 +1220,10 @@ def publish_run(args, hn, final, run, last_preview, repo_id):
         try:
             push_folder(repo_id, args.output_dir, args.hub_token)
         except Exception as e:  # an HTTP or network error: the files are all here
-            raise HypernetError(f"--push_to_hub: uploading to {repo_id} failed ({first_line(e)}); every file is in "
-                                f"{args.output_dir}: upload it with `hf upload {repo_id} {args.output_dir}`") from None  # fmt: skip
+            raise HypernetError(
+                f"--push_to_hub: uploading to {repo_id} failed ({first_line(e)}); every file is in "
+                f"{args.output_dir}: upload it with `hf upload {repo_id} {args.output_dir}`"
+            ) from None
         logger.info(f"pushed {args.output_dir} to https://huggingface.co/{repo_id}")
 
 
@@ -1178,8 +1242,12 @@ def create_hub_repo(args):
 def preview_pipeline(args, models, unet, weight_dtype):
     from diffusers import DiffusionPipeline
 
-    components = {"unet": unet, "vae": models.vae, "text_encoder": models.text_encoders[0],
-                  "tokenizer": models.tokenizers[0]}  # fmt: skip
+    components = {
+        "unet": unet,
+        "vae": models.vae,
+        "text_encoder": models.text_encoders[0],
+        "tokenizer": models.tokenizers[0],
+    }
     if models.sdxl:
         components.update(text_encoder_2=models.text_encoders[1], tokenizer_2=models.tokenizers[1])
     else:
@@ -1250,8 +1318,9 @@ def log_validation(accelerator, args, models, prompt_encoder, model, hn, step, w
     return generations[0]
 
 
-def periodic_outputs(accelerator, args, models, prompt_encoder, model, hn, step, optimizer, optimizer_name,
-                     weight_dtype):  # fmt: skip
+def periodic_outputs(
+    accelerator, args, models, prompt_encoder, model, hn, step, optimizer, optimizer_name, weight_dtype
+):
     """hypernetworks/NAME-STEP.pt every --save_every steps, previews every --preview_every steps; returns (step,
     the first preview's Generation) where it made previews."""
     if args.save_every and step % args.save_every == 0:
@@ -1356,9 +1425,11 @@ class LastGood:
     def finite(self):
         """Whether the weights and the optimizer's floating-point state are all finite (one device sync)."""
         tensors = list(self.parameters) + [
-            v for values in self.optimizer.state.values() for v in values.values()
+            v
+            for values in self.optimizer.state.values()
+            for v in values.values()
             if torch.is_tensor(v) and v.is_floating_point()
-        ]  # fmt: skip
+        ]
         return bool(torch.stack([torch.isfinite(t).all().to(self.parameters[0].device) for t in tensors]).all())
 
     @torch.no_grad()
@@ -1417,19 +1488,27 @@ def main(input_args=None):
         torch.backends.cudnn.allow_tf32 = True
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    models = load_models(args.pretrained_model_name_or_path, args.revision, args.variant, weight_dtype,
-                         args.pretrained_vae_model_name_or_path)  # fmt: skip
+    models = load_models(
+        args.pretrained_model_name_or_path,
+        args.revision,
+        args.variant,
+        weight_dtype,
+        args.pretrained_vae_model_name_or_path,
+    )
     for model in (*models.text_encoders, models.vae):
         model.to(accelerator.device)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
 
     settings = data_settings(args)
-    prompt_encoder = hypernet.prompts.PromptEncoder(models.tokenizers, models.text_encoders, args.clip_skip,
-                                                    args.text_encoding)  # fmt: skip
+    prompt_encoder = hypernet.prompts.PromptEncoder(
+        models.tokenizers, models.text_encoders, args.clip_skip, args.text_encoding
+    )
     if args.clip_skip > 1 and not prompt_encoder.clip_skip_applies:
-        logger.warning(f"--clip_skip {args.clip_skip}: the webui ignores Clip skip for SD 2.x and SDXL, and so does "
-                       "--text_encoding webui; the last layer is read")  # fmt: skip
+        logger.warning(
+            f"--clip_skip {args.clip_skip}: the webui ignores Clip skip for SD 2.x and SDXL, and so does "
+            "--text_encoding webui; the last layer is read"
+        )
     stored = not args.encode_on_the_fly
     encoders = data.Encoders(
         vae=models.vae,
@@ -1442,8 +1521,16 @@ def main(input_args=None):
     )
     started = time.perf_counter()
     try:
-        records, damaged = data.prepare_records(entries, template, settings, encoders, args.cache_dir,
-                                                accelerator.state, accelerator.is_local_main_process, stored)  # fmt: skip
+        records, damaged = data.prepare_records(
+            entries,
+            template,
+            settings,
+            encoders,
+            args.cache_dir,
+            accelerator.state,
+            accelerator.is_local_main_process,
+            stored,
+        )
     except UsageError as e:
         if str(e) == "the dataset held no images":
             raise UsageError(f"--dataset_name {args.dataset_name}: the stream held no rows") from None
@@ -1455,9 +1542,11 @@ def main(input_args=None):
     if accelerator.num_processes > 1:
         counts = [sum(c) for c in zip(*gather_object([counts]))]
     if stored:
-        logger.info(f"record store {args.cache_dir or data.default_store_dir()}: encoded {counts[0]} images and "
-                    f"{counts[1]} prompts in {time.perf_counter() - started:.2f} s; the rest of the {len(records)} "
-                    "images' records were stored already")  # fmt: skip
+        logger.info(
+            f"record store {args.cache_dir or data.default_store_dir()}: encoded {counts[0]} images and "
+            f"{counts[1]} prompts in {time.perf_counter() - started:.2f} s; the rest of the {len(records)} "
+            "images' records were stored already"
+        )
     if damaged:
         logger.warning(f"{damaged} damaged entries of the record store were encoded again")
     initial_step = hn.step
@@ -1470,24 +1559,33 @@ def main(input_args=None):
         model = UNetWithHypernetwork(models.unet, hn)
     if args.torch_compile:
         compile_blocks(models.unet, args.torch_compile_mode)
-    optimizer, optimizer_name = make_optimizer(hn.parameters(), args.optimizer, args.use_8bit_adam,
-                                               (args.adam_beta1, args.adam_beta2), args.adam_weight_decay,
-                                               args.adam_epsilon)  # fmt: skip
+    optimizer, optimizer_name = make_optimizer(
+        hn.parameters(),
+        args.optimizer,
+        args.use_8bit_adam,
+        (args.adam_beta1, args.adam_beta2),
+        args.adam_weight_decay,
+        args.adam_epsilon,
+    )
     if hn.optimizer_state_dict is not None and hn.optimizer_name == optimizer_name:
         problem = optimizer_state_problem(hn.optimizer_state_dict, optimizer, optimizer_name)
         if problem:
-            logger.warning(f"ignoring optimizer state: {args.resume_hypernetwork}{OPTIM_SUFFIX}: {problem}; training "
-                           "starts a fresh optimizer state")  # fmt: skip
+            logger.warning(
+                f"ignoring optimizer state: {args.resume_hypernetwork}{OPTIM_SUFFIX}: {problem}; training "
+                "starts a fresh optimizer state"
+            )
         else:
             resume_optimizer_state(optimizer, hn.optimizer_state_dict)
             logger.info(f"continuing the optimizer state of {args.resume_hypernetwork}")
     hn.optimizer_state_dict = None
-    lr_scheduler = make_lr_scheduler(optimizer, args.lr_schedule, args.lr_scheduler, args.lr_warmup_steps,
-                                     initial_step, args.max_train_steps)  # fmt: skip
+    lr_scheduler = make_lr_scheduler(
+        optimizer, args.lr_schedule, args.lr_scheduler, args.lr_warmup_steps, initial_step, args.max_train_steps
+    )
 
     # Global batches, which accelerate splits across processes: every process count sees the same global batches.
-    sampler = data.EpochBatchSampler(records.sizes(), args.train_batch_size * accelerator.num_processes, args.seed,
-                                     records.chunk_counts())  # fmt: skip
+    sampler = data.EpochBatchSampler(
+        records.sizes(), args.train_batch_size * accelerator.num_processes, args.seed, records.chunk_counts()
+    )
     dataloader = torch.utils.data.DataLoader(
         data.TrainingSamples(records, template, settings, None if stored else entries),
         batch_sampler=sampler,
@@ -1537,18 +1635,25 @@ def main(input_args=None):
 
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=args.max_train_steps, initial=state.step, desc="Steps",
-                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    progress = tqdm(
+        total=args.max_train_steps, initial=state.step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     parameters = list(hn.parameters())
     last_good = LastGood(parameters, optimizer.optimizer)
     done = state.step - initial_step
-    batches = training_batches(accelerator, dataloader, sampler, done // steps_per_epoch,
-                               (done % steps_per_epoch) * args.gradient_accumulation_steps)  # fmt: skip
+    batches = training_batches(
+        accelerator,
+        dataloader,
+        sampler,
+        done // steps_per_epoch,
+        (done % steps_per_epoch) * args.gradient_accumulation_steps,
+    )
     step_loss, bad_in_step = 0.0, False
     with stop_signals(state), contextlib.closing(progress):  # closed before an error's line is printed
         for epoch, samples in batches if state.step < args.max_train_steps else ():
-            batch = batch_to_device(samples, models, prompt_encoder, args.seed, args.noise_offset, accelerator.device,
-                                    weight_dtype)  # fmt: skip
+            batch = batch_to_device(
+                samples, models, prompt_encoder, args.seed, args.noise_offset, accelerator.device, weight_dtype
+            )
             with accelerator.accumulate(model):
                 loss = diffusion_loss(model, models.noise_scheduler, batch, args.snr_gamma)
                 mean_loss = share_loss_and_stop(accelerator, loss, state)
@@ -1557,9 +1662,16 @@ def main(input_args=None):
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     clip_value = rate_at(args.clip_grad_schedule, state.step)
-                    grad_norm, learn_rate, overflowed = optimizer_step(accelerator, optimizer, lr_scheduler,
-                                                                       parameters, last_good, bad_in_step,
-                                                                       args.clip_grad_mode, clip_value)  # fmt: skip
+                    grad_norm, learn_rate, overflowed = optimizer_step(
+                        accelerator,
+                        optimizer,
+                        lr_scheduler,
+                        parameters,
+                        last_good,
+                        bad_in_step,
+                        args.clip_grad_mode,
+                        clip_value,
+                    )
             if not accelerator.sync_gradients:
                 continue
 
@@ -1600,8 +1712,21 @@ def main(input_args=None):
             if state.stop or state.step >= args.max_train_steps:
                 break
             if accelerator.is_main_process:
-                state.last_preview = periodic_outputs(accelerator, args, models, prompt_encoder, model, hn, state.step,
-                                                      optimizer, optimizer_name, weight_dtype) or state.last_preview  # fmt: skip
+                state.last_preview = (
+                    periodic_outputs(
+                        accelerator,
+                        args,
+                        models,
+                        prompt_encoder,
+                        model,
+                        hn,
+                        state.step,
+                        optimizer,
+                        optimizer_name,
+                        weight_dtype,
+                    )
+                    or state.last_preview
+                )
                 if state.step % 50 == 0:
                     write_loss_csv(csv_path, loss_rows)
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
@@ -1616,12 +1741,26 @@ def main(input_args=None):
     if accelerator.is_main_process:
         write_loss_csv(csv_path, loss_rows)
         if state.stop is None:  # the last step's periodic files, before the final file, which may still fail
-            state.last_preview = periodic_outputs(accelerator, args, models, prompt_encoder, model, hn, state.step,
-                                                  optimizer, optimizer_name, weight_dtype) or state.last_preview  # fmt: skip
+            state.last_preview = (
+                periodic_outputs(
+                    accelerator,
+                    args,
+                    models,
+                    prompt_encoder,
+                    model,
+                    hn,
+                    state.step,
+                    optimizer,
+                    optimizer_name,
+                    weight_dtype,
+                )
+                or state.last_preview
+            )
         final = os.path.join(args.output_dir, f"{args.hypernetwork_name}.pt")
         save_hypernetwork(hn, final, state.step, optimizer, optimizer_name)
-        run = run_summary(args, models, hn, records, state, optimizer_name, total_batch_size,
-                          accelerator.mixed_precision, started_at)  # fmt: skip
+        run = run_summary(
+            args, models, hn, records, state, optimizer_name, total_batch_size, accelerator.mixed_precision, started_at
+        )
         if args.save_safetensors:
             path = os.path.join(args.output_dir, "safetensors", f"{args.hypernetwork_name}.safetensors")
             save_hypernetwork(hn, path, state.step, metadata=safetensors_metadata(args, hn, run))

@@ -49,8 +49,10 @@ def make_images(directory, count, resolution, seed=0):
         pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(os.path.join(directory, f"{i:05d}.png"), compress_level=1)
         with open(os.path.join(directory, f"{i:05d}.txt"), "w") as f:  # about 100 tokens: a context of 2 chunks
-            f.write(f"image {i}, noise, {'warm' if i % 2 else 'cold'}, " + ", ".join(TAGS[(i + k) % len(TAGS)]
-                                                                                   for k in range(10)))  # fmt: skip
+            f.write(
+                f"image {i}, noise, {'warm' if i % 2 else 'cold'}, "
+                + ", ".join(TAGS[(i + k) % len(TAGS)] for k in range(10))
+            )
 
 
 def folder_mib(path):
@@ -58,11 +60,39 @@ def folder_mib(path):
 
 
 def train_command(model, data, out, store, processes, port, steps, resolution, extra=()):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-            str(port), os.path.join(ROOT, "train_hypernetwork.py"), "--pretrained_model_name_or_path", model,
-            "--train_data_dir", data, "--output_dir", out, "--cache_dir", store, "--resolution", str(resolution),
-            "--max_train_steps", str(steps), "--train_batch_size", "4", "--dataloader_num_workers", "1",
-            "--save_every", "0", "--checkpointing_steps", "0", "--preview_every", "0", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(port),
+        os.path.join(ROOT, "train_hypernetwork.py"),
+        "--pretrained_model_name_or_path",
+        model,
+        "--train_data_dir",
+        data,
+        "--output_dir",
+        out,
+        "--cache_dir",
+        store,
+        "--resolution",
+        str(resolution),
+        "--max_train_steps",
+        str(steps),
+        "--train_batch_size",
+        "4",
+        "--dataloader_num_workers",
+        "1",
+        "--save_every",
+        "0",
+        "--checkpointing_steps",
+        "0",
+        "--preview_every",
+        "0",
+        *extra,
+    ]
 
 
 def run_polled(command, cgroup=None):
@@ -146,7 +176,7 @@ def step_times(args):
         "store": data.TrainingSamples(stored, ["[filewords]"], settings),
         "memory": data.TrainingSamples(
             data.Records(stored.store, stored.folder, in_memory=True), ["[filewords]"], settings
-        ),  # fmt: skip
+        ),
         "on_the_fly": data.TrainingSamples(unstored, ["[filewords]"], settings, entries),
     }
     set_seed(0)
@@ -165,8 +195,9 @@ def step_times(args):
         for name, samples in ((n, variants[n]) for n in names):
             start = time.perf_counter()
             for keys in batches[position : position + args.steps]:
-                batch = training.batch_to_device(samples.__getitems__(keys), models, prompt_encoder, 0, 0.0, "cpu",
-                                                 torch.float32)  # fmt: skip
+                batch = training.batch_to_device(
+                    samples.__getitems__(keys), models, prompt_encoder, 0, 0.0, "cpu", torch.float32
+                )
                 loss = training.diffusion_loss(model, models.noise_scheduler, batch)
                 loss.backward()
                 optimizer.step()
@@ -208,8 +239,16 @@ def main():
         for name in ("small", "large"):
             for processes in (1, 2):
                 store = os.path.join(tmp, f"store-{name}-{processes}")
-                command = train_command(model, folders[name], os.path.join(tmp, f"out-{name}-{processes}"), store,
-                                        processes, next(port), args.train_steps, args.resolution)  # fmt: skip
+                command = train_command(
+                    model,
+                    folders[name],
+                    os.path.join(tmp, f"out-{name}-{processes}"),
+                    store,
+                    processes,
+                    next(port),
+                    args.train_steps,
+                    args.resolution,
+                )
                 peak, _, result = run_polled(command)
                 if result.returncode:
                     raise SystemExit(result.stderr[-3000:])
@@ -218,8 +257,16 @@ def main():
                 store_mib[str(sizes[name])] = folder_mib(store)
                 if name == "small":
                     caching[str(processes)] = encoding_report(result.stderr)[2]
-        warm_command = train_command(model, folders["small"], os.path.join(tmp, "out-warm"),
-                                     os.path.join(tmp, "store-small-1"), 1, next(port), 1, args.resolution)  # fmt: skip
+        warm_command = train_command(
+            model,
+            folders["small"],
+            os.path.join(tmp, "out-warm"),
+            os.path.join(tmp, "store-small-1"),
+            1,
+            next(port),
+            1,
+            args.resolution,
+        )
         _, _, warm = run_polled(warm_command)
         caching["warm"] = encoding_report(warm.stderr)[2]
 
@@ -232,21 +279,48 @@ def main():
             if limit >= records * 2**20:
                 limited = {"skipped": f"the records ({records:.0f} MiB) are smaller than the process needs"}
             elif cgroup:
-                command = train_command(model, folders["large"], os.path.join(tmp, "out-limited"),
-                                        os.path.join(tmp, "store-limited"), 1, next(port), args.train_steps,
-                                        args.resolution)  # fmt: skip
+                command = train_command(
+                    model,
+                    folders["large"],
+                    os.path.join(tmp, "out-limited"),
+                    os.path.join(tmp, "store-limited"),
+                    1,
+                    next(port),
+                    args.train_steps,
+                    args.resolution,
+                )
                 _, seconds, result = run_polled(command, cgroup)
-                limited = {"limit_mib": limit / 2**20, "records_mib": records, "finished": result.returncode == 0,
-                           "seconds": seconds}  # fmt: skip
+                limited = {
+                    "limit_mib": limit / 2**20,
+                    "records_mib": records,
+                    "finished": result.returncode == 0,
+                    "seconds": seconds,
+                }
             else:
                 limited = {"skipped": "no memory cgroup can be made here"}
 
         step = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--step_times", "--model", model, "--data", folders["small"],
-             "--store", os.path.join(tmp, "store-small-1"), "--resolution", str(args.resolution), "--steps",
-             str(args.steps), "--rounds", str(args.rounds)],
-            env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--step_times",
+                "--model",
+                model,
+                "--data",
+                folders["small"],
+                "--store",
+                os.path.join(tmp, "store-small-1"),
+                "--resolution",
+                str(args.resolution),
+                "--steps",
+                str(args.steps),
+                "--rounds",
+                str(args.rounds),
+            ],
+            env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
+            capture_output=True,
+            text=True,
+        )
         if step.returncode:
             raise SystemExit(step.stderr[-3000:])
         step_ms = json.loads(step.stdout.strip().splitlines()[-1])

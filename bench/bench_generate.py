@@ -58,10 +58,16 @@ def main():
     widths = hypernet.attention_widths(pipeline.unet)
     stacks = {
         "plain": [],
-        "one": [hypernet.Hypernetwork(widths, activation_func=args.activation_func, weight_init="XavierNormal").eval()],
-        "two": [hypernet.Hypernetwork(widths, activation_func=args.activation_func, weight_init="XavierNormal").eval().set_multiplier(0.6)
-                for _ in range(2)],
-    }  # fmt: skip
+        "one": [
+            hypernet.Hypernetwork(widths, activation_func=args.activation_func, weight_init="XavierNormal").eval()
+        ],
+        "two": [
+            hypernet.Hypernetwork(widths, activation_func=args.activation_func, weight_init="XavierNormal")
+            .eval()
+            .set_multiplier(0.6)
+            for _ in range(2)
+        ],
+    }
     stacks["one_wrapped"] = stacks["one"]
     attachments = {"eager": (pipeline, hypernet.attach(pipeline.unet, [], merge=True))}
     if args.torch_compile:

@@ -63,8 +63,9 @@ def make_variants(unet, names, learning_rate):
     for name in names:
         copied = copy.deepcopy(unet)
         if name in ("linear", "relu"):
-            network = hypernet.Hypernetwork(hypernet.attention_widths(copied), name="quick-style",
-                                            layer_structure=(1, 2, 1), activation_func=name)  # fmt: skip
+            network = hypernet.Hypernetwork(
+                hypernet.attention_widths(copied), name="quick-style", layer_structure=(1, 2, 1), activation_func=name
+            )
             model, parameters, rate = UNetWithHypernetwork(copied, network), list(network.parameters()), learning_rate
         else:
             from peft import LoraConfig
@@ -75,8 +76,9 @@ def make_variants(unet, names, learning_rate):
             model, rate = LoraUNet(copied), "1e-4" if name == "lora_1e-4" else learning_rate
         optimizer, _ = make_optimizer(parameters, weight_decay=1e-2)
         schedule = make_lr_scheduler(optimizer, parse_schedule(rate, "rate"))
-        variants[name] = dict(unet=copied, model=model.train(), parameters=parameters, optimizer=optimizer,
-                              schedule=schedule)  # fmt: skip
+        variants[name] = dict(
+            unet=copied, model=model.train(), parameters=parameters, optimizer=optimizer, schedule=schedule
+        )
     return variants
 
 
@@ -180,8 +182,9 @@ def main(argv=None):
             for name, variant in variants.items():
                 variant["model"].eval()
                 grid = os.path.join(args.image_dir, f"{name}-{step}.png") if args.image_dir else None
-                style[name][step] = style_of(pipeline, variant["unet"], encoder, prompts, args.seeds, subjects,
-                                             reference, grid)  # fmt: skip
+                style[name][step] = style_of(
+                    pipeline, variant["unet"], encoder, prompts, args.seeds, subjects, reference, grid
+                )
                 variant["model"].train()
         if step == at[-1]:
             break
@@ -195,9 +198,20 @@ def main(argv=None):
             variant["schedule"].step()
             train_seconds[name] += time.perf_counter() - tick
     trainable = {name: sum(p.numel() for p in v["parameters"]) for name, v in variants.items()}
-    print(json.dumps(dict(machine=machine(), base_style=base_style, style=style, trainable_parameters=trainable,
-                          train_seconds={k: round(v, 1) for k, v in train_seconds.items()},
-                          seconds=round(time.time() - started, 1), prompts=prompts, seeds=args.seeds)))  # fmt: skip
+    print(
+        json.dumps(
+            dict(
+                machine=machine(),
+                base_style=base_style,
+                style=style,
+                trainable_parameters=trainable,
+                train_seconds={k: round(v, 1) for k, v in train_seconds.items()},
+                seconds=round(time.time() - started, 1),
+                prompts=prompts,
+                seeds=args.seeds,
+            )
+        )
+    )
     return 0
 
 

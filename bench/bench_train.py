@@ -374,9 +374,11 @@ def main():
     if args.device.startswith("cuda"):
         result["device_busy_seconds_per_step"] = device_busy_seconds(variants, args.device)
     if args.torch_compile:
-        pairs = {"floor_compiled/floor": ("floor_compiled", "floor"),
-                 "hypernet_compiled/hypernet": ("hypernet_compiled", "hypernet"),
-                 "hypernet_compiled/floor_compiled": ("hypernet_compiled", "floor_compiled")}  # fmt: skip
+        pairs = {
+            "floor_compiled/floor": ("floor_compiled", "floor"),
+            "hypernet_compiled/hypernet": ("hypernet_compiled", "hypernet"),
+            "hypernet_compiled/floor_compiled": ("hypernet_compiled", "floor_compiled"),
+        }
         result["compiled_paired_ratios"] = {
             name: median([x / y for x, y in zip(times[a], times[b])]) for name, (a, b) in pairs.items()
         }

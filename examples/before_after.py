@@ -120,8 +120,15 @@ def main(argv=None):
     records = []
     for prompt, images in by_prompt.items():
         for (strength, seed), image in sorted(images.items()):
-            records.append(dict(prompt=prompt, seed=seed, strength=strength, in_captions=in_captions(prompt, captions),
-                                style=colour_distance(image, style)))  # fmt: skip
+            records.append(
+                dict(
+                    prompt=prompt,
+                    seed=seed,
+                    strength=strength,
+                    in_captions=in_captions(prompt, captions),
+                    style=colour_distance(image, style),
+                )
+            )
     means = {}
     for group, wanted in (("in_captions", True), ("not_in_captions", False)):
         for strength in strengths:

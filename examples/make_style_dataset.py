@@ -36,8 +36,12 @@ def draw_shape(draw, shape, cx, cy, r, **style):
     elif shape == "square":
         draw.rectangle([cx - r, cy - r, cx + r, cy + r], **style)
     else:
-        sides, rotation, inner = {"triangle": (3, -math.pi / 2, None), "diamond": (4, 0, None),
-                                  "star": (5, -math.pi / 2, r * 0.45), "hexagon": (6, 0, None)}[shape]  # fmt: skip
+        sides, rotation, inner = {
+            "triangle": (3, -math.pi / 2, None),
+            "diamond": (4, 0, None),
+            "star": (5, -math.pi / 2, r * 0.45),
+            "hexagon": (6, 0, None),
+        }[shape]
         draw.polygon(polygon(cx, cy, r, sides, rotation, inner), **style)
 
 

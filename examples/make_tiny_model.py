@@ -137,8 +137,9 @@ def build_unet(preset="tiny", seed=0):
     """The preset's UNet and noise scheduler alone, with seeded random weights (what training benchmarks need)."""
     config = PRESETS[preset]
     torch.manual_seed(seed)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              prediction_type=config["prediction_type"])  # fmt: skip
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=config["prediction_type"]
+    )
     return UNet2DConditionModel(in_channels=4, out_channels=4, **config["unet"]), scheduler
 
 

@@ -83,9 +83,13 @@ def draw_scene(shape, colour, place, background, stripes, outline, rng):
         for offset in range(-size, size, 16):
             draw.line([(offset, size), (offset + size, 0)], fill=COLOURS[stripes[offset % 32 != 0]], width=3)
     cx, cy, r = size / 2, size / 2, size * 0.28
-    cx, cy, r = {"on the left": (size * 0.32, cy, r), "on the right": (size * 0.68, cy, r),
-                 "at the top": (cx, size * 0.32, r), "at the bottom": (cx, size * 0.68, r),
-                 "large": (cx, cy, size * 0.4)}.get(place, (cx, cy, r))  # fmt: skip
+    cx, cy, r = {
+        "on the left": (size * 0.32, cy, r),
+        "on the right": (size * 0.68, cy, r),
+        "at the top": (cx, size * 0.32, r),
+        "at the bottom": (cx, size * 0.68, r),
+        "large": (cx, cy, size * 0.4),
+    }.get(place, (cx, cy, r))
     style = dict(outline=INK, width=5) if outline else {}
     draw_shape(draw, shape, cx + rng.uniform(-4, 4), cy + rng.uniform(-4, 4), r, fill=COLOURS[colour], **style)
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
@@ -109,8 +113,15 @@ def draw_graphic(rng):
     for _ in range(rng.randint(1, 2)):
         r = rng.uniform(size * 0.15, size * 0.42)
         outline = dict(outline=colour(), width=rng.randint(2, 8)) if rng.random() < 0.6 else {}
-        draw_shape(draw, rng.choice(SHAPES), rng.uniform(r / 2, size - r / 2), rng.uniform(r / 2, size - r / 2), r,
-                   fill=colour(), **outline)  # fmt: skip
+        draw_shape(
+            draw,
+            rng.choice(SHAPES),
+            rng.uniform(r / 2, size - r / 2),
+            rng.uniform(r / 2, size - r / 2),
+            r,
+            fill=colour(),
+            **outline,
+        )
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
 
 
@@ -265,11 +276,19 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, args, log):
 
 
 def write_samples(pipeline, path, seed=0):
-    prompts = [subject_text(shape, colour, place) for colour, shape, place in
-               [("red", "circle", "in the middle"), ("blue", "square", "on the left"), ("yellow", "star", "large"),
-                ("green", "triangle", "at the top"), ("purple", "hexagon", "on the right"),
-                ("pink", "diamond", "at the bottom"), ("teal", "star", "in the middle"),
-                ("orange", "square", "large")]]  # fmt: skip
+    prompts = [
+        subject_text(shape, colour, place)
+        for colour, shape, place in [
+            ("red", "circle", "in the middle"),
+            ("blue", "square", "on the left"),
+            ("yellow", "star", "large"),
+            ("green", "triangle", "at the top"),
+            ("purple", "hexagon", "on the right"),
+            ("pink", "diamond", "at the bottom"),
+            ("teal", "star", "in the middle"),
+            ("orange", "square", "large"),
+        ]
+    ]
     images = []
     for prompt in prompts:
         generator = torch.Generator().manual_seed(seed)
@@ -327,11 +346,25 @@ def main(argv=None):
     log(f"encoded {len(latents)} pictures; latent scaling factor {vae.config.scaling_factor}")
 
     train_unet(unet, text_encoder, tokenizer, latents, captions, args, log)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")  # fmt: skip
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)  # fmt: skip
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipeline.set_progress_bar_config(disable=True)
     pipeline.save_pretrained(args.output_dir)
     prompts = write_samples(pipeline, os.path.join(args.output_dir, "samples.png"), seed=args.seed)

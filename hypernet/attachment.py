@@ -256,8 +256,12 @@ class HypernetworkProjection(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for hn in hypernetworks for p in hn.parameters()):
             return None  # the stored weights stay as they were, unread until no gradient must flow
         base = self.base_layer
-        key = (tuple(id(hn) for hn in hypernetworks), tuple(hn.revision for hn in hypernetworks), base.weight.device,
-               base.weight.dtype)  # fmt: skip
+        key = (
+            tuple(id(hn) for hn in hypernetworks),
+            tuple(hn.revision for hn in hypernetworks),
+            base.weight.device,
+            base.weight.dtype,
+        )
         if self.merged_key != key:
             merged = self.merge(hypernetworks)
             self.merged_key = key

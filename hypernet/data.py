@@ -225,8 +225,15 @@ class StreamedEntries:
                 if column not in row:
                     raise UsageError(f"--dataset_name {self.name}: no column {column!r}; it has {', '.join(row)}")
             label = f"{self.name} {self.where(shard, index)}"
-            chunk.append(Entry(shard, index, str(row[self.caption_column]), label,
-                               partial(image_bytes, row[self.image_column], label)))  # fmt: skip
+            chunk.append(
+                Entry(
+                    shard,
+                    index,
+                    str(row[self.caption_column]),
+                    label,
+                    partial(image_bytes, row[self.image_column], label),
+                )
+            )
             if len(chunk) == CHUNK:
                 yield chunk
                 chunk = []
@@ -239,8 +246,10 @@ class StreamedEntries:
                 yield from self.shard_chunks(shard)
             return
         if rank == 0:
-            logger.warning(f"--dataset_name {self.name} has {self.shards} shard(s) for {world_size} processes: every "
-                           "process reads all of it; with as many shards as processes each would read its own")  # fmt: skip
+            logger.warning(
+                f"--dataset_name {self.name} has {self.shards} shard(s) for {world_size} processes: every "
+                "process reads all of it; with as many shards as processes each would read its own"
+            )
         dealt = itertools.count()
         for shard in range(self.shards):
             for chunk in self.shard_chunks(shard):
@@ -279,8 +288,10 @@ def folder_entries(data_dir):
             elif item.name.lower().endswith((".gif", ".tif", ".tiff", ".avif", ".heic", ".jxl")):
                 skipped.append(item.name)
     if skipped:
-        logger.warning(f"{data_dir}: skipped {len(skipped)} file(s) of formats the webui does not train on: "
-                       f"{', '.join(sorted(skipped)[:5])}; convert them to PNG to use them")  # fmt: skip
+        logger.warning(
+            f"{data_dir}: skipped {len(skipped)} file(s) of formats the webui does not train on: "
+            f"{', '.join(sorted(skipped)[:5])}; convert them to PNG to use them"
+        )
     if not names:
         raise UsageError(f"--train_data_dir {data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     names = sorted(names)
@@ -333,8 +344,12 @@ def dataset_entries(dataset_name, config_name=None, image_column="image", captio
         raise UsageError(f"--dataset_name {dataset_name}: the dataset is empty")
     images, captions = dataset.select_columns([image_column]), dataset.select_columns([caption_column])
     label = lambda index: f"{dataset_name} row {index}"  # noqa: E731
-    return Entries(len(dataset), lambda index: image_bytes(images[index][image_column], label(index)),
-                   lambda index: str(captions[index][caption_column]), label)  # fmt: skip
+    return Entries(
+        len(dataset),
+        lambda index: image_bytes(images[index][image_column], label(index)),
+        lambda index: str(captions[index][caption_column]),
+        label,
+    )
 
 
 def check_images(entries):
@@ -815,8 +830,9 @@ class Preparation:
         return prompt, key
 
 
-def prepare_records(entries, template, settings, encoders, store_dir=None, state=None, show_progress=False,
-                    encode_latents=True):  # fmt: skip
+def prepare_records(
+    entries, template, settings, encoders, store_dir=None, state=None, show_progress=False, encode_latents=True
+):
     """Every image's record, in the store: each process (of accelerate's `state`) encodes its chunks of CHUNK
     images (latents where the store lacks them, and fixed prompts' embeddings), and after every round the processes
     exchange the chunks' index rows, so that all build the same index, bit for bit what one process alone builds.
@@ -833,8 +849,12 @@ def prepare_records(entries, template, settings, encoders, store_dir=None, state
     preparation = Preparation(template, settings, encoders, store, encode_latents)
     parts = []
     mine = entries.chunks(rank, world_size)
-    with tqdm(total=None if entries.streamed else len(entries), desc="Encoding records", unit="image",
-              disable=not show_progress) as progress:  # fmt: skip
+    with tqdm(
+        total=None if entries.streamed else len(entries),
+        desc="Encoding records",
+        unit="image",
+        disable=not show_progress,
+    ) as progress:
         while True:
             try:
                 chunk = next(mine, None)
@@ -1007,8 +1027,16 @@ class TrainingSamples(torch.utils.data.Dataset):
             else:
                 rng = random.Random(sample_key(settings.seed, 4, epoch, index))
                 line = self.template[rng.randrange(len(self.template))]
-                captions.append(make_caption(line, records.filewords[index], settings.name, rng,
-                                             settings.shuffle_tags, settings.tag_drop_out))  # fmt: skip
+                captions.append(
+                    make_caption(
+                        line,
+                        records.filewords[index],
+                        settings.name,
+                        rng,
+                        settings.shuffle_tags,
+                        settings.tag_drop_out,
+                    )
+                )
         batch = {
             "keys": list(keys),
             "weight": torch.stack(weights) if weights else None,
@@ -1053,8 +1081,10 @@ class TrainingSamples(torch.utils.data.Dataset):
         size = geometry["size"]
         top, left = geometry["crop_top_left"]
         scale = max(size[0] / geometry["original_size"][0], size[1] / geometry["original_size"][1])
-        scaled = (max(size[0], round(geometry["original_size"][0] * scale)),
-                  max(size[1], round(geometry["original_size"][1] * scale)))  # fmt: skip
+        scaled = (
+            max(size[0], round(geometry["original_size"][0] * scale)),
+            max(size[1], round(geometry["original_size"][1] * scale)),
+        )
         entry = self.entries.entry(index)
         image = to_rgb(decode_image(entry.read(), entry.label), settings.use_weight)
         cropped = scaled_crop(image, (*scaled, left, top), size)

@@ -5,8 +5,21 @@ import numpy as np
 
 def _unit_directions():
     """The 13 directions of a cube's axes, face diagonals and body diagonals, as unit vectors."""
-    raw = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, -1, 0), (1, 0, 1), (1, 0, -1), (0, 1, 1), (0, 1, -1),
-           (1, 1, 1), (1, 1, -1), (1, -1, 1), (-1, 1, 1)]  # fmt: skip
+    raw = [
+        (1, 0, 0),
+        (0, 1, 0),
+        (0, 0, 1),
+        (1, 1, 0),
+        (1, -1, 0),
+        (1, 0, 1),
+        (1, 0, -1),
+        (0, 1, 1),
+        (0, 1, -1),
+        (1, 1, 1),
+        (1, 1, -1),
+        (1, -1, 1),
+        (-1, 1, 1),
+    ]
     directions = np.asarray(raw, dtype=np.float64)
     return directions / np.linalg.norm(directions, axis=1, keepdims=True)
 

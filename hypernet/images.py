@@ -98,9 +98,20 @@ class Generation:
         )
 
     def infotext(self):
-        return infotext(self.prompt, self.negative_prompt, self.steps, self.sampler, self.cfg_scale, self.seed,
-                        self.width, self.height, self.model_hash, self.model, self.hypernetworks,
-                        self.clip_skip)  # fmt: skip
+        return infotext(
+            self.prompt,
+            self.negative_prompt,
+            self.steps,
+            self.sampler,
+            self.cfg_scale,
+            self.seed,
+            self.width,
+            self.height,
+            self.model_hash,
+            self.model,
+            self.hypernetworks,
+            self.clip_skip,
+        )
 
 
 def save_png(image, path, parameters=None):

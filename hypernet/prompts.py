@@ -373,9 +373,12 @@ class PromptEncoder:
         embeddings, pooled = [], None
         for e, tokenizer in enumerate(self.tokenizers):
             ids = tokenizer(
-                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
                 return_tensors="pt",
-            ).input_ids  # fmt: skip
+            ).input_ids
             states, rows_pooled = self._hidden_states(e, ids.to(self.text_encoders[e].device))
             embeddings.append(states)
             pooled = rows_pooled if rows_pooled is not None else pooled

@@ -53,16 +53,25 @@ def run_script(script, *argv):
 def train(model_dir, data_dir, output_dir, *flags, steps=6):
     """train_hypernetwork.py on the tiny model with small, fast settings; returns its exit code."""
     argv = [
-        "--pretrained_model_name_or_path", model_dir,
-        "--output_dir", output_dir,
-        "--resolution", "64",
-        "--max_train_steps", steps,
-        "--learning_rate", "1e-3",
-        "--save_every", "0",
-        "--preview_every", "0",
-        "--checkpointing_steps", "0",
-        "--preview_steps", "3",
-    ]  # fmt: skip
+        "--pretrained_model_name_or_path",
+        model_dir,
+        "--output_dir",
+        output_dir,
+        "--resolution",
+        "64",
+        "--max_train_steps",
+        steps,
+        "--learning_rate",
+        "1e-3",
+        "--save_every",
+        "0",
+        "--preview_every",
+        "0",
+        "--checkpointing_steps",
+        "0",
+        "--preview_steps",
+        "3",
+    ]
     if not any(f in ("--train_data_dir", "--dataset_name") for f in flags):
         argv += ["--train_data_dir", data_dir]
     return run_script("train_hypernetwork.py", *argv, *flags)
@@ -84,8 +93,13 @@ def small_disk(path, size="1m"):
     """A real tmpfs of `size` at `path` where this machine allows mounting one (root in a container that may),
     else None: the tests then make the writers raise what torch and safetensors raise on a full disk."""
     path.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                                   capture_output=True).returncode == 0  # fmt: skip
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
     try:
         yield mounted
     finally:
@@ -97,8 +111,13 @@ def small_disk(path, size="1m"):
 def read_only_folder(path):
     """A read-only mount at `path` where this machine allows one (root ignores file permissions), else None."""
     path.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
-                                                   capture_output=True).returncode == 0  # fmt: skip
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
     if not mounted and os.geteuid() != 0:
         os.chmod(path, 0o500)
         mounted = True

@@ -3,8 +3,14 @@ tested without a download. The inverse of diffusers' convert_ldm_*_checkpoint fo
 
 from safetensors.torch import save_file
 
-RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
-          ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]  # fmt: skip
+RESNET = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+]
 VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
 
 
@@ -12,10 +18,16 @@ def unet_keys(config):
     """diffusers prefix -> LDM prefix, and whether the block is a resnet."""
     per = config["layers_per_block"] + 1
     levels = len(config["block_out_channels"])
-    mapping = [("time_embedding.linear_1", "time_embed.0", False), ("time_embedding.linear_2", "time_embed.2", False),
-               ("conv_in", "input_blocks.0.0", False), ("conv_norm_out", "out.0", False), ("conv_out", "out.2", False),
-               ("mid_block.resnets.0", "middle_block.0", True), ("mid_block.attentions.0", "middle_block.1", False),
-               ("mid_block.resnets.1", "middle_block.2", True)]  # fmt: skip
+    mapping = [
+        ("time_embedding.linear_1", "time_embed.0", False),
+        ("time_embedding.linear_2", "time_embed.2", False),
+        ("conv_in", "input_blocks.0.0", False),
+        ("conv_norm_out", "out.0", False),
+        ("conv_out", "out.2", False),
+        ("mid_block.resnets.0", "middle_block.0", True),
+        ("mid_block.attentions.0", "middle_block.1", False),
+        ("mid_block.resnets.1", "middle_block.2", True),
+    ]
     for i in range(levels):
         for j in range(per - 1):
             mapping.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{1 + i * per + j}.0", True))

@@ -26,8 +26,16 @@ def records_as_dict(records):
         for name in ("means", "stds", "weight", "embedding", "pooled_embedding"):
             if getattr(record, name) is not None:
                 tensors[f"{index}.{name}"] = getattr(record, name)
-        fields.append([record.size, record.original_size, record.crop_top_left, record.flipped_crop_top_left,
-                       record.filewords, record.caption])  # fmt: skip
+        fields.append(
+            [
+                record.size,
+                record.original_size,
+                record.crop_top_left,
+                record.flipped_crop_top_left,
+                record.filewords,
+                record.caption,
+            ]
+        )
     return tensors, fields
 
 
@@ -40,8 +48,9 @@ def main():
     encoders = data.Encoders(models.vae, prompt_encoder, "cpu", torch.float32, vae_id="t", text_id="t")
     entries = data.dataset_entries(source, streaming=True) if streaming else data.folder_entries(source)
     try:
-        records, _ = data.prepare_records(entries, ["[filewords], [name]"], data.DataSettings(**json.loads(settings)),
-                                          encoders, store, state=state)  # fmt: skip
+        records, _ = data.prepare_records(
+            entries, ["[filewords], [name]"], data.DataSettings(**json.loads(settings)), encoders, store, state=state
+        )
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

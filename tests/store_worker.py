@@ -26,8 +26,12 @@ def main():
     records, _ = data.prepare_records(entries, ["[filewords]"], settings, encoders, store_dir)
     release_free_memory()
     sampler = data.EpochBatchSampler(records.sizes(), 8, 0, records.chunk_counts())
-    loader = torch.utils.data.DataLoader(data.TrainingSamples(records, ["[filewords]"], settings),
-                                         batch_sampler=sampler, collate_fn=data.collate, num_workers=1)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        data.TrainingSamples(records, ["[filewords]"], settings),
+        batch_sampler=sampler,
+        collate_fn=data.collate,
+        num_workers=1,
+    )
     held, batches = 0, 0
     for samples in loader:
         assert samples["encoder_hidden_states"].shape[1:] == (77, 96)
@@ -35,10 +39,7 @@ def main():
         if batches % 50 == 0:
             held = max(held, held_memory())
     held = max(held, held_memory())
-    stored = sum(
-        os.path.getsize(records.store.path(kind, key))
-        for kind, key in records._entries()
-    )  # fmt: skip
+    stored = sum(os.path.getsize(records.store.path(kind, key)) for kind, key in records._entries())
     print(json.dumps({"held": held, "stored": stored, "images": len(records), "batches": batches}))
 
 

@@ -95,8 +95,14 @@ def test_unet_outputs_equal_the_webuis_for_every_reference_file(case, processor,
         inputs = (*inputs[:2], torch.cat([inputs[2], image], dim=1))
     processors = unet64.attn_processors
     kinds = {type(p).__name__ for p in processors.values()}
-    assert kinds == {"default": {"AttnProcessor2_0"}, "sliced": {"SlicedAttnProcessor"},
-                     "ip_adapter": {"AttnProcessor2_0", "IPAdapterAttnProcessor2_0"}}[processor]  # fmt: skip
+    assert (
+        kinds
+        == {
+            "default": {"AttnProcessor2_0"},
+            "sliced": {"SlicedAttnProcessor"},
+            "ip_adapter": {"AttnProcessor2_0", "IPAdapterAttnProcessor2_0"},
+        }[processor]
+    )
     with hypernet.attach(unet64, [hn]):
         assert unet64.attn_processors == processors, "attach leaves every processor as it is"
         got = run(unet64, inputs)
@@ -129,8 +135,12 @@ def test_xformers_processor_where_installed(unet64):
 def test_attach_wraps_to_k_and_to_v_and_detach_restores_the_same_objects(unet):
     inputs = unet_inputs()
     bare = run(unet, inputs)
-    originals = {(name, side): getattr(m, side) for name, m in unet.named_modules() if isinstance(m, Attention)
-                 for side in ("to_k", "to_v")}  # fmt: skip
+    originals = {
+        (name, side): getattr(m, side)
+        for name, m in unet.named_modules()
+        if isinstance(m, Attention)
+        for side in ("to_k", "to_v")
+    }
     hn = hypernet.load(a1111_file("case1_default_relu"))
     with hypernet.attach(unet, [hn]) as handle:
         for (name, side), original in originals.items():

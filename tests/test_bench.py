@@ -39,8 +39,10 @@ def test_bench_train_only_times_floor_and_hypernet_with_the_named_and_compiled_v
     )
     assert set(result["seconds_per_step"]) == {"floor", "hypernet", "a1111", "floor_compiled", "hypernet_compiled"}
     assert set(result["compiled_paired_ratios"]) == {
-        "floor_compiled/floor", "hypernet_compiled/hypernet", "hypernet_compiled/floor_compiled"
-    }  # fmt: skip
+        "floor_compiled/floor",
+        "hypernet_compiled/hypernet",
+        "hypernet_compiled/floor_compiled",
+    }
     first, steady = result["first_step_seconds"], result["seconds_per_step"]
     assert first["hypernet_compiled"] > steady["hypernet_compiled"], "the first step compiles"
     rounds = result["seconds_by_round"]
@@ -67,8 +69,20 @@ def test_bench_generate_reports_merged_and_wrapped_hypernetworks_against_plain()
 
 
 def test_bench_data_reports_held_memory_caching_and_step_times():
-    result = bench("bench_data.py", "--images", "24", "--large", "96", "--train_steps", "2", "--steps", "2",
-                   "--rounds", "1", model=())  # fmt: skip
+    result = bench(
+        "bench_data.py",
+        "--images",
+        "24",
+        "--large",
+        "96",
+        "--train_steps",
+        "2",
+        "--steps",
+        "2",
+        "--rounds",
+        "1",
+        model=(),
+    )
     assert set(result["held_mib"]) == {"24x1", "24x2", "96x1", "96x2"} and result["held_mib"]["24x2"] > 0
     assert result["store_mib"]["96"] == pytest.approx(4 * result["store_mib"]["24"], rel=0.05)
     assert result["warm_encoded"] == [0, 0] and set(result["caching_seconds"]) == {"1", "2", "warm"}

@@ -116,18 +116,40 @@ def test_every_file_a_run_writes_gets_the_umasks_mode(tiny_model_dir, small_data
     out = tmp_path / "run"
     previous = os.umask(mask)
     try:
-        assert train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "style", "--save_every", 2,
-                     "--save_safetensors", "--checkpointing_steps", 2, "--preview_every", 2, steps=2) == 0  # fmt: skip
+        assert (
+            train(
+                tiny_model_dir,
+                small_dataset,
+                out,
+                "--hypernetwork_name",
+                "style",
+                "--save_every",
+                2,
+                "--save_safetensors",
+                "--checkpointing_steps",
+                2,
+                "--preview_every",
+                2,
+                steps=2,
+            )
+            == 0
+        )
         assert run_script("convert.py", out / "style.pt", tmp_path / "converted.safetensors") == 0
     finally:
         os.umask(previous)
-    files = [p for p in [*out.rglob("*"), tmp_path / "converted.safetensors", tmp_path / "converted.safetensors.optim"]
-             if p.is_file()]  # fmt: skip
+    files = [
+        p
+        for p in [*out.rglob("*"), tmp_path / "converted.safetensors", tmp_path / "converted.safetensors.optim"]
+        if p.is_file()
+    ]
     kinds = {p.suffix for p in files}
     assert {".pt", ".optim", ".safetensors", ".png", ".csv", ".json"} <= kinds, kinds
     assert any("checkpoint-2" in p.parts for p in files)
-    wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files
-             if p.stat().st_mode & 0o777 != 0o666 & ~mask}  # fmt: skip
+    wrong = {
+        str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777)
+        for p in files
+        if p.stat().st_mode & 0o777 != 0o666 & ~mask
+    }
     assert not wrong, f"expected {oct(0o666 & ~mask)}: {wrong}"
 
 

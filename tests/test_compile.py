@@ -41,7 +41,7 @@ def stack(kind):
         "layer norm": [hypernet.Hypernetwork(widths, activation_func="swish", add_layer_norm=True)],
         "dropout": [
             hypernet.Hypernetwork(widths, activation_func="relu", use_dropout=True, dropout_structure=[0, 0.3, 0])
-        ],  # fmt: skip
+        ],
         "stacked": [hypernet.Hypernetwork(widths), hypernet.Hypernetwork(widths, activation_func="relu")],
         "two linear": [hypernet.Hypernetwork(widths), hypernet.Hypernetwork(widths, layer_structure=[1, 3, 1])],
     }[kind]
@@ -207,8 +207,20 @@ def test_training_with_torch_compile_gives_the_eager_losses_and_compiles_once(
 
 def test_generate_with_torch_compile_makes_the_eager_images(tiny_model_dir, tmp_path, counted_compile):
     case1 = a1111_file("case1_default_relu")
-    argv = ["--pretrained_model_name_or_path", tiny_model_dir, "--prompt", "a cat", "--prompt", "a dog",
-            "--hypernetwork", f"{case1}:0.7", "--num_inference_steps", 3, "--no_progress", "--no_grid"]  # fmt: skip
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--prompt",
+        "a cat",
+        "--prompt",
+        "a dog",
+        "--hypernetwork",
+        f"{case1}:0.7",
+        "--num_inference_steps",
+        3,
+        "--no_progress",
+        "--no_grid",
+    ]
     assert run_script("generate.py", *argv, "--output_dir", tmp_path / "eager") == 0
     assert run_script("generate.py", *argv, "--output_dir", tmp_path / "compiled", "--torch_compile") == 0
     assert 0 < counted_compile.frame_count

@@ -148,13 +148,29 @@ def test_files_whose_read_fails_are_named_in_one_line(tmp_path, capsys):
     for path in (UNREADABLE, tmp_path / "mem.pt", tmp_path / "mem.safetensors"):
         assert run_script("convert.py", "--info", path) == 2
         assert capsys.readouterr().err.strip() == f"convert.py: error: {path}: cannot be read (Input/output error)"
-        code = run_script("generate.py", "--pretrained_model_name_or_path", os.path.join(ROOT, "examples", "demo-sd"),
-                          "--hypernetwork", path, "--prompt", "x", "--output_dir", tmp_path / "out")  # fmt: skip
+        code = run_script(
+            "generate.py",
+            "--pretrained_model_name_or_path",
+            os.path.join(ROOT, "examples", "demo-sd"),
+            "--hypernetwork",
+            path,
+            "--prompt",
+            "x",
+            "--output_dir",
+            tmp_path / "out",
+        )
         assert code == 2
         assert capsys.readouterr().err.strip() == f"generate.py: error: {path}: cannot be read (Input/output error)"
 
-    code = run_script("generate.py", "--pretrained_model_name_or_path", os.path.join(ROOT, "examples", "demo-sd"),
-                      "--prompts_file", UNREADABLE, "--output_dir", tmp_path / "out")  # fmt: skip
+    code = run_script(
+        "generate.py",
+        "--pretrained_model_name_or_path",
+        os.path.join(ROOT, "examples", "demo-sd"),
+        "--prompts_file",
+        UNREADABLE,
+        "--output_dir",
+        tmp_path / "out",
+    )
     assert code == 2
     assert capsys.readouterr().err.strip() == (
         f"generate.py: error: --prompts_file {UNREADABLE}: cannot be read (Input/output error)"

@@ -97,8 +97,9 @@ def test_a_damaged_entry_is_encoded_again_with_a_warning(models, small_dataset, 
 
 def test_an_entry_damaged_during_training_is_never_trained_on(models, small_dataset, tmp_path):
     cache = str(tmp_path / "cache")
-    records, _ = data.prepare_records(data.folder_entries(small_dataset), ["[filewords]"], SETTINGS,
-                                      encoders_of(models), cache)  # fmt: skip
+    records, _ = data.prepare_records(
+        data.folder_entries(small_dataset), ["[filewords]"], SETTINGS, encoders_of(models), cache
+    )
     samples = data.TrainingSamples(records, ["[filewords]"], SETTINGS)
     path = records.store.path("latents", bytes(records.rows[2]["latents"]))
     damaged = bytearray(read(path))
@@ -128,11 +129,20 @@ def test_a_changed_image_or_setting_encodes_just_what_changed(models, small_data
 
 
 def test_dataloader_workers_give_the_same_batches(models, small_dataset, tmp_path):
-    settings = data.DataSettings(name="n", resolution=64, random_flip=True, latent_sampling_method="random",
-                                 shuffle_tags=True, tag_drop_out=0.3, use_weight=True, seed=2)  # fmt: skip
+    settings = data.DataSettings(
+        name="n",
+        resolution=64,
+        random_flip=True,
+        latent_sampling_method="random",
+        shuffle_tags=True,
+        tag_drop_out=0.3,
+        use_weight=True,
+        seed=2,
+    )
     template = ["a [filewords] by [name]", "[filewords], art"]
-    records, _ = data.prepare_records(data.folder_entries(small_dataset), template, settings, encoders_of(models),
-                                      str(tmp_path / "store"))  # fmt: skip
+    records, _ = data.prepare_records(
+        data.folder_entries(small_dataset), template, settings, encoders_of(models), str(tmp_path / "store")
+    )
     batches = {}
     for workers in (0, 2):
         sampler = data.EpochBatchSampler(records.sizes(), 3, seed=2, chunks=records.chunk_counts())
@@ -201,20 +211,53 @@ def test_file_hashes_are_cached_by_size_and_time(tmp_path, monkeypatch):
 def torchrun(processes, port, script, *argv):
     """`script` under torchrun with `processes` processes on one core each (the same arithmetic in each process,
     whatever their number: the thread count can change a convolution's rounding)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-               str(port), os.path.join(ROOT, script), *map(str, argv)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(port),
+        os.path.join(ROOT, script),
+        *map(str, argv),
+    ]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
 def test_two_processes_cache_the_same_latents_as_one(tiny_model_dir, small_dataset, tmp_path):
-    flags = ["--random_flip", "--save_every", 0, "--max_train_steps", 2, "--hypernetwork_name", "x",
-             "--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", small_dataset, "--resolution", 64,
-             "--preview_every", 0, "--checkpointing_steps", 0]  # fmt: skip
+    flags = [
+        "--random_flip",
+        "--save_every",
+        0,
+        "--max_train_steps",
+        2,
+        "--hypernetwork_name",
+        "x",
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--train_data_dir",
+        small_dataset,
+        "--resolution",
+        64,
+        "--preview_every",
+        0,
+        "--checkpointing_steps",
+        0,
+    ]
     for processes in (1, 2):
-        result = torchrun(processes, 29630 + processes, "train_hypernetwork.py", *flags, "--output_dir",
-                          tmp_path / f"out{processes}", "--cache_dir", tmp_path / f"cache{processes}")  # fmt: skip
+        result = torchrun(
+            processes,
+            29630 + processes,
+            "train_hypernetwork.py",
+            *flags,
+            "--output_dir",
+            tmp_path / f"out{processes}",
+            "--cache_dir",
+            tmp_path / f"cache{processes}",
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     for kind in ("latents", "prompts"):
         one, two = cache_files(tmp_path / "cache1", kind), cache_files(tmp_path / "cache2", kind)
@@ -231,8 +274,9 @@ def test_mapped_texts_give_back_each_string(tmp_path):
     assert len(texts) == 6 and [texts[i] for i in range(6)] == strings
 
 
-VARIED = dict(name="n", resolution=64, random_flip=True, varsize=True, use_weight=True,
-              latent_sampling_method="random", seed=3)  # fmt: skip
+VARIED = dict(
+    name="n", resolution=64, random_flip=True, varsize=True, use_weight=True, latent_sampling_method="random", seed=3
+)
 
 
 def make_varied_dataset(folder, count=40):
@@ -305,8 +349,21 @@ def io_png(image):
 def test_training_on_a_stream(tiny_model_dir, varied_dataset, tmp_path):
     _, parquet = varied_dataset
     out = tmp_path / "streamed"
-    assert train(tiny_model_dir, None, out, "--dataset_name", parquet, "--streaming", "--hypernetwork_name", "s",
-                 "--varsize", steps=2) == 0  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            None,
+            out,
+            "--dataset_name",
+            parquet,
+            "--streaming",
+            "--hypernetwork_name",
+            "s",
+            "--varsize",
+            steps=2,
+        )
+        == 0
+    )
     settings = json.load(open(out / "training_settings.json"))
     assert settings["dataset_size"] == 40 and formats.load(out / "s.pt").step == 2
 
@@ -316,8 +373,10 @@ def make_sharded_parquet(folder, images, shards=4):
     import datasets
 
     names = sorted(n for n in os.listdir(images) if n.endswith(".png"))
-    rows = {"image": [os.path.join(images, n) for n in names],
-            "text": [open(os.path.join(images, n[:-4] + ".txt")).read() for n in names]}  # fmt: skip
+    rows = {
+        "image": [os.path.join(images, n) for n in names],
+        "text": [open(os.path.join(images, n[:-4] + ".txt")).read() for n in names],
+    }
     dataset = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
     os.makedirs(folder)
     for shard in range(shards):
@@ -332,8 +391,9 @@ def test_a_sharded_stream_is_keyed_by_shard_and_row(models, varied_dataset, tmp_
     assert entries.shards == 4
     mine = [[(e.shard, e.row) for e in chunk] for chunk in entries.chunks(1, 2)]
     assert {shard for chunk in mine for shard, _ in chunk} == {1, 3}, "process 1 of 2 reads shards 1 and 3 alone"
-    records, _ = data.prepare_records(entries, ["[filewords]"], data.DataSettings(**VARIED), encoders_of(models),
-                                      str(tmp_path / "store"))  # fmt: skip
+    records, _ = data.prepare_records(
+        entries, ["[filewords]"], data.DataSettings(**VARIED), encoders_of(models), str(tmp_path / "store")
+    )
     assert len(records) == 40 and records.rows["shard"].tolist() == [s for s in range(4) for _ in range(10)]
     assert records.rows["row"].tolist() == list(range(10)) * 4
 
@@ -346,13 +406,23 @@ def test_two_processes_hold_the_records_of_one(tiny_model_dir, varied_dataset, t
     shutil.copytree(images, broken)
     (broken / "020.png").write_bytes(b"not a png")  # in the second chunk: the second process's
     port = itertools.count(29641)
-    for n, (source, extra) in enumerate([(images, []), (parquet, ["--streaming"]), (sharded, ["--streaming"]),
-                                         (str(broken), [])]):  # fmt: skip
+    for n, (source, extra) in enumerate(
+        [(images, []), (parquet, ["--streaming"]), (sharded, ["--streaming"]), (str(broken), [])]
+    ):
         saved = {}
         for processes in (1, 2) if source != str(broken) else (2,):
             out = tmp_path / f"records{n}-{processes}"
-            result = torchrun(processes, next(port), "tests/records_worker.py", tiny_model_dir, source, out,
-                              json.dumps(VARIED), tmp_path / f"store{n}-{processes}", *extra)  # fmt: skip
+            result = torchrun(
+                processes,
+                next(port),
+                "tests/records_worker.py",
+                tiny_model_dir,
+                source,
+                out,
+                json.dumps(VARIED),
+                tmp_path / f"store{n}-{processes}",
+                *extra,
+            )
             if source == str(broken):
                 assert result.returncode != 0
                 assert result.stderr.count("error: ") == 2 and result.stderr.count("020.png: unreadable image") == 2

@@ -52,8 +52,11 @@ def test_the_demo_model_is_the_sd1_layout_in_safetensors(demo):
     assert type(demo.unet).__name__ == "UNet2DConditionModel" and demo.unet.config.cross_attention_dim == 64
     assert type(demo.vae).__name__ == "AutoencoderKL" and type(demo.text_encoder).__name__ == "CLIPTextModel"
     for part in ("unet", "vae", "text_encoder"):
-        assert os.path.isfile(os.path.join(DEMO, part, "model.safetensors" if part == "text_encoder" else
-                                           "diffusion_pytorch_model.safetensors"))  # fmt: skip
+        assert os.path.isfile(
+            os.path.join(
+                DEMO, part, "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+            )
+        )
     assert demo.unet.dtype == torch.float32
 
 
@@ -61,8 +64,13 @@ def test_the_demo_model_is_the_sd1_layout_in_safetensors(demo):
 def test_the_demo_model_draws_the_colour_its_prompt_names(demo, colour):
     for seed in (0, 1):
         generator = torch.Generator().manual_seed(seed)
-        (image,) = demo(subject_text("circle", colour, "in the middle"), num_inference_steps=20, generator=generator,
-                        height=64, width=64).images  # fmt: skip
+        (image,) = demo(
+            subject_text("circle", colour, "in the middle"),
+            num_inference_steps=20,
+            generator=generator,
+            height=64,
+            width=64,
+        ).images
         degrees, share = shape_hue(image)
         assert share >= 0.08, (seed, share)
         assert nearest_named_colour(degrees) == colour, (seed, degrees)
@@ -73,9 +81,26 @@ def test_the_pretraining_script_gives_the_same_files_for_the_same_seed(tmp_path)
     digests = []
     for run in ("a", "b"):
         out = tmp_path / run
-        result = subprocess.run([sys.executable, "examples/pretrain_demo_model.py", "--output_dir", str(out),
-                                 "--num_images", "64", "--vae_steps", "2", "--steps", "2", "--batch_size", "4"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+        result = subprocess.run(
+            [
+                sys.executable,
+                "examples/pretrain_demo_model.py",
+                "--output_dir",
+                str(out),
+                "--num_images",
+                "64",
+                "--vae_steps",
+                "2",
+                "--steps",
+                "2",
+                "--batch_size",
+                "4",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
         assert "unet/diffusion_pytorch_model.safetensors" in files and "samples.png" in files

@@ -57,26 +57,63 @@ def test_before_after_pairs_generated_images_by_prompt_and_seed_and_reports_thei
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a teal star in the middle, art by check\na red square at the bottom, art by check\n")
     for strength in (0, 1):
-        subprocess.run([sys.executable, "generate.py", "--pretrained_model_name_or_path", demo, "--prompts_file",
-                        str(prompts), "--hypernetwork", f"{tmp_path / 'check.pt'}:{strength}", "--seed", "3",
-                        "--num_images", "2", "--num_inference_steps", "4", "--no_progress", "--output_dir",
-                        str(tmp_path / f"s{strength}")], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "generate.py",
+                "--pretrained_model_name_or_path",
+                demo,
+                "--prompts_file",
+                str(prompts),
+                "--hypernetwork",
+                f"{tmp_path / 'check.pt'}:{strength}",
+                "--seed",
+                "3",
+                "--num_images",
+                "2",
+                "--num_inference_steps",
+                "4",
+                "--no_progress",
+                "--output_dir",
+                str(tmp_path / f"s{strength}"),
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
     out = tmp_path / "grid.png"
-    result = subprocess.run([sys.executable, "examples/before_after.py", str(tmp_path / "s0"), str(tmp_path / "s1"),
-                             "--train_data_dir", "examples/style_dataset", "--output", str(out)], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "examples/before_after.py",
+            str(tmp_path / "s0"),
+            str(tmp_path / "s1"),
+            "--train_data_dir",
+            "examples/style_dataset",
+            "--output",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "prompts in the training captions:" in result.stdout and "each of the 24 training images:" in result.stdout
     assert Image.open(out).size == (260 + 2 * (2 * 128 + 8), 20 + 2 * 128)
     report = json.loads((tmp_path / "grid.json").read_text())
     images = {(r["prompt"].split(",")[0], r["seed"], r["strength"]): r for r in report["images"]}
     # generate.py numbers seeds on across prompts: the first prompt gets 3 and 4, the second 5 and 6
-    assert set(images) == {(p, s, k) for p, seeds in (("a teal star in the middle", (3, 4)),
-                                                      ("a red square at the bottom", (5, 6))) for s in seeds
-                           for k in (0.0, 1.0)}  # fmt: skip
+    assert set(images) == {
+        (p, s, k)
+        for p, seeds in (("a teal star in the middle", (3, 4)), ("a red square at the bottom", (5, 6)))
+        for s in seeds
+        for k in (0.0, 1.0)
+    }
     names = sorted(n for n in os.listdir(os.path.join(ROOT, "examples", "style_dataset")) if n.endswith(".png"))
-    training = [Image.open(os.path.join(ROOT, "examples", "style_dataset", n)).convert("RGB").resize((64, 64),
-                Image.LANCZOS) for n in names]  # fmt: skip
+    training = [
+        Image.open(os.path.join(ROOT, "examples", "style_dataset", n)).convert("RGB").resize((64, 64), Image.LANCZOS)
+        for n in names
+    ]
     for folder, strength in (("s0", 0.0), ("s1", 1.0)):
         for name in os.listdir(tmp_path / folder):
             if name.endswith(".png") and name != "grid.png":

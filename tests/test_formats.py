@@ -148,8 +148,10 @@ def _missing_second_moment(state):
 
 def _two_groups(state):
     params = state["param_groups"][0]["params"]
-    state["param_groups"] = [dict(state["param_groups"][0], params=params[:4]),
-                             dict(state["param_groups"][0], params=params[4:])]  # fmt: skip
+    state["param_groups"] = [
+        dict(state["param_groups"][0], params=params[:4]),
+        dict(state["param_groups"][0], params=params[4:]),
+    ]
 
 
 def _nan_step(state):
@@ -165,17 +167,29 @@ def _permuted(state):
     params[0], params[4] = params[4], params[0]  # the K and V modules' first weights: the same shape
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (_sgd_state, r"the state of parameter 0 holds momentum_buffer; AdamW keeps exp_avg, exp_avg_sq, step"),
-    (_amsgrad_without_its_moment, r"the state of parameter 0 holds exp_avg, exp_avg_sq, step; AdamW keeps exp_avg, "
-                                  r"exp_avg_sq, max_exp_avg_sq, step"),
-    (_missing_second_moment, r"the state of parameter 3 holds exp_avg, step; AdamW keeps exp_avg, exp_avg_sq, step"),
-    (_two_groups, r"it has 2 parameter groups, this AdamW has 1"),
-    (_nan_step, r"step of parameter 0 holds NaN or infinite values"),
-    (_integer_moments, r"exp_avg of parameter 2 is a int64 tensor of shape \(96, 192\); AdamW keeps a float32 tensor "
-                       r"of shape \(96, 192\)"),
-    (_permuted, r"its parameters are not in the hypernetwork's order"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_sgd_state, r"the state of parameter 0 holds momentum_buffer; AdamW keeps exp_avg, exp_avg_sq, step"),
+        (
+            _amsgrad_without_its_moment,
+            r"the state of parameter 0 holds exp_avg, exp_avg_sq, step; AdamW keeps exp_avg, "
+            r"exp_avg_sq, max_exp_avg_sq, step",
+        ),
+        (
+            _missing_second_moment,
+            r"the state of parameter 3 holds exp_avg, step; AdamW keeps exp_avg, exp_avg_sq, step",
+        ),
+        (_two_groups, r"it has 2 parameter groups, this AdamW has 1"),
+        (_nan_step, r"step of parameter 0 holds NaN or infinite values"),
+        (
+            _integer_moments,
+            r"exp_avg of parameter 2 is a int64 tensor of shape \(96, 192\); AdamW keeps a float32 tensor "
+            r"of shape \(96, 192\)",
+        ),
+        (_permuted, r"its parameters are not in the hypernetwork's order"),
+    ],
+)
 def test_optimizer_state_that_does_not_fit_its_optimizer_is_ignored_with_one_warning(tmp_path, damage, reason):
     hn = hypernet.load(a1111_file("case8_with_optim"), optimizer_state=True)
     state = hn.optimizer_state_dict
@@ -187,8 +201,11 @@ def test_optimizer_state_that_does_not_fit_its_optimizer_is_ignored_with_one_war
     assert loaded.optimizer_state_dict is None and loaded.optimizer_name is None
     (warning,) = [str(w.message) for w in caught]
     assert "\n" not in warning
-    assert re.fullmatch(rf"ignoring optimizer state: {re.escape(str(tmp_path / 'd.pt.optim'))}: {reason}; "
-                        "training restarts the optimizer", warning), warning  # fmt: skip
+    assert re.fullmatch(
+        rf"ignoring optimizer state: {re.escape(str(tmp_path / 'd.pt.optim'))}: {reason}; "
+        "training restarts the optimizer",
+        warning,
+    ), warning
 
 
 def test_an_amsgrad_state_with_its_moment_fits_an_amsgrad_adamw(tmp_path):

@@ -42,8 +42,10 @@ def pixels(path):
 def test_multiplier_zero_is_the_plain_pipeline_and_the_image_follows_the_multiplier(tiny_model_dir, hn_dir, tmp_path):
     case1 = a1111_file("case1_default_relu")
     plain = pixels(gen(tiny_model_dir, tmp_path / "plain", "--prompt", "a cat")[0])
-    images = {m: pixels(gen(tiny_model_dir, tmp_path / f"m{m}", "--prompt", "a cat", "--hypernetwork", f"{case1}:{m}")[0])
-              for m in (0, 0.5, 1)}  # fmt: skip
+    images = {
+        m: pixels(gen(tiny_model_dir, tmp_path / f"m{m}", "--prompt", "a cat", "--hypernetwork", f"{case1}:{m}")[0])
+        for m in (0, 0.5, 1)
+    }
     assert np.array_equal(images[0], plain)
     assert np.abs(images[1] - plain).mean() > 1 and np.abs(images[0.5] - plain).mean() > 0.3
     assert not np.array_equal(images[0.5], images[1])
@@ -62,10 +64,26 @@ def test_multiplier_zero_is_the_plain_pipeline_and_the_image_follows_the_multipl
 
 def test_stacking_order_and_both_syntaxes(tiny_model_dir, hn_dir, tmp_path):
     case1 = a1111_file("case1_default_relu")
-    both = gen(tiny_model_dir, tmp_path / "a", "--prompt", "a dog <hypernet:swish:0.7>", "--hypernetwork_dir", hn_dir,
-               "--hypernetwork", f"{case1}:0.5")[0]  # fmt: skip
-    swapped = gen(tiny_model_dir, tmp_path / "b", "--prompt", "a dog <hypernet:case1:0.5>", "--hypernetwork_dir",
-                  hn_dir, "--hypernetwork", f"{hn_dir / 'swish.safetensors'}:0.7")[0]  # fmt: skip
+    both = gen(
+        tiny_model_dir,
+        tmp_path / "a",
+        "--prompt",
+        "a dog <hypernet:swish:0.7>",
+        "--hypernetwork_dir",
+        hn_dir,
+        "--hypernetwork",
+        f"{case1}:0.5",
+    )[0]
+    swapped = gen(
+        tiny_model_dir,
+        tmp_path / "b",
+        "--prompt",
+        "a dog <hypernet:case1:0.5>",
+        "--hypernetwork_dir",
+        hn_dir,
+        "--hypernetwork",
+        f"{hn_dir / 'swish.safetensors'}:0.7",
+    )[0]
     assert not np.array_equal(pixels(both), pixels(swapped)), "order matters, as in A1111"
     info = Image.open(both).info["parameters"]
     assert info.startswith("a dog <hypernet:case1_default_relu:0.5> <hypernet:swish:0.7>\n")
@@ -75,8 +93,14 @@ def test_stacking_order_and_both_syntaxes(tiny_model_dir, hn_dir, tmp_path):
 
 def test_a_file_stacked_twice_applies_twice_at_each_strength(tiny_model_dir, hn_dir, tmp_path):
     once = gen(tiny_model_dir, tmp_path / "a", "--prompt", "a dog <hypernet:case1:0.8>", "--hypernetwork_dir", hn_dir)
-    twice = gen(tiny_model_dir, tmp_path / "b", "--prompt", "a dog <hypernet:case1:0.8> <hypernet:case1:0>",
-                "--hypernetwork_dir", hn_dir)  # fmt: skip
+    twice = gen(
+        tiny_model_dir,
+        tmp_path / "b",
+        "--prompt",
+        "a dog <hypernet:case1:0.8> <hypernet:case1:0>",
+        "--hypernetwork_dir",
+        hn_dir,
+    )
     assert np.array_equal(pixels(once[0]), pixels(twice[0]))
     info = Image.open(twice[0]).info["parameters"]
     assert info.startswith("a dog <hypernet:case1:0.8> <hypernet:case1:0>\n")
@@ -94,8 +118,18 @@ def test_text_mlp_runs_once_per_step_and_linear_ones_are_merged(tiny_model_dir, 
     monkeypatch.setattr(hypernet, "load", spy)
     hypernet.save(hypernet.Hypernetwork([96, 40, 80, 160]), tmp_path / "linear.pt")
     for hypernetwork in (a1111_file("case1_default_relu"), str(tmp_path / "linear.pt")):
-        gen(tiny_model_dir, tmp_path / "o", "--prompt", "one", "--prompt", "two", "--hypernetwork", hypernetwork,
-            "--num_inference_steps", 6)  # fmt: skip
+        gen(
+            tiny_model_dir,
+            tmp_path / "o",
+            "--prompt",
+            "one",
+            "--prompt",
+            "two",
+            "--hypernetwork",
+            hypernetwork,
+            "--num_inference_steps",
+            6,
+        )
     # relu: once per UNet forward (6 steps x 2 prompts), not in each of the 7 cross-attention layers
     assert len(calls[a1111_file("case1_default_relu")]) == 12
     assert str(tmp_path / "linear.pt") not in calls, "a linear hypernetwork is merged into to_k/to_v"
@@ -104,9 +138,32 @@ def test_text_mlp_runs_once_per_step_and_linear_ones_are_merged(tiny_model_dir, 
 def test_options_seed_batch_size_negative_scheduler_prompts_file(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
-    written = gen(tiny_model_dir, tmp_path / "o", "--prompts_file", prompts, "--num_images", 3, "--batch_size", 2,
-                  "--seed", 10, "--negative_prompt", "blurry", "--guidance_scale", 5.5, "--width", 64, "--height", 96,
-                  "--scheduler", "DPM++ 2M Karras", "--dtype", "fp32", "--device", "cpu")  # fmt: skip
+    written = gen(
+        tiny_model_dir,
+        tmp_path / "o",
+        "--prompts_file",
+        prompts,
+        "--num_images",
+        3,
+        "--batch_size",
+        2,
+        "--seed",
+        10,
+        "--negative_prompt",
+        "blurry",
+        "--guidance_scale",
+        5.5,
+        "--width",
+        64,
+        "--height",
+        96,
+        "--scheduler",
+        "DPM++ 2M Karras",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    )
     assert [os.path.basename(p) for p in written] == [f"{i:05d}-{10 + i}.png" for i in range(6)]
     assert Image.open(written[0]).size == (64, 96)
     info = Image.open(written[4]).info["parameters"]
@@ -118,8 +175,24 @@ def test_options_seed_batch_size_negative_scheduler_prompts_file(tiny_model_dir,
     )
     grid = Image.open(tmp_path / "o" / "grid.png")
     assert grid.size == (3 * 64, 2 * 96)
-    single = gen(tiny_model_dir, tmp_path / "s", "--prompt", "a red circle", "--seed", 11, "--negative_prompt", "blurry",
-                 "--guidance_scale", 5.5, "--width", 64, "--height", 96, "--scheduler", "DPMSolverMultistepScheduler")[0]  # fmt: skip
+    single = gen(
+        tiny_model_dir,
+        tmp_path / "s",
+        "--prompt",
+        "a red circle",
+        "--seed",
+        11,
+        "--negative_prompt",
+        "blurry",
+        "--guidance_scale",
+        5.5,
+        "--width",
+        64,
+        "--height",
+        96,
+        "--scheduler",
+        "DPMSolverMultistepScheduler",
+    )[0]
     assert "Sampler: DPMSolverMultistepScheduler" in Image.open(single).info["parameters"]
     assert not os.path.exists(tmp_path / "s" / "grid.png")
 
@@ -155,13 +228,19 @@ def test_a_hypernetwork_for_another_family_gets_one_warning_line(sd2_model_dir, 
         (["--hypernetwork", "nope.pt"], r"--hypernetwork 'nope.pt': no such file"),
         (["--hypernetwork", "{case1}:strong"], r"the strength after ':' must be a number, as in FILE:0.8"),
         (["--prompt", "<hypernet:ghost:0.5> a cat"], r"no hypernetwork 'ghost' in --hypernetwork_dir .* \(it has: "),
-        (["--hypernetwork", "{sd1}"], r"sd1.pt has widths \[768, 320, 640, 1280\] but this model's attention layers use \[96, 40, 80, 160\]"),
+        (
+            ["--hypernetwork", "{sd1}"],
+            r"sd1.pt has widths \[768, 320, 640, 1280\] but this model's attention layers use \[96, 40, 80, 160\]",
+        ),
         (["--scheduler", "Warp drive"], r"--scheduler 'Warp drive': unknown"),
         (["--torch_compile_mode", "reduce-overhead"], r"--torch_compile_mode reduce-overhead is for --torch_compile"),
         (["--from_single_file"], r"no such checkpoint file"),
-        (["--from_single_file", "--pretrained_model_name_or_path", "{case1}", "--config", "nowhere"], r"--config nowhere: not found"),
+        (
+            ["--from_single_file", "--pretrained_model_name_or_path", "{case1}", "--config", "nowhere"],
+            r"--config nowhere: not found",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_a_clear_error_before_the_pipeline_loads(
     tiny_model_dir, tmp_path, monkeypatch, capsys, flags, message
 ):
@@ -175,8 +254,18 @@ def test_bad_input_is_a_clear_error_before_the_pipeline_loads(
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", refuse)
     monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_single_file", refuse)
     flags = [f.format(case1=a1111_file("case1_default_relu"), sd1=sd1) for f in flags]
-    argv = ["--pretrained_model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "o"),
-            "--hypernetwork_dir", str(tmp_path)] + (["--prompt", "a cat"] if "--prompt" not in flags else []) + flags  # fmt: skip
+    argv = (
+        [
+            "--pretrained_model_name_or_path",
+            tiny_model_dir,
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--hypernetwork_dir",
+            str(tmp_path),
+        ]
+        + (["--prompt", "a cat"] if "--prompt" not in flags else [])
+        + flags
+    )
     assert run_script("generate.py", *argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("generate.py: error: ") and "\n" not in err
@@ -186,8 +275,19 @@ def test_bad_input_is_a_clear_error_before_the_pipeline_loads(
 def test_single_file_needs_a_local_config(tmp_path, monkeypatch, capsys):
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"")
-    assert run_script("generate.py", "--pretrained_model_name_or_path", checkpoint, "--from_single_file",
-                      "--prompt", "x", "--output_dir", tmp_path) == 2  # fmt: skip
+    assert (
+        run_script(
+            "generate.py",
+            "--pretrained_model_name_or_path",
+            checkpoint,
+            "--from_single_file",
+            "--prompt",
+            "x",
+            "--output_dir",
+            tmp_path,
+        )
+        == 2
+    )
     assert (
         "--from_single_file needs a local --original_config (.yaml) or --config (diffusers folder)"
         in capsys.readouterr().err
@@ -198,8 +298,9 @@ def test_prompt_tags_are_parsed_as_the_webui_parses_them(tmp_path):
     (tmp_path / "a.pt").write_bytes(b"x")
     (tmp_path / "b.safetensors").write_bytes(b"x")
     assert parse_prompt("<hypernet:a:0.3> a cat, <hypernet:a> <hypernet:b:-1>", str(tmp_path)) == (
-        "a cat", [(str(tmp_path / "a.pt"), 0.3), (str(tmp_path / "a.pt"), 1.0), (str(tmp_path / "b.safetensors"), -1.0)]
-    )  # fmt: skip
+        "a cat",
+        [(str(tmp_path / "a.pt"), 0.3), (str(tmp_path / "a.pt"), 1.0), (str(tmp_path / "b.safetensors"), -1.0)],
+    )
 
 
 def test_from_single_file_with_a_local_config_matches_the_folder(tiny_model_dir, tiny_pipeline, tmp_path):
@@ -209,8 +310,17 @@ def test_from_single_file_with_a_local_config_matches_the_folder(tiny_model_dir,
     write_ldm_checkpoint(tiny_pipeline, checkpoint)
     case1 = f"{a1111_file('case1_default_relu')}:0.8"
     folder = gen(tiny_model_dir, tmp_path / "folder", "--prompt", "a cat", "--hypernetwork", case1)[0]
-    single = gen(checkpoint, tmp_path / "single", "--from_single_file", "--config", tiny_model_dir, "--prompt", "a cat",
-                 "--hypernetwork", case1)[0]  # fmt: skip
+    single = gen(
+        checkpoint,
+        tmp_path / "single",
+        "--from_single_file",
+        "--config",
+        tiny_model_dir,
+        "--prompt",
+        "a cat",
+        "--hypernetwork",
+        case1,
+    )[0]
     assert np.array_equal(pixels(single), pixels(folder))
     info = Image.open(single).info["parameters"]
     assert f"Model hash: {hypernet.shorthash(checkpoint)}, Model: tiny," in info

@@ -11,15 +11,35 @@ def test_key_indices_follow_a1111_order_with_prelu_layernorm_dropout():
     )
     kinds = [type(layer).__name__ for layer in module.linear]
     assert kinds == [
-        "Linear", "PReLU", "LayerNorm", "Dropout",
-        "Linear", "PReLU", "LayerNorm", "Dropout",
-        "Linear", "PReLU", "LayerNorm",
-    ]  # fmt: skip
+        "Linear",
+        "PReLU",
+        "LayerNorm",
+        "Dropout",
+        "Linear",
+        "PReLU",
+        "LayerNorm",
+        "Dropout",
+        "Linear",
+        "PReLU",
+        "LayerNorm",
+    ]
     assert list(module.state_dict()) == [
-        "linear.0.weight", "linear.0.bias", "linear.1.weight", "linear.2.weight", "linear.2.bias",
-        "linear.4.weight", "linear.4.bias", "linear.5.weight", "linear.6.weight", "linear.6.bias",
-        "linear.8.weight", "linear.8.bias", "linear.9.weight", "linear.10.weight", "linear.10.bias",
-    ]  # fmt: skip
+        "linear.0.weight",
+        "linear.0.bias",
+        "linear.1.weight",
+        "linear.2.weight",
+        "linear.2.bias",
+        "linear.4.weight",
+        "linear.4.bias",
+        "linear.5.weight",
+        "linear.6.weight",
+        "linear.6.bias",
+        "linear.8.weight",
+        "linear.8.bias",
+        "linear.9.weight",
+        "linear.10.weight",
+        "linear.10.bias",
+    ]
 
 
 def test_no_activation_after_last_layer_unless_activate_output():

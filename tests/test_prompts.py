@@ -33,8 +33,9 @@ def tokenizer(open_clip):
 
     folder = os.path.join(FIXTURES, "tokenizer")
     extra = {"pad_token": "!"} if open_clip else {}
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77,
-                         **extra)  # fmt: skip
+    return CLIPTokenizer(
+        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77, **extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,17 @@ def test_fixtures_cover_the_issue(fixtures, prompts):
     for family in FAMILIES:
         for clip_skip in (1, 2):
             assert (family, "short", f"clip_skip_{clip_skip}") in cases
-    for needed in ("tokens_75", "tokens_76", "tokens_200", "comma_near_split", "emphasis_weight", "escapes", "break",
-                   "empty", "batch"):  # fmt: skip
+    for needed in (
+        "tokens_75",
+        "tokens_76",
+        "tokens_200",
+        "comma_near_split",
+        "emphasis_weight",
+        "escapes",
+        "break",
+        "empty",
+        "batch",
+    ):
         assert needed in prompts
 
 
@@ -109,8 +119,9 @@ def test_each_prompt_alone_equals_the_webui_on_one_prompt(family, fixtures, prom
         expected = fixtures.get_tensor(f"{family}/{case}/clip_skip_1/embeddings")[0]
         torch.testing.assert_close(embedding, expected, atol=1e-5, rtol=0, msg=case)
         if family == "sdxl":
-            torch.testing.assert_close(pooled, fixtures.get_tensor(f"{family}/{case}/clip_skip_1/pooled")[0],
-                                       atol=1e-5, rtol=0)  # fmt: skip
+            torch.testing.assert_close(
+                pooled, fixtures.get_tensor(f"{family}/{case}/clip_skip_1/pooled")[0], atol=1e-5, rtol=0
+            )
 
 
 def test_chunk_counts(prompts, encoders):
@@ -147,9 +158,16 @@ def test_parse_emphasis_matches_the_webui_doctests():
     assert parse_emphasis(r"\(literal\]") == [("(literal]", 1.0)]
     assert parse_emphasis("(unnecessary)(parens)") == [("unnecessaryparens", 1.1)]
     assert parse_emphasis("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).") == [
-        ("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-        (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1),
-    ]  # fmt: skip
+        ("a ", 1.0),
+        ("house", 1.5730000000000004),
+        (" ", 1.1),
+        ("on", 1.0),
+        (" a ", 1.1),
+        ("hill", 0.55),
+        (", sun, ", 1.1),
+        ("sky", 1.4641000000000006),
+        (".", 1.1),
+    ]
     assert parse_emphasis("a BREAK b") == [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]
     assert parse_emphasis("(a: 1.5 )") == [("a", 1.5)]
     assert parse_emphasis("") == [("", 1.0)]
@@ -176,16 +194,30 @@ def test_diffusers_encoding_equals_diffusers_pipelines(family, encoders, tmp_pat
         ours, pooled = PromptEncoder(tokenizers, text_encoders, clip_skip, encoding="diffusers")(prompts)
         skip = clip_skip - 1 or None
         if family == "sdxl":
-            pipe = StableDiffusionXLPipeline(vae=None, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
-                                             tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=None,
-                                             scheduler=None)  # fmt: skip
-            theirs, _, their_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False,
-                                                            clip_skip=skip)  # fmt: skip
+            pipe = StableDiffusionXLPipeline(
+                vae=None,
+                text_encoder=text_encoders[0],
+                text_encoder_2=text_encoders[1],
+                tokenizer=tokenizers[0],
+                tokenizer_2=tokenizers[1],
+                unet=None,
+                scheduler=None,
+            )
+            theirs, _, their_pooled, _ = pipe.encode_prompt(
+                prompts, device="cpu", do_classifier_free_guidance=False, clip_skip=skip
+            )
             torch.testing.assert_close(pooled, their_pooled)
         else:
-            pipe = StableDiffusionPipeline(vae=None, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=None,
-                                           scheduler=None, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)  # fmt: skip
+            pipe = StableDiffusionPipeline(
+                vae=None,
+                text_encoder=text_encoders[0],
+                tokenizer=tokenizers[0],
+                unet=None,
+                scheduler=None,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
             try:
                 theirs, _ = pipe.encode_prompt(prompts, "cpu", 1, False, clip_skip=skip)
             except AttributeError as e:  # diffusers reads text_encoder.text_model, which transformers 5 removed
@@ -223,10 +255,15 @@ def test_a_plain_short_prompt_generates_what_the_pipeline_generates(family, requ
     encoder = pipeline_encoder(pipeline)
     for negative in ("", "blurry, dark"):
         common = dict(num_inference_steps=2, guidance_scale=5.0, width=64, height=64, output_type="np")
-        ours = text_to_image(pipeline, encoder, "a red circle", negative,
-                             generator=torch.Generator().manual_seed(1), **common)  # fmt: skip
-        theirs = pipeline(prompt="a red circle", negative_prompt=negative or None,
-                          generator=torch.Generator().manual_seed(1), **common).images  # fmt: skip
+        ours = text_to_image(
+            pipeline, encoder, "a red circle", negative, generator=torch.Generator().manual_seed(1), **common
+        )
+        theirs = pipeline(
+            prompt="a red circle",
+            negative_prompt=negative or None,
+            generator=torch.Generator().manual_seed(1),
+            **common,
+        ).images
         assert abs(ours - theirs).max() < 1e-5, (family, negative)
 
 

@@ -44,7 +44,7 @@ def test_tag_frequency_counts_comma_separated_tags_as_kohya_does():
         (hypernet.SDXL_WIDTHS, False, "epsilon", "sdxl", "stable-diffusion-xl-v1-base/hypernetwork", "sdxl_base_v1-0"),
         ((96, 80, 160), True, "epsilon", "sdxl", "stable-diffusion-xl-v1-base/hypernetwork", "sdxl_base_v1-0"),
     ],
-)  # fmt: skip
+)
 def test_modelspec_architecture_follows_the_base_model(widths, sdxl, prediction, family, architecture, version):
     assert model_family(widths, sdxl, prediction) == family
     hn = hypernet.Hypernetwork(list(widths), name="style", activation_func="relu")
@@ -117,8 +117,13 @@ def test_card_files_are_what_the_webui_reads(tmp_path):
 
 
 def test_infotext_names_hypernetworks_as_the_webui_and_civitai_read_them():
-    text = infotext("a cat", steps=20, seed=3, model_hash="abcdef0123", hypernetworks=[("style", 0.8, "0123456789"),
-                    ("ink", 1.0, None)])  # fmt: skip
+    text = infotext(
+        "a cat",
+        steps=20,
+        seed=3,
+        model_hash="abcdef0123",
+        hypernetworks=[("style", 0.8, "0123456789"), ("ink", 1.0, None)],
+    )
     prompt, parameters = text.split("\n")
     assert prompt == "a cat <hypernet:style:0.8> <hypernet:ink:1>"
     assert CIVITAI_NETWORK.findall(prompt) == [("hypernet", "style", "0.8"), ("hypernet", "ink", "1")]
@@ -128,22 +133,44 @@ def test_infotext_names_hypernetworks_as_the_webui_and_civitai_read_them():
 
 
 def test_model_card_front_matter_and_text(tmp_path):
-    for name in ("style.pt", "README.md", "images/style-10.png", "checkpoint-10/optimizer.bin", "logs/x/events",
-                 "hypernetworks/style-5.pt", ".hypernet.lock"):  # fmt: skip
+    for name in (
+        "style.pt",
+        "README.md",
+        "images/style-10.png",
+        "checkpoint-10/optimizer.bin",
+        "logs/x/events",
+        "hypernetworks/style-5.pt",
+        ".hypernet.lock",
+    ):
         os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     files = hub_files(tmp_path)
     assert files == ["README.md", "images/style-10.png", "style.pt"]
-    card = model_card("style", "stabilityai/stable-diffusion-2-1", "Trained.", [("a cat", "images/style-10.png")],
-                      {"steps": 10, "learning_rate": "5e-3"}, files, "me/style")  # fmt: skip
+    card = model_card(
+        "style",
+        "stabilityai/stable-diffusion-2-1",
+        "Trained.",
+        [("a cat", "images/style-10.png")],
+        {"steps": 10, "learning_rate": "5e-3"},
+        files,
+        "me/style",
+    )
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     assert loaded.data.base_model == "stabilityai/stable-diffusion-2-1" and loaded.data.library_name == "diffusers"
     assert {"hypernetwork", "diffusers-training"} <= set(loaded.data.tags)
     assert loaded.data.widget == [{"text": "a cat", "output": {"url": "images/style-10.png"}}]
-    for expected in ("# style", "Trained.", "![a cat](images/style-10.png)", "models/hypernetworks/",
-                     "<hypernet:style:1>", "HypernetworkLoader", 'hf_hub_download("me/style", "style.pt")',
-                     "| learning_rate | 5e-3 |", "- `style.pt`"):  # fmt: skip
+    for expected in (
+        "# style",
+        "Trained.",
+        "![a cat](images/style-10.png)",
+        "models/hypernetworks/",
+        "<hypernet:style:1>",
+        "HypernetworkLoader",
+        'hf_hub_download("me/style", "style.pt")',
+        "| learning_rate | 5e-3 |",
+        "- `style.pt`",
+    ):
         assert expected in loaded.text, expected
     local = model_card("style", str(tmp_path), "Trained.", [], {}, files)
     assert local.data.base_model is None, "a local folder is no Hub model id"

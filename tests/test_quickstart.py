@@ -36,8 +36,9 @@ def quickstart(tmp_path_factory):
     if not out:
         out = str(tmp_path_factory.mktemp("quickstart"))
         env = dict(os.environ, OUT=out, QUICKSTART_NO_INSTALL="1")
-        result = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True,
-                                text=True, timeout=900)  # fmt: skip
+        result = subprocess.run(
+            ["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(out, "before-after.json"), encoding="utf-8") as f:
         return out, json.load(f)
@@ -46,8 +47,9 @@ def quickstart(tmp_path_factory):
 def style_reference():
     folder = os.path.join(ROOT, "examples", "style_dataset")
     names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
-    return colour_quantiles([Image.open(os.path.join(folder, n)).convert("RGB").resize((64, 64), Image.LANCZOS)
-                             for n in names])  # fmt: skip
+    return colour_quantiles(
+        [Image.open(os.path.join(folder, n)).convert("RGB").resize((64, 64), Image.LANCZOS) for n in names]
+    )
 
 
 def image_of(out, record):
@@ -94,10 +96,29 @@ def test_strength_0_is_the_base_model_exactly(quickstart, tmp_path):
     out, report = quickstart
     prompt = report["images"][-1]["prompt"]
     first_seed = min(r["seed"] for r in report["images"] if r["prompt"] == prompt)
-    result = subprocess.run([sys.executable, "generate.py", "--pretrained_model_name_or_path", DEMO, "--prompt",
-                             prompt, "--num_images", "4", "--seed", str(first_seed), "--num_inference_steps", "20",
-                             "--no_progress", "--output_dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "generate.py",
+            "--pretrained_model_name_or_path",
+            DEMO,
+            "--prompt",
+            prompt,
+            "--num_images",
+            "4",
+            "--seed",
+            str(first_seed),
+            "--num_inference_steps",
+            "20",
+            "--no_progress",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     compared = 0
     for name in sorted(os.listdir(tmp_path)):

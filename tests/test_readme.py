@@ -139,25 +139,44 @@ def test_readme_commands_run(sandbox):
 
 def test_readme_python_snippet_runs(sandbox):
     (snippet,) = code_blocks(readme(), "python")
-    result = subprocess.run([sys.executable, "-c", snippet + "\nimage.save('snippet.png')"], cwd=sandbox,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", snippet + "\nimage.save('snippet.png')"],
+        cwd=sandbox,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.path.getsize(sandbox / "snippet.png") > 0
 
 
 def test_example_scripts_run(sandbox, tiny_model_dir):
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(sandbox), MODEL=tiny_model_dir,
-               OUT=str(sandbox / "wandb-run"), IN=str(sandbox / "my-style.pt"))  # fmt: skip
+    env = dict(
+        os.environ,
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(sandbox),
+        MODEL=tiny_model_dir,
+        OUT=str(sandbox / "wandb-run"),
+        IN=str(sandbox / "my-style.pt"),
+    )
     for script in ("examples/wandb.sh", "examples/convert.sh"):
-        result = subprocess.run(["bash", os.path.join(ROOT, script)], cwd=sandbox, env=env, capture_output=True,
-                                text=True, timeout=300)  # fmt: skip
+        result = subprocess.run(
+            ["bash", os.path.join(ROOT, script)], cwd=sandbox, env=env, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, f"{script}\n{result.stderr[-2000:]}"
     assert os.path.isfile(sandbox / "wandb-run" / "images" / "wandb-run-10.png")
     assert os.path.isfile(sandbox / "quickstart" / "converted" / "quick-style-fp16.pt")
 
 
-@pytest.mark.parametrize("command, script", [("hypernet-train", "train_hypernetwork.py"),
-                                             ("hypernet-generate", "generate.py"), ("hypernet-convert", "convert.py")])  # fmt: skip
+@pytest.mark.parametrize(
+    "command, script",
+    [
+        ("hypernet-train", "train_hypernetwork.py"),
+        ("hypernet-generate", "generate.py"),
+        ("hypernet-convert", "convert.py"),
+    ],
+)
 def test_installed_commands_are_the_scripts(command, script, helps):
     import shutil
     from importlib.metadata import version

@@ -51,8 +51,13 @@ def test_held_memory_does_not_grow_with_the_dataset(tiny_model_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for count in (500, 4000):
         folder = make_images(tmp_path / f"data{count}", count)
-        command = [sys.executable, os.path.join(ROOT, "tests", "store_worker.py"), tiny_model_dir, folder,
-                   str(tmp_path / f"store{count}")]  # fmt: skip
+        command = [
+            sys.executable,
+            os.path.join(ROOT, "tests", "store_worker.py"),
+            tiny_model_dir,
+            folder,
+            str(tmp_path / f"store{count}"),
+        ]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         results[count] = json.loads(result.stdout.strip().splitlines()[-1])
@@ -70,8 +75,9 @@ def test_one_embedding_per_distinct_prompt_gives_the_batches_of_one_per_image(mo
     folder = make_images(tmp_path / "data", 9, captions)
     encoders = encoders_of(models)
     settings = data.DataSettings(name="n", resolution=64)
-    records, _ = data.prepare_records(data.folder_entries(folder), ["[filewords]"], settings, encoders,
-                                      str(tmp_path / "store"))  # fmt: skip
+    records, _ = data.prepare_records(
+        data.folder_entries(folder), ["[filewords]"], settings, encoders, str(tmp_path / "store")
+    )
     assert encoders.prompt_calls == 3 and len(records.prompts) == 3
     assert len(os.listdir(tmp_path / "store" / "prompts" / os.listdir(tmp_path / "store" / "prompts")[0])) >= 1
     samples = data.TrainingSamples(records, ["[filewords]"], settings)
@@ -87,8 +93,9 @@ def test_embeddings_are_stored_in_the_dtype_training_uses(models, small_dataset,
     encoders = encoders_of(models)
     encoders.embedding_dtype = torch.bfloat16
     settings = data.DataSettings(name="n", resolution=64)
-    records, _ = data.prepare_records(data.folder_entries(small_dataset), ["[filewords]"], settings, encoders,
-                                      str(tmp_path / "store"))  # fmt: skip
+    records, _ = data.prepare_records(
+        data.folder_entries(small_dataset), ["[filewords]"], settings, encoders, str(tmp_path / "store")
+    )
     embedding, _ = records.embedding(0)
     assert embedding.dtype == torch.bfloat16
     ((full, _),) = encoders.prompt_encoder.each([records.caption(0)])
@@ -100,21 +107,36 @@ def test_embeddings_are_stored_in_the_dtype_training_uses(models, small_dataset,
 
 def test_encoding_on_the_fly_trains_on_the_stored_latents(models, small_dataset, tmp_path):
     for method in ("once", "random", "deterministic"):
-        settings = data.DataSettings(name="n", resolution=64, random_flip=True, latent_sampling_method=method,
-                                     use_weight=True, seed=5)  # fmt: skip
+        settings = data.DataSettings(
+            name="n", resolution=64, random_flip=True, latent_sampling_method=method, use_weight=True, seed=5
+        )
         entries = data.folder_entries(small_dataset)
         stored, _ = data.prepare_records(entries, ["[filewords]"], settings, encoders_of(models), str(tmp_path / "s"))
         unstored_encoders = encoders_of(models)
-        unstored, _ = data.prepare_records(entries, ["[filewords]"], settings, unstored_encoders,
-                                           str(tmp_path / "u"), encode_latents=False)  # fmt: skip
+        unstored, _ = data.prepare_records(
+            entries, ["[filewords]"], settings, unstored_encoders, str(tmp_path / "u"), encode_latents=False
+        )
         assert unstored_encoders.vae_calls == 0 and unstored_encoders.prompt_calls == 0
         keys = [(epoch, i) for epoch in (0, 1) for i in range(8)]
         prompt_encoder = unstored_encoders.prompt_encoder
-        a = training.batch_to_device(data.TrainingSamples(stored, ["[filewords]"], settings).__getitems__(keys),
-                                     models, prompt_encoder, 0, 0.0, "cpu", torch.float32)  # fmt: skip
-        b = training.batch_to_device(data.TrainingSamples(unstored, ["[filewords]"], settings,
-                                                          entries).__getitems__(keys),
-                                     models, prompt_encoder, 0, 0.0, "cpu", torch.float32)  # fmt: skip
+        a = training.batch_to_device(
+            data.TrainingSamples(stored, ["[filewords]"], settings).__getitems__(keys),
+            models,
+            prompt_encoder,
+            0,
+            0.0,
+            "cpu",
+            torch.float32,
+        )
+        b = training.batch_to_device(
+            data.TrainingSamples(unstored, ["[filewords]"], settings, entries).__getitems__(keys),
+            models,
+            prompt_encoder,
+            0,
+            0.0,
+            "cpu",
+            torch.float32,
+        )
         for key in ("latents", "noise", "timesteps", "encoder_hidden_states", "weight"):
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=f"{method} {key}")
 
@@ -129,8 +151,10 @@ def test_a_resume_encodes_nothing(tiny_model_dir, small_dataset, tmp_path, caplo
     assert train(tiny_model_dir, small_dataset, tmp_path / "run", *flags, steps=2) == 0
     assert any("encoded 8 images and 8 prompts" in line for line in log_lines(caplog))
     caplog.clear()
-    assert train(tiny_model_dir, small_dataset, tmp_path / "run", *flags, "--resume_from_checkpoint", "latest",
-                 steps=4) == 0  # fmt: skip
+    assert (
+        train(tiny_model_dir, small_dataset, tmp_path / "run", *flags, "--resume_from_checkpoint", "latest", steps=4)
+        == 0
+    )
     assert any("encoded 0 images and 0 prompts" in line for line in log_lines(caplog))
 
 
@@ -146,8 +170,22 @@ def test_a_long_caption_is_trained_on_whole_and_clip_skip_is_recorded(tiny_model
 
     monkeypatch.setattr(training.UNetWithHypernetwork, "forward", spy)
     out = tmp_path / "run"
-    assert train(tiny_model_dir, folder, out, "--hypernetwork_name", "long", "--clip_skip", 2, "--save_safetensors",
-                 "--train_batch_size", 2, steps=4) == 0  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            folder,
+            out,
+            "--hypernetwork_name",
+            "long",
+            "--clip_skip",
+            2,
+            "--save_safetensors",
+            "--train_batch_size",
+            2,
+            steps=4,
+        )
+        == 0
+    )
     models = training.load_models(tiny_model_dir)
     assert PromptEncoder(models.tokenizers, models.text_encoders).token_count(caption) == 195
     assert {shape[1] for shape in contexts} == {77, 231}, "each batch of one context length, the long one whole"

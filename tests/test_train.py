@@ -73,23 +73,70 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
     template.write_text("a painting of [filewords], art by [name]\n")
     out = tmp_path / "run"
     rc = train(
-        tiny_model_dir, small_dataset, out,
-        "--hypernetwork_name", "inky", "--template_file", template, "--activation_func", "relu",
-        "--save_every", 4, "--checkpointing_steps", 4, "--checkpoints_total_limit", 1, "--preview_every", 4,
-        "--preview_prompt", "a red circle", "--preview_prompt", "a blue square", "--preview_negative_prompt", "blurry",
-        "--preview_seed", 5, "--preview_guidance_scale", 4.0, "--preview_width", 64, "--preview_height", 128,
-        "--save_safetensors", "--report_to", "tensorboard", "--tracker_project_name", "proj", "--seed", 3,
-        "--optional_info", "inky test run", "--push_to_hub", "--hub_model_id", "me/inky",
+        tiny_model_dir,
+        small_dataset,
+        out,
+        "--hypernetwork_name",
+        "inky",
+        "--template_file",
+        template,
+        "--activation_func",
+        "relu",
+        "--save_every",
+        4,
+        "--checkpointing_steps",
+        4,
+        "--checkpoints_total_limit",
+        1,
+        "--preview_every",
+        4,
+        "--preview_prompt",
+        "a red circle",
+        "--preview_prompt",
+        "a blue square",
+        "--preview_negative_prompt",
+        "blurry",
+        "--preview_seed",
+        5,
+        "--preview_guidance_scale",
+        4.0,
+        "--preview_width",
+        64,
+        "--preview_height",
+        128,
+        "--save_safetensors",
+        "--report_to",
+        "tensorboard",
+        "--tracker_project_name",
+        "proj",
+        "--seed",
+        3,
+        "--optional_info",
+        "inky test run",
+        "--push_to_hub",
+        "--hub_model_id",
+        "me/inky",
         steps=8,
-    )  # fmt: skip
+    )
     assert rc == 0
     names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     for expected in [
-        "inky.pt", "inky.pt.optim", "safetensors/inky.safetensors", "loss.csv", "loss.png", "training_settings.json",
-        "hypernetworks/inky-4.pt", "hypernetworks/inky-4.pt.optim", "hypernetworks/inky-8.pt",
-        "images/inky-4-0.png", "images/inky-4-1.png", "images/inky-8-0.png", "images/inky-8-1.png",
-        "checkpoint-8/hypernetwork.safetensors", "checkpoint-8/optimizer.bin",
-    ]:  # fmt: skip
+        "inky.pt",
+        "inky.pt.optim",
+        "safetensors/inky.safetensors",
+        "loss.csv",
+        "loss.png",
+        "training_settings.json",
+        "hypernetworks/inky-4.pt",
+        "hypernetworks/inky-4.pt.optim",
+        "hypernetworks/inky-8.pt",
+        "images/inky-4-0.png",
+        "images/inky-4-1.png",
+        "images/inky-8-0.png",
+        "images/inky-8-1.png",
+        "checkpoint-8/hypernetwork.safetensors",
+        "checkpoint-8/optimizer.bin",
+    ]:
         assert expected in names, f"{expected} missing from {sorted(names)}"
     assert not os.path.exists(out / "checkpoint-4"), "--checkpoints_total_limit 1 keeps only the newest"
     events = [n for n in names if n.startswith("logs/proj/events.out.tfevents")]
@@ -118,8 +165,9 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
     parameters = preview.info["parameters"]
     assert parameters.startswith("a blue square <hypernet:inky-8:1>\nNegative prompt: blurry\nSteps: 3,")
     assert "Seed: 5" in parameters and infotext_hashes(parameters) == {
-        "model": settings["model_hash"], "hypernet:inky-8": hypernet.shorthash(out / "hypernetworks" / "inky-8.pt")
-    }  # fmt: skip
+        "model": settings["model_hash"],
+        "hypernet:inky-8": hypernet.shorthash(out / "hypernetworks" / "inky-8.pt"),
+    }
     assert "Hashes" not in Image.open(out / "images" / "inky-4-0.png").info["parameters"].split("Model hash")[0]
 
     # The webui's Extra Networks card: the first of NAME.png, NAME.preview.png (then .jpg ...) that exists is its
@@ -170,17 +218,33 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
 
 def test_loss_on_a_fixed_batch_falls(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "fit"
-    assert train(tiny_model_dir, small_dataset, out, "--learning_rate", "3e-3", "--activation_func", "relu",
-                 "--weight_init", "XavierNormal", "--center_crop", steps=40) == 0  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            small_dataset,
+            out,
+            "--learning_rate",
+            "3e-3",
+            "--activation_func",
+            "relu",
+            "--weight_init",
+            "XavierNormal",
+            "--center_crop",
+            steps=40,
+        )
+        == 0
+    )
     models = training.load_models(tiny_model_dir)
     settings = data.DataSettings(name="fit", resolution=64, center_crop=True)
     prompt_encoder = PromptEncoder(models.tokenizers, models.text_encoders)
     encoders = data.Encoders(models.vae, prompt_encoder, "cpu", torch.float32)
-    records, _ = data.prepare_records(data.folder_entries(small_dataset), ["[filewords]"], settings, encoders,
-                                      str(tmp_path / "store"))  # fmt: skip
+    records, _ = data.prepare_records(
+        data.folder_entries(small_dataset), ["[filewords]"], settings, encoders, str(tmp_path / "store")
+    )
     samples = data.TrainingSamples(records, ["[filewords]"], settings)
-    batch = training.batch_to_device(samples.__getitems__([(0, i) for i in range(8)]), models, prompt_encoder, 0, 0.0, "cpu",
-                                     torch.float32)  # fmt: skip
+    batch = training.batch_to_device(
+        samples.__getitems__([(0, i) for i in range(8)]), models, prompt_encoder, 0, 0.0, "cpu", torch.float32
+    )
     unet, scheduler = models.unet, models.noise_scheduler
 
     def fixed_batch_loss(hn):
@@ -196,15 +260,38 @@ def test_loss_on_a_fixed_batch_falls(tiny_model_dir, small_dataset, tmp_path):
 
 
 def test_resume_from_checkpoint_is_bitwise_exact(tiny_model_dir, small_dataset, tmp_path):
-    flags = ["--hypernetwork_name", "x", "--checkpointing_steps", 3, "--train_batch_size", 2,
-             "--gradient_accumulation_steps", 2, "--random_flip", "--latent_sampling_method", "random",
-             "--shuffle_tags", "--tag_drop_out", 0.2, "--use_dropout", "--layer_structure", "1,2,2,1",
-             "--learning_rate", "1e-3:4, 5e-4", "--clip_grad_mode", "norm", "--clip_grad_value", "1.0"]  # fmt: skip
+    flags = [
+        "--hypernetwork_name",
+        "x",
+        "--checkpointing_steps",
+        3,
+        "--train_batch_size",
+        2,
+        "--gradient_accumulation_steps",
+        2,
+        "--random_flip",
+        "--latent_sampling_method",
+        "random",
+        "--shuffle_tags",
+        "--tag_drop_out",
+        0.2,
+        "--use_dropout",
+        "--layer_structure",
+        "1,2,2,1",
+        "--learning_rate",
+        "1e-3:4, 5e-4",
+        "--clip_grad_mode",
+        "norm",
+        "--clip_grad_value",
+        "1.0",
+    ]
     assert train(tiny_model_dir, small_dataset, tmp_path / "full", *flags, steps=10) == 0
     assert train(tiny_model_dir, small_dataset, tmp_path / "half", *flags, steps=5) == 0
     assert os.path.isdir(tmp_path / "half" / "checkpoint-5")
-    assert train(tiny_model_dir, small_dataset, tmp_path / "half", *flags, "--resume_from_checkpoint", "latest",
-                 steps=10) == 0  # fmt: skip
+    assert (
+        train(tiny_model_dir, small_dataset, tmp_path / "half", *flags, "--resume_from_checkpoint", "latest", steps=10)
+        == 0
+    )
     assert_same_weights(tmp_path / "full" / "x.pt", tmp_path / "half" / "x.pt")
     assert read_csv(tmp_path / "full" / "loss.csv") == read_csv(tmp_path / "half" / "loss.csv")
     rates = [float(r["learn_rate"]) for r in read_csv(tmp_path / "full" / "loss.csv")]
@@ -214,12 +301,38 @@ def test_resume_from_checkpoint_is_bitwise_exact(tiny_model_dir, small_dataset, 
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model_dir, small_dataset, tmp_path):
     common = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "{n}", "--master_port", "{port}",
-        os.path.join(ROOT, "train_hypernetwork.py"), "--pretrained_model_name_or_path", tiny_model_dir,
-        "--train_data_dir", small_dataset, "--resolution", "64", "--optimizer", "SGD", "--learning_rate", "0.05",
-        "--activation_func", "relu", "--save_every", "0", "--preview_every", "0", "--checkpointing_steps", "0",
-        "--max_train_steps", "5", "--hypernetwork_name", "x", "--random_flip",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "{n}",
+        "--master_port",
+        "{port}",
+        os.path.join(ROOT, "train_hypernetwork.py"),
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--train_data_dir",
+        small_dataset,
+        "--resolution",
+        "64",
+        "--optimizer",
+        "SGD",
+        "--learning_rate",
+        "0.05",
+        "--activation_func",
+        "relu",
+        "--save_every",
+        "0",
+        "--preview_every",
+        "0",
+        "--checkpointing_steps",
+        "0",
+        "--max_train_steps",
+        "5",
+        "--hypernetwork_name",
+        "x",
+        "--random_flip",
+    ]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     logs = {}
     for n, batch, port in ((2, 1, 29611), (1, 2, 29612)):

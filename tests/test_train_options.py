@@ -44,7 +44,10 @@ def base_argv(model, data, out):
         (["--layer_structure", "1,0.001,1"], r"--layer_structure \[1, 0.001, 1\]: a layer of width 96 would be empty"),
         (["--layer_structure", "1,1e6,1"], r"--layer_structure \[1, 1000000.0, 1\]: [\d,]+ parameters, more than"),
         (["--activation_func", "wobbly"], r"--activation_func 'wobbly': not an elementwise activation"),
-        (["--activation_func", "threshold"], r"--activation_func 'threshold': not an elementwise activation hypernet can train; use one of linear, relu"),
+        (
+            ["--activation_func", "threshold"],
+            r"--activation_func 'threshold': not an elementwise activation hypernet can train; use one of linear, relu",
+        ),
         (["--activation_func", "multiheadattention"], r"--activation_func 'multiheadattention': not an elementwise"),
         (["--template_file", "nope.txt"], r"--template_file nope.txt: no such file"),
         (["--learning_rate", "fast"], r"--learning_rate 'fast': expected a number or a schedule"),
@@ -55,10 +58,16 @@ def base_argv(model, data, out):
         (["--optimizer", "SparseAdam"], r"--optimizer SparseAdam: not supported"),
         (["--optimizer", "Optimizer"], r"--optimizer Optimizer: not supported \(the base class\)"),
         (["--lr_scheduler", "garbage"], r"--lr_scheduler 'garbage': use one of constant, "),
-        (["--enable_sizes", "768,320,640,1280"], r"has widths \[768, 320, 640, 1280\] but this model's attention layers use \[96, 40, 80, 160\].*use --enable_sizes auto"),
+        (
+            ["--enable_sizes", "768,320,640,1280"],
+            r"has widths \[768, 320, 640, 1280\] but this model's attention layers use \[96, 40, 80, 160\].*use --enable_sizes auto",
+        ),
         (["--enable_sizes", "-40"], r"--enable_sizes \[-40\]: widths must be positive"),
         (["--enable_sizes", "40.7"], r"--enable_sizes '40.7': expected comma-separated whole numbers"),
-        (["--learning_rate", "1e-3:10, 1e-4", "--lr_scheduler", "cosine"], r"is an A1111 schedule; use it with --lr_scheduler constant"),
+        (
+            ["--learning_rate", "1e-3:10, 1e-4", "--lr_scheduler", "cosine"],
+            r"is an A1111 schedule; use it with --lr_scheduler constant",
+        ),
         (["--resolution", "60"], r"--resolution 60: must be a positive multiple of 8"),
         (["--preview_width", "65"], r"--preview_width 65: must be a positive multiple of 8"),
         (["--seed", "-1"], r"--seed -1: must be from 0 to 4294967295"),
@@ -74,15 +83,30 @@ def base_argv(model, data, out):
         (["--preview_steps", "5000"], r"--preview_steps 5000: at most the scheduler's 1000 timesteps"),
         (["--preview_width", "100000"], r"--preview_width 100000: at most 8192 pixels"),
         (["--resolution", "100000"], r"--resolution 100000: at most 8192 pixels"),
-        (["--variant", "bogus"], r"--variant bogus: .*unet has no file of that variant \(such as diffusion_pytorch_model.bogus.safetensors\); leave --variant out"),
+        (
+            ["--variant", "bogus"],
+            r"--variant bogus: .*unet has no file of that variant \(such as diffusion_pytorch_model.bogus.safetensors\); leave --variant out",
+        ),
         (["--num_validation_images", "0"], r"--num_preview_images 0: must be at least 1"),
-        (["--torch_compile_mode", "max-autotune"], r"--torch_compile_mode max-autotune is for --torch_compile; add it"),
-        (["--torch_compile", "--torch_compile_mode", "reduce-overhead", "--varsize"], r"records CUDA graphs of fixed shapes"),
-        (["--hub_model_id", "me/x"], r"--hub_model_id and --hub_token are for --push_to_hub; add it or leave them out"),
-        (["--push_to_hub", "--hub_token", "t", "--report_to", "wandb"], r"--hub_token with --report_to wandb would log the token"),
+        (
+            ["--torch_compile_mode", "max-autotune"],
+            r"--torch_compile_mode max-autotune is for --torch_compile; add it",
+        ),
+        (
+            ["--torch_compile", "--torch_compile_mode", "reduce-overhead", "--varsize"],
+            r"records CUDA graphs of fixed shapes",
+        ),
+        (
+            ["--hub_model_id", "me/x"],
+            r"--hub_model_id and --hub_token are for --push_to_hub; add it or leave them out",
+        ),
+        (
+            ["--push_to_hub", "--hub_token", "t", "--report_to", "wandb"],
+            r"--hub_token with --report_to wandb would log the token",
+        ),
         (["--hypernetwork_name", "training_settings"], r"its card file would be the run's own training_settings.json"),
     ],
-)  # fmt: skip
+)
 def test_bad_flags_are_one_line_errors_before_heavy_work(
     tiny_model_dir, small_dataset, tmp_path, capsys, no_heavy_work, extra, message
 ):
@@ -95,8 +119,10 @@ def test_unusable_model_parts_and_cache_folders_are_one_line_errors_before_heavy
     tiny_model_dir, small_dataset, tmp_path, capsys, no_heavy_work
 ):
     unet = os.path.join(tiny_model_dir, "unet")
-    code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") +
-                         ["--pretrained_vae_model_name_or_path", unet])  # fmt: skip
+    code, text = run_cli(
+        capsys,
+        base_argv(tiny_model_dir, small_dataset, tmp_path / "o") + ["--pretrained_vae_model_name_or_path", unet],
+    )
     assert code == 2 and text == (
         f"--pretrained_vae_model_name_or_path {unet}: not a VAE folder (its config.json is for "
         "UNet2DConditionModel, not AutoencoderKL)"
@@ -107,8 +133,14 @@ def test_unusable_model_parts_and_cache_folders_are_one_line_errors_before_heavy
     (folder / "metadata.jsonl").write_text(
         '{"file_name": "a.png", "text": "x"}\n{"file_name": "gone.png", "text": "y"}\n'
     )
-    argv = ["--pretrained_model_name_or_path", tiny_model_dir, "--dataset_name", str(folder), "--output_dir",
-            str(tmp_path / "o")]  # fmt: skip
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        str(folder),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
     code, text = run_cli(capsys, argv)
     line = text.splitlines()[-1]  # after the progress bar of datasets' split generation
     assert (
@@ -128,13 +160,16 @@ def test_unusable_model_parts_and_cache_folders_are_one_line_errors_before_heavy
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(hypernet.formats, "open", read_only, raising=False)
-        code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") +
-                             ["--cache_dir", str(tmp_path / "cache-on-ro")])  # fmt: skip
+        code, text = run_cli(
+            capsys,
+            base_argv(tiny_model_dir, small_dataset, tmp_path / "o") + ["--cache_dir", str(tmp_path / "cache-on-ro")],
+        )
     assert code == 2 and text == f"--cache_dir {tmp_path / 'cache-on-ro'}: not writable (Read-only file system)", text
 
     (tmp_path / "a-file").write_text("x")
-    code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") +
-                         ["--cache_dir", str(tmp_path / "a-file")])  # fmt: skip
+    code, text = run_cli(
+        capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o") + ["--cache_dir", str(tmp_path / "a-file")]
+    )
     assert code == 2 and text == f"--cache_dir {tmp_path / 'a-file'}: is a file, not a folder", text
 
 
@@ -147,13 +182,31 @@ def _losses_text(path):
     path.write_text(json.dumps(dict(state, losses=["a"])))
 
 
-@pytest.mark.parametrize("name, damage, message", [
-    ("optimizer.bin", _truncate, r"optimizer.bin: not a readable PyTorch file .*; resume from an earlier checkpoint"),
-    ("scheduler.bin", lambda p: p.write_bytes(b"garbage"), r"scheduler.bin: not a PyTorch file; resume from an earlier"),
-    ("custom_checkpoint_0.pkl", lambda p: p.write_bytes(b"\x80\x04N."),
-     r"custom_checkpoint_0.pkl: not a file this script's checkpoints hold"),
-    ("training_state.json", _losses_text, r"training_state.json: damaged \(its losses are not all finite numbers\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, damage, message",
+    [
+        (
+            "optimizer.bin",
+            _truncate,
+            r"optimizer.bin: not a readable PyTorch file .*; resume from an earlier checkpoint",
+        ),
+        (
+            "scheduler.bin",
+            lambda p: p.write_bytes(b"garbage"),
+            r"scheduler.bin: not a PyTorch file; resume from an earlier",
+        ),
+        (
+            "custom_checkpoint_0.pkl",
+            lambda p: p.write_bytes(b"\x80\x04N."),
+            r"custom_checkpoint_0.pkl: not a file this script's checkpoints hold",
+        ),
+        (
+            "training_state.json",
+            _losses_text,
+            r"training_state.json: damaged \(its losses are not all finite numbers\)",
+        ),
+    ],
+)
 def test_a_damaged_checkpoint_is_refused_in_one_line_and_the_run_is_left_as_it_was(
     tiny_model_dir, small_dataset, tmp_path, capsys, name, damage, message
 ):
@@ -161,8 +214,16 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_and_the_run_is_left_as_it_w
     assert train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, steps=2) == 0
     damage(out / "checkpoint-2" / name)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    argv = base_argv(tiny_model_dir, small_dataset, out) + ["--resume_from_checkpoint", "latest", "--resolution", "64", "--max_train_steps",
-                                                             "4", "--checkpointing_steps", "2"]  # fmt: skip
+    argv = base_argv(tiny_model_dir, small_dataset, out) + [
+        "--resume_from_checkpoint",
+        "latest",
+        "--resolution",
+        "64",
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+    ]
     code, text = run_cli(capsys, argv)
     assert code == 2 and "\n" not in text and __import__("re").search(message, text), text
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -241,8 +302,19 @@ def test_continue_an_a1111_file_with_its_optimizer_state(tiny_model_dir, small_d
     shutil.copy(a1111_file("case8_with_optim"), tmp_path / "case8.pt")
     shutil.copy(a1111_file("case8_with_optim", ".pt.optim"), tmp_path / "case8.pt.optim")
     out = tmp_path / "more"
-    assert train(tiny_model_dir, small_dataset, out, "--resume_hypernetwork", tmp_path / "case8.pt",
-                 "--hypernetwork_name", "case8b", steps=4) == 0  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            small_dataset,
+            out,
+            "--resume_hypernetwork",
+            tmp_path / "case8.pt",
+            "--hypernetwork_name",
+            "case8b",
+            steps=4,
+        )
+        == 0
+    )
     hn = hypernet.load(out / "case8b.pt", optimizer_state=True)
     assert hn.step == 4 and hn.widths == [96, 40] and hn.activation_func == "relu"
     state = hn.optimizer_state_dict["state"]
@@ -280,8 +352,19 @@ def test_a_companion_that_does_not_fit_the_runs_optimizer_warns_once_and_trainin
     out = tmp_path / "more"
     with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert train(tiny_model_dir, small_dataset, out, "--resume_hypernetwork", tmp_path / "case8.pt",
-                     "--hypernetwork_name", "case8b", steps=4) == 0  # fmt: skip
+        assert (
+            train(
+                tiny_model_dir,
+                small_dataset,
+                out,
+                "--resume_hypernetwork",
+                tmp_path / "case8.pt",
+                "--hypernetwork_name",
+                "case8b",
+                steps=4,
+            )
+            == 0
+        )
     said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
     said = [line for line in said if "optimizer state" in line]
     assert len(said) == 1 and "\n" not in said[0], said
@@ -311,10 +394,34 @@ def test_resuming_a_hypernetwork_of_another_family_warns_which_modules_train(
 
 def test_v_prediction_snr_noise_offset_checkpointing_bf16(sd2_model_dir, small_dataset, tmp_path):
     out = tmp_path / "sd2"
-    assert train(sd2_model_dir, small_dataset, out, "--snr_gamma", 5, "--noise_offset", 0.05,
-                 "--gradient_checkpointing", "--mixed_precision", "bf16", "--enable_sizes", "auto",
-                 "--add_layer_norm", "--activation_func", "swish", "--weight_init", "KaimingNormal",
-                 "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--allow_tf32", steps=5) == 0  # fmt: skip
+    assert (
+        train(
+            sd2_model_dir,
+            small_dataset,
+            out,
+            "--snr_gamma",
+            5,
+            "--noise_offset",
+            0.05,
+            "--gradient_checkpointing",
+            "--mixed_precision",
+            "bf16",
+            "--enable_sizes",
+            "auto",
+            "--add_layer_norm",
+            "--activation_func",
+            "swish",
+            "--weight_init",
+            "KaimingNormal",
+            "--lr_scheduler",
+            "cosine",
+            "--lr_warmup_steps",
+            2,
+            "--allow_tf32",
+            steps=5,
+        )
+        == 0
+    )
     hn = hypernet.load(out / "sd2.pt")
     assert hn.widths == [128, 40, 80, 160] and hn.add_layer_norm
     assert all(t.dtype == torch.float32 for t in hn.state_dict().values()), "master weights stay float32"
@@ -328,8 +435,20 @@ def test_8bit_adam_on_cpu_and_a_clear_error_without_bitsandbytes(
     tiny_model_dir, small_dataset, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "bnb"
-    assert train(tiny_model_dir, small_dataset, out, "--use_8bit_adam", "--clip_grad_mode", "value",
-                 "--clip_grad_value", "0.05:2, 0.01", steps=3) == 0  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            small_dataset,
+            out,
+            "--use_8bit_adam",
+            "--clip_grad_mode",
+            "value",
+            "--clip_grad_value",
+            "0.05:2, 0.01",
+            steps=3,
+        )
+        == 0
+    )
     hn = hypernet.load(out / "bnb.pt", optimizer_state=True)
     assert hn.optimizer_name == "AdamW8bit" and hn.optimizer_state_dict is not None
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
@@ -348,15 +467,46 @@ def test_imagefolder_dataset_varsize_and_alpha_weights(tiny_model_dir, tmp_path,
         rows.append({"file_name": f"{i}.png", "caption": f"thing {i}", "text": "unused"})
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "ds"
-    assert train(tiny_model_dir, None, out, "--dataset_name", folder, "--caption_column", "caption",
-                 "--image_column", "image", "--varsize", "--use_weight", "--train_batch_size", 2,
-                 "--layer_structure", "1,1.5,1.5,1", "--dropout_structure", "0,0.1,0.2,0", "--activate_output",
-                 "--activation_func", "elu", "--dataloader_num_workers", 1, steps=4) == 0  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            None,
+            out,
+            "--dataset_name",
+            folder,
+            "--caption_column",
+            "caption",
+            "--image_column",
+            "image",
+            "--varsize",
+            "--use_weight",
+            "--train_batch_size",
+            2,
+            "--layer_structure",
+            "1,1.5,1.5,1",
+            "--dropout_structure",
+            "0,0.1,0.2,0",
+            "--activate_output",
+            "--activation_func",
+            "elu",
+            "--dataloader_num_workers",
+            1,
+            steps=4,
+        )
+        == 0
+    )
     hn = hypernet.load(out / "ds.pt")
     assert hn.dropout_structure == [0, 0.1, 0.2, 0] and hn.use_dropout and hn.activate_output
     assert [type(m).__name__ for m in hn.pair(96)[0].linear] == [
-        "Linear", "ELU", "Dropout", "Linear", "ELU", "Dropout", "Linear", "ELU"
-    ]  # fmt: skip
+        "Linear",
+        "ELU",
+        "Dropout",
+        "Linear",
+        "ELU",
+        "Dropout",
+        "Linear",
+        "ELU",
+    ]
     settings = json.load(open(out / "training_settings.json"))
     assert settings["dataset_size"] == 4 and settings["varsize"] is True
 
@@ -383,8 +533,13 @@ def test_captions_templates_and_tags():
     assert 0 < len(dropped.split(",")) < 16
     schedule = training.parse_schedule("5e-5:100, 5e-6:1500, 5e-7", "--learning_rate")
     assert [training.rate_at(schedule, s) for s in (0, 99, 100, 1499, 1500, 99999)] == [
-        5e-5, 5e-5, 5e-6, 5e-6, 5e-7, 5e-7
-    ]  # fmt: skip
+        5e-5,
+        5e-5,
+        5e-6,
+        5e-6,
+        5e-7,
+        5e-7,
+    ]
 
 
 def test_template_without_filewords_warns_by_name(tmp_path, caplog):
@@ -399,9 +554,27 @@ def test_report_to_all_logs_to_wandb_offline_and_tensorboard(tiny_model_dir, sma
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
-    assert train(tiny_model_dir, small_dataset, out, "--report_to", "all", "--run_name", "my-run",
-                 "--validation_steps", 2, "--validation_prompt", "a purple cat", "--num_validation_images", 2,
-                 "--latent_sampling_method", "deterministic", steps=2) == 0  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            small_dataset,
+            out,
+            "--report_to",
+            "all",
+            "--run_name",
+            "my-run",
+            "--validation_steps",
+            2,
+            "--validation_prompt",
+            "a purple cat",
+            "--num_validation_images",
+            2,
+            "--latent_sampling_method",
+            "deterministic",
+            steps=2,
+        )
+        == 0
+    )
     first, second = (Image.open(out / "images" / f"wb-2-{i}.png") for i in (0, 1))  # diffusers' flag names
     assert first.info["parameters"].startswith("a purple cat <hypernet:wb:1>\n")
     assert "Seed: 0," in first.info["parameters"] and "Seed: 1," in second.info["parameters"]
@@ -448,10 +621,14 @@ def test_push_to_hub_is_refused_in_one_line_without_a_token_the_hub_or_a_network
     "module, flags, message",
     [
         ("wandb", ["--report_to", "wandb"], "--report_to wandb needs wandb: pip install 'hypernet[wandb]'"),
-        ("tensorboard", ["--report_to", "tensorboard"], "--report_to tensorboard needs TensorBoard: pip install 'hypernet[tensorboard]'"),
+        (
+            "tensorboard",
+            ["--report_to", "tensorboard"],
+            "--report_to tensorboard needs TensorBoard: pip install 'hypernet[tensorboard]'",
+        ),
         ("datasets", ["--dataset_name", "{data}"], "needs Hugging Face datasets: pip install 'hypernet[datasets]'"),
     ],
-)  # fmt: skip
+)
 def test_a_missing_extra_is_named_in_one_line(
     tiny_model_dir, small_dataset, tmp_path, capsys, monkeypatch, no_heavy_work, module, flags, message
 ):

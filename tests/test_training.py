@@ -89,8 +89,13 @@ def test_loss_is_the_weighted_mse_against_the_target(prediction_type):
 def test_webui_schedules():
     schedule = training.parse_schedule("5e-5:100, 5e-6:1500, 5e-7", "--learning_rate")
     assert [training.rate_at(schedule, s) for s in (0, 99, 100, 1499, 1500, 99999)] == [
-        5e-5, 5e-5, 5e-6, 5e-6, 5e-7, 5e-7
-    ]  # fmt: skip
+        5e-5,
+        5e-5,
+        5e-6,
+        5e-6,
+        5e-7,
+        5e-7,
+    ]
     assert training.parse_schedule("0.1", "--clip_grad_value") == [(0.1, None)]
     for text, message in [
         ("1e-3:-5, 1e-5", "the step after ':' must be 1 or more"),

@@ -35,8 +35,21 @@ def test_fp16_overflow_is_skipped_by_the_loss_scaler(tiny_model_dir, small_datas
     monkeypatch.setattr(training, "diffusion_loss", overflowing_loss)
     monkeypatch.setattr(torch.amp.GradScaler, "update", record_update)
     out = tmp_path / "fp16"
-    assert train(tiny_model_dir, small_dataset, out, "--mixed_precision", "fp16", "--hypernetwork_name", "x",
-                 "--save_every", 2, steps=5) == 0  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            small_dataset,
+            out,
+            "--mixed_precision",
+            "fp16",
+            "--hypernetwork_name",
+            "x",
+            "--save_every",
+            2,
+            steps=5,
+        )
+        == 0
+    )
     assert len(scales) == 5 and scales[2] < scales[1], f"the scaler backed off at the overflowing step: {scales}"
     hn = hypernet.load(out / "x.pt")
     assert hn.step == 5 and all(torch.isfinite(p).all() for p in hn.parameters())
@@ -50,8 +63,21 @@ def test_mixed_precision_training_on_cuda(tiny_model_dir, small_dataset, tmp_pat
     import hypernet
 
     out = tmp_path / "run"
-    assert train(tiny_model_dir, small_dataset, out, *flags, "--gradient_checkpointing", "--hypernetwork_name", "x",
-                 "--learning_rate", "3e-3", steps=30) == 0  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            small_dataset,
+            out,
+            *flags,
+            "--gradient_checkpointing",
+            "--hypernetwork_name",
+            "x",
+            "--learning_rate",
+            "3e-3",
+            steps=30,
+        )
+        == 0
+    )
     rows = open(out / "loss.csv").read().split()[1:]
     losses = [float(r.split(",")[3]) for r in rows]
     assert sum(losses[-10:]) < sum(losses[:10])

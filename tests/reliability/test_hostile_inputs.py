@@ -79,8 +79,10 @@ def test_malformed_settings_are_one_line(tmp_path, change, match):
 
 
 def test_a_small_file_calling_for_huge_layers_costs_nothing(tmp_path):
-    tiny = {2048: ({"linear.0.weight": torch.zeros(2, 2)}, {"linear.0.weight": torch.zeros(2, 2)}),
-            "layer_structure": [1, 60, 1]}  # fmt: skip
+    tiny = {
+        2048: ({"linear.0.weight": torch.zeros(2, 2)}, {"linear.0.weight": torch.zeros(2, 2)}),
+        "layer_structure": [1, 60, 1],
+    }
     torch.save(tiny, tmp_path / "huge.pt")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     refused(tmp_path / "huge.pt", r"weights do not fit its settings")
@@ -212,8 +214,14 @@ def test_prompt_tags_resolve_only_inside_the_hypernetwork_dir(tiny_model_dir, tm
     shutil.copy(a1111_file("case1_default_relu"), hn_dir / "style.pt")
     (tmp_path / "secret").mkdir()
     shutil.copy(a1111_file("case1_default_relu"), tmp_path / "secret" / "private.pt")
-    common = ["--pretrained_model_name_or_path", tiny_model_dir, "--hypernetwork_dir", hn_dir, "--output_dir",
-              tmp_path / "out"]  # fmt: skip
+    common = [
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--hypernetwork_dir",
+        hn_dir,
+        "--output_dir",
+        tmp_path / "out",
+    ]
     for tag in ("../secret/private", str(tmp_path / "secret" / "private"), "../../tiny/unet/diffusion_pytorch_model"):
         err = generate_error(capsys, *common, "--prompt", f"<hypernet:{tag}:1> a cat")
         assert f"no hypernetwork {tag!r} in --hypernetwork_dir {hn_dir} (it has: style)" in err
@@ -236,14 +244,23 @@ def test_prompt_tags_resolve_only_inside_the_hypernetwork_dir(tiny_model_dir, tm
         (["--output_dir", "{file}"], r"--output_dir .*a-file: is a file, not a folder"),
     ],
 )
-def test_generate_flags_are_checked_before_the_model_loads(tiny_model_dir, tmp_path, capsys, no_pipeline, flags,
-                                                           message):  # fmt: skip
+def test_generate_flags_are_checked_before_the_model_loads(
+    tiny_model_dir, tmp_path, capsys, no_pipeline, flags, message
+):
     shutil.copy(a1111_file("case1_default_relu"), tmp_path / "case1.pt")
     (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "a-file").write_text("x")
     values = {"case1": tmp_path / "case1.pt", "latin": tmp_path / "latin.txt", "file": tmp_path / "a-file"}
-    argv = ["--pretrained_model_name_or_path", tiny_model_dir, "--hypernetwork_dir", tmp_path, "--output_dir",
-            tmp_path / "out", "--prompt", "a cat"]  # fmt: skip
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--hypernetwork_dir",
+        tmp_path,
+        "--output_dir",
+        tmp_path / "out",
+        "--prompt",
+        "a cat",
+    ]
     err = generate_error(capsys, *argv, *[f.format(**values) for f in flags])
     assert __import__("re").search(message, err), err
 
@@ -255,9 +272,19 @@ def test_generate_reads_utf16_prompts_numbers_on_and_takes_a_file_with_a_colon(t
     out = tmp_path / "out"
     out.mkdir()
     (out / "00000-0.png").write_bytes(b"an earlier run's image")
-    argv = ["--pretrained_model_name_or_path", tiny_model_dir, "--prompts_file", tmp_path / "prompts.txt",
-            "--hypernetwork", tmp_path / "colon:dir" / "a.pt", "--num_inference_steps", 2, "--output_dir", out,
-            "--no_progress"]  # fmt: skip
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--prompts_file",
+        tmp_path / "prompts.txt",
+        "--hypernetwork",
+        tmp_path / "colon:dir" / "a.pt",
+        "--num_inference_steps",
+        2,
+        "--output_dir",
+        out,
+        "--no_progress",
+    ]
     assert run_script("generate.py", *argv) == 0
     assert (out / "00000-0.png").read_bytes() == b"an earlier run's image"
     assert sorted(os.listdir(out)) == ["00000-0.png", "00001-0.png"]
@@ -267,8 +294,9 @@ def test_generate_and_convert_refuse_an_unwritable_output_folder(tiny_model_dir,
     with read_only_folder(tmp_path / "ro") as ready:
         if not ready:
             pytest.skip("no read-only folder can be made here")
-        err = generate_error(capsys, "--pretrained_model_name_or_path", tiny_model_dir, "--prompt", "x",
-                             "--output_dir", tmp_path / "ro")  # fmt: skip
+        err = generate_error(
+            capsys, "--pretrained_model_name_or_path", tiny_model_dir, "--prompt", "x", "--output_dir", tmp_path / "ro"
+        )
         assert "not writable" in err
         assert run_script("convert.py", a1111_file("case1_default_relu"), tmp_path / "ro" / "x.safetensors") == 2
         err = capsys.readouterr().err.strip()
@@ -328,9 +356,11 @@ def test_folder_conversion_converts_every_good_file_and_lists_the_bad(tmp_path, 
     assert run_script("convert.py", source, tmp_path / "out", "--to", "safetensors") == 2
     out = capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "out")) == [
-        "case1_default_relu.safetensors", "case3_layernorm_swish.safetensors", "case8_with_optim.safetensors",
+        "case1_default_relu.safetensors",
+        "case3_layernorm_swish.safetensors",
+        "case8_with_optim.safetensors",
         "case8_with_optim.safetensors.optim",
-    ]  # fmt: skip
+    ]
     assert "FAILED: " in out and "b-broken.pt: not a PyTorch file" in out and "skipped: " in out
     assert out.strip().splitlines()[-1] == "converted 3 file(s), skipped 1, 2 failed"
 
@@ -343,8 +373,20 @@ MUTATIONS = {
     "huge": [10**15, 1e300, "x" * 100_000, list(range(20_000))],
     "nested": [deep(40), shared(50)],
 }
-FIELDS = ["step", "name", "layer_structure", "activation_func", "is_layer_norm", "activate_output", "use_dropout",
-          "dropout_structure", "last_layer_dropout", "optional_info", "weight_initialization", "extra"]  # fmt: skip
+FIELDS = [
+    "step",
+    "name",
+    "layer_structure",
+    "activation_func",
+    "is_layer_norm",
+    "activate_output",
+    "use_dropout",
+    "dropout_structure",
+    "last_layer_dropout",
+    "optional_info",
+    "weight_initialization",
+    "extra",
+]
 TENSOR_CHANGES = ["half", "int", "transpose", "extra_dim", "empty", "sparse", "nan", "scalar"]
 
 

@@ -21,11 +21,30 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 def command(model, data, out, steps, *extra):
     return [
-        sys.executable, os.path.join(ROOT, "train_hypernetwork.py"), "--pretrained_model_name_or_path", model,
-        "--train_data_dir", data, "--output_dir", str(out), "--hypernetwork_name", "x", "--resolution", "64",
-        "--learning_rate", "1e-3", "--max_train_steps", str(steps), "--preview_every", "0", "--random_flip",
-        "--use_dropout", "--layer_structure", "1,2,2,1", *map(str, extra),
-    ]  # fmt: skip
+        sys.executable,
+        os.path.join(ROOT, "train_hypernetwork.py"),
+        "--pretrained_model_name_or_path",
+        model,
+        "--train_data_dir",
+        data,
+        "--output_dir",
+        str(out),
+        "--hypernetwork_name",
+        "x",
+        "--resolution",
+        "64",
+        "--learning_rate",
+        "1e-3",
+        "--max_train_steps",
+        str(steps),
+        "--preview_every",
+        "0",
+        "--random_flip",
+        "--use_dropout",
+        "--layer_structure",
+        "1,2,2,1",
+        *map(str, extra),
+    ]
 
 
 def wait_for(predicate, process, timeout=120):
@@ -57,8 +76,14 @@ def test_sigkill_during_a_checkpoint_save_leaves_the_last_good_files(tiny_model_
         assert saved.step == step and saved.optimizer_state_dict is not None
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")], "no half-written file left in place"
 
-    resumed = subprocess.run(command(tiny_model_dir, small_dataset, out, 9, "--checkpointing_steps", 3,
-                                     "--resume_from_checkpoint", "latest"), env=ENV, capture_output=True, text=True)  # fmt: skip
+    resumed = subprocess.run(
+        command(
+            tiny_model_dir, small_dataset, out, 9, "--checkpointing_steps", 3, "--resume_from_checkpoint", "latest"
+        ),
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "checkpoint-3 at step 3" in resumed.stderr
     assert not os.path.exists(out / "checkpoint-6.partial")
@@ -71,8 +96,12 @@ def test_sigkill_during_a_checkpoint_save_leaves_the_last_good_files(tiny_model_
 
 def test_sigterm_saves_and_exits_0_then_resumes_bitwise(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "preempted"
-    process = subprocess.Popen(command(tiny_model_dir, small_dataset, out, 100000, "--checkpointing_steps", 0),
-                               env=ENV, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        command(tiny_model_dir, small_dataset, out, 100000, "--checkpointing_steps", 0),
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_until_training(process)
     time.sleep(2)
     started = time.time()
@@ -87,11 +116,16 @@ def test_sigterm_saves_and_exits_0_then_resumes_bitwise(tiny_model_dir, small_da
     assert [int(r["step"]) for r in read_csv(out / "loss.csv")] == list(range(1, stopped_at + 1))
 
     target = stopped_at + 3
-    resumed = subprocess.run(command(tiny_model_dir, small_dataset, out, target, "--resume_from_checkpoint", "latest"),
-                             env=ENV, capture_output=True, text=True)  # fmt: skip
+    resumed = subprocess.run(
+        command(tiny_model_dir, small_dataset, out, target, "--resume_from_checkpoint", "latest"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = subprocess.run(command(tiny_model_dir, small_dataset, tmp_path / "straight", target), env=ENV,
-                              capture_output=True, text=True)  # fmt: skip
+    straight = subprocess.run(
+        command(tiny_model_dir, small_dataset, tmp_path / "straight", target), env=ENV, capture_output=True, text=True
+    )
     assert straight.returncode == 0
     assert_same_weights(out / "x.pt", tmp_path / "straight" / "x.pt")
 
@@ -141,8 +175,18 @@ def test_too_many_bad_steps_stop_with_the_last_good_hypernetwork(
 ):
     nan_loss_at(monkeypatch, {3, 4, 5, 6})
     out = tmp_path / "bad"
-    code = train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--max_bad_steps", 2,
-                 "--save_every", 1, steps=10)  # fmt: skip
+    code = train(
+        tiny_model_dir,
+        small_dataset,
+        out,
+        "--hypernetwork_name",
+        "x",
+        "--max_bad_steps",
+        2,
+        "--save_every",
+        1,
+        steps=10,
+    )
     assert code == 2
     assert (
         capsys.readouterr()

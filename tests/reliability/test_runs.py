@@ -33,8 +33,22 @@ def all_finite(path):
 
 def test_a_diverging_run_keeps_the_last_good_hypernetwork(tiny_model_dir, small_dataset, tmp_path, capsys):
     out = tmp_path / "diverge"
-    code = train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--learning_rate", "1e20",
-                 "--max_bad_steps", 2, "--save_every", 1, "--weight_init", "XavierNormal", steps=10)  # fmt: skip
+    code = train(
+        tiny_model_dir,
+        small_dataset,
+        out,
+        "--hypernetwork_name",
+        "x",
+        "--learning_rate",
+        "1e20",
+        "--max_bad_steps",
+        2,
+        "--save_every",
+        1,
+        "--weight_init",
+        "XavierNormal",
+        steps=10,
+    )
     assert (
         code == 2
         and "bad steps in a row (non-finite loss or weights); the last good hypernetwork is saved" in last_line(capsys)
@@ -48,8 +62,20 @@ def test_a_diverging_run_keeps_the_last_good_hypernetwork(tiny_model_dir, small_
 
 def test_a_step_that_overflows_the_weights_is_undone_at_once(tiny_model_dir, small_dataset, tmp_path, capsys, caplog):
     out = tmp_path / "first"
-    code = train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--learning_rate", "1e39",
-                 "--max_bad_steps", 2, "--save_every", 1, steps=10)  # fmt: skip
+    code = train(
+        tiny_model_dir,
+        small_dataset,
+        out,
+        "--hypernetwork_name",
+        "x",
+        "--learning_rate",
+        "1e39",
+        "--max_bad_steps",
+        2,
+        "--save_every",
+        1,
+        steps=10,
+    )
     assert code == 2 and "stopped at step 2: 2 bad steps in a row" in last_line(capsys)
     assert "step 1: the optimizer step made the weights non-finite" in caplog.text
     initial = hypernet.load(out / "hypernetworks" / "x-1.pt")
@@ -60,8 +86,19 @@ def test_a_step_that_overflows_the_weights_is_undone_at_once(tiny_model_dir, sma
     # The rate overflows at step 2 (a save step) and at step 4 (a save step and the last): each is undone, the
     # steps between train on, and the run ends normally with the weights of step 3.
     out = tmp_path / "later"
-    code = train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--learning_rate",
-                 "1e-3:1, 1e39:2, 1e-3:3, 1e39", "--save_every", 1, "--save_safetensors", steps=4)  # fmt: skip
+    code = train(
+        tiny_model_dir,
+        small_dataset,
+        out,
+        "--hypernetwork_name",
+        "x",
+        "--learning_rate",
+        "1e-3:1, 1e39:2, 1e-3:3, 1e39",
+        "--save_every",
+        1,
+        "--save_safetensors",
+        steps=4,
+    )
     assert code == 0
     saved = {step: hypernet.load(out / "hypernetworks" / f"x-{step}.pt") for step in (1, 2, 3, 4)}
     same = [
@@ -81,8 +118,19 @@ def test_an_optim_with_nan_weight_decay_is_ignored(tiny_model_dir, small_dataset
     optim["optimizer_state_dict"]["param_groups"][0]["weight_decay"] = float("nan")
     torch.save(optim, tmp_path / "c.pt.optim")
     with pytest.warns(UserWarning, match="its weight_decay is nan"):
-        assert train(tiny_model_dir, small_dataset, tmp_path / "o", "--resume_hypernetwork", tmp_path / "c.pt",
-                     "--hypernetwork_name", "c2", steps=3) == 0  # fmt: skip
+        assert (
+            train(
+                tiny_model_dir,
+                small_dataset,
+                tmp_path / "o",
+                "--resume_hypernetwork",
+                tmp_path / "c.pt",
+                "--hypernetwork_name",
+                "c2",
+                steps=3,
+            )
+            == 0
+        )
     assert all_finite(tmp_path / "o" / "c2.pt")
 
 
@@ -98,8 +146,10 @@ def test_checkpoint_rotation_removes_old_ones_only_after_the_new_one_is_complete
         return real_rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", rmtree)
-    assert train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
-                 steps=4) == 0  # fmt: skip
+    assert (
+        train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1, steps=4)
+        == 0
+    )
     removed = [present for name, present in seen if name == "checkpoint-2" and name in present]
     assert removed and "checkpoint-4" in removed[0], "checkpoint-2 went only once checkpoint-4 was in place"
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-4"]
@@ -107,15 +157,29 @@ def test_checkpoint_rotation_removes_old_ones_only_after_the_new_one_is_complete
 
 def test_stale_temporary_files_of_a_killed_run_are_removed(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "stale"
-    assert train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--checkpointing_steps", 2,
-                 steps=2) == 0  # fmt: skip
+    assert (
+        train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--checkpointing_steps", 2, steps=2) == 0
+    )
     (out / "hypernetworks").mkdir(exist_ok=True)
     for path in (out / ".x.pt.0123abcd.tmp", out / "hypernetworks" / ".x-22.pt.deadbeef.tmp"):
         path.write_bytes(b"half")
     (out / "checkpoint-3.partial").mkdir()
     (out / "notes.txt").write_text("mine")
-    assert train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--checkpointing_steps", 2,
-                 "--resume_from_checkpoint", "latest", steps=3) == 0  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            small_dataset,
+            out,
+            "--hypernetwork_name",
+            "x",
+            "--checkpointing_steps",
+            2,
+            "--resume_from_checkpoint",
+            "latest",
+            steps=3,
+        )
+        == 0
+    )
     leftovers = [f for d, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
     assert leftovers == [] and not (out / "checkpoint-3.partial").exists() and (out / "notes.txt").exists()
 
@@ -167,8 +231,21 @@ def test_a_checkpoint_that_cannot_resume_this_run_is_refused_before_models_load(
 def test_resume_hypernetwork_refuses_conflicting_settings_and_a_fractional_step(
     tiny_model_dir, small_dataset, tmp_path, capsys
 ):
-    assert train(tiny_model_dir, small_dataset, tmp_path / "o", "--resume_hypernetwork", a1111_file("case1_default_relu"),
-                 "--layer_structure", "1,3,1", "--activation_func", "elu", steps=2) == 2  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            small_dataset,
+            tmp_path / "o",
+            "--resume_hypernetwork",
+            a1111_file("case1_default_relu"),
+            "--layer_structure",
+            "1,3,1",
+            "--activation_func",
+            "elu",
+            steps=2,
+        )
+        == 2
+    )
     assert last_line(capsys).endswith(
         "--resume_hypernetwork keeps the file's own settings; do not give --activation_func, --layer_structure"
     )
@@ -201,8 +278,9 @@ def test_a_read_only_output_folder_or_a_latin1_template_is_one_line(tiny_model_d
     assert last_line(capsys).endswith("latin.txt: not UTF-8 or UTF-16 text; re-save it as UTF-8")
 
 
-def test_wandb_without_a_login_is_refused_before_models_load(tiny_model_dir, small_dataset, tmp_path, capsys,
-                                                            monkeypatch):  # fmt: skip
+def test_wandb_without_a_login_is_refused_before_models_load(
+    tiny_model_dir, small_dataset, tmp_path, capsys, monkeypatch
+):
     for variable in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -261,8 +339,9 @@ def test_a_full_disk_keeps_each_pt_and_optim_pair_consistent(tmp_path, monkeypat
         assert [n for n in os.listdir(tmp_path / "disk") if n.endswith(".tmp")] == []
 
 
-def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_files(tiny_model_dir, small_dataset, tmp_path,
-                                                                         capsys, monkeypatch):  # fmt: skip
+def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_files(
+    tiny_model_dir, small_dataset, tmp_path, capsys, monkeypatch
+):
     with small_disk(tmp_path / "disk", size="3m") as mounted:
         out = tmp_path / "disk" / "run"
         if not mounted:
@@ -274,8 +353,19 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_files(tiny_m
                 raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
             monkeypatch.setattr(formats, "save_safetensors_file", full)
-        code = train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", "--save_every", 1,
-                     "--checkpointing_steps", 1, "--save_safetensors", steps=200)  # fmt: skip
+        code = train(
+            tiny_model_dir,
+            small_dataset,
+            out,
+            "--hypernetwork_name",
+            "x",
+            "--save_every",
+            1,
+            "--checkpointing_steps",
+            1,
+            "--save_safetensors",
+            steps=200,
+        )
         if not mounted:
             monkeypatch.setattr(formats, "save_safetensors_file", real)
         line = last_line(capsys)
@@ -291,17 +381,37 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_files(tiny_m
 
 
 def command(model, data, out, steps, *extra):
-    return [sys.executable, os.path.join(ROOT, "train_hypernetwork.py"), "--pretrained_model_name_or_path", model,
-            "--train_data_dir", data, "--output_dir", str(out), "--hypernetwork_name", "x", "--resolution", "64",
-            "--max_train_steps", str(steps), "--preview_every", "0", "--save_every", "0", "--checkpointing_steps",
-            "0", *map(str, extra)]  # fmt: skip
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train_hypernetwork.py"),
+        "--pretrained_model_name_or_path",
+        model,
+        "--train_data_dir",
+        data,
+        "--output_dir",
+        str(out),
+        "--hypernetwork_name",
+        "x",
+        "--resolution",
+        "64",
+        "--max_train_steps",
+        str(steps),
+        "--preview_every",
+        "0",
+        "--save_every",
+        "0",
+        "--checkpointing_steps",
+        "0",
+        *map(str, extra),
+    ]
 
 
 @pytest.mark.slow
 def test_ctrl_c_saves_and_a_second_one_quits_at_once(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "interrupted"
-    process = subprocess.Popen(command(tiny_model_dir, small_dataset, out, 100000), env=ENV, stderr=subprocess.PIPE,
-                               text=True)  # fmt: skip
+    process = subprocess.Popen(
+        command(tiny_model_dir, small_dataset, out, 100000), env=ENV, stderr=subprocess.PIPE, text=True
+    )
     wait_until_training(process)
     time.sleep(1)
     process.send_signal(signal.SIGINT)
@@ -312,8 +422,9 @@ def test_ctrl_c_saves_and_a_second_one_quits_at_once(tiny_model_dir, small_datas
     assert f"stopped by SIGINT at step {step}; continue with --resume_from_checkpoint latest" in rest
     assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
 
-    process = subprocess.Popen(command(tiny_model_dir, small_dataset, tmp_path / "twice", 100000), env=ENV,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        command(tiny_model_dir, small_dataset, tmp_path / "twice", 100000), env=ENV, stderr=subprocess.PIPE, text=True
+    )
     wait_until_training(process)
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
@@ -329,8 +440,12 @@ def test_ctrl_c_saves_and_a_second_one_quits_at_once(tiny_model_dir, small_datas
 @pytest.mark.slow
 def test_one_run_per_output_folder_and_a_killed_run_leaves_no_lock(tiny_model_dir, small_dataset, tmp_path):
     out = tmp_path / "busy"
-    first = subprocess.Popen(command(tiny_model_dir, small_dataset, out, 100000, "--checkpointing_steps", 2), env=ENV,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        command(tiny_model_dir, small_dataset, out, 100000, "--checkpointing_steps", 2),
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_until_training(first)
     second = subprocess.run(command(tiny_model_dir, small_dataset, out, 4), env=ENV, capture_output=True, text=True)
     assert second.returncode == 2
@@ -339,8 +454,12 @@ def test_one_run_per_output_folder_and_a_killed_run_leaves_no_lock(tiny_model_di
         time.sleep(0.1)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    resumed = subprocess.run(command(tiny_model_dir, small_dataset, out, 4, "--resume_from_checkpoint", "latest"),
-                             env=ENV, capture_output=True, text=True)  # fmt: skip
+    resumed = subprocess.run(
+        command(tiny_model_dir, small_dataset, out, 4, "--resume_from_checkpoint", "latest"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
@@ -349,8 +468,19 @@ def test_every_checkpoint_of_a_run_carries_its_run_id(tiny_model_dir, small_data
 
     out = tmp_path / "ids"
     assert train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, steps=2) == 0
-    assert train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, "--resume_from_checkpoint",
-                 "latest", steps=4) == 0  # fmt: skip
+    assert (
+        train(
+            tiny_model_dir,
+            small_dataset,
+            out,
+            "--checkpointing_steps",
+            2,
+            "--resume_from_checkpoint",
+            "latest",
+            steps=4,
+        )
+        == 0
+    )
     ids = {json.load(open(out / f"checkpoint-{s}" / "training_state.json"))["run_id"] for s in (2, 4)}
     assert len(ids) == 1 and uuid.UUID(ids.pop())
 

@@ -35,14 +35,29 @@ LYING_OFFSETS = {"__metadata__": META} | {
 @pytest.mark.parametrize(
     "header, data, message",
     [
-        ({"__metadata__": META, "4.k.linear.0.weight": {"dtype": "F32", "shape": [8, 4], "data_offsets": [0, 128]}}, b"\0" * 16, "weights do not fit its settings"),
-        ({"__metadata__": META, "4.k.linear.0.weight": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 16]}}, b"\0" * 16, "weights do not fit its settings"),
-        ({"__metadata__": META, "4.k.linear.0.weight": {"dtype": "Q99", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "tensor 4.k.linear.0.weight is not float16/32/64 or bfloat16"),
+        (
+            {"__metadata__": META, "4.k.linear.0.weight": {"dtype": "F32", "shape": [8, 4], "data_offsets": [0, 128]}},
+            b"\0" * 16,
+            "weights do not fit its settings",
+        ),
+        (
+            {
+                "__metadata__": META,
+                "4.k.linear.0.weight": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 16]},
+            },
+            b"\0" * 16,
+            "weights do not fit its settings",
+        ),
+        (
+            {"__metadata__": META, "4.k.linear.0.weight": {"dtype": "Q99", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            "tensor 4.k.linear.0.weight is not float16/32/64 or bfloat16",
+        ),
         ({"__metadata__": dict(META, widths="[4, 'x']")}, b"", "corrupted"),
         (LYING_OFFSETS, b"\0" * 64, "corrupted safetensors file"),
         ({"__metadata__": {"format": "lora"}}, b"", "not a hypernet safetensors file"),
     ],
-)  # fmt: skip
+)
 def test_forged_safetensors_headers_are_refused(tmp_path, header, data, message):
     forged_safetensors(tmp_path / "f.safetensors", header, data)
     with pytest.raises(hypernet.FormatError, match=message) as info:
@@ -57,13 +72,21 @@ def test_duplicate_keys_and_widths_are_refused_by_name(tmp_path):
         (length,) = struct.unpack("<Q", f.read(8))
         raw, data = f.read(length).decode(), f.read()
     cases = [
-        (raw.replace('"__metadata__":{', '"__metadata__":{"format":"x",', 1),
-         r"corrupted safetensors header \(the key 'format' appears twice\)"),
-        (raw.replace('"widths":"[4,8]"', '"widths":"[4,4,8]"').replace('"widths":"[4, 8]"', '"widths":"[4, 4, 8]"'),
-         r"corrupted metadata: widths lists 4 twice"),
-        (raw.replace('"pt_legacy_layout":', '"pt_extra":' + json.dumps('{"a": 1, "a": 2}') + ',"pt_legacy_layout":'),
-         r"corrupted metadata: pt_extra has the key 'a' twice"),
-    ]  # fmt: skip
+        (
+            raw.replace('"__metadata__":{', '"__metadata__":{"format":"x",', 1),
+            r"corrupted safetensors header \(the key 'format' appears twice\)",
+        ),
+        (
+            raw.replace('"widths":"[4,8]"', '"widths":"[4,4,8]"').replace('"widths":"[4, 8]"', '"widths":"[4, 4, 8]"'),
+            r"corrupted metadata: widths lists 4 twice",
+        ),
+        (
+            raw.replace(
+                '"pt_legacy_layout":', '"pt_extra":' + json.dumps('{"a": 1, "a": 2}') + ',"pt_legacy_layout":'
+            ),
+            r"corrupted metadata: pt_extra has the key 'a' twice",
+        ),
+    ]
     for forged, message in cases:
         assert forged != raw, message
         encoded = forged.encode()
@@ -127,8 +150,10 @@ def test_disk_full_during_training_is_one_clear_error(tiny_model_dir, small_data
         return real_save(obj, tmp, path)
 
     monkeypatch.setattr(hypernet.formats, "torch_save_for_webui", full_disk_for_final)
-    assert train(tiny_model_dir, small_dataset, tmp_path / "o", "--hypernetwork_name", "x", "--save_every", 2,
-                 steps=2) == 2  # fmt: skip
+    assert (
+        train(tiny_model_dir, small_dataset, tmp_path / "o", "--hypernetwork_name", "x", "--save_every", 2, steps=2)
+        == 2
+    )
     assert "x.pt: could not write (no space left on the device: " in capsys.readouterr().err
     assert hypernet.load(tmp_path / "o" / "hypernetworks" / "x-2.pt").step == 2
 
@@ -167,8 +192,11 @@ def seed_files(tmp_path_factory):
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
-@given(which=st.integers(0, 3), edits=st.lists(st.tuples(st.integers(0, 10**7), st.integers(0, 255)), max_size=8),
-       cut=st.one_of(st.none(), st.integers(0, 10**7)))  # fmt: skip
+@given(
+    which=st.integers(0, 3),
+    edits=st.lists(st.tuples(st.integers(0, 10**7), st.integers(0, 255)), max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, 10**7)),
+)
 def test_fuzz_mutated_real_files_give_only_our_errors(tmp_path_factory, seed_files, which, edits, cut):
     data = bytearray(seed_files[which])
     for position, value in edits:
