@@ -198,13 +198,7 @@ class HypernetworkProjection(nn.Module):
         if not any(hypernetwork.pair(width) is not None for hypernetwork in hypernetworks):
             return self.base_layer(x, *args, **kwargs)
         if torch.compiler.is_compiling():
-            # The compiled path: the merged weights the UNet's forward hook brought up to date, else the modules.
-            if attachment.merged and self.merged_weight is not None and not args and not kwargs:
-                if not (torch.is_grad_enabled() and attachment.trainable()):
-                    return F.linear(x, self.merged_weight, self.merged_bias)
-            if not attachment.use_linear_maps:
-                return self.base_layer(apply_side(hypernetworks, x, self.side), *args, **kwargs)
-            return self.base_layer(apply_side_in_graph(hypernetworks, x, self.side), *args, **kwargs)
+            return self.compiled_forward(x, *args, **kwargs)
         if attachment.merged and not args and not kwargs:
             merged = self.merged_weights(hypernetworks)
             if merged is not None:
@@ -217,6 +211,45 @@ class HypernetworkProjection(nn.Module):
         if folded is not None:
             return F.linear(x, *folded)
         return self.base_layer(apply_side(hypernetworks, x, self.side, maps), *args, **kwargs)
+
+    def compiled_forward(self, x, *args, **kwargs):
+        """forward in a compiled block, where what a UNet forward shares is read, never made: the merged weights the
+        UNet's forward hook brought up to date; the text context's outputs the hook made once; else the modules,
+        linear ones as linear maps made in the graph and folded into the projection where that costs less."""
+        attachment, hypernetworks = self.attachment, self.attachment.hypernetworks
+        plain = not args and not kwargs
+        if attachment.merged and self.merged_weight is not None and plain:
+            if not (torch.is_grad_enabled() and attachment.trainable()):
+                return F.linear(x, self.merged_weight, self.merged_bias)
+        state = attachment._state  # made for this very forward by the hook: no revision to check
+        if state is not None and state.context is not None and x is state.context:
+            return self.base_layer(state.contexts[self.side], *args, **kwargs)
+        if not attachment.use_linear_maps:
+            return self.base_layer(apply_side(hypernetworks, x, self.side), *args, **kwargs)
+        width, tokens = x.shape[-1], x.shape[:-1].numel()
+        applying = [hn.pair(width) for hn in hypernetworks if hn.pair(width) is not None]
+        if (
+            plain
+            and tokens > width
+            and type(self.base_layer) is nn.Linear
+            and all(p[self.side].is_linear for p in applying)
+        ):
+            out = self.base_layer.out_features
+            if torch.is_grad_enabled() and any(
+                p.requires_grad for pair in applying for p in pair[self.side].parameters()
+            ):
+                pays = tokens * width * (3 * width - out) > 2 * out * width * width
+            else:
+                pays = tokens > out
+            if pays:
+                autocast = torch.is_autocast_enabled(x.device.type)
+                dtype = x.dtype if autocast else applying[0][self.side].linear[0].weight.dtype
+                maps = [tuple(t.to(dtype) for t in pair[self.side].linear_map()) for pair in applying]
+                base = self.base_layer
+                bias = None if base.bias is None else base.bias.to(dtype)
+                weight, bias = fold(base.weight.to(dtype), bias, maps)
+                return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return self.base_layer(apply_side_in_graph(hypernetworks, x, self.side), *args, **kwargs)
 
     def foldable(self, hypernetworks, maps, width):
         """The linear maps of this side for every hypernetwork at `width`, or None where one is missing or the base
@@ -352,8 +385,6 @@ class Attachment:
         if self.merged:
             for _, _, projection in self.projections:  # outside any compiled block, so that none compiles again
                 projection.merged_weights(self.hypernetworks)
-        if self.compiled:
-            return
         state = _Forward(tuple(hn.revision for hn in self.hypernetworks))
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if isinstance(context, torch.Tensor) and self.text_context_once:
@@ -361,6 +392,9 @@ class Attachment:
             if not merged or torch.is_grad_enabled():
                 state.context, state.contexts = context, apply_hypernetworks(self.hypernetworks, context)
         sample = kwargs.get("sample", args[0] if args else None)
+        if self.compiled:
+            self._state = state  # compiled blocks make their own linear maps in the graph
+            return
         if self.use_linear_maps and isinstance(sample, torch.Tensor):
             grad = torch.is_grad_enabled()
             for width, levels in self.levels.items():
