@@ -1319,16 +1319,17 @@ def log_validation(accelerator, args, models, prompt_encoder, model, hn, step, w
 
 
 def periodic_outputs(
-    accelerator, args, models, prompt_encoder, model, hn, step, optimizer, optimizer_name, weight_dtype
+    accelerator, args, models, prompt_encoder, model, hn, state, optimizer, optimizer_name, weight_dtype
 ):
-    """hypernetworks/NAME-STEP.pt every --save_every steps, previews every --preview_every steps; returns (step,
-    the first preview's Generation) where it made previews."""
+    """hypernetworks/NAME-STEP.pt every --save_every steps, previews every --preview_every steps (recorded as the
+    run's last preview)."""
+    step = state.step
     if args.save_every and step % args.save_every == 0:
         path = os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{step}.pt")
         save_hypernetwork(hn, path, step, optimizer, optimizer_name)
     if args.preview_every and step % args.preview_every == 0:
-        return step, log_validation(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype)
-    return None
+        generation = log_validation(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype)
+        state.last_preview = (step, generation)
 
 
 def share_loss_and_stop(accelerator, loss, state):
@@ -1712,20 +1713,17 @@ def main(input_args=None):
             if state.stop or state.step >= args.max_train_steps:
                 break
             if accelerator.is_main_process:
-                state.last_preview = (
-                    periodic_outputs(
-                        accelerator,
-                        args,
-                        models,
-                        prompt_encoder,
-                        model,
-                        hn,
-                        state.step,
-                        optimizer,
-                        optimizer_name,
-                        weight_dtype,
-                    )
-                    or state.last_preview
+                periodic_outputs(
+                    accelerator,
+                    args,
+                    models,
+                    prompt_encoder,
+                    model,
+                    hn,
+                    state,
+                    optimizer,
+                    optimizer_name,
+                    weight_dtype,
                 )
                 if state.step % 50 == 0:
                     write_loss_csv(csv_path, loss_rows)
@@ -1741,20 +1739,8 @@ def main(input_args=None):
     if accelerator.is_main_process:
         write_loss_csv(csv_path, loss_rows)
         if state.stop is None:  # the last step's periodic files, before the final file, which may still fail
-            state.last_preview = (
-                periodic_outputs(
-                    accelerator,
-                    args,
-                    models,
-                    prompt_encoder,
-                    model,
-                    hn,
-                    state.step,
-                    optimizer,
-                    optimizer_name,
-                    weight_dtype,
-                )
-                or state.last_preview
+            periodic_outputs(
+                accelerator, args, models, prompt_encoder, model, hn, state, optimizer, optimizer_name, weight_dtype
             )
         final = os.path.join(args.output_dir, f"{args.hypernetwork_name}.pt")
         save_hypernetwork(hn, final, state.step, optimizer, optimizer_name)

@@ -226,29 +226,13 @@ class HypernetworkProjection(nn.Module):
             return self.base_layer(state.contexts[self.side], *args, **kwargs)
         if not attachment.use_linear_maps:
             return self.base_layer(apply_side(hypernetworks, x, self.side), *args, **kwargs)
-        width, tokens = x.shape[-1], x.shape[:-1].numel()
-        applying = [hn.pair(width) for hn in hypernetworks if hn.pair(width) is not None]
-        if (
-            plain
-            and tokens > width
-            and type(self.base_layer) is nn.Linear
-            and all(p[self.side].is_linear for p in applying)
-        ):
-            out = self.base_layer.out_features
-            if torch.is_grad_enabled() and any(
-                p.requires_grad for pair in applying for p in pair[self.side].parameters()
-            ):
-                pays = tokens * width * (3 * width - out) > 2 * out * width * width
-            else:
-                pays = tokens > out
-            if pays:
-                autocast = torch.is_autocast_enabled(x.device.type)
-                dtype = x.dtype if autocast else applying[0][self.side].linear[0].weight.dtype
-                maps = [tuple(t.to(dtype) for t in pair[self.side].linear_map()) for pair in applying]
-                base = self.base_layer
-                bias = None if base.bias is None else base.bias.to(dtype)
-                weight, bias = fold(base.weight.to(dtype), bias, maps)
-                return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        width = x.shape[-1]
+        modules = [hn.pair(width)[self.side] for hn in hypernetworks if hn.pair(width) is not None]
+        if plain and type(self.base_layer) is nn.Linear and all(module.is_linear for module in modules):
+            # Where folding does not pay, the graph never uses these maps and the compiler drops them.
+            folded = self.fold_in([module.linear_map() for module in modules], x)
+            if folded is not None:
+                return F.linear(x, *folded)
         return self.base_layer(apply_side_in_graph(hypernetworks, x, self.side), *args, **kwargs)
 
     def foldable(self, hypernetworks, maps, width):
@@ -264,8 +248,11 @@ class HypernetworkProjection(nn.Module):
     def folded(self, hypernetworks, maps, x):
         """to_k/to_v's weight and bias with this forward's linear maps folded in, where that costs less."""
         side_maps = self.foldable(hypernetworks, maps, x.shape[-1])
-        if side_maps is None:
-            return None
+        return None if side_maps is None else self.fold_in(side_maps, x)
+
+    def fold_in(self, side_maps, x):
+        """to_k/to_v's weight and bias with these (weight, bias) maps of its side folded in, where that costs less
+        than applying them to x's tokens; else None."""
         width, out, tokens = x.shape[-1], self.base_layer.out_features, x.shape[:-1].numel()
         if torch.is_grad_enabled() and any(weight.requires_grad for weight, _ in side_maps):
             # Multiply-adds besides the projection: applied to the tokens, 3 tokens·w² (forward, the map's gradient,
