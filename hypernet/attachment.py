@@ -48,21 +48,15 @@ def apply_side(hypernetworks, context, side, maps=None):
 
 def apply_side_in_graph(hypernetworks, context, side):
     """apply_side for a compiled block: a linear module runs as its linear map, made in the graph, where the context
-    has more tokens than its width (then the map, made in each layer, costs less than the layers it replaces)."""
+    has more tokens than its width (then the map, made in each layer, costs less than the layers it replaces). Both
+    sides' maps are written; the compiler drops the side this projection does not use."""
     width, tokens = context.shape[-1], context.shape[:-1].numel()
-    autocast = torch.is_autocast_enabled(context.device.type)
-    out = context
+    maps = []
     for hypernetwork in hypernetworks:
         pair = hypernetwork.pair(width)
-        if pair is None:
-            continue
-        module = pair[side]
-        x = out.to(context.dtype if autocast else module.linear[0].weight.dtype)
-        if module.is_linear and tokens > width:
-            out = (x + F.linear(x, *module.linear_map())).to(context.dtype)
-        else:
-            out = module(x).to(context.dtype)
-    return out
+        linear = pair is not None and tokens > width and all(module.is_linear for module in pair)
+        maps.append((pair[K].linear_map(), pair[V].linear_map()) if linear else None)
+    return apply_side(hypernetworks, context, side, maps)
 
 
 def apply_hypernetworks(hypernetworks, context):
