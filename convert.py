@@ -22,7 +22,9 @@ import hypernet
 from hypernet.clients import comfyui_verdict, webui_verdict
 from hypernet.conversion import TOLERANCE, check_representable, verify
 from hypernet.errors import HypernetError, UsageError, run_script
-from hypernet.formats import DTYPES, OPTIM_SUFFIX, write_failure
+from hypernet.files import write_failure
+from hypernet.formats import DTYPES
+from hypernet.optimizer_file import OPTIM_SUFFIX
 from hypernet.publishing import file_hashes
 
 SUFFIXES = (".pt", ".safetensors")
@@ -65,7 +67,8 @@ def convert_file(source, target, dtype_name=None, overwrite=False):
             raise UsageError(f"{path}: exists; pass --overwrite to replace it")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        hn = hypernet.load(source, optimizer_state=True)
+        loaded = hypernet.read(source, optimizer_state=True)
+    hn = loaded.hypernetwork
     check_representable(hn, dtype_name, source)
     dtype = DTYPES[dtype_name] if dtype_name else None
     directory = os.path.dirname(os.path.abspath(target))
@@ -73,7 +76,7 @@ def convert_file(source, target, dtype_name=None, overwrite=False):
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".convert-", dir=directory) as work:
             staged = os.path.join(work, os.path.basename(target))
-            hypernet.save(hn, staged, hn.optimizer_state_dict, hn.optimizer_name, dtype=dtype)
+            hypernet.save(hn, staged, loaded.optimizer, layout=loaded.layout, dtype=dtype)
             worst = verify(hn, staged, dtype_name or "fp32")  # keeping or widening the precision must be exact
             if os.path.exists(staged + OPTIM_SUFFIX):
                 os.replace(staged + OPTIM_SUFFIX, target + OPTIM_SUFFIX)
@@ -83,7 +86,7 @@ def convert_file(source, target, dtype_name=None, overwrite=False):
     except OSError as e:
         raise HypernetError(f"{target}: could not write ({write_failure(e, target)})") from None
     notes = []
-    if hn.optimizer_state_dict is not None:
+    if loaded.optimizer is not None:
         notes.append(f"optimizer state carried to {os.path.basename(target)}{OPTIM_SUFFIX}")
     elif os.path.lexists(source + OPTIM_SUFFIX):
         reason = str(caught[-1].message) if caught else "unreadable"
@@ -121,40 +124,31 @@ def other_programs_verdict(path):
 
 
 def info(path):
+    """What a hypernetwork file holds: its widths and every setting (HypernetworkConfig's, in the webui's order),
+    its size, hashes and optimizer state, and what the webui and ComfyUI make of it."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        hn = hypernet.load(path, optimizer_state=True)
-    optim_path = path + OPTIM_SUFFIX
+        loaded = hypernet.read(path, optimizer_state=True)
+    hn = loaded.hypernetwork
     hashes = file_hashes(path)
-    if hn.optimizer_state_dict is not None:
-        optimizer = f"present, valid ({hn.optimizer_name})"
-    elif os.path.lexists(optim_path):
+    if loaded.optimizer is not None:
+        optimizer = f"present, valid ({loaded.optimizer.name})"
+    elif os.path.lexists(path + OPTIM_SUFFIX):
         optimizer = "present, INVALID: " + (str(caught[-1].message) if caught else "unreadable")
     else:
         optimizer = "absent"
     return {
         "file": path,
-        "name": hn.name,
-        "step": hn.step,
         "widths": hn.widths,
-        "layer_structure": hn.layer_structure,
-        "activation_func": hn.activation_func,
-        "add_layer_norm": hn.add_layer_norm,
-        "use_dropout": hn.use_dropout,
-        "dropout_structure": hn.dropout_structure,
-        "weight_init": hn.weight_init,
-        "activate_output": hn.activate_output,
-        "sd_checkpoint": hn.sd_checkpoint,
-        "sd_checkpoint_name": hn.sd_checkpoint_name,
+        **{setting.name: getattr(hn.config, setting.name) for setting in hypernet.HypernetworkConfig.settings()},
         "parameters": sum(p.numel() for p in hn.parameters()),
         "dtype": str(next(hn.parameters()).dtype).replace("torch.", ""),
         "sha256": hashes["sha256"],
         "autov2": hashes["autov2"],  # Civitai's short hash
         "shorthash": hashes["webui"],  # the webui's: its cards, 'Model hash', the .optim's hash
         "optimizer_state": optimizer,
-        "optional_info": hn.optional_info,
         "webui": webui_verdict(path),
-        "comfyui": comfyui_verdict(hn, path),
+        "comfyui": comfyui_verdict(loaded, path),
         "others": other_programs_verdict(path),
     }
 

@@ -28,7 +28,9 @@ from hypernet.attachment import (
     unused_widths,
 )
 from hypernet.errors import HypernetError, UsageError, run_script
-from hypernet.formats import DTYPES, base_model_hash, check_writable_folder
+from hypernet.files import check_writable_folder
+from hypernet.formats import DTYPES
+from hypernet.hashing import base_model_hash
 from hypernet.images import Generation, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting
 from hypernet.prompts import (
@@ -367,7 +369,7 @@ def main(input_args=None):
         hn.to(device)
     # A single file's mismatch shows only now; so does every warning, once, against the model's own layers.
     check_all_widths(hypernetworks, hypernet.attention_widths(pipeline.unet), warn=True)
-    attachment = hypernet.attach(pipeline.unet, [], merge=not args.no_merge)
+    attachment = hypernet.attach(pipeline.unet, [])
     if args.torch_compile:
         compile_blocks(pipeline.unet, args.torch_compile_mode)
     encoder = prompt_encoder(pipeline, args)
@@ -387,8 +389,8 @@ def main(input_args=None):
     for prompt, prompt_hypernetworks in args.jobs:
         stack = args.hypernetwork + prompt_hypernetworks
         attachment.hypernetworks[:] = stacked(hypernetworks, stack, repeats)
-        if attachment.merged:
-            attachment.merge()  # now, once for the prompt's images
+        if not args.no_merge:
+            attachment.merge()  # once for the prompt's images
         names = [(os.path.splitext(os.path.basename(path))[0], m, short_hashes[path]) for path, m in stack]
         for start in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - start)

@@ -24,7 +24,6 @@ import shutil
 import signal
 import sys
 import time
-import uuid
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from PIL import Image, ImageDraw
 
 import hypernet
 import hypernet.prompts
-from hypernet import data
+from hypernet import data, runs
 from hypernet.attachment import (
     COMPILE_MODES,
     attention_widths_from_config,
@@ -44,21 +43,14 @@ from hypernet.attachment import (
     compile_blocks,
     unused_widths,
 )
-from hypernet.errors import HypernetError, UsageError, first_line, run_script
-from hypernet.formats import (
-    OPTIM_SUFFIX,
-    atomic_write,
-    base_model_hash,
-    cached_sha256,
-    check_writable_folder,
-    torch_load_safely,
-    weights_id,
-    write_failure,
-)
+from hypernet.errors import ArgumentError, HypernetError, UsageError, first_line, run_script
+from hypernet.files import atomic_write, check_writable_folder, write_failure
+from hypernet.hashing import base_model_hash, cached_sha256, weights_id
 from hypernet.images import Generation, infotext_prompt, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting, release_free_memory
 from hypernet.modelspec import model_family, modelspec_metadata, tag_frequency, training_keys
-from hypernet.module import TRAINABLE_ACTIVATIONS, WEIGHT_INITS
+from hypernet.module import WEIGHT_INITS, HypernetworkConfig, trainable_activations
+from hypernet.optimizer_file import OPTIM_SUFFIX, OptimizerState
 from hypernet.publishing import card_description, file_hashes, hub_files, model_card, push_folder, write_card_files
 from hypernet.training import (
     UNetWithHypernetwork,
@@ -78,16 +70,7 @@ logger = logging.getLogger("train_hypernetwork")
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # Settings of the hypernetwork itself: a resumed file keeps its own, so giving a different one is an error.
-HYPERNETWORK_FLAGS = (
-    "layer_structure",
-    "activation_func",
-    "weight_init",
-    "add_layer_norm",
-    "use_dropout",
-    "dropout_structure",
-    "activate_output",
-    "enable_sizes",
-)
+HYPERNETWORK_FLAGS = (*(setting.name for setting in HypernetworkConfig.architecture()), "widths")
 MAX_PARAMETERS = 2_000_000_000
 MAX_SIZE = 8192  # pixels: training resolution and preview sizes
 RUN_FILES = ("training_settings.json",)  # beside NAME.pt, NAME.json and NAME.preview.png in the output folder
@@ -122,26 +105,14 @@ def make_parser():
         help="Continue training this .pt/.safetensors file: its step carries on, and its optimizer state when its "
         ".optim companion's hash matches.",
     )
-    hn.add_argument("--layer_structure", default="1,2,1", help="Layer widths as multiples of the attention width.")
+    add_architecture_flags(hn)
     hn.add_argument(
-        "--activation_func",
-        default="linear",
-        help="Activation after each hidden layer: linear, relu, leakyrelu, elu, swish, tanh, sigmoid, or any elementwise "
-        "torch.nn activation by its lower-case name (ComfyUI knows linear to sigmoid, softsign and mish).",
-    )
-    hn.add_argument("--weight_init", default="Normal", choices=WEIGHT_INITS, help="Weight initialization.")
-    hn.add_argument("--add_layer_norm", action="store_true", help="Add LayerNorm after each layer.")
-    hn.add_argument("--use_dropout", action="store_true", help="Use dropout (A1111's default structure: 0.3).")
-    hn.add_argument(
-        "--dropout_structure",
-        default=None,
-        help="Dropout probability after each layer, one per --layer_structure entry, e.g. 0,0.1,0 (implies dropout).",
-    )
-    hn.add_argument("--activate_output", action="store_true", help="Also apply the activation after the last layer.")
-    hn.add_argument(
+        "--widths",
         "--enable_sizes",
+        dest="widths",
         default="auto",
-        help="Attention widths to create modules for, e.g. 768,320,640,1280; 'auto' = the loaded model's widths.",
+        help="Attention widths to create modules for (the webui's enable_sizes), e.g. 768,320,640,1280; 'auto' = the "
+        "loaded model's widths.",
     )
 
     data = parser.add_argument_group("data")
@@ -387,6 +358,24 @@ def make_parser():
     return parser
 
 
+def add_architecture_flags(group):
+    """A flag for each setting that shapes a new hypernetwork (HypernetworkConfig.architecture()), with its name,
+    default and help; lists are given as comma-separated numbers."""
+    for setting in HypernetworkConfig.architecture():
+        flag, text = f"--{setting.name}", HypernetworkConfig.help(setting.name)
+        default = getattr(HypernetworkConfig(widths=[]), setting.name)
+        if setting.name == "dropout_structure":
+            group.add_argument(flag, default=None, help=text)
+        elif isinstance(default, bool):
+            group.add_argument(flag, action="store_true", help=text)
+        elif isinstance(default, list):
+            group.add_argument(flag, default=",".join(map(str, default)), help=text)
+        elif setting.name == "weight_init":
+            group.add_argument(flag, default=default, choices=WEIGHT_INITS, help=text)
+        else:
+            group.add_argument(flag, default=default, help=text)
+
+
 def parse_args(input_args=None):
     parser = make_parser()
     argv = sys.argv[1:] if input_args is None else [str(a) for a in input_args]
@@ -446,25 +435,21 @@ def validate_args(args, given=()):
             f"--pretrained_vae_model_name_or_path {args.pretrained_vae_model_name_or_path}: no such folder"
         )
     args.layer_structure = parse_numbers(args.layer_structure, "--layer_structure")
-    if len(args.layer_structure) < 2 or args.layer_structure[0] != 1 or args.layer_structure[-1] != 1:
-        raise UsageError(f"--layer_structure {args.layer_structure}: must start and end with 1, e.g. 1,2,1")
-    if any(a <= 0 for a in args.layer_structure):
-        raise UsageError(f"--layer_structure {args.layer_structure}: every entry must be above 0")
     if args.dropout_structure is not None:
         args.dropout_structure = parse_numbers(args.dropout_structure, "--dropout_structure")
-        try:
-            hypernet.module.check_dropout_structure(args.dropout_structure, args.layer_structure)
-        except HypernetError as e:
-            raise UsageError(f"--{e}") from None
-    if args.activation_func not in TRAINABLE_ACTIVATIONS:
+    try:
+        HypernetworkConfig([], **architecture(args))
+    except HypernetError as e:
+        raise UsageError(f"--{e}") from None  # the config's errors start with the setting's name
+    if args.activation_func not in trainable_activations():
         raise UsageError(
             f"--activation_func {args.activation_func!r}: not an elementwise activation hypernet can train; use one "
-            f"of {', '.join(TRAINABLE_ACTIVATIONS)}"
+            f"of {', '.join(trainable_activations())}"
         )
-    if args.enable_sizes != "auto":
-        args.enable_sizes = parse_numbers(args.enable_sizes, "--enable_sizes", kind=int)
-        if any(w < 1 for w in args.enable_sizes):
-            raise UsageError(f"--enable_sizes {args.enable_sizes}: widths must be positive")
+    if args.widths != "auto":
+        args.widths = parse_numbers(args.widths, "--widths", kind=int)
+        if any(w < 1 for w in args.widths):
+            raise UsageError(f"--widths {args.widths}: widths must be positive")
     if args.resume_hypernetwork is not None:
         conflicting = sorted(given & set(HYPERNETWORK_FLAGS))
         if conflicting:
@@ -707,20 +692,28 @@ def read_entries(args):
     )
 
 
+def architecture(args):
+    """The flags' values of the settings that shape a new hypernetwork."""
+    return {setting.name: getattr(args, setting.name) for setting in HypernetworkConfig.architecture()}
+
+
 def make_hypernetwork(args, model_widths):
+    """The hypernetwork to train, new or --resume_hypernetwork's (continued in the current webui layout), and the
+    optimizer state of the latter's .optim companion where it belongs to the file."""
+    optimizer_state = None
     if args.resume_hypernetwork:
-        hn = hypernet.load(args.resume_hypernetwork, optimizer_state=True)
-        hn.pt_keys, hn.pt_legacy_layout = None, False  # continue in the current webui layout
-        hn.name = args.hypernetwork_name
-        if hn.activation_func is None:
-            hn.activation_func = "linear"  # the same modules; ComfyUI refuses None
-        if hn.step >= args.max_train_steps:
+        loaded = hypernet.read(args.resume_hypernetwork, optimizer_state=True)
+        hn, optimizer_state = loaded.hypernetwork, loaded.optimizer
+        hn.config.name = args.hypernetwork_name
+        if hn.config.activation_func is None:
+            hn.config.activation_func = "linear"  # the same modules; ComfyUI refuses None
+        if hn.config.step >= args.max_train_steps:
             raise UsageError(
-                f"--resume_hypernetwork {args.resume_hypernetwork} is at step {hn.step} already; --max_train_steps "
-                f"{args.max_train_steps} counts from 0, as the webui counts: give more"
+                f"--resume_hypernetwork {args.resume_hypernetwork} is at step {hn.config.step} already; "
+                f"--max_train_steps {args.max_train_steps} counts from 0, as the webui counts: give more"
             )
     else:
-        widths = model_widths if args.enable_sizes == "auto" else args.enable_sizes
+        widths = model_widths if args.widths == "auto" else args.widths
         for width in widths:
             if any(int(width * a) < 1 for a in args.layer_structure):
                 raise UsageError(f"--layer_structure {args.layer_structure}: a layer of width {width} would be empty")
@@ -733,24 +726,14 @@ def make_hypernetwork(args, model_widths):
             raise UsageError(
                 f"--layer_structure {args.layer_structure}: {parameters:,} parameters, more than {MAX_PARAMETERS:,}"
             )
-        hn = hypernet.Hypernetwork(
-            widths,
-            name=args.hypernetwork_name,
-            layer_structure=args.layer_structure,
-            activation_func=args.activation_func,
-            weight_init=args.weight_init,
-            add_layer_norm=args.add_layer_norm,
-            use_dropout=args.use_dropout or args.dropout_structure is not None,
-            dropout_structure=args.dropout_structure,
-            activate_output=args.activate_output,
-        )
+        hn = hypernet.Hypernetwork(HypernetworkConfig(widths, name=args.hypernetwork_name, **architecture(args)))
     if args.optional_info is not None:
-        hn.optional_info = args.optional_info
+        hn.config.optional_info = args.optional_info
     try:
         check_widths(hn, model_widths, "the hypernetwork")
     except HypernetError as e:
-        raise UsageError(f"{e}; use --enable_sizes auto") from None
-    return hn.float()
+        raise UsageError(f"{e}; use --widths auto") from None
+    return hn.float(), optimizer_state
 
 
 def make_accelerator(args, find_unused_parameters):
@@ -874,142 +857,43 @@ class RunState:
         return {"step": self.step, "losses": list(self.losses), "bad_steps": self.bad_steps, "run_id": self.run_id}
 
 
-def list_checkpoints(output_dir):
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
-    return sorted(names, key=lambda d: int(d.split("-")[1]))
-
-
-CHECKPOINT_FILES = ("hypernetwork.safetensors", "training_state.json", "optimizer.bin", "scheduler.bin")
-
-
-def read_training_state(checkpoint):
-    """A checkpoint's training_state.json, checked: step, losses, bad-step count and run id."""
-    path = os.path.join(checkpoint, "training_state.json")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        if not (
-            isinstance(saved["step"], int)
-            and isinstance(saved["losses"], list)
-            and isinstance(saved["bad_steps"], int)
-        ):
-            raise ValueError("wrong types")
-        if not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in saved["losses"]
-        ):
-            raise ValueError("its losses are not all finite numbers")
-        if not isinstance(saved.get("run_id"), (str, type(None))):
-            raise ValueError("its run_id is not text")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{path}: damaged ({e}); resume from an earlier checkpoint or start anew") from None
-    return saved
-
-
-def check_checkpoint_files(path):
-    """Every file of a checkpoint is one this script writes, and its optimizer and scheduler states read safely as
-    state dicts, before accelerate's load_state sees them."""
-    for name in sorted(os.listdir(path)):
-        if name not in CHECKPOINT_FILES and not re.fullmatch(r"random_states_\d+\.pkl", name):
-            raise UsageError(
-                f"{os.path.join(path, name)}: not a file this script's checkpoints hold (it may come from another "
-                "script); resume from a checkpoint of train_hypernetwork.py"
-            )
-    for name, keys in (("optimizer.bin", ("state", "param_groups")), ("scheduler.bin", ())):
-        file = os.path.join(path, name)
-        try:
-            state = torch_load_safely(file)
-        except HypernetError as e:
-            raise UsageError(f"{e}; resume from an earlier checkpoint or start anew") from None
-        if not isinstance(state, dict) or any(key not in state for key in keys):
-            raise UsageError(f"{file}: damaged (not a state dict); resume from an earlier checkpoint or start anew")
-
-
 def resolve_checkpoint(args):
     """The checkpoint to resume from, checked before any model loads: its files are all there, it belongs to the run
     this folder holds, and it was made with the same hypernetwork settings."""
     if args.resume_from_checkpoint is None:
         return None
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
-            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting a new run")
-            return None
-        runs = {read_training_state(os.path.join(args.output_dir, name)).get("run_id") for name in found}
-        if len(runs) > 1:
-            raise UsageError(
-                f"--output_dir {args.output_dir} holds checkpoints of {len(runs)} different runs ({', '.join(found)}); "
-                "name the one to continue: --resume_from_checkpoint checkpoint-STEP"
-            )
-        path = os.path.join(args.output_dir, found[-1])
-    else:
-        path = args.resume_from_checkpoint
-        if not os.path.isdir(path) and os.path.isdir(os.path.join(args.output_dir, path)):
-            path = os.path.join(args.output_dir, path)
-    missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, name))]
-    if missing:
-        raise UsageError(
-            f"--resume_from_checkpoint {path}: not a complete checkpoint of this script (missing {', '.join(missing)})"
-        )
-    read_training_state(path)
-    check_checkpoint_files(path)
+    try:
+        path = runs.checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
+    except ArgumentError as e:
+        raise e.about("--resume_from_checkpoint") from None
+    if path is None:
+        logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir}; starting a new run")
+        return None
     saved = hypernet.load(os.path.join(path, "hypernetwork.safetensors"))
     if args.resume_hypernetwork is None:
-        changed = [
-            f"--{flag}"
-            for flag, attribute in (
-                ("layer_structure", "layer_structure"),
-                ("activation_func", "activation_func"),
-                ("add_layer_norm", "add_layer_norm"),
-                ("activate_output", "activate_output"),
-            )
-            if getattr(args, flag) != getattr(saved, attribute)
-        ]
-        if args.enable_sizes != "auto" and sorted(args.enable_sizes) != sorted(saved.widths):
-            changed.append("--enable_sizes")
+        wanted = HypernetworkConfig(saved.widths, **architecture(args))  # the flags' values as the config keeps them
+        changed = {
+            setting.name: getattr(saved.config, setting.name)
+            for setting in HypernetworkConfig.architecture()
+            if setting.name != "weight_init"  # initialisation only: a resumed run's weights are the checkpoint's
+            and getattr(wanted, setting.name) != getattr(saved.config, setting.name)
+        }
+        if args.widths != "auto" and sorted(args.widths) != sorted(saved.widths):
+            changed["widths"] = saved.widths
         if changed:
             raise UsageError(
-                f"--resume_from_checkpoint {path} was made with other {', '.join(changed)} "
-                f"({', '.join(f'{c[2:]}={getattr(saved, c[2:], None)!r}' for c in changed if c != '--enable_sizes')}); "
-                "give the same flags as the run that made it"
+                f"--resume_from_checkpoint {path} was made with other {', '.join('--' + f for f in changed)} "
+                f"({', '.join(f'{f}={v!r}' for f, v in changed.items())}); give the same flags as the run that made it"
             )
     return path
 
 
 def claim_output_dir(args, resuming):
-    """One run per output folder: a lock that ends with the process that holds it (so a crash leaves none), the
-    temporary files of a killed earlier run removed, and no new run mixed into an earlier run's checkpoints."""
-    import fcntl
-
-    lock = open(os.path.join(args.output_dir, ".hypernet.lock"), "a+")
+    """One run per --output_dir (hypernet.runs.claim_output_dir), its errors about the flag."""
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        owner = lock.read().strip()
-        raise UsageError(
-            f"--output_dir {args.output_dir}: another run is writing to it ({owner or 'pid unknown'}); "
-            "give each run its own folder"
-        ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()}")
-    lock.flush()
-    for folder in (args.output_dir, *(os.path.join(args.output_dir, d) for d in ("hypernetworks", "images"))):
-        for name in os.listdir(folder) if os.path.isdir(folder) else ():
-            if re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", name):
-                os.remove(os.path.join(folder, name))
-    for name in os.listdir(args.output_dir):
-        if re.fullmatch(r"checkpoint-\d+\.partial", name):
-            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
-    earlier = list_checkpoints(args.output_dir)
-    if earlier and not resuming:
-        raise UsageError(
-            f"--output_dir {args.output_dir} holds checkpoints of an earlier run ({', '.join(earlier)}); continue it "
-            "with --resume_from_checkpoint latest, or give the new run another folder"
-        )
-    return lock
+        return runs.claim_output_dir(args.output_dir, resuming)
+    except ArgumentError as e:
+        raise e.about("--output_dir") from None
 
 
 def save_state_hook(accelerator, model, state, models, weights, output_dir):
@@ -1026,7 +910,7 @@ def load_state_hook(accelerator, model, state, models, input_dir):
     models.clear()
     saved = hypernet.load(os.path.join(input_dir, "hypernetwork.safetensors"))
     accelerator.unwrap_model(model).hypernetwork.load_state_dict(saved.state_dict())
-    saved_state = read_training_state(input_dir)
+    saved_state = runs.read_training_state(input_dir)
     state.step, state.bad_steps = saved_state["step"], saved_state["bad_steps"]
     state.run_id = saved_state.get("run_id") or state.run_id
     state.losses.extend(saved_state["losses"])
@@ -1053,7 +937,7 @@ def save_checkpoint(accelerator, args, state, loss_rows):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         if args.checkpoints_total_limit is not None:
-            existing = list_checkpoints(args.output_dir)
+            existing = runs.list_checkpoints(args.output_dir)
             for name in existing[: max(0, len(existing) - args.checkpoints_total_limit)]:
                 shutil.rmtree(os.path.join(args.output_dir, name))
         write_loss_csv(os.path.join(args.output_dir, "loss.csv"), loss_rows)
@@ -1070,8 +954,9 @@ def check_finite(hn, where):
 
 def save_hypernetwork(hn, path, step, optimizer=None, optimizer_name=None, metadata=None):
     check_finite(hn, path)
-    hn.step = step
-    hypernet.save(hn, path, None if optimizer is None else optimizer.state_dict(), optimizer_name, metadata=metadata)
+    hn.config.step = step
+    state = None if optimizer is None else OptimizerState(optimizer_name, optimizer.state_dict())
+    hypernet.save(hn, path, state, metadata=metadata)
 
 
 def training_metadata(args):
@@ -1099,11 +984,13 @@ class RunSummary:
 def run_summary(args, models, hn, records, state, optimizer_name, total_batch_size, mixed_precision, started_at):
     prediction_type = models.noise_scheduler.config.get("prediction_type", "epsilon")
     settings = {
-        "layer_structure": ", ".join(f"{v:g}" for v in hn.layer_structure),
-        "activation_func": hn.activation_func,
-        "add_layer_norm": hn.add_layer_norm,
-        "dropout_structure": ", ".join(f"{v:g}" for v in hn.dropout_structure) if hn.use_dropout else "none",
-        "weight_init": hn.weight_init,
+        "layer_structure": ", ".join(f"{v:g}" for v in hn.config.layer_structure),
+        "activation_func": hn.config.activation_func,
+        "add_layer_norm": hn.config.add_layer_norm,
+        "dropout_structure": (
+            ", ".join(f"{v:g}" for v in hn.config.dropout_structure) if hn.config.use_dropout else "none"
+        ),
+        "weight_init": hn.config.weight_init,
         "learning_rate": args.learning_rate,
         "lr_scheduler": args.lr_scheduler,
         "optimizer": optimizer_name,
@@ -1117,8 +1004,8 @@ def run_summary(args, models, hn, records, state, optimizer_name, total_batch_si
     return RunSummary(
         family=model_family(hn.widths, models.sdxl, prediction_type),
         prediction_type=prediction_type,
-        base_model_name=hn.sd_checkpoint_name,
-        base_model_hash=hn.sd_checkpoint,
+        base_model_name=hn.config.sd_checkpoint_name,
+        base_model_hash=hn.config.sd_checkpoint,
         steps=state.step,
         images=len(records),
         dataset=os.path.basename(os.path.normpath(args.train_data_dir or args.dataset_name)),
@@ -1199,8 +1086,8 @@ def publish_run(args, hn, final, run, last_preview, repo_id):
         ).infotext()
     shown = {k: run.settings[k] for k in ("layer_structure", "activation_func", "learning_rate", "total_batch_size")}
     description = card_description(run.base_model_name, run.steps, run.images, shown)
-    if hn.optional_info:
-        description += f" {hn.optional_info}"
+    if hn.config.optional_info:
+        description += f" {hn.config.optional_info}"
     notes = "\n".join(f"{key}: {value}" for key, value in {**run.settings, "hypernet": hypernet.__version__}.items())
     preview = os.path.join(args.output_dir, previews[0][1]) if previews else None
     write_card_files(final, preview, description, notes, infotext)
@@ -1293,8 +1180,8 @@ def log_validation(accelerator, args, models, prompt_encoder, model, hn, step, w
                 seed=args.preview_seed,
                 width=args.preview_width,
                 height=args.preview_height,
-                model_hash=hn.sd_checkpoint,
-                model=hn.sd_checkpoint_name,
+                model_hash=hn.config.sd_checkpoint,
+                model=hn.config.sd_checkpoint_name,
                 hypernetworks=[(name, 1.0, short_hash)],
                 clip_skip=args.clip_skip if prompt_encoder.clip_skip_applies else 1,
             )
@@ -1403,50 +1290,6 @@ def stop_signals(state):
             signal.signal(signum, handler)
 
 
-class LastGood:
-    """The hypernetwork's weights and optimizer state as they were before the last optimizer step: a step whose loss
-    is not finite restores them, so the weights saved as the last good ones always gave a finite loss."""
-
-    def __init__(self, parameters, optimizer):
-        self.parameters, self.optimizer = parameters, optimizer
-        self.weights = [p.detach().clone() for p in parameters]
-        self.state = None
-        self.restored = False  # whether the weights now are the restored ones
-
-    @torch.no_grad()
-    def keep(self):
-        for saved, p in zip(self.weights, self.parameters):
-            saved.copy_(p)
-        self.state = {
-            p: {k: v.clone() if torch.is_tensor(v) else v for k, v in values.items()}
-            for p, values in self.optimizer.state.items()
-        }
-
-    @torch.no_grad()
-    def finite(self):
-        """Whether the weights and the optimizer's floating-point state are all finite (one device sync)."""
-        tensors = list(self.parameters) + [
-            v
-            for values in self.optimizer.state.values()
-            for v in values.values()
-            if torch.is_tensor(v) and v.is_floating_point()
-        ]
-        return bool(torch.stack([torch.isfinite(t).all().to(self.parameters[0].device) for t in tensors]).all())
-
-    @torch.no_grad()
-    def restore(self):
-        for saved, p in zip(self.weights, self.parameters):
-            p.copy_(saved)
-        if self.state is not None:
-            for p, values in self.state.items():
-                for k, v in values.items():
-                    current = self.optimizer.state[p][k]
-                    if torch.is_tensor(current):
-                        current.copy_(v)
-                    else:
-                        self.optimizer.state[p][k] = v
-
-
 def check_ranks_agree(accelerator, hn):
     """With several processes, confirm that every one ends with bit-identical hypernetwork weights."""
     if accelerator.num_processes == 1:
@@ -1471,8 +1314,8 @@ def main(input_args=None):
     template = data.load_template(args.template_file)
     model_widths = attention_widths_from_config(args.pretrained_model_name_or_path, revision=args.revision)
     set_seed(args.seed)
-    hn = make_hypernetwork(args, model_widths)
-    unused = unused_widths(hn, model_widths, args.resume_hypernetwork or "--enable_sizes")
+    hn, resumed_optimizer = make_hypernetwork(args, model_widths)
+    unused = unused_widths(hn, model_widths, args.resume_hypernetwork or "--widths")
     checkpoint = resolve_checkpoint(args)
 
     accelerator = make_accelerator(args, find_unused_parameters=unused is not None)
@@ -1550,9 +1393,9 @@ def main(input_args=None):
         )
     if damaged:
         logger.warning(f"{damaged} damaged entries of the record store were encoded again")
-    initial_step = hn.step
-    hn.sd_checkpoint = on_main_process(accelerator, base_model_hash, args.pretrained_model_name_or_path)
-    hn.sd_checkpoint_name = os.path.basename(os.path.normpath(args.pretrained_model_name_or_path))
+    initial_step = hn.config.step
+    hn.config.sd_checkpoint = on_main_process(accelerator, base_model_hash, args.pretrained_model_name_or_path)
+    hn.config.sd_checkpoint_name = os.path.basename(os.path.normpath(args.pretrained_model_name_or_path))
     hn.train()
     hn.requires_grad_(True)
     with warnings.catch_warnings():  # widths the model lacks were logged above, before any model loaded
@@ -1568,17 +1411,17 @@ def main(input_args=None):
         args.adam_weight_decay,
         args.adam_epsilon,
     )
-    if hn.optimizer_state_dict is not None and hn.optimizer_name == optimizer_name:
-        problem = optimizer_state_problem(hn.optimizer_state_dict, optimizer, optimizer_name)
+    if resumed_optimizer is not None and resumed_optimizer.name == optimizer_name:
+        problem = optimizer_state_problem(resumed_optimizer.state_dict, optimizer, optimizer_name)
         if problem:
             logger.warning(
                 f"ignoring optimizer state: {args.resume_hypernetwork}{OPTIM_SUFFIX}: {problem}; training "
                 "starts a fresh optimizer state"
             )
         else:
-            resume_optimizer_state(optimizer, hn.optimizer_state_dict)
+            resume_optimizer_state(optimizer, resumed_optimizer.state_dict)
             logger.info(f"continuing the optimizer state of {args.resume_hypernetwork}")
-    hn.optimizer_state_dict = None
+    resumed_optimizer = None
     lr_scheduler = make_lr_scheduler(
         optimizer, args.lr_schedule, args.lr_scheduler, args.lr_warmup_steps, initial_step, args.max_train_steps
     )
@@ -1597,7 +1440,7 @@ def main(input_args=None):
         generator=torch.Generator().manual_seed(args.seed),
     )
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
-    state = RunState(step=initial_step, losses=deque(maxlen=3 * len(records)), run_id=uuid.uuid4().hex)
+    state = RunState(step=initial_step, losses=deque(maxlen=3 * len(records)), run_id=runs.new_run_id())
     accelerator.register_save_state_pre_hook(functools.partial(save_state_hook, accelerator, model, state))
     accelerator.register_load_state_pre_hook(functools.partial(load_state_hook, accelerator, model, state))
 
@@ -1606,7 +1449,7 @@ def main(input_args=None):
     if accelerator.is_main_process:
         run_settings = {
             **{k: v for k, v in vars(args).items() if k not in ("lr_schedule", "clip_grad_schedule", "hub_token")},
-            "model_hash": hn.sd_checkpoint,
+            "model_hash": hn.config.sd_checkpoint,
             "dataset_size": len(records),
             "num_processes": accelerator.num_processes,
             "total_batch_size": total_batch_size,
@@ -1625,7 +1468,7 @@ def main(input_args=None):
         accelerator.load_state(checkpoint)
         logger.info(f"resumed from {checkpoint} at step {state.step}")
     hn = accelerator.unwrap_model(model).hypernetwork
-    hn.step = state.step
+    hn.config.step = state.step
     csv_path = os.path.join(args.output_dir, "loss.csv")
     loss_rows = read_loss_csv(csv_path, state.step) if accelerator.is_main_process and checkpoint else []
     logger.info(
@@ -1640,7 +1483,7 @@ def main(input_args=None):
         total=args.max_train_steps, initial=state.step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     parameters = list(hn.parameters())
-    last_good = LastGood(parameters, optimizer.optimizer)
+    last_good = runs.LastGood(parameters, optimizer.optimizer)
     done = state.step - initial_step
     batches = training_batches(
         accelerator,
@@ -1677,7 +1520,7 @@ def main(input_args=None):
                 continue
 
             state.step += 1
-            hn.step = state.step
+            hn.config.step = state.step
             progress.update(1)
             if bad_in_step:
                 state.bad_steps += 1

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from hypernet.data import IMAGE_EXTENSIONS, read_caption
 from hypernet.evaluation import colour_distance, colour_quantiles
-from hypernet.formats import atomic_write
+from hypernet.files import atomic_write
 from hypernet.images import infotext_prompt
 
 

@@ -8,8 +8,15 @@ A linear hypernetwork (the webui's default activation) is an affine map per modu
 "linear map". Linear maps let a self-attention layer apply K and V modules with one (w, w) product each, fold them
 into to_k/to_v where the layer's tokens outnumber its width, and, merged for inference, bake every stacked linear
 hypernetwork into the projections once so that a generation costs what the plain UNet costs.
+
+Merging is explicit, as peft's merge()/unmerge(): `attachment.merge()` bakes the hypernetworks as they are now,
+`unmerge()` drops the baked weights, `with attachment.merged():` does both. A merged attachment refuses to train,
+and to run on hypernetworks changed after merge() (the list, a multiplier, train/eval, weights written in place):
+it raises and says to merge() again or unmerge(). Weights written past autograd's version counter (through .data,
+by a fused or 8-bit optimizer) need merge() again without being told.
 """
 
+import contextlib
 import warnings
 
 import torch
@@ -18,6 +25,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .errors import HypernetError, UsageError, WidthMismatchError
+from .module import HypernetworkModule
 
 K, V = 0, 1
 
@@ -149,12 +157,28 @@ def self_attention_tokens(levels, sample):
     return sum(batch * -(-height // 2**level) * -(-width // 2**level) for level in levels)
 
 
+def stack_fingerprint(hypernetworks):
+    """What the output of a stack of hypernetworks depends on, as a value that changes when it does: which
+    hypernetworks in which order, their mode and multipliers, and each weight's identity, storage and version, which
+    every in-place write through autograd moves on (load_state_dict, copy_, torch's optimizers but the fused ones).
+    Writes that bypass the version counter (through .data, fused AdamW, bitsandbytes) are not seen."""
+    return tuple(
+        (
+            id(hn),
+            hn.training,
+            tuple(module.multiplier for module in hn.modules() if isinstance(module, HypernetworkModule)),
+            tuple((id(p), p.data_ptr(), p.dtype, p._version) for p in hn.parameters()),
+        )
+        for hn in hypernetworks
+    )
+
+
 class _Forward:
     """What one UNet forward shares between its layers: the text context's K and V outputs, and the linear maps of
-    each self-attention width. Valid while the hypernetworks keep the revisions it was made at."""
+    each self-attention width; made for the hypernetworks as `fingerprint` describes them."""
 
-    def __init__(self, revisions):
-        self.revisions = revisions
+    def __init__(self, fingerprint):
+        self.fingerprint = fingerprint
         self.context = None
         self.contexts = None
         self.maps = {}
@@ -163,7 +187,8 @@ class _Forward:
 class HypernetworkProjection(nn.Module):
     """An attention layer's to_k (side 0) or to_v (side 1), fed the context after each hypernetwork's K or V module.
 
-    The original layer is `base_layer`, untouched; detach() puts it back.
+    The original layer is `base_layer`, untouched; detach() puts it back. `plain_forward` is the webui's rule as it
+    reads; `fast_forward` gets the same result (up to float rounding) by a cheaper route where one applies.
     """
 
     def __init__(self, base_layer, side, attachment):
@@ -171,9 +196,8 @@ class HypernetworkProjection(nn.Module):
         self.base_layer = base_layer
         self.side = side
         self.attachment = attachment
-        # The merged projection, made again when the stack's revisions change; kept in the same tensors where it can
-        # be, so that a compiled block reads the new weights without compiling again.
-        self.merged_key = None
+        # The projection with the stack baked in, made by Attachment.merge(); made again in the same tensors where
+        # it can be, so that a compiled block reads the new weights without compiling again.
         self.merged_weight = None
         self.merged_bias = None
 
@@ -186,40 +210,52 @@ class HypernetworkProjection(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x, *args, **kwargs):
-        attachment = self.attachment
-        hypernetworks = attachment.hypernetworks
-        width = x.shape[-1]
-        if not any(hypernetwork.pair(width) is not None for hypernetwork in hypernetworks):
+        hypernetworks = self.attachment.hypernetworks
+        if not any(hypernetwork.pair(x.shape[-1]) is not None for hypernetwork in hypernetworks):
             return self.base_layer(x, *args, **kwargs)
         if torch.compiler.is_compiling():
             return self.compiled_forward(x, *args, **kwargs)
-        if attachment.merged and not args and not kwargs:
-            merged = self.merged_weights(hypernetworks)
-            if merged is not None:
-                return F.linear(x, *merged)
+        out = self.fast_forward(x, *args, **kwargs)
+        return self.plain_forward(x, *args, **kwargs) if out is None else out
+
+    def plain_forward(self, x, *args, **kwargs):
+        """to_k/to_v of the context after each hypernetwork's K or V module in turn, as the webui computes it."""
+        return self.base_layer(apply_side(self.attachment.hypernetworks, x, self.side), *args, **kwargs)
+
+    def fast_forward(self, x, *args, **kwargs):
+        """The same by a cheaper route, or None where none applies: the merged projection; the text context's K/V
+        output that the UNet's forward made once for every cross-attention layer; this forward's linear maps,
+        folded into the projection where that costs less, else applied as one product per module."""
+        attachment, hypernetworks = self.attachment, self.attachment.hypernetworks
+        plain = not args and not kwargs
+        if attachment.is_merged and self.merged_weight is not None and plain:
+            return F.linear(x, self.merged_weight, self.merged_bias)
         state = attachment.forward_state()
-        if state is not None and state.context is not None and x is state.context:
+        if state is None:
+            return None
+        if state.context is not None and x is state.context:
             return self.base_layer(state.contexts[self.side], *args, **kwargs)
-        maps = None if state is None else state.maps.get(width)
-        folded = self.folded(hypernetworks, maps, x) if not args and not kwargs else None
+        maps = state.maps.get(x.shape[-1])
+        if maps is None:
+            return None
+        folded = self.folded(hypernetworks, maps, x) if plain else None
         if folded is not None:
             return F.linear(x, *folded)
         return self.base_layer(apply_side(hypernetworks, x, self.side, maps), *args, **kwargs)
 
     def compiled_forward(self, x, *args, **kwargs):
-        """forward in a compiled block, where what a UNet forward shares is read, never made: the merged weights the
-        UNet's forward hook brought up to date; the text context's outputs the hook made once; else the modules,
-        linear ones as linear maps made in the graph and folded into the projection where that costs less."""
+        """forward in a compiled block, where what a UNet forward shares is read, never made: the merged weights;
+        the text context's outputs the UNet's forward hook made once; else the modules, linear ones as linear maps
+        made in the graph and folded into the projection where that costs less."""
         attachment, hypernetworks = self.attachment, self.attachment.hypernetworks
         plain = not args and not kwargs
-        if attachment.merged and self.merged_weight is not None and plain:
-            if not (torch.is_grad_enabled() and attachment.trainable()):
-                return F.linear(x, self.merged_weight, self.merged_bias)
-        state = attachment._state  # made for this very forward by the hook: no revision to check
+        if attachment.is_merged and self.merged_weight is not None and plain:
+            return F.linear(x, self.merged_weight, self.merged_bias)
+        state = attachment._state  # made for this very forward by the hook
         if state is not None and state.context is not None and x is state.context:
             return self.base_layer(state.contexts[self.side], *args, **kwargs)
         if not attachment.use_linear_maps:
-            return self.base_layer(apply_side(hypernetworks, x, self.side), *args, **kwargs)
+            return self.plain_forward(x, *args, **kwargs)
         width = x.shape[-1]
         modules = [hn.pair(width)[self.side] for hn in hypernetworks if hn.pair(width) is not None]
         if plain and type(self.base_layer) is nn.Linear and all(module.is_linear for module in modules):
@@ -264,36 +300,21 @@ class HypernetworkProjection(nn.Module):
         return weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
 
     @torch.no_grad()
-    def merged_weights(self, hypernetworks):
-        """This projection with every hypernetwork at its width baked in, made once per revision of the stack, or
-        None where one of them is not linear, the base layer is not a plain Linear, or gradients must flow."""
-        if torch.is_grad_enabled() and any(p.requires_grad for hn in hypernetworks for p in hn.parameters()):
-            return None  # the stored weights stay as they were, unread until no gradient must flow
-        base = self.base_layer
-        key = (
-            tuple(id(hn) for hn in hypernetworks),
-            tuple(hn.revision for hn in hypernetworks),
-            base.weight.device,
-            base.weight.dtype,
-        )
-        if self.merged_key != key:
-            merged = self.merge(hypernetworks)
-            self.merged_key = key
-            if merged is None:
-                self.merged_weight = self.merged_bias = None
-            elif (
-                self.merged_weight is not None
-                and _same_layout(self.merged_weight, merged[0])
-                and (_same_layout(self.merged_bias, merged[1]))
-            ):
-                self.merged_weight.copy_(merged[0])
-                if merged[1] is not None:
-                    self.merged_bias.copy_(merged[1])
-            else:
-                self.merged_weight, self.merged_bias = merged
-        return None if self.merged_weight is None else (self.merged_weight, self.merged_bias)
-
     def merge(self, hypernetworks):
+        """Bake the stack into merged_weight/merged_bias, in the tensors it had where their layout allows; where a
+        hypernetwork at this width is not linear or the base layer is not a plain Linear, drop them."""
+        merged = self.merged(hypernetworks)
+        if merged is None:
+            self.merged_weight = self.merged_bias = None
+        elif _same_layout(self.merged_weight, merged[0]) and _same_layout(self.merged_bias, merged[1]):
+            self.merged_weight.copy_(merged[0])
+            if merged[1] is not None:
+                self.merged_bias.copy_(merged[1])
+        else:
+            self.merged_weight, self.merged_bias = merged
+
+    def merged(self, hypernetworks):
+        """to_k/to_v's weight and bias with every hypernetwork at its width folded in, or None where that cannot be."""
         width = self.base_layer.in_features
         side_maps = self.foldable(hypernetworks, linear_maps(hypernetworks, width), width)
         if side_maps is None:
@@ -305,7 +326,22 @@ class HypernetworkProjection(nn.Module):
         return weight.to(base.weight.dtype), None if bias is None else bias.to(base.weight.dtype)
 
     def unmerge(self):
-        self.merged_key = self.merged_weight = self.merged_bias = None
+        self.merged_weight = self.merged_bias = None
+
+
+def _what_changed(before, now, hypernetworks):
+    """Which change between two stack fingerprints, in words."""
+    if [entry[0] for entry in before] != [entry[0] for entry in now]:
+        return "the list of hypernetworks changed"
+    for i, (hn, a, b) in enumerate(zip(hypernetworks, before, now)):
+        name = f"hypernetwork {hn.config.name!r}" if hn.config.name else f"hypernetwork {i + 1} of {len(now)}"
+        if a[1] != b[1]:
+            return f"{name} was put in {'training' if b[1] else 'eval'} mode"
+        if a[2] != b[2]:
+            return f"{name}'s multiplier changed"
+        if a[3] != b[3]:
+            return f"{name}'s weights changed"
+    return "the hypernetworks changed"
 
 
 def _same_layout(a, b):
@@ -317,18 +353,20 @@ def _same_layout(a, b):
 class Attachment:
     """Hypernetworks installed in a UNet; detach() (or leaving a `with` block) restores the original to_k/to_v.
 
-    `hypernetworks` is a live list: reorder, add or remove entries and the next forward uses them.
+    `hypernetworks` is a live list: reorder, add or remove entries and the next forward uses them (after merge()
+    again, where the attachment is merged).
     """
 
     def __init__(self, unet, hypernetworks, use_linear_maps=True):
         self.unet = unet
         self.hypernetworks = list(hypernetworks)
-        self.merged = False
+        self.merged_fingerprint = None  # the stack as merge() baked it; None while unmerged
         self.use_linear_maps = use_linear_maps
         # False runs the text-context modules in every cross-attention layer, as the webui does (for comparison).
         self.text_context_once = True
         self.levels = self_attention_levels(unet)
         self._state = None
+        self._in_forward = False
         self.projections = []
         self.blocks = [module for module in unet.modules() if type(module).__name__ in REPEATED_BLOCKS]
         for attn in attention_layers(unet):
@@ -338,7 +376,7 @@ class Attachment:
                 self.projections.append((attn, name, projection))
         self._hooks = [
             unet.register_forward_pre_hook(self._before_unet_forward, with_kwargs=True),
-            unet.register_forward_hook(self._after_unet_forward),
+            unet.register_forward_hook(self._after_unet_forward, always_call=True),
         ]
 
     @property
@@ -351,11 +389,31 @@ class Attachment:
     def trainable(self):
         return any(p.requires_grad for hn in self.hypernetworks for p in hn.parameters())
 
+    @property
+    def is_merged(self):
+        return self.merged_fingerprint is not None
+
     def forward_state(self):
+        """What this UNet forward shares between its layers; outside the forward (a block that gradient
+        checkpointing recomputes in the backward), only while the hypernetworks are as it was made for."""
         state = self._state
-        if state is None or state.revisions != tuple(hn.revision for hn in self.hypernetworks):
-            return None
-        return state
+        if state is None or self._in_forward or state.fingerprint == stack_fingerprint(self.hypernetworks):
+            return state
+        return None
+
+    def check_merged(self):
+        """Raise where a merged attachment would compute something other than its hypernetworks as they are."""
+        if torch.is_grad_enabled() and self.trainable():
+            raise HypernetError(
+                "the attachment is merged, so its hypernetworks cannot train: call attachment.unmerge() before "
+                "training (and merge() again for inference)"
+            )
+        fingerprint = stack_fingerprint(self.hypernetworks)
+        if fingerprint != self.merged_fingerprint:
+            raise HypernetError(
+                f"{_what_changed(self.merged_fingerprint, fingerprint, self.hypernetworks)} since the attachment "
+                "was merged: call attachment.merge() again to bake them as they are now, or unmerge()"
+            )
 
     def _before_unet_forward(self, unet, args, kwargs):
         # Made before any block runs, so that a block recomputed by gradient checkpointing finds the same tensors
@@ -363,14 +421,13 @@ class Attachment:
         self._state = None
         if torch.compiler.is_compiling():
             return
-        if self.merged:
-            for _, _, projection in self.projections:  # outside any compiled block, so that none compiles again
-                projection.merged_weights(self.hypernetworks)
-        state = _Forward(tuple(hn.revision for hn in self.hypernetworks))
+        if self.is_merged:
+            self.check_merged()
+        self._in_forward = True
+        state = _Forward(stack_fingerprint(self.hypernetworks))
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if isinstance(context, torch.Tensor) and self.text_context_once:
-            merged = self.merged and all_linear(self.hypernetworks, context.shape[-1])
-            if not merged or torch.is_grad_enabled():
+            if not (self.is_merged and all_linear(self.hypernetworks, context.shape[-1])):
                 state.context, state.contexts = context, apply_hypernetworks(self.hypernetworks, context)
         sample = kwargs.get("sample", args[0] if args else None)
         if self.compiled:
@@ -379,7 +436,7 @@ class Attachment:
         if self.use_linear_maps and isinstance(sample, torch.Tensor):
             grad = torch.is_grad_enabled()
             for width, levels in self.levels.items():
-                if self.merged and not grad and all_linear(self.hypernetworks, width):
+                if self.is_merged and all_linear(self.hypernetworks, width):
                     continue  # merged into the projections
                 # With grad the maps are made again each forward, so they must pay for themselves in one.
                 tokens = self_attention_tokens(levels, sample) if grad else None
@@ -391,24 +448,36 @@ class Attachment:
         self._state = state
 
     def _after_unet_forward(self, unet, args, output):
+        self._in_forward = False
         if not torch.is_grad_enabled():
             self._state = None  # no backward will recompute a block of this forward
 
     @torch.no_grad()
     def merge(self):
-        """Bake linear hypernetworks into to_k/to_v now: each projection runs as one Linear, merged again when a
-        hypernetwork's revision changes (set_multiplier, train/eval, load_state_dict, an optimizer step; call
-        Hypernetwork.changed() after other writes to its weights). Used while no gradient must flow."""
-        self.merged = True
+        """Bake the hypernetworks, as they are now, into to_k/to_v for inference: where every hypernetwork at a
+        projection's width is linear, it runs as one Linear, the plain UNet's arithmetic. Call it again after
+        changing the hypernetworks (their list, multipliers, weights or mode): until then the UNet refuses to run,
+        and it refuses to train while merged."""
         for _, _, projection in self.projections:
-            projection.merged_weights(self.hypernetworks)
+            projection.merge(self.hypernetworks)
+        self.merged_fingerprint = stack_fingerprint(self.hypernetworks)
         return self
 
     def unmerge(self):
-        self.merged = False
+        """Drop the merged weights: the projections run the hypernetworks' modules again."""
+        self.merged_fingerprint = None
         for _, _, projection in self.projections:
             projection.unmerge()
         return self
+
+    @contextlib.contextmanager
+    def merged(self):
+        """`with attachment.merged():` runs the block merged, and unmerges at its end."""
+        self.merge()
+        try:
+            yield self
+        finally:
+            self.unmerge()
 
     def detach(self):
         if not self._hooks:
@@ -420,7 +489,7 @@ class Attachment:
             setattr(attn, name, projection.base_layer)
             projection.unmerge()
         self.projections = []
-        self._state = None
+        self.merged_fingerprint = self._state = None
 
     def __enter__(self):
         return self
@@ -470,7 +539,7 @@ def check_widths(hypernetwork, model_widths, what=None):
     """Raise WidthMismatchError where `hypernetwork` has no width that the model's attention layers use."""
     if not set(hypernetwork.widths) & set(model_widths):
         raise WidthMismatchError(
-            f"{what or f'hypernetwork {hypernetwork.name!r}'} has widths {hypernetwork.widths} but this model's "
+            f"{what or f'hypernetwork {hypernetwork.config.name!r}'} has widths {hypernetwork.widths} but this model's "
             f"attention layers use {list(model_widths)}; it was made for another model family (text width: SD 1.x "
             "768, SD 2.x 1024, SDXL 2048)"
         )
@@ -489,7 +558,7 @@ def unused_widths(hypernetwork, model_widths, what=None):
     family = next((TEXT_WIDTHS[w] + " " for w in model_widths if w in TEXT_WIDTHS), "")
     named = ", ".join(f"{w} (the {TEXT_WIDTHS[w]} text width)" if w in TEXT_WIDTHS else str(w) for w in unused)
     return (
-        f"{what or f'hypernetwork {hypernetwork.name!r}'}: its width{'s' * (len(unused) > 1)} {named} "
+        f"{what or f'hypernetwork {hypernetwork.config.name!r}'}: its width{'s' * (len(unused) > 1)} {named} "
         f"match{'es' * (len(unused) == 1)} no attention layer of this {family}model (widths {list(model_widths)}), "
         f"so only its modules for {', '.join(map(str, applied))} apply; it was made for another model family"
     )
@@ -499,7 +568,7 @@ def attach(unet, hypernetworks, merge=False, use_linear_maps=True):
     """Wrap every attention layer's to_k and to_v of `unet` so that the hypernetworks apply, in order, each at its own
     multiplier; the attention processors stay as they are.
 
-    merge=True bakes linear hypernetworks into the projections for inference (see Attachment.merge). With
+    merge=True bakes the hypernetworks into the projections for inference (see Attachment.merge). With
     use_linear_maps, linear hypernetworks' self-attention modules run as one matrix each and fold into to_k/to_v
     where a layer's tokens outnumber its width (the same function up to float rounding); pass False to run the
     webui's layers as they are.

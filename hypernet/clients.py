@@ -11,7 +11,7 @@ import pickletools
 import re
 import zipfile
 
-from .formats import OPTIM_SUFFIX
+from .optimizer_file import OPTIM_SUFFIX
 
 WEBUI_ZIP_MEMBERS = {
     "v1.0 to v1.9.4": re.compile(r"^([^/]+)/((data/\d+)|version|(data\.pkl))$"),
@@ -140,14 +140,16 @@ def webui_layers(module, activation_func):
     return names
 
 
-def comfyui_verdict(hn, path):
-    """One line: whether ComfyUI loads this file, and whether it then computes what the webui and hypernet do."""
+def comfyui_verdict(file, path):
+    """One line: whether ComfyUI loads the file at `path` (read as the HypernetworkFile `file`), and whether it then
+    computes what the webui and hypernet do."""
     if not path.endswith(".pt"):
         return "lists it but applies nothing: ComfyUI reads hypernetworks from .pt files only; convert it to .pt"
-    present = set(hn.pt_keys) if hn.pt_keys is not None else None
+    hn, config = file.hypernetwork, file.hypernetwork.config
+    present = set(file.layout.keys) if file.layout.keys is not None else None
 
-    def read(key, attribute, default):  # ComfyUI's sd.get(key, default)
-        return getattr(hn, attribute) if present is None or key in present else default
+    def read(key, setting, default):  # ComfyUI's sd.get(key, default)
+        return getattr(config, setting) if present is None or key in present else default
 
     activation = read("activation_func", "activation_func", "linear")
     if activation not in COMFYUI_ACTIVATIONS:
@@ -163,14 +165,14 @@ def comfyui_verdict(hn, path):
     )
     module = hn.pair(hn.widths[0])[0]
     weight_keys = [key for key in module.state_dict() if key.endswith(".weight")]
-    theirs, ours = comfyui_layers(weight_keys, **settings), webui_layers(module, hn.activation_func)
+    theirs, ours = comfyui_layers(weight_keys, **settings), webui_layers(module, config.activation_func)
     if "Dropout" in theirs:
         return "loads but computes differently: it never switches dropout off, so its outputs are random (use_dropout)"
     if theirs == ours:
         return "loads and computes the same"
-    if settings["is_layer_norm"] and not hn.activate_output:
+    if settings["is_layer_norm"] and not config.activate_output:
         why = "with layer norm it applies the activation after the last layer too (activate_output is False)"
-    elif hn.activate_output and not settings["activate_output"]:
+    elif config.activate_output and not settings["activate_output"]:
         why = "the file has no activate_output key: the webui reads True, ComfyUI False"
     else:
         why = f"it builds {theirs} where the webui builds {ours}"

@@ -38,7 +38,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import UsageError, first_line
-from .formats import atomic_write, check_writable_folder, hash_cache_path
+from .files import atomic_write, check_writable_folder
+from .hashing import hash_cache_path
 from .prompts import CHUNK_TOKENS, COMMA_BACKTRACK, PromptEncoder
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,18 @@ class UsageError(HypernetError):
     """A bad flag, path or piece of training data, reported before any heavy work."""
 
 
+class ArgumentError(UsageError):
+    """A bad value given to a library function: `argument` names the function's argument, and the message starts
+    with the value. A script turns it into an error about the flag that gave the value: `about("--flag")`."""
+
+    def __init__(self, argument, message):
+        super().__init__(message)
+        self.argument = argument
+
+    def about(self, flag):
+        return UsageError(f"{flag} {self}")
+
+
 def first_line(error):
     """An exception's message for a one-line error: its first line, at most 200 characters; "" when it has none."""
     text = str(error)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from PIL import PngImagePlugin
 
-from .formats import atomic_write
+from .files import atomic_write
 from .prompts import PROMPT_HYPERNET
 
 

@@ -44,14 +44,14 @@ def modelspec_metadata(hn, file_stem, family=None, resolution=None, prediction_t
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{architecture}/{MODELSPEC_ADAPTER}",
         "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
-        "modelspec.title": hn.name or file_stem,
+        "modelspec.title": hn.config.name or file_stem,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": (date or datetime.now(timezone.utc)).date().isoformat(),
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.usage_hint": f"<hypernet:{file_stem}:1> in the prompt (AUTOMATIC1111 webui)",
     }
-    if hn.optional_info:
-        metadata["modelspec.description"] = str(hn.optional_info)
+    if hn.config.optional_info:
+        metadata["modelspec.description"] = str(hn.config.optional_info)
     return metadata
 
 

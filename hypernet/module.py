@@ -1,14 +1,15 @@
 """The hypernetwork itself, exactly as AUTOMATIC1111 defines it (modules/hypernetworks/hypernetwork.py)."""
 
+import dataclasses
+import functools
 import inspect
-import itertools
 import warnings
-import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import HypernetError
 
@@ -45,7 +46,13 @@ def _elementwise(cls):
         return False
 
 
-TRAINABLE_ACTIVATIONS = tuple(name for name, cls in ACTIVATIONS.items() if _elementwise(cls))
+@functools.cache
+def trainable_activations():
+    """The activation_func names a new hypernetwork may use: those that map each element on their own (built and
+    tried once, when first asked)."""
+    return tuple(name for name, cls in ACTIVATIONS.items() if _elementwise(cls))
+
+
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
 # The attention widths of the model families A1111 creates hypernetworks for (text context first).
@@ -78,6 +85,116 @@ def default_dropout_structure(layer_structure, use_dropout, last_layer_dropout):
     if not use_dropout:
         return [0] * len(layer_structure)
     return [0] + [0.3] * (len(layer_structure) - 3) + [0.3 if last_layer_dropout else 0] + [0]
+
+
+def setting(default, key=None, absent=dataclasses.MISSING, architecture=False, help=""):
+    """A HypernetworkConfig field: `key` is its name in the webui's .pt (the field's name where None), `absent` the
+    value the webui's loader assumes where a file lacks the key (the default where not given); `architecture`: it
+    shapes the modules and is chosen when one is created (the webui's "Create hypernetwork" tab)."""
+    kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    absent = default if absent is dataclasses.MISSING else absent
+    return field(**kwargs, metadata={"key": key, "absent": absent, "architecture": architecture, "help": help})
+
+
+@dataclass
+class HypernetworkConfig:
+    """Every setting of a hypernetwork under the webui's names, in the order its .pt holds them: what the modules
+    are built from, what every file format writes, what `convert.py --info` shows and what the training script's
+    flags set. `widths` are the attention widths that get a K and a V module (the webui's enable_sizes).
+
+    The defaults are the webui's "Create hypernetwork" tab's; `file_key` and `absent_value` give a setting's key in
+    a .pt and the value the webui's loader assumes where a file lacks it.
+    """
+
+    widths: Sequence[int]
+    step: int = setting(0, help="Optimizer steps the weights were trained for.")
+    name: str | None = setting(None, help="The hypernetwork's name (the webui shows the file's name).")
+    layer_structure: list[float] = setting(
+        [1, 2, 1],
+        architecture=True,
+        help="Layer widths as multiples of the attention width, starting and ending with 1: 1,2,1 or 1,1.5,1.5,1.",
+    )
+    activation_func: str | None = setting(
+        "linear",
+        absent=None,
+        architecture=True,
+        help="Activation after each hidden layer: linear (none), relu, leakyrelu, elu, swish, tanh, sigmoid, or any "
+        "elementwise torch.nn activation by its lower-case name (ComfyUI knows linear to sigmoid, softsign and mish).",
+    )
+    add_layer_norm: bool = setting(
+        False, key="is_layer_norm", architecture=True, help="Add a LayerNorm after each layer."
+    )
+    weight_init: str = setting(
+        "Normal",
+        key="weight_initialization",
+        architecture=True,
+        help=f"How new weights are initialised: {', '.join(WEIGHT_INITS)}.",
+    )
+    sd_checkpoint: str | None = setting(None, help="Short hash of the model it was trained on.")
+    sd_checkpoint_name: str | None = setting(None, help="Name of the model it was trained on.")
+    activate_output: bool = setting(
+        False, absent=True, architecture=True, help="Also apply the activation after the last layer."
+    )
+    use_dropout: bool = setting(
+        False, architecture=True, help="Use dropout (the webui's structure: 0.3 after each hidden layer but the last)."
+    )
+    dropout_structure: list[float] | None = setting(
+        None,
+        architecture=True,
+        help="Dropout probability after each layer, one per layer_structure entry, the last 0, e.g. 0,0.1,0 "
+        "(implies use_dropout).",
+    )
+    last_layer_dropout: bool | None = setting(
+        None, absent=False, help="Dropout after the last hidden layer too (the webui's older files)."
+    )
+    optional_info: str | None = setting(None, help="Free text the webui shows with the hypernetwork.")
+
+    def __post_init__(self):
+        self.widths = [int(width) for width in self.widths]
+        self.layer_structure = list(self.layer_structure)
+        check_layer_structure(self.layer_structure)
+        if self.activation_func is not None and self.activation_func not in ACTIVATIONS:
+            raise HypernetError(
+                f"unknown activation_func {self.activation_func!r}; use one of: {', '.join(sorted(ACTIVATIONS))}"
+            )
+        if self.dropout_structure is None:
+            self.dropout_structure = default_dropout_structure(
+                self.layer_structure, self.use_dropout, bool(self.last_layer_dropout)
+            )
+        self.dropout_structure = list(self.dropout_structure)
+        check_dropout_structure(self.dropout_structure, self.layer_structure)
+        self.use_dropout = bool(self.use_dropout or any(self.dropout_structure))
+        if self.last_layer_dropout is None:
+            self.last_layer_dropout = self.dropout_structure[-2] != 0
+
+    @staticmethod
+    def settings():
+        """The fields the webui's .pt holds, in its order (every field but widths)."""
+        return [f for f in dataclasses.fields(HypernetworkConfig) if f.name != "widths"]
+
+    @staticmethod
+    def architecture():
+        """The settings that shape the modules, chosen when a hypernetwork is created."""
+        return [f for f in dataclasses.fields(HypernetworkConfig) if f.metadata.get("architecture")]
+
+    @staticmethod
+    def help(name):
+        return HypernetworkConfig.__dataclass_fields__[name].metadata["help"]
+
+    @staticmethod
+    def file_key(name):
+        """A setting's key in the webui's .pt: is_layer_norm for add_layer_norm, weight_initialization for
+        weight_init, the setting's own name for the others."""
+        return HypernetworkConfig.__dataclass_fields__[name].metadata["key"] or name
+
+    @staticmethod
+    def absent_value(name):
+        """The value the webui's loader assumes for a setting its file lacks."""
+        value = HypernetworkConfig.__dataclass_fields__[name].metadata["absent"]
+        return list(value) if isinstance(value, list) else value
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
 
 
 class HypernetworkModule(nn.Module):
@@ -118,7 +235,8 @@ class HypernetworkModule(nn.Module):
             if dropout_structure is not None and dropout_structure[i + 1] > 0:
                 layers.append(nn.Dropout(p=dropout_structure[i + 1]))
         self.linear = nn.Sequential(*layers)
-        self.reset_parameters(weight_init, activation_func)
+        if weight_init is not None:
+            self.reset_parameters(weight_init, activation_func)
 
     @torch.no_grad()
     def reset_parameters(self, weight_init="Normal", activation_func=None):
@@ -175,142 +293,40 @@ class HypernetworkModule(nn.Module):
         return weight * multiplier, bias * multiplier
 
 
-# Revisions are unique across hypernetworks, so that a stack's tuple of revisions names its exact state.
-_revisions = itertools.count()
-_live = weakref.WeakSet()
-
-
-def _after_optimizer_step(optimizer, args, kwargs):
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for hypernetwork in list(_live):
-        if any(id(p) in stepped for p in hypernetwork.parameters()):
-            hypernetwork.changed()
-
-
-register_optimizer_step_post_hook(_after_optimizer_step)
-
-
-# Metadata attributes under A1111's names, with the value A1111's loader assumes when a file lacks the key.
-LOAD_DEFAULTS = {
-    "name": None,
-    "step": 0,
-    "layer_structure": [1, 2, 1],
-    "activation_func": None,
-    "weight_init": "Normal",
-    "add_layer_norm": False,
-    "use_dropout": False,
-    "dropout_structure": None,
-    "activate_output": True,
-    "last_layer_dropout": False,
-    "sd_checkpoint": None,
-    "sd_checkpoint_name": None,
-    "optional_info": None,
-}
-
-
 class Hypernetwork(nn.Module):
-    """A K and a V HypernetworkModule for each enabled attention width, plus A1111's metadata.
+    """A K and a V HypernetworkModule for each width in its config, as the webui's Hypernetwork holds them.
 
-    An nn.Module so that accelerate can prepare it and state_dict() is the one source for every format. `revision`
-    changes whenever what it computes may have: set_multiplier, train()/eval(), load_state_dict, a move to another
-    dtype or device, and a step of any torch optimizer over its parameters. Writes it cannot see (through .data, say) need a
-    call to changed().
+    Hypernetwork(HypernetworkConfig(...)), or as shorthand Hypernetwork(widths, **settings). An nn.Module so that
+    accelerate can prepare it and state_dict() is the one source of its weights for every format. `initialize=False`
+    skips the weight initialisation (for weights about to be loaded).
     """
 
-    def __init__(
-        self,
-        enable_sizes,
-        name=None,
-        layer_structure=(1, 2, 1),
-        activation_func="linear",
-        weight_init="Normal",
-        add_layer_norm=False,
-        use_dropout=False,
-        dropout_structure=None,
-        activate_output=False,
-        last_layer_dropout=None,
-        step=0,
-        sd_checkpoint=None,
-        sd_checkpoint_name=None,
-        optional_info=None,
-    ):
+    def __init__(self, config, /, initialize=True, **settings):
         super().__init__()
-        layer_structure = list(layer_structure)
-        check_layer_structure(layer_structure)
-        if dropout_structure is None:
-            dropout_structure = default_dropout_structure(layer_structure, use_dropout, bool(last_layer_dropout))
-        dropout_structure = list(dropout_structure)
-        check_dropout_structure(dropout_structure, layer_structure)
-        use_dropout = use_dropout or any(dropout_structure)
-        if last_layer_dropout is None:
-            last_layer_dropout = dropout_structure[-2] != 0
-
-        self.name = name
-        self.step = step
-        self.layer_structure = layer_structure
-        self.activation_func = activation_func
-        self.weight_init = weight_init
-        self.add_layer_norm = add_layer_norm
-        self.use_dropout = use_dropout
-        self.dropout_structure = dropout_structure
-        self.activate_output = activate_output
-        self.last_layer_dropout = last_layer_dropout
-        self.sd_checkpoint = sd_checkpoint
-        self.sd_checkpoint_name = sd_checkpoint_name
-        self.optional_info = optional_info
-        self.optimizer_name = None
-        self.optimizer_state_dict = None
-        # How the .pt file this came from was laid out, so that saving writes it back key for key.
-        self.pt_keys = None
-        self.pt_legacy_layout = False
-        self.extra_pt_metadata = {}
-
-        def make():
-            return HypernetworkModule(
-                dim,
-                layer_structure,
-                activation_func,
-                weight_init,
-                add_layer_norm,
-                activate_output,
-                dropout_structure,
-            )
-
+        if not isinstance(config, HypernetworkConfig):
+            config = HypernetworkConfig(config, **settings)
+        elif settings:
+            raise TypeError("give either a HypernetworkConfig or widths with settings, not both")
+        self.config = config
         self.layers = nn.ModuleDict()
-        for dim in enable_sizes:
-            self.layers[str(int(dim))] = nn.ModuleList([make(), make()])
-        self.changed()
-        _live.add(self)
-
-    def changed(self):
-        """Give this hypernetwork a new revision: anything merged or kept from the old one is made again."""
-        self.revision = next(_revisions)
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.changed()
-        return self
-
-    def load_state_dict(self, *args, **kwargs):
-        result = super().load_state_dict(*args, **kwargs)
-        self.changed()
-        return result
-
-    def __setstate__(self, state):  # a copy is a hypernetwork of its own
-        super().__setstate__(state)
-        self.changed()
-        _live.add(self)
-
-    def _apply(self, *args, **kwargs):
-        before = [(p.dtype, p.device) for p in self.parameters()]
-        result = super()._apply(*args, **kwargs)
-        if [(p.dtype, p.device) for p in self.parameters()] != before:
-            self.changed()
-        return result
+        for width in config.widths:
+            modules = [
+                HypernetworkModule(
+                    width,
+                    config.layer_structure,
+                    config.activation_func,
+                    config.weight_init if initialize else None,
+                    config.add_layer_norm,
+                    config.activate_output,
+                    config.dropout_structure,
+                )
+                for _ in "kv"
+            ]
+            self.layers[str(width)] = nn.ModuleList(modules)
 
     @property
     def widths(self):
-        return [int(dim) for dim in self.layers]
+        return [int(width) for width in self.layers]
 
     def pair(self, width):
         """The (K, V) modules for an attention width, or None where this hypernetwork has none."""
@@ -318,10 +334,10 @@ class Hypernetwork(nn.Module):
         return None if modules is None else (modules[0], modules[1])
 
     def set_multiplier(self, multiplier):
+        """The strength it applies at in eval mode (the webui's multiplier); training always applies it at 1."""
         for module in self.modules():
             if isinstance(module, HypernetworkModule):
                 module.multiplier = float(multiplier)
-        self.changed()
         return self
 
     @property
@@ -331,11 +347,9 @@ class Hypernetwork(nn.Module):
                 return module.multiplier
         return 1.0
 
-    def metadata(self):
-        return {key: getattr(self, key) for key in LOAD_DEFAULTS}
-
     def extra_repr(self):
+        c = self.config
         return (
-            f"name={self.name!r}, step={self.step}, widths={self.widths}, layer_structure={self.layer_structure}, "
-            f"activation_func={self.activation_func!r}, multiplier={self.multiplier}"
+            f"name={c.name!r}, step={c.step}, widths={self.widths}, layer_structure={c.layer_structure}, "
+            f"activation_func={c.activation_func!r}, multiplier={self.multiplier}"
         )

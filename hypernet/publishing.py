@@ -8,7 +8,8 @@ import shutil
 
 from PIL import Image
 
-from .formats import atomic_write, atomic_writes, cached_sha256
+from .files import atomic_write, atomic_writes
+from .hashing import cached_sha256
 from .images import save_png
 
 HUB_TAGS = ["hypernetwork", "diffusers-training", "text-to-image", "stable-diffusion", "hypernet"]

@@ -1,4 +1,6 @@
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -265,8 +267,8 @@ def test_no_stale_output_after_weights_change(unet, change, activation_func, mer
         before = run(unet, inputs)
         with torch.no_grad():
             change(hn)
-        if merge and change is not fused_adamw_step:
-            hn.changed()  # writes hypernet cannot see: merged weights are made again on request
+        if merge:
+            handle.merge()  # merged weights are made by explicit calls only
         after = run(unet, inputs)
         assert (after - before).abs().max() > 1e-4
         handle.unmerge()
@@ -274,28 +276,66 @@ def test_no_stale_output_after_weights_change(unet, change, activation_func, mer
         assert (run(unet, inputs) - after).abs().max() < 1e-4
 
 
-def test_revision_follows_every_change_hypernet_can_see():
-    hn = linear_hypernetwork()
-    seen = {hn.revision}
+def test_a_merged_attachment_refuses_changed_hypernetworks_and_training(unet):
+    hn = hypernet.Hypernetwork([96, 40, 80, 160], weight_init="XavierNormal", name="a").eval().requires_grad_(False)
+    other = hypernet.Hypernetwork([96, 40, 80, 160], weight_init="XavierNormal").eval().requires_grad_(False)
+    inputs = unet_inputs()
+    with hypernet.attach(unet, [hn], merge=True) as handle:
+        merged = run(unet, inputs)
 
-    def changed():
-        assert hn.revision not in seen
-        seen.add(hn.revision)
+        def refused(pattern):
+            with pytest.raises(hypernet.HypernetError, match=pattern):
+                run(unet, inputs)
+            handle.merge()  # bakes the change: the next forward runs, and computes something else
+            assert (run(unet, inputs) - merged).abs().max() > 1e-6
 
-    hn.set_multiplier(0.5), changed()
-    hn.eval(), changed()
-    hn.train(), changed()
-    hn.load_state_dict(hn.state_dict()), changed()
-    hn.float(), changed()
-    fused_adamw_step(hn), changed()
-    hn.float()
-    assert hn.revision in seen, "a move to where it already is changes nothing"
-    copied = copy.deepcopy(hn)
-    assert copied.revision not in seen
-    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    other.param_groups[0]["params"][0].grad = torch.ones(1)
-    other.step()
-    assert hn.revision in seen, "another optimizer's step leaves it alone"
+        hn.set_multiplier(0.5)
+        refused(r"hypernetwork 'a''s multiplier changed since the attachment was merged: call attachment.merge\(\)")
+        optimizer = torch.optim.AdamW(hn.parameters(), lr=0.1, foreach=True)
+        for p in hn.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()  # an optimizer step, seen through the weights' version counters
+        refused(r"hypernetwork 'a''s weights changed since")
+        hn.load_state_dict({key: value * 0.9 for key, value in hn.state_dict().items()})
+        refused(r"hypernetwork 'a''s weights changed since")
+        handle.hypernetworks.append(other)
+        refused(r"the list of hypernetworks changed since")
+        hn.train()
+        refused(r"hypernetwork 'a' was put in training mode since")
+        hn.requires_grad_(True)
+        with pytest.raises(hypernet.HypernetError, match=r"merged, so its hypernetworks cannot train: .*unmerge\(\)"):
+            unet(*inputs)
+        handle.unmerge()
+        unet(*inputs).sample.square().mean().backward()  # unmerged, it trains
+        assert all(p.grad is not None for p in hn.parameters())
+
+
+def test_merged_context_manager_unmerges_at_its_end(unet):
+    hn = linear_hypernetwork().eval().set_multiplier(0.7)
+    inputs = unet_inputs()
+    with hypernet.attach(unet, [hn]) as handle:
+        unmerged = run(unet, inputs)
+        with handle.merged():
+            assert handle.is_merged and all(p.merged_weight is not None for _, _, p in handle.projections)
+            assert (run(unet, inputs) - unmerged).abs().max() < 1e-5
+        assert not handle.is_merged and all(p.merged_weight is None for _, _, p in handle.projections)
+        hn.set_multiplier(0.2)  # unmerged, a change needs no call
+        assert (run(unet, inputs) - unmerged).abs().max() > 1e-4
+
+
+def test_import_registers_no_hook_and_builds_no_module():
+    """Importing hypernet changes nothing in torch: no optimizer hook, no module built (a subprocess, fresh)."""
+    code = (
+        "import torch, torch.optim.optimizer as o\n"
+        "built = []\n"
+        "init = torch.nn.Module.__init__\n"
+        "torch.nn.Module.__init__ = lambda self, *a, **k: (built.append(type(self).__name__), init(self, *a, **k))[1]\n"
+        "before = dict(o._global_optimizer_post_hooks)\n"
+        "import hypernet, hypernet.attachment, hypernet.training\n"
+        "assert dict(o._global_optimizer_post_hooks) == before, 'an optimizer hook'\n"
+        "assert not built, built\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_merge_bakes_linear_hypernetworks_into_the_projections_at_no_extra_cost(unet64):
@@ -318,6 +358,7 @@ def test_merge_bakes_linear_hypernetworks_into_the_projections_at_no_extra_cost(
         merged, merged_flops = flops(lambda: run(unet64, inputs))
         assert merged_flops == plain_flops, "a merged UNet does the plain UNet's arithmetic"
         stack[1].set_multiplier(0.9)
+        handle.merge()
         remerged = run(unet64, inputs)
         handle.unmerge()
         stack[1].set_multiplier(-0.4)
@@ -336,7 +377,7 @@ def test_merge_keeps_non_linear_hypernetworks_wrapped(unet64):
         want = run(unet64, inputs)
     with hypernet.attach(unet64, stack, merge=True) as handle:
         assert (run(unet64, inputs) - want).abs().max() < 1e-12
-        assert all(projection.merged_weights(stack) is None for _, _, projection in handle.projections)
+        assert all(projection.merged_weight is None for _, _, projection in handle.projections)
 
 
 def test_merged_generation_equals_the_wrapped_one(tiny_pipeline):

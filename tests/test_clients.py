@@ -64,7 +64,7 @@ def assert_optim_accepted(pt_path):
     saved = torch.load(pt_path + ".optim", weights_only=True)
     with open(pt_path, "rb") as f:
         assert saved["hash"] == hashlib.sha256(f.read()).hexdigest()[:10]
-    assert hypernet.load(pt_path, optimizer_state=True).optimizer_state_dict is not None
+    assert hypernet.read(pt_path, optimizer_state=True).optimizer is not None
 
 
 UMASK = 0o027
@@ -83,7 +83,7 @@ def test_api_save_and_conversions_pass_the_webui_checks(tmp_path, umask):
     for p in hn.parameters():
         p.grad = torch.ones_like(p)
     optimizer.step()
-    hypernet.save(hn, tmp_path / "api.pt", optimizer_state_dict=optimizer.state_dict())
+    hypernet.save(hn, tmp_path / "api.pt", hypernet.OptimizerState("AdamW", optimizer.state_dict()))
     assert_webui_accepts(str(tmp_path / "api.pt"))
     assert_optim_accepted(str(tmp_path / "api.pt"))
 
@@ -160,14 +160,15 @@ def test_new_hypernetworks_store_linear_and_none_round_trips(tmp_path):
 
     torch.save(dict(data, activation_func=None), tmp_path / "none.pt")
     hn = hypernet.load(tmp_path / "none.pt")
-    assert hn.activation_func is None
+    assert hn.config.activation_func is None
     hypernet.save(hn, tmp_path / "none.safetensors")
     hypernet.save(hypernet.load(tmp_path / "none.safetensors"), tmp_path / "back.pt")
     assert torch.load(tmp_path / "back.pt", weights_only=True)["activation_func"] is None
 
 
 def test_legacy_layout_keeps_its_ordered_dicts(tmp_path):
-    hypernet.save(hypernet.load(a1111_file("case7_old_format")), tmp_path / "old.pt")
+    read = hypernet.read(a1111_file("case7_old_format"))
+    hypernet.save(read.hypernetwork, tmp_path / "old.pt", layout=read.layout)
     data = torch.load(tmp_path / "old.pt", weights_only=True)
     assert list(data) == [96, 40, 160]
     assert all(type(data[w]) is list and [type(sd) for sd in data[w]] == [collections.OrderedDict] * 2 for w in data)
@@ -244,7 +245,7 @@ def test_comfyui_verdict_matches_what_its_loader_computes(name, tmp_path):
     hn = hypernet.Hypernetwork([40], weight_init="XavierNormal", **CONFIGURATIONS[name]).eval().set_multiplier(0.7)
     path = str(tmp_path / f"{name}.pt")
     hypernet.save(hn, path)
-    verdict = comfyui_verdict(hypernet.load(path), path)
+    verdict = comfyui_verdict(hypernet.read(path), path)
     theirs = comfyui_modules(path)
     if theirs is None:
         assert verdict.startswith("refuses it: activation_func 'gelu'")
@@ -258,8 +259,8 @@ def test_comfyui_verdict_matches_what_its_loader_computes(name, tmp_path):
 
 def test_comfyui_verdict_for_the_reference_files_and_missing_keys(tmp_path):
     for case in ("case1_default_relu", "case7_old_format", "case8_with_optim"):
-        assert comfyui_verdict(hypernet.load(a1111_file(case)), a1111_file(case)) == "loads and computes the same"
-    verdict = comfyui_verdict(hypernet.load(a1111_file("case3_layernorm_swish")), a1111_file("case3_layernorm_swish"))
+        assert comfyui_verdict(hypernet.read(a1111_file(case)), a1111_file(case)) == "loads and computes the same"
+    verdict = comfyui_verdict(hypernet.read(a1111_file("case3_layernorm_swish")), a1111_file("case3_layernorm_swish"))
     assert verdict == (
         "loads but computes differently: with layer norm it applies the activation after the last layer too "
         "(activate_output is False)"
@@ -268,13 +269,13 @@ def test_comfyui_verdict_for_the_reference_files_and_missing_keys(tmp_path):
     del data["activate_output"]  # an older file: the webui reads True, ComfyUI False
     torch.save(data, tmp_path / "no-key.pt")
     path = str(tmp_path / "no-key.pt")
-    assert comfyui_verdict(hypernet.load(path), path).endswith("the webui reads True, ComfyUI False")
+    assert comfyui_verdict(hypernet.read(path), path).endswith("the webui reads True, ComfyUI False")
     assert comfyui_modules(path)[96][0][-1].__class__ is torch.nn.Linear
     hypernet.save(hypernet.Hypernetwork([96]), tmp_path / "linear.pt")
     torch.save(dict(torch.load(tmp_path / "linear.pt"), activation_func=None), tmp_path / "none.pt")
     path = str(tmp_path / "none.pt")
     assert comfyui_modules(path) is None
-    assert comfyui_verdict(hypernet.load(path), path).endswith("; the webui reads None as linear")
+    assert comfyui_verdict(hypernet.read(path), path).endswith("; the webui reads None as linear")
 
 
 def info_of(capsys, path):
@@ -285,7 +286,9 @@ def info_of(capsys, path):
 
 def test_info_has_a_line_per_client(tmp_path, capsys):
     hypernet.save(
-        hypernet.load(a1111_file("case8_with_optim")), tmp_path / "ours.pt", {"state": {}, "param_groups": []}
+        hypernet.load(a1111_file("case8_with_optim")),
+        tmp_path / "ours.pt",
+        hypernet.OptimizerState("AdamW", {"state": {}, "param_groups": []}),
     )
     hypernet.save(hypernet.load(a1111_file("case8_with_optim")), tmp_path / "ours.safetensors")
     torch.save(torch.load(a1111_file("case8_with_optim"), weights_only=True), tmp_path / "plain.pt")

@@ -100,6 +100,7 @@ def test_generation_compiles_once_across_multipliers_and_merging(frozen_unet, ki
         for multiplier in (1.0, 0.3, 0.0, 1.0):
             for hn in hypernetworks:
                 hn.set_multiplier(multiplier)
+            attachment.merge()  # into the same tensors
             results[multiplier] = frozen_unet(sample, timesteps, text).sample
         assert counter.frame_count == compiled, "recompiled for a multiplier"
         attachment.unmerge()

@@ -10,7 +10,7 @@ from test_formats import assert_same_structure
 
 import hypernet
 from hypernet.conversion import TOLERANCE, verify
-from hypernet.formats import shorthash
+from hypernet.hashing import shorthash
 
 
 def run(capsys, *argv):
@@ -36,7 +36,7 @@ def test_optimizer_state_is_carried_with_a_new_hash(tmp_path, capsys):
     optim = torch.load(str(tmp_path / "c.safetensors") + ".optim", weights_only=True)
     assert optim["hash"] == shorthash(tmp_path / "c.safetensors") != shorthash(a1111_file("case8_with_optim"))
     run(capsys, tmp_path / "c.safetensors", tmp_path / "c.pt")
-    assert hypernet.load(tmp_path / "c.pt", optimizer_state=True).optimizer_state_dict is not None
+    assert hypernet.read(tmp_path / "c.pt", optimizer_state=True).optimizer is not None
 
     shutil.copy(a1111_file("case1_default_relu"), tmp_path / "stale.pt")
     shutil.copy(a1111_file("case8_with_optim", ".pt.optim"), tmp_path / "stale.pt.optim")

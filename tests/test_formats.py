@@ -11,7 +11,7 @@ from helpers import A1111, CASES, a1111_file
 from safetensors.torch import load_file
 
 import hypernet
-from hypernet.formats import shorthash
+from hypernet.hashing import shorthash
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +42,15 @@ def test_reproduces_a1111_outputs(case, expected):
 @pytest.mark.parametrize("case", CASES)
 def test_reads_what_a1111_reads(case, cases):
     want = cases[case]
-    hn = hypernet.load(a1111_file(case), optimizer_state=True)
+    hn_file = hypernet.read(a1111_file(case), optimizer_state=True)
+    hn = hn_file.hypernetwork
     assert sorted(hn.widths) == sorted(want["dims"])
-    assert hn.layer_structure == want["layer_structure"]
-    assert hn.activation_func == want["activation_func"]
-    assert hn.add_layer_norm == want["add_layer_norm"]
-    assert hn.activate_output == want["activate_output"]
-    assert hn.dropout_structure == want["dropout_structure"]
-    assert (hn.optimizer_state_dict is not None) == want["optimizer_state_loaded"]
+    assert hn.config.layer_structure == want["layer_structure"]
+    assert hn.config.activation_func == want["activation_func"]
+    assert hn.config.add_layer_norm == want["add_layer_norm"]
+    assert hn.config.activate_output == want["activate_output"]
+    assert hn.config.dropout_structure == want["dropout_structure"]
+    assert (hn_file.optimizer is not None) == want["optimizer_state_loaded"]
     assert shorthash(a1111_file(case)) == want["shorthash"]
     k, _ = hn.pair(hn.widths[0])
     assert sorted(k.state_dict()) == want["state_dict_keys"]
@@ -74,14 +75,15 @@ def assert_same_structure(a, b, where="file"):
 @pytest.mark.parametrize("case", CASES)
 def test_pt_safetensors_pt_round_trip_is_key_for_key_identical(case, tmp_path):
     original = a1111_file(case)
-    hypernet.save(hypernet.load(original), tmp_path / "x.safetensors")
-    hypernet.save(hypernet.load(tmp_path / "x.safetensors"), tmp_path / "x.pt")
+    for source, target in ((original, tmp_path / "x.safetensors"), (tmp_path / "x.safetensors", tmp_path / "x.pt")):
+        read = hypernet.read(source)
+        hypernet.save(read.hypernetwork, target, layout=read.layout)  # as convert.py writes a file back
     assert_same_structure(torch.load(original, weights_only=True), torch.load(tmp_path / "x.pt", weights_only=True))
 
 
 def test_safetensors_header_carries_every_a1111_key(tmp_path):
     hypernet.save(hypernet.load(a1111_file("case3_layernorm_swish")), tmp_path / "x.safetensors")
-    meta = hypernet.formats.read_safetensors_header(tmp_path / "x.safetensors")["__metadata__"]
+    meta = hypernet.untrusted.read_safetensors_header(tmp_path / "x.safetensors")["__metadata__"]
     assert json.loads(meta["activation_func"]) == "swish"
     assert json.loads(meta["is_layer_norm"]) is True
     optional_info = torch.load(a1111_file("case3_layernorm_swish"), weights_only=True)["optional_info"]
@@ -104,11 +106,12 @@ def test_new_hypernetwork_saves_a1111_dict(tmp_path):
 
 
 def test_optimizer_state_accepted_when_hash_matches(tmp_path):
-    hn = hypernet.load(a1111_file("case8_with_optim"), optimizer_state=True)
-    assert hn.optimizer_name == "AdamW"
-    assert set(hn.optimizer_state_dict) == {"state", "param_groups"}
+    hn_file = hypernet.read(a1111_file("case8_with_optim"), optimizer_state=True)
+    hn = hn_file.hypernetwork
+    assert hn_file.optimizer.name == "AdamW"
+    assert set(hn_file.optimizer.state_dict) == {"state", "param_groups"}
     optimizer = torch.optim.AdamW(hn.parameters())
-    optimizer.load_state_dict(hn.optimizer_state_dict)
+    optimizer.load_state_dict(hn_file.optimizer.state_dict)
     assert int(optimizer.state_dict()["state"][0]["step"]) == 1
 
 
@@ -118,17 +121,19 @@ def test_optimizer_state_refused_when_pt_altered(tmp_path):
     with open(tmp_path / "c.pt", "ab") as f:
         f.write(b"\0")
     with pytest.warns(UserWarning, match="saved for another file"):
-        hn = hypernet.load(tmp_path / "c.pt", optimizer_state=True)
-    assert hn.optimizer_state_dict is None and hn.optimizer_name is None
+        hn_file = hypernet.read(tmp_path / "c.pt", optimizer_state=True)
+        hn = hn_file.hypernetwork
+    assert hn_file.optimizer is None
 
 
 def test_optimizer_state_with_wrong_shapes_ignored(tmp_path):
-    hn = hypernet.load(a1111_file("case8_with_optim"), optimizer_state=True)
-    state = hn.optimizer_state_dict
+    hn_file = hypernet.read(a1111_file("case8_with_optim"), optimizer_state=True)
+    hn = hn_file.hypernetwork
+    state = hn_file.optimizer.state_dict
     state["state"][0]["exp_avg"] = torch.zeros(3, 3)
-    hypernet.save(hn, tmp_path / "w.pt", optimizer_state_dict=state)
+    hypernet.save(hn, tmp_path / "w.pt", hypernet.OptimizerState("AdamW", state))
     with pytest.warns(UserWarning, match=r"exp_avg of parameter 0 has shape \(3, 3\)"):
-        assert hypernet.load(tmp_path / "w.pt", optimizer_state=True).optimizer_state_dict is None
+        assert hypernet.read(tmp_path / "w.pt", optimizer_state=True).optimizer is None
 
 
 def _sgd_state(state):
@@ -191,14 +196,16 @@ def _permuted(state):
     ],
 )
 def test_optimizer_state_that_does_not_fit_its_optimizer_is_ignored_with_one_warning(tmp_path, damage, reason):
-    hn = hypernet.load(a1111_file("case8_with_optim"), optimizer_state=True)
-    state = hn.optimizer_state_dict
+    hn_file = hypernet.read(a1111_file("case8_with_optim"), optimizer_state=True)
+    hn = hn_file.hypernetwork
+    state = hn_file.optimizer.state_dict
     damage(state)
-    hypernet.save(hn, tmp_path / "d.pt", optimizer_state_dict=state, optimizer_name="AdamW")
+    hypernet.save(hn, tmp_path / "d.pt", hypernet.OptimizerState("AdamW", state))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded = hypernet.load(tmp_path / "d.pt", optimizer_state=True)
-    assert loaded.optimizer_state_dict is None and loaded.optimizer_name is None
+        loaded_file = hypernet.read(tmp_path / "d.pt", optimizer_state=True)
+        loaded = loaded_file.hypernetwork
+    assert loaded_file.optimizer is None
     (warning,) = [str(w.message) for w in caught]
     assert "\n" not in warning
     assert re.fullmatch(
@@ -214,23 +221,24 @@ def test_an_amsgrad_state_with_its_moment_fits_an_amsgrad_adamw(tmp_path):
     for p in hn.parameters():
         p.grad = torch.ones_like(p)
     optimizer.step()
-    hypernet.save(hn, tmp_path / "a.pt", optimizer_state_dict=optimizer.state_dict(), optimizer_name="AdamW")
+    hypernet.save(hn, tmp_path / "a.pt", hypernet.OptimizerState("AdamW", optimizer.state_dict()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loaded = hypernet.load(tmp_path / "a.pt", optimizer_state=True)
-    assert loaded.optimizer_state_dict["param_groups"][0]["amsgrad"] is True
+        loaded_file = hypernet.read(tmp_path / "a.pt", optimizer_state=True)
+        loaded = loaded_file.hypernetwork
+    assert loaded_file.optimizer.state_dict["param_groups"][0]["amsgrad"] is True
 
 
 def test_save_writes_optim_companion_with_file_hash(tmp_path):
     hn = hypernet.Hypernetwork([40], name="o")
     optimizer = torch.optim.AdamW(hn.parameters())
     for path in (tmp_path / "o.pt", tmp_path / "o.safetensors"):
-        hypernet.save(hn, path, optimizer_state_dict=optimizer.state_dict(), optimizer_name="AdamW")
+        hypernet.save(hn, path, hypernet.OptimizerState("AdamW", optimizer.state_dict()))
         optim = torch.load(str(path) + ".optim", weights_only=True)
         assert optim["hash"] == shorthash(path) and optim["optimizer_name"] == "AdamW"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert hypernet.load(path, optimizer_state=True).optimizer_state_dict is not None
+            assert hypernet.read(path, optimizer_state=True).optimizer is not None
 
 
 class Payload:

@@ -57,7 +57,7 @@ def test_multiplier_zero_is_the_plain_pipeline_and_the_image_follows_the_multipl
     assert info.startswith("a cat <hypernet:case1:1>\nSteps: 4, ")
     assert CIVITAI_NETWORK.findall(info.split("\n")[0]) == [("hypernet", "case1", "1")]
     assert infotext_hashes(info) == {
-        "model": hypernet.formats.base_model_hash(tiny_model_dir),
+        "model": hypernet.hashing.base_model_hash(tiny_model_dir),
         "hypernet:case1": hashlib.sha256((hn_dir / "case1.pt").read_bytes()).hexdigest()[:10],
     }
 
@@ -167,7 +167,7 @@ def test_options_seed_batch_size_negative_scheduler_prompts_file(tiny_model_dir,
     assert [os.path.basename(p) for p in written] == [f"{i:05d}-{10 + i}.png" for i in range(6)]
     assert Image.open(written[0]).size == (64, 96)
     info = Image.open(written[4]).info["parameters"]
-    model_hash = hypernet.formats.base_model_hash(tiny_model_dir)
+    model_hash = hypernet.hashing.base_model_hash(tiny_model_dir)
     assert info == (
         "a blue square\nNegative prompt: blurry\nSteps: 4, Sampler: DPM++ 2M Karras, CFG scale: 5.5, Seed: 14, "
         f"Size: 64x96, Model hash: {model_hash}, Model: {os.path.basename(tiny_model_dir)}, "

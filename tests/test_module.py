@@ -94,7 +94,7 @@ def test_dropout_structure_derived_like_a1111():
     assert default_dropout_structure([1, 2, 2, 1], True, False) == [0, 0.3, 0, 0]
     assert default_dropout_structure([1, 2, 2, 1], True, True) == [0, 0.3, 0.3, 0]
     hn = hypernet.Hypernetwork([8], layer_structure=[1, 2, 1], dropout_structure=[0, 0.1, 0])
-    assert hn.use_dropout is True and hn.last_layer_dropout is True
+    assert hn.config.use_dropout is True and hn.config.last_layer_dropout is True
 
 
 def test_bad_settings_are_clear_errors():

@@ -65,7 +65,7 @@ def test_every_safetensors_file_carries_modelspec_and_load_ignores_keys_it_does_
     with safe_open(tmp_path / "swish.safetensors", "pt") as f:
         keys = f.metadata()
     assert keys["modelspec.architecture"] == "stable-diffusion-v1/hypernetwork"
-    assert keys["modelspec.description"] == hn.optional_info and keys["modelspec.resolution"] == "512x512"
+    assert keys["modelspec.description"] == hn.config.optional_info and keys["modelspec.resolution"] == "512x512"
 
     others = {"ss_tag_frequency": '{"x": {"y": 1}}', "modelspec.title": "mine", "ss_note": "{not json", "z": "1"}
     hypernet.save(hn, tmp_path / "more.safetensors", metadata=others)

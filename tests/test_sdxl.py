@@ -58,7 +58,7 @@ def test_a_full_sdxl_run_writes_every_file(sdxl_model_dir, small_dataset, tmp_pa
         assert expected in names, expected
     hn = hypernet.load(out / "xl.pt")
     assert hn.widths == [96, 80, 160], "the text width first, then the self-attention widths, as the webui orders"
-    assert hn.step == 6 and hn.sd_checkpoint == hypernet.formats.base_model_hash(sdxl_model_dir)
+    assert hn.config.step == 6 and hn.config.sd_checkpoint == hypernet.hashing.base_model_hash(sdxl_model_dir)
     info = Image.open(out / "images" / "xl-6.png").info["parameters"]
     assert info.startswith(
         "a red circle <hypernet:xl-6:1>\nSteps: 3, Sampler: EulerDiscreteScheduler, CFG scale: 7.0, Seed: 0, "
@@ -315,4 +315,4 @@ def test_the_sd15_options_work_on_sdxl(sdxl_model_dir, small_dataset, tmp_path):
     assert [float(r["learn_rate"]) for r in rows] == [1e-3, 1e-3, 5e-4, 5e-4]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "logs" / "hypernet"))
     hn = hypernet.load(out / "xl.pt")
-    assert hn.step == 4 and all(torch.isfinite(p).all() for p in hn.parameters())
+    assert hn.config.step == 4 and all(torch.isfinite(p).all() for p in hn.parameters())

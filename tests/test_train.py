@@ -149,12 +149,13 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
 
     settings = json.load(open(out / "training_settings.json"))
     assert settings["dataset_size"] == 8 and settings["template_file"] == str(template)
-    assert settings["model_hash"] == hypernet.formats.base_model_hash(tiny_model_dir)
+    assert settings["model_hash"] == hypernet.hashing.base_model_hash(tiny_model_dir)
 
-    hn = hypernet.load(out / "inky.pt", optimizer_state=True)
-    assert hn.step == 8 and hn.name == "inky" and hn.activation_func == "relu"
-    assert hn.sd_checkpoint == settings["model_hash"] and hn.sd_checkpoint_name == os.path.basename(tiny_model_dir)
-    assert hn.optimizer_name == "AdamW" and hn.optimizer_state_dict is not None
+    hn_file = hypernet.read(out / "inky.pt", optimizer_state=True)
+    hn = hn_file.hypernetwork
+    assert hn.config.step == 8 and hn.config.name == "inky" and hn.config.activation_func == "relu"
+    assert hn.config.sd_checkpoint == settings["model_hash"] and hn.config.sd_checkpoint_name == os.path.basename(tiny_model_dir)
+    assert hn_file.optimizer is not None and hn_file.optimizer.name == "AdamW"
     from_st = hypernet.load(out / "safetensors" / "inky.safetensors")
     x = torch.randn(2, 77, 96)
     assert torch.equal(hypernet.apply_hypernetworks([hn], x)[0], hypernet.apply_hypernetworks([from_st], x)[0])

@@ -38,7 +38,7 @@ def base_argv(model, data, out):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--layer_structure", "2,2,1"], r"--layer_structure \[2, 2, 1\]: must start and end with 1"),
+        (["--layer_structure", "2,2,1"], r"--layer_structure \[2, 2, 1\] must start and end with 1"),
         (["--layer_structure", "1,x,1"], r"--layer_structure '1,x,1': expected comma-separated finite numbers"),
         (["--layer_structure", "1,inf,1"], r"--layer_structure '1,inf,1': expected comma-separated finite numbers"),
         (["--layer_structure", "1,0.001,1"], r"--layer_structure \[1, 0.001, 1\]: a layer of width 96 would be empty"),
@@ -315,9 +315,10 @@ def test_continue_an_a1111_file_with_its_optimizer_state(tiny_model_dir, small_d
         )
         == 0
     )
-    hn = hypernet.load(out / "case8b.pt", optimizer_state=True)
-    assert hn.step == 4 and hn.widths == [96, 40] and hn.activation_func == "relu"
-    state = hn.optimizer_state_dict["state"]
+    hn_file = hypernet.read(out / "case8b.pt", optimizer_state=True)
+    hn = hn_file.hypernetwork
+    assert hn.config.step == 4 and hn.widths == [96, 40] and hn.config.activation_func == "relu"
+    state = hn_file.optimizer.state_dict["state"]
     assert int(state[0]["step"]) == 4, "3 steps on top of the file's 1: its AdamW state carried on"
     original = torch.load(a1111_file("case8_with_optim"), weights_only=True)
     assert list(torch.load(out / "case8b.pt", weights_only=True)) == list(original)
@@ -345,10 +346,11 @@ def test_a_companion_that_does_not_fit_the_runs_optimizer_warns_once_and_trainin
     import logging
     import warnings
 
-    hn = hypernet.load(a1111_file("case8_with_optim"), optimizer_state=True)
-    state = hn.optimizer_state_dict
+    hn_file = hypernet.read(a1111_file("case8_with_optim"), optimizer_state=True)
+    hn = hn_file.hypernetwork
+    state = hn_file.optimizer.state_dict
     reason = damage(state)
-    hypernet.save(hn, tmp_path / "case8.pt", optimizer_state_dict=state, optimizer_name="AdamW")
+    hypernet.save(hn, tmp_path / "case8.pt", hypernet.OptimizerState("AdamW", state))
     out = tmp_path / "more"
     with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -369,7 +371,7 @@ def test_a_companion_that_does_not_fit_the_runs_optimizer_warns_once_and_trainin
     said = [line for line in said if "optimizer state" in line]
     assert len(said) == 1 and "\n" not in said[0], said
     assert said[0].startswith(f"ignoring optimizer state: {tmp_path / 'case8.pt.optim'}: {reason}; training "), said
-    state = hypernet.load(out / "case8b.pt", optimizer_state=True).optimizer_state_dict
+    state = hypernet.read(out / "case8b.pt", optimizer_state=True).optimizer.state_dict
     assert int(state["state"][0]["step"]) == 3, "a fresh AdamW state: the 3 steps of this run"
     assert state["param_groups"][0]["amsgrad"] is False
 
@@ -423,7 +425,7 @@ def test_v_prediction_snr_noise_offset_checkpointing_bf16(sd2_model_dir, small_d
         == 0
     )
     hn = hypernet.load(out / "sd2.pt")
-    assert hn.widths == [128, 40, 80, 160] and hn.add_layer_norm
+    assert hn.widths == [128, 40, 80, 160] and hn.config.add_layer_norm
     assert all(t.dtype == torch.float32 for t in hn.state_dict().values()), "master weights stay float32"
     rows = [line.split(",") for line in open(out / "loss.csv").read().split()[1:]]
     rates = [float(r[4]) for r in rows]
@@ -449,8 +451,9 @@ def test_8bit_adam_on_cpu_and_a_clear_error_without_bitsandbytes(
         )
         == 0
     )
-    hn = hypernet.load(out / "bnb.pt", optimizer_state=True)
-    assert hn.optimizer_name == "AdamW8bit" and hn.optimizer_state_dict is not None
+    hn_file = hypernet.read(out / "bnb.pt", optimizer_state=True)
+    hn = hn_file.hypernetwork
+    assert hn_file.optimizer is not None and hn_file.optimizer.name == "AdamW8bit"
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
     code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, out) + ["--use_8bit_adam"])
     assert code == 2 and text.startswith("--use_8bit_adam needs bitsandbytes: pip install")
@@ -496,7 +499,7 @@ def test_imagefolder_dataset_varsize_and_alpha_weights(tiny_model_dir, tmp_path,
         == 0
     )
     hn = hypernet.load(out / "ds.pt")
-    assert hn.dropout_structure == [0, 0.1, 0.2, 0] and hn.use_dropout and hn.activate_output
+    assert hn.config.dropout_structure == [0, 0.1, 0.2, 0] and hn.config.use_dropout and hn.config.activate_output
     assert [type(m).__name__ for m in hn.pair(96)[0].linear] == [
         "Linear",
         "ELU",

@@ -52,7 +52,7 @@ def test_fp16_overflow_is_skipped_by_the_loss_scaler(tiny_model_dir, small_datas
     )
     assert len(scales) == 5 and scales[2] < scales[1], f"the scaler backed off at the overflowing step: {scales}"
     hn = hypernet.load(out / "x.pt")
-    assert hn.step == 5 and all(torch.isfinite(p).all() for p in hn.parameters())
+    assert hn.config.step == 5 and all(torch.isfinite(p).all() for p in hn.parameters())
     assert all(p.dtype == torch.float32 for p in hn.parameters())
 
 
@@ -81,5 +81,6 @@ def test_mixed_precision_training_on_cuda(tiny_model_dir, small_dataset, tmp_pat
     rows = open(out / "loss.csv").read().split()[1:]
     losses = [float(r.split(",")[3]) for r in rows]
     assert sum(losses[-10:]) < sum(losses[:10])
-    hn = hypernet.load(out / "x.pt", optimizer_state=True)
-    assert hn.optimizer_name == ("AdamW8bit" if "--use_8bit_adam" in flags else "AdamW")
+    hn_file = hypernet.read(out / "x.pt", optimizer_state=True)
+    hn = hn_file.hypernetwork
+    assert hn_file.optimizer.name == ("AdamW8bit" if "--use_8bit_adam" in flags else "AdamW")

@@ -150,7 +150,7 @@ def test_misleading_files_get_messages_that_say_what_they_are(tmp_path):
 def test_safetensors_metadata_of_the_wrong_type(tmp_path):
     hypernet.save(hypernet.load(a1111_file("case1_default_relu")), tmp_path / "ok.safetensors")
     tensors = load_file(tmp_path / "ok.safetensors")
-    metadata = hypernet.formats.read_safetensors_header(tmp_path / "ok.safetensors")["__metadata__"]
+    metadata = hypernet.untrusted.read_safetensors_header(tmp_path / "ok.safetensors")["__metadata__"]
     for key, value, match in [
         ("pt_keys", '{"a": 1}', r"pt_keys is not a list of names"),
         ("pt_keys", "[" * 5000 + "]" * 5000, r"pt_keys is not JSON|nested"),
@@ -167,23 +167,23 @@ def test_optimizer_state_is_read_only_when_asked_and_a_bad_one_is_ignored(tmp_pa
     optim = torch.load(a1111_file("case8_with_optim", ".pt.optim"), weights_only=True)
     optim["optimizer_state_dict"]["param_groups"][0]["params"] = [[0, 1], 2]
     torch.save(optim, tmp_path / "c.pt.optim")
-    assert hypernet.load(tmp_path / "c.pt").optimizer_state_dict is None, "generate never reads the .optim"
+    assert hypernet.read(tmp_path / "c.pt").optimizer is None, "generate never reads the .optim"
     with pytest.warns(UserWarning, match=r"ignoring optimizer state: .*params are not lists of parameter numbers"):
-        assert hypernet.load(tmp_path / "c.pt", optimizer_state=True).optimizer_state_dict is None
+        assert hypernet.read(tmp_path / "c.pt", optimizer_state=True).optimizer is None
     optim = torch.load(a1111_file("case8_with_optim", ".pt.optim"), weights_only=True)
     optim["optimizer_state_dict"]["param_groups"][0]["weight_decay"] = float("nan")
     torch.save(optim, tmp_path / "c.pt.optim")
     with pytest.warns(UserWarning, match=r"ignoring optimizer state: .*its weight_decay is nan"):
-        hypernet.load(tmp_path / "c.pt", optimizer_state=True)
+        hypernet.read(tmp_path / "c.pt", optimizer_state=True)
     optim["optimizer_state_dict"]["param_groups"][0]["weight_decay"] = 0.01
     optim["extra"] = shared(60)
     torch.save(optim, tmp_path / "c.pt.optim")
     with pytest.warns(UserWarning, match=r"ignoring optimizer state: .*too large a structure|nested"):
-        hypernet.load(tmp_path / "c.pt", optimizer_state=True)
+        hypernet.read(tmp_path / "c.pt", optimizer_state=True)
     os.remove(tmp_path / "c.pt.optim")
     os.mkfifo(tmp_path / "c.pt.optim")
     with pytest.warns(UserWarning, match=r"c.pt.optim: not a regular file"):
-        hypernet.load(tmp_path / "c.pt", optimizer_state=True)
+        hypernet.read(tmp_path / "c.pt", optimizer_state=True)
     assert run_script("convert.py", "--info", tmp_path / "c.pt") == 0, "--info does not block on a FIFO"
 
 
@@ -445,7 +445,7 @@ def test_fuzz_structured_mutations_of_real_files(tmp_path_factory, field, kind, 
         def action():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                hypernet.load(directory / "m.pt", optimizer_state=True)
+                hypernet.read(directory / "m.pt", optimizer_state=True)
 
         return within_bounds(action)
     data[field] = value
@@ -456,7 +456,7 @@ def test_fuzz_structured_mutations_of_real_files(tmp_path_factory, field, kind, 
         return within_bounds(lambda: hypernet.load(directory / "m.pt"))
     hypernet.save(hypernet.load(a1111_file("case8_with_optim")), directory / "ok.safetensors")
     tensors = load_file(directory / "ok.safetensors")
-    metadata = hypernet.formats.read_safetensors_header(directory / "ok.safetensors")["__metadata__"]
+    metadata = hypernet.untrusted.read_safetensors_header(directory / "ok.safetensors")["__metadata__"]
     key = {"is_layer_norm": "is_layer_norm"}.get(field, field)
     import json
 

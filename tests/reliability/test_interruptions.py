@@ -72,8 +72,9 @@ def test_sigkill_during_a_checkpoint_save_leaves_the_last_good_files(tiny_model_
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-6.partial"]
     assert hypernet.load(out / "checkpoint-3" / "hypernetwork.safetensors").step == 3
     for step in (3, 6):
-        saved = hypernet.load(out / "hypernetworks" / f"x-{step}.pt", optimizer_state=True)
-        assert saved.step == step and saved.optimizer_state_dict is not None
+        saved_file = hypernet.read(out / "hypernetworks" / f"x-{step}.pt", optimizer_state=True)
+        saved = saved_file.hypernetwork
+        assert saved.config.step == step and saved_file.optimizer is not None
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")], "no half-written file left in place"
 
     resumed = subprocess.run(
@@ -167,7 +168,7 @@ def test_nan_loss_is_skipped_and_reported(tiny_model_dir, small_dataset, tmp_pat
     rows = read_csv(out / "loss.csv")
     assert rows[2]["loss"] == "nan" and all(r["loss"] != "nan" for r in rows[:2] + rows[3:])
     hn = hypernet.load(out / "x.pt")
-    assert hn.step == 5 and all(torch.isfinite(p).all() for p in hn.parameters())
+    assert hn.config.step == 5 and all(torch.isfinite(p).all() for p in hn.parameters())
 
 
 def test_too_many_bad_steps_stop_with_the_last_good_hypernetwork(
@@ -197,7 +198,7 @@ def test_too_many_bad_steps_stop_with_the_last_good_hypernetwork(
     )
     # The weights after step 2 gave the non-finite loss of step 3: the last good ones are those after step 1.
     last_good, final = hypernet.load(out / "hypernetworks" / "x-1.pt"), hypernet.load(out / "x.pt")
-    assert final.step == 4
+    assert final.config.step == 4
     snapshot = hypernet.load(out / "hypernetworks" / "x-3.pt")
     for a, b, c in zip(last_good.parameters(), final.parameters(), snapshot.parameters()):
         assert torch.equal(a, b) and torch.equal(a, c), "every file after the bad step holds the last good weights"

@@ -81,7 +81,7 @@ def test_a_step_that_overflows_the_weights_is_undone_at_once(tiny_model_dir, sma
     initial = hypernet.load(out / "hypernetworks" / "x-1.pt")
     final = hypernet.load(out / "x.pt")
     assert all(torch.equal(a, b) for a, b in zip(initial.parameters(), final.parameters()))
-    assert all_finite(out / "x.pt") and final.step == 2
+    assert all_finite(out / "x.pt") and final.config.step == 2
 
     # The rate overflows at step 2 (a save step) and at step 4 (a save step and the last): each is undone, the
     # steps between train on, and the run ends normally with the weights of step 3.
@@ -108,7 +108,7 @@ def test_a_step_that_overflows_the_weights_is_undone_at_once(tiny_model_dir, sma
     for path in (out / "x.pt", out / "safetensors" / "x.safetensors"):
         final = hypernet.load(path)
         assert all(torch.equal(a, b) for a, b in zip(saved[3].parameters(), final.parameters())), path
-    optim = hypernet.load(out / "x.pt", optimizer_state=True).optimizer_state_dict
+    optim = hypernet.read(out / "x.pt", optimizer_state=True).optimizer.state_dict
     assert all(torch.isfinite(v).all() for s in optim["state"].values() for v in s.values() if torch.is_tensor(v))
 
 
@@ -189,9 +189,8 @@ def test_a_new_run_refuses_a_folder_with_another_runs_checkpoints(tiny_model_dir
     assert train(tiny_model_dir, small_dataset, out, "--checkpointing_steps", 2, steps=4) == 0
     assert train(tiny_model_dir, small_dataset, out, steps=2) == 2
     assert last_line(capsys).endswith(
-        "holds checkpoints of an earlier run (checkpoint-2, checkpoint-4); continue it with --resume_from_checkpoint "
-        "latest, or "
-        "give the new run another folder"
+        "holds checkpoints of an earlier run (checkpoint-2, checkpoint-4); continue it (resume from its latest "
+        "checkpoint), or give the new run another folder"
     )
     other = tmp_path / "other"
     assert train(tiny_model_dir, small_dataset, other, "--checkpointing_steps", 6, steps=6) == 0
@@ -315,12 +314,13 @@ def fill(path, keep):
 
 
 def test_a_full_disk_keeps_each_pt_and_optim_pair_consistent(tmp_path, monkeypatch):
-    hn = hypernet.load(a1111_file("case8_with_optim"), optimizer_state=True)
+    hn_file = hypernet.read(a1111_file("case8_with_optim"), optimizer_state=True)
+    hn = hn_file.hypernetwork
     with small_disk(tmp_path / "disk", size="4m") as mounted:
         target = tmp_path / "disk" / "x.pt"
-        hypernet.save(hn, target, hn.optimizer_state_dict)
+        hypernet.save(hn, target, hn_file.optimizer)
         before = (target.read_bytes(), (tmp_path / "disk" / "x.pt.optim").read_bytes())
-        hn.step += 1
+        hn.config.step += 1
         if mounted:
             fill(tmp_path / "disk", keep=len(before[0]) + 4096)  # room for the .pt, not for its .optim
         else:
@@ -333,7 +333,7 @@ def test_a_full_disk_keeps_each_pt_and_optim_pair_consistent(tmp_path, monkeypat
 
             monkeypatch.setattr(formats, "torch_save_for_webui", full_for_optim)
         with pytest.raises(hypernet.HypernetError, match=r"could not write \(no space left on the device: [\d.]+ MiB"):
-            hypernet.save(hn, target, hn.optimizer_state_dict)
+            hypernet.save(hn, target, hn_file.optimizer)
         after = (target.read_bytes(), (tmp_path / "disk" / "x.pt.optim").read_bytes())
         assert after == before, "neither file replaced"
         assert [n for n in os.listdir(tmp_path / "disk") if n.endswith(".tmp")] == []
@@ -374,7 +374,7 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_files(
         for name in (n for n in snapshots if n.endswith(".pt")):
             path = out / "hypernetworks" / name
             if os.path.exists(f"{path}.optim"):
-                assert hypernet.load(path, optimizer_state=True).optimizer_state_dict is not None, "a matching pair"
+                assert hypernet.read(path, optimizer_state=True).optimizer is not None, "a matching pair"
 
 
 # processes ----------------------------------------------------------------------------------------------------

@@ -115,8 +115,9 @@ def test_optim_with_a_pickle_payload_is_ignored_without_running_it(tmp_path, mon
 
     torch.save({"hash": hypernet.shorthash("c.pt"), "optimizer_state_dict": Payload()}, "c.pt.optim")
     with pytest.warns(UserWarning, match="ignoring optimizer state: c.pt.optim: refused"):
-        hn = hypernet.load("c.pt", optimizer_state=True)
-    assert hn.optimizer_state_dict is None and not os.path.exists("PWNED_OPTIM")
+        hn_file = hypernet.read("c.pt", optimizer_state=True)
+        hn = hn_file.hypernetwork
+    assert hn_file.optimizer is None and not os.path.exists("PWNED_OPTIM")
 
 
 def test_disk_full_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -1,0 +1,230 @@
+"""Managing a training run's folder: one run at a time (a lock), what a killed run left removed, the run's id,
+which checkpoint to resume and whether it is whole, and the last good weights to go back to after a bad step."""
+
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+
+import torch
+
+from .errors import ArgumentError, HypernetError, UsageError
+from .untrusted import torch_load_safely
+
+CHECKPOINT_FILES = ("hypernetwork.safetensors", "training_state.json", "optimizer.bin", "scheduler.bin")
+RANDOM_STATES = re.compile(r"random_states_\d+\.pkl")  # accelerate's, one per process
+TEMPORARY_FILE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # hypernet.files.atomic_writes' names
+PARTIAL_CHECKPOINT = re.compile(r"checkpoint-\d+\.partial")
+
+
+def new_run_id():
+    """The id every checkpoint of one run carries, resumed or not."""
+    return uuid.uuid4().hex
+
+
+def list_checkpoints(output_dir):
+    """The checkpoint-STEP folders in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+def read_training_state(checkpoint):
+    """A checkpoint's training_state.json, checked: step, losses, bad-step count and run id."""
+    path = os.path.join(checkpoint, "training_state.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not (
+            isinstance(saved["step"], int)
+            and isinstance(saved["losses"], list)
+            and isinstance(saved["bad_steps"], int)
+        ):
+            raise ValueError("wrong types")
+        if not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in saved["losses"]
+        ):
+            raise ValueError("its losses are not all finite numbers")
+        if not isinstance(saved.get("run_id"), (str, type(None))):
+            raise ValueError("its run_id is not text")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: damaged ({e}); resume from an earlier checkpoint or start anew") from None
+    return saved
+
+
+def check_checkpoint_files(path):
+    """Every file of a checkpoint is one a run writes, and its optimizer and scheduler states read safely as state
+    dicts, before accelerate's load_state sees them."""
+    for name in sorted(os.listdir(path)):
+        if name not in CHECKPOINT_FILES and not RANDOM_STATES.fullmatch(name):
+            raise UsageError(
+                f"{os.path.join(path, name)}: not a file this script's checkpoints hold (it may come from another "
+                "script); resume from a checkpoint of train_hypernetwork.py"
+            )
+    for name, keys in (("optimizer.bin", ("state", "param_groups")), ("scheduler.bin", ())):
+        file = os.path.join(path, name)
+        try:
+            state = torch_load_safely(file)
+        except HypernetError as e:
+            raise UsageError(f"{e}; resume from an earlier checkpoint or start anew") from None
+        if not isinstance(state, dict) or any(key not in state for key in keys):
+            raise UsageError(f"{file}: damaged (not a state dict); resume from an earlier checkpoint or start anew")
+
+
+def checkpoint_to_resume(output_dir, checkpoint):
+    """The checkpoint folder to resume: `checkpoint` is "latest" (the newest in `output_dir`, None where it has
+    none), a folder, or a folder's name in `output_dir`. Checked whole: its files are all there and read safely,
+    and "latest" refuses a folder that holds checkpoints of several runs (ArgumentErrors about `checkpoint`; a
+    damaged file is a UsageError naming it)."""
+    if checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            return None
+        runs = {read_training_state(os.path.join(output_dir, name)).get("run_id") for name in found}
+        if len(runs) > 1:
+            raise ArgumentError(
+                "checkpoint",
+                f"latest: {output_dir} holds checkpoints of {len(runs)} different runs ({', '.join(found)}); name the "
+                "one to continue, as checkpoint-STEP"
+            )
+        path = os.path.join(output_dir, found[-1])
+    else:
+        path = checkpoint
+        if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
+            path = os.path.join(output_dir, path)
+    missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise ArgumentError(
+            "checkpoint", f"{path}: not a complete checkpoint of this script (missing {', '.join(missing)})"
+        )
+    read_training_state(path)
+    check_checkpoint_files(path)
+    return path
+
+
+class RunLock:
+    """One run per output folder: an exclusive lock on OUTPUT/.hypernet.lock that ends with the process that holds
+    it, so a crash leaves none behind."""
+
+    def __init__(self, output_dir):
+        self.file = open(os.path.join(output_dir, ".hypernet.lock"), "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            owner = self.file.read().strip()
+            self.file.close()
+            raise ArgumentError(
+                "output_dir",
+                f"{output_dir}: another run is writing to it ({owner or 'pid unknown'}); give each run its own folder"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def remove_leftovers(output_dir, folders=("hypernetworks", "images")):
+    """What a killed run left unfinished: temporary files beside the files it was replacing, and checkpoints it was
+    still writing (checkpoint-STEP.partial)."""
+    for folder in (output_dir, *(os.path.join(output_dir, d) for d in folders)):
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if TEMPORARY_FILE.fullmatch(name):
+                os.remove(os.path.join(folder, name))
+    for name in os.listdir(output_dir):
+        if PARTIAL_CHECKPOINT.fullmatch(name):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def claim_output_dir(output_dir, resuming):
+    """Lock `output_dir` for this run (a RunLock), remove what a killed run left, and refuse to mix a new run into
+    an earlier run's checkpoints (ArgumentErrors about `output_dir`)."""
+    lock = RunLock(output_dir)
+    try:
+        remove_leftovers(output_dir)
+        earlier = list_checkpoints(output_dir)
+        if earlier and not resuming:
+            raise ArgumentError(
+                "output_dir",
+                f"{output_dir} holds checkpoints of an earlier run ({', '.join(earlier)}); continue it (resume from "
+                "its latest checkpoint), or give the new run another folder"
+            )
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+class LastGood:
+    """The weights and optimizer state as they were before the last optimizer step, to go back to when a step's
+    loss, weights or optimizer state turn out not finite: the weights saved as the last good ones always gave a
+    finite loss.
+
+    Its copies live in buffers allocated once, on the parameters' devices: the weights' at construction, the
+    optimizer state's at the first keep() after the optimizer made its state (AdamW: two moments and a step per
+    weight). Memory: one more copy of the weights and of the optimizer's tensor state (3x the hypernetwork's weights
+    for AdamW); each step copies those bytes in place and allocates nothing.
+    """
+
+    def __init__(self, parameters, optimizer):
+        self.parameters, self.optimizer = list(parameters), optimizer
+        self.weights = [p.detach().clone() for p in self.parameters]
+        self.state = {}  # parameter -> {key: a tensor buffer, or a value that is not a tensor}
+        self.kept = False
+        self.restored = False  # whether the weights now are the restored ones
+
+    @torch.no_grad()
+    def keep(self):
+        for saved, p in zip(self.weights, self.parameters):
+            saved.copy_(p)
+        for p, values in self.optimizer.state.items():
+            saved = self.state.setdefault(p, {})
+            for key, value in values.items():
+                if not torch.is_tensor(value):
+                    saved[key] = value
+                elif key in saved and _same_layout(saved[key], value):
+                    saved[key].copy_(value)
+                else:  # the first keep after the optimizer made this state
+                    saved[key] = value.detach().clone()
+        self.kept = True
+
+    @torch.no_grad()
+    def finite(self):
+        """Whether the weights and the optimizer's floating-point state are all finite (one device sync)."""
+        tensors = list(self.parameters) + [
+            v
+            for values in self.optimizer.state.values()
+            for v in values.values()
+            if torch.is_tensor(v) and v.is_floating_point()
+        ]
+        return bool(torch.stack([torch.isfinite(t).all().to(self.parameters[0].device) for t in tensors]).all())
+
+    @torch.no_grad()
+    def restore(self):
+        for saved, p in zip(self.weights, self.parameters):
+            p.copy_(saved)
+        if not self.kept:
+            return
+        for p, values in self.state.items():
+            for key, value in values.items():
+                current = self.optimizer.state[p].get(key)
+                if torch.is_tensor(current) and torch.is_tensor(value) and _same_layout(current, value):
+                    current.copy_(value)
+                else:
+                    self.optimizer.state[p][key] = value.clone() if torch.is_tensor(value) else value
+
+    def nbytes(self):
+        """Bytes its buffers hold."""
+        tensors = self.weights + [v for values in self.state.values() for v in values.values() if torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _same_layout(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device

@@ -1,0 +1,108 @@
+"""hypernet.runs: the lock, leftovers, checkpoint choice and the last good weights, without a training run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hypernet
+from hypernet import runs
+
+
+def checkpoint(folder, step, run_id="a", files=runs.CHECKPOINT_FILES):
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    for name in files:
+        if name == "training_state.json":
+            (path / name).write_text(json.dumps({"step": step, "losses": [0.1], "bad_steps": 0, "run_id": run_id}))
+        elif name.endswith(".bin"):
+            torch.save({"state": {}, "param_groups": []}, path / name)
+        else:
+            hypernet.save(hypernet.Hypernetwork([8]), path / name)
+    return path
+
+
+def test_latest_is_the_newest_checkpoint_of_the_one_run(tmp_path):
+    checkpoint(tmp_path, 2), checkpoint(tmp_path, 10), checkpoint(tmp_path, 4)
+    assert runs.list_checkpoints(tmp_path) == ["checkpoint-2", "checkpoint-4", "checkpoint-10"]
+    assert runs.checkpoint_to_resume(tmp_path, "latest") == os.path.join(tmp_path, "checkpoint-10")
+    assert runs.checkpoint_to_resume(tmp_path, "checkpoint-4") == os.path.join(tmp_path, "checkpoint-4")
+    assert runs.checkpoint_to_resume(tmp_path / "empty", "latest") is None
+    checkpoint(tmp_path, 12, run_id="b")
+    with pytest.raises(hypernet.errors.ArgumentError, match=r"^latest: .* holds checkpoints of 2 different runs") as e:
+        runs.checkpoint_to_resume(tmp_path, "latest")
+    assert e.value.argument == "checkpoint"
+    assert str(e.value.about("--resume_from_checkpoint")).startswith("--resume_from_checkpoint latest: ")
+
+
+def test_an_incomplete_or_damaged_checkpoint_is_refused_by_name(tmp_path):
+    checkpoint(tmp_path, 2, files=runs.CHECKPOINT_FILES[:2])
+    with pytest.raises(hypernet.errors.ArgumentError, match=r"checkpoint-2: not a complete checkpoint .*optimizer.bin"):
+        runs.checkpoint_to_resume(tmp_path, "checkpoint-2")
+    path = checkpoint(tmp_path, 4)
+    (path / "training_state.json").write_text('{"step": 4, "losses": [NaN], "bad_steps": 0}')
+    with pytest.raises(hypernet.UsageError, match=r"training_state.json: damaged \(its losses are not all finite"):
+        runs.checkpoint_to_resume(tmp_path, "checkpoint-4")
+    path = checkpoint(tmp_path, 6)
+    (path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(hypernet.UsageError, match=r"model.safetensors: not a file this script's checkpoints hold"):
+        runs.checkpoint_to_resume(tmp_path, "checkpoint-6")
+
+
+def test_one_run_per_folder_and_leftovers_removed(tmp_path):
+    (tmp_path / "hypernetworks").mkdir()
+    leftovers = [tmp_path / ".x.pt.0123abcd.tmp", tmp_path / "hypernetworks" / ".x-5.pt.89abcdef.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    (tmp_path / "checkpoint-8.partial").mkdir()
+    kept = tmp_path / "notes.tmp"
+    kept.write_text("mine")
+    lock = runs.claim_output_dir(tmp_path, resuming=False)
+    assert not any(path.exists() for path in leftovers) and not (tmp_path / "checkpoint-8.partial").exists()
+    assert kept.exists()
+    code = f"from hypernet import runs; runs.claim_output_dir({str(tmp_path)!r}, resuming=False)"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert f"another run is writing to it (pid {os.getpid()}); give each run its own folder" in other.stderr
+    lock.close()
+    subprocess.run([sys.executable, "-c", code], check=True)  # the lock ended with its holder
+    checkpoint(tmp_path, 2)
+    with pytest.raises(hypernet.errors.ArgumentError, match=r"holds checkpoints of an earlier run \(checkpoint-2\)"):
+        runs.claim_output_dir(tmp_path, resuming=False)
+    runs.claim_output_dir(tmp_path, resuming=True).close()
+
+
+def test_last_good_restores_weights_and_adamw_state_from_buffers_allocated_once():
+    hn = hypernet.Hypernetwork([8, 4], activation_func="relu", weight_init="XavierNormal").train()
+    parameters = list(hn.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=0.1)
+    last_good = runs.LastGood(parameters, optimizer)
+    weights_bytes = sum(p.numel() * p.element_size() for p in parameters)
+    assert last_good.nbytes() == weights_bytes
+
+    def step():
+        for p in parameters:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+
+    last_good.keep()
+    step()  # the optimizer makes its state
+    last_good.keep()
+    buffers = [id(t) for values in last_good.state.values() for t in values.values() if torch.is_tensor(t)]
+    for _ in range(3):
+        last_good.keep()
+        kept = [p.detach().clone() for p in parameters], [optimizer.state[p]["exp_avg"].clone() for p in parameters]
+        step()
+    assert [id(t) for values in last_good.state.values() for t in values.values() if torch.is_tensor(t)] == buffers
+    # AdamW: exp_avg, exp_avg_sq and step per weight, beside the weights themselves
+    steps = [optimizer.state[p]["step"] for p in parameters]
+    assert last_good.nbytes() == 3 * weights_bytes + sum(s.numel() * s.element_size() for s in steps)
+    parameters[0].data[0, 0] = float("nan")
+    assert not last_good.finite()
+    last_good.restore()  # to the state before the last of the four steps
+    assert last_good.finite()
+    assert all(torch.equal(w, p) for w, p in zip(kept[0], parameters))
+    assert all(torch.equal(m, optimizer.state[p]["exp_avg"]) for m, p in zip(kept[1], parameters))
+    assert [optimizer.state[p]["step"].item() for p in parameters] == [3.0] * len(parameters)
