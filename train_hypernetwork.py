@@ -437,15 +437,15 @@ def validate_args(args, given=()):
     args.layer_structure = parse_numbers(args.layer_structure, "--layer_structure")
     if args.dropout_structure is not None:
         args.dropout_structure = parse_numbers(args.dropout_structure, "--dropout_structure")
-    try:
-        HypernetworkConfig([], **architecture(args))
-    except HypernetError as e:
-        raise UsageError(f"--{e}") from None  # the config's errors start with the setting's name
     if args.activation_func not in trainable_activations():
         raise UsageError(
             f"--activation_func {args.activation_func!r}: not an elementwise activation hypernet can train; use one "
             f"of {', '.join(trainable_activations())}"
         )
+    try:
+        HypernetworkConfig([], **architecture(args))
+    except HypernetError as e:
+        raise UsageError(f"--{e}") from None  # the config's errors start with the setting's name
     if args.widths != "auto":
         args.widths = parse_numbers(args.widths, "--widths", kind=int)
         if any(w < 1 for w in args.widths):
@@ -1169,7 +1169,9 @@ def log_validation(accelerator, args, models, prompt_encoder, model, hn, step, w
     name, short_hash = preview_hypernetwork(args, step)
     images, generations = [], []
     hn.eval()
-    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+    merged = accelerator.unwrap_model(model).attachment.merged()  # baked once for all the previews' steps
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), merged:
         for i, prompt in enumerate(args.preview_prompt):
             generation = Generation(
                 prompt=prompt,
@@ -1185,7 +1187,7 @@ def log_validation(accelerator, args, models, prompt_encoder, model, hn, step, w
                 hypernetworks=[(name, 1.0, short_hash)],
                 clip_skip=args.clip_skip if prompt_encoder.clip_skip_applies else 1,
             )
-            with torch.no_grad(), accelerator.autocast():
+            with accelerator.autocast():
                 batch = generation.images(pipeline, prompt_encoder, accelerator.device, args.num_preview_images)
             for j, image in enumerate(batch):
                 one = dataclasses.replace(generation, seed=args.preview_seed + j)

@@ -1,4 +1,16 @@
-"""AUTOMATIC1111-style hypernetworks for diffusers: the module, the file formats, attaching to a UNet."""
+"""AUTOMATIC1111-style hypernetworks for diffusers: the module, the file formats, attaching to a UNet.
+
+    config = hypernet.HypernetworkConfig(hypernet.SD1_WIDTHS, layer_structure=[1, 2, 1], activation_func="relu")
+    hn = hypernet.Hypernetwork(config)                    # or hypernet.load("style.pt")
+    hypernet.save(hn, "style.pt")                         # the webui's .pt; .safetensors by suffix
+    with hypernet.attach(pipe.unet, [hn.eval().set_multiplier(0.8)], merge=True):
+        image = pipe("a castle").images[0]
+
+HypernetworkConfig: every setting, under the webui's names. Hypernetwork / HypernetworkModule: the modules.
+read() -> HypernetworkFile (hypernetwork, FileLayout, OptimizerState), load() -> Hypernetwork, save().
+attach() -> Attachment (merge(), unmerge(), merged(), detach()); compile_blocks(): regional torch.compile.
+Errors: HypernetError and its subclasses, each one line naming the file or value and what to do.
+"""
 
 from .attachment import Attachment, apply_hypernetworks, attach, attention_widths, compile_blocks
 from .errors import FormatError, HypernetError, NotAHypernetworkError, UsageError, WidthMismatchError

@@ -67,7 +67,7 @@ def apply_side_in_graph(hypernetworks, context, side):
     return apply_side(hypernetworks, context, side, maps)
 
 
-def apply_hypernetworks(hypernetworks, context):
+def apply_hypernetworks(hypernetworks, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The webui's apply_hypernetworks: the (K, V) contexts after every hypernetwork in turn."""
     return apply_side(hypernetworks, context, K), apply_side(hypernetworks, context, V)
 
@@ -107,7 +107,7 @@ def fold(weight, bias, maps):
     return weight, bias
 
 
-def attention_widths(unet):
+def attention_widths(unet: nn.Module) -> list[int]:
     """The context widths the UNet's attention layers feed to K and V (text width and self-attention widths)."""
     return sorted({module.to_k.in_features for module in unet.modules() if isinstance(module, Attention)})
 
@@ -360,7 +360,8 @@ class Attachment:
     def __init__(self, unet, hypernetworks, use_linear_maps=True):
         self.unet = unet
         self.hypernetworks = list(hypernetworks)
-        self.merged_fingerprint = None  # the stack as merge() baked it; None while unmerged
+        self.is_merged = False  # a plain bool: compiled blocks read it, and a guard on a bool never recompiles
+        self.merged_fingerprint = None  # the stack as merge() baked it
         self.use_linear_maps = use_linear_maps
         # False runs the text-context modules in every cross-attention layer, as the webui does (for comparison).
         self.text_context_once = True
@@ -388,10 +389,6 @@ class Attachment:
 
     def trainable(self):
         return any(p.requires_grad for hn in self.hypernetworks for p in hn.parameters())
-
-    @property
-    def is_merged(self):
-        return self.merged_fingerprint is not None
 
     def forward_state(self):
         """What this UNet forward shares between its layers; outside the forward (a block that gradient
@@ -453,7 +450,7 @@ class Attachment:
             self._state = None  # no backward will recompute a block of this forward
 
     @torch.no_grad()
-    def merge(self):
+    def merge(self) -> "Attachment":
         """Bake the hypernetworks, as they are now, into to_k/to_v for inference: where every hypernetwork at a
         projection's width is linear, it runs as one Linear, the plain UNet's arithmetic. Call it again after
         changing the hypernetworks (their list, multipliers, weights or mode): until then the UNet refuses to run,
@@ -461,11 +458,12 @@ class Attachment:
         for _, _, projection in self.projections:
             projection.merge(self.hypernetworks)
         self.merged_fingerprint = stack_fingerprint(self.hypernetworks)
+        self.is_merged = True
         return self
 
-    def unmerge(self):
+    def unmerge(self) -> "Attachment":
         """Drop the merged weights: the projections run the hypernetworks' modules again."""
-        self.merged_fingerprint = None
+        self.is_merged, self.merged_fingerprint = False, None
         for _, _, projection in self.projections:
             projection.unmerge()
         return self
@@ -489,7 +487,7 @@ class Attachment:
             setattr(attn, name, projection.base_layer)
             projection.unmerge()
         self.projections = []
-        self.merged_fingerprint = self._state = None
+        self.is_merged, self.merged_fingerprint, self._state = False, None, None
 
     def __enter__(self):
         return self
@@ -504,7 +502,7 @@ REPEATED_BLOCKS = ("BasicTransformerBlock",)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
-def compile_blocks(unet, mode="default", fullgraph=False, backend="inductor"):
+def compile_blocks(unet: nn.Module, mode: str = "default", fullgraph: bool = False, backend="inductor") -> nn.Module:
     """Regional compilation: torch.compile each of the UNet's repeated transformer blocks in place, as diffusers'
     compile_repeated_blocks does, with any hypernetwork wrappers inside them (attach before or after). Blocks of one
     shape share their compiled code, so compiling costs a few blocks' worth, once. mode: "default",
@@ -564,7 +562,7 @@ def unused_widths(hypernetwork, model_widths, what=None):
     )
 
 
-def attach(unet, hypernetworks, merge=False, use_linear_maps=True):
+def attach(unet: nn.Module, hypernetworks, merge: bool = False, use_linear_maps: bool = True) -> "Attachment":
     """Wrap every attention layer's to_k and to_v of `unet` so that the hypernetworks apply, in order, each at its own
     multiplier; the attention processors stay as they are.
 

@@ -274,7 +274,15 @@ def _pt_state_dict(module, legacy, dtype):
     return state
 
 
-def save(hn, path, optimizer=None, *, layout=None, dtype=None, metadata=None):
+def save(
+    hn: Hypernetwork,
+    path: str | os.PathLike,
+    optimizer: OptimizerState | None = None,
+    *,
+    layout: FileLayout | None = None,
+    dtype: torch.dtype | None = None,
+    metadata: dict | None = None,
+) -> None:
     """Write `hn` to `path` (.pt in the webui's layout, or .safetensors) and, given an OptimizerState, its .optim
     companion beside it. `layout`: the FileLayout of the file it was read from, to write it back key for key (the
     current webui's layout where None). `dtype`: the weights' dtype in the file. `metadata`: more text keys for a
@@ -397,7 +405,7 @@ def load_safetensors(path, name=None):
     return build(path, widths, meta, tensors), FileLayout(pt_keys, legacy, extra)
 
 
-def read(path, optimizer_state=False):
+def read(path: str | os.PathLike, optimizer_state: bool = False) -> HypernetworkFile:
     """A webui .pt (either layout) or a .safetensors file, as a HypernetworkFile; anything else is one FormatError.
 
     The hypernetwork comes in eval mode without gradients. `optimizer_state`: also read the .optim companion (to
@@ -416,6 +424,6 @@ def read(path, optimizer_state=False):
     return HypernetworkFile(hn, layout, optimizer)
 
 
-def load(path):
+def load(path: str | os.PathLike) -> Hypernetwork:
     """The hypernetwork in a webui .pt or a .safetensors file (see read), in eval mode without gradients."""
     return read(path).hypernetwork

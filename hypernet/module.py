@@ -301,7 +301,7 @@ class Hypernetwork(nn.Module):
     skips the weight initialisation (for weights about to be loaded).
     """
 
-    def __init__(self, config, /, initialize=True, **settings):
+    def __init__(self, config: "HypernetworkConfig | Sequence[int]", /, initialize: bool = True, **settings):
         super().__init__()
         if not isinstance(config, HypernetworkConfig):
             config = HypernetworkConfig(config, **settings)
@@ -328,12 +328,12 @@ class Hypernetwork(nn.Module):
     def widths(self):
         return [int(width) for width in self.layers]
 
-    def pair(self, width):
+    def pair(self, width: int) -> "tuple[HypernetworkModule, HypernetworkModule] | None":
         """The (K, V) modules for an attention width, or None where this hypernetwork has none."""
         modules = self.layers[str(width)] if str(width) in self.layers else None
         return None if modules is None else (modules[0], modules[1])
 
-    def set_multiplier(self, multiplier):
+    def set_multiplier(self, multiplier: float) -> "Hypernetwork":
         """The strength it applies at in eval mode (the webui's multiplier); training always applies it at 1."""
         for module in self.modules():
             if isinstance(module, HypernetworkModule):

@@ -89,7 +89,7 @@ def checkpoint_to_resume(output_dir, checkpoint):
             raise ArgumentError(
                 "checkpoint",
                 f"latest: {output_dir} holds checkpoints of {len(runs)} different runs ({', '.join(found)}); name the "
-                "one to continue, as checkpoint-STEP"
+                "one to continue, as checkpoint-STEP",
             )
         path = os.path.join(output_dir, found[-1])
     else:
@@ -120,7 +120,7 @@ class RunLock:
             self.file.close()
             raise ArgumentError(
                 "output_dir",
-                f"{output_dir}: another run is writing to it ({owner or 'pid unknown'}); give each run its own folder"
+                f"{output_dir}: another run is writing to it ({owner or 'pid unknown'}); give each run its own folder",
             ) from None
         self.file.seek(0)
         self.file.truncate()
@@ -154,7 +154,7 @@ def claim_output_dir(output_dir, resuming):
             raise ArgumentError(
                 "output_dir",
                 f"{output_dir} holds checkpoints of an earlier run ({', '.join(earlier)}); continue it (resume from "
-                "its latest checkpoint), or give the new run another folder"
+                "its latest checkpoint), or give the new run another folder",
             )
     except BaseException:
         lock.close()

@@ -14,7 +14,8 @@ from helpers import ROOT, train
 from PIL import Image
 from records_worker import records_as_dict
 
-from hypernet import data, formats
+import hypernet
+from hypernet import data
 from hypernet.prompts import PromptEncoder
 from hypernet.training import load_models
 
@@ -191,7 +192,7 @@ def test_file_hashes_are_cached_by_size_and_time(tmp_path, monkeypatch):
     monkeypatch.setenv("HYPERNET_CACHE_DIR", str(tmp_path / "hashes"))
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"x" * 1000)
-    first = formats.cached_sha256(path)
+    first = hypernet.hashing.cached_sha256(path)
     reads = []
     real_open = open
 
@@ -201,9 +202,9 @@ def test_file_hashes_are_cached_by_size_and_time(tmp_path, monkeypatch):
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", counting_open)
-    assert formats.cached_sha256(path) == first and reads == [], "cached: the file is not read again"
+    assert hypernet.hashing.cached_sha256(path) == first and reads == [], "cached: the file is not read again"
     path.write_bytes(b"y" * 1001)
-    assert formats.cached_sha256(path) != first and reads == [1]
+    assert hypernet.hashing.cached_sha256(path) != first and reads == [1]
     cache = json.load(real_open(tmp_path / "hashes" / "hashes.json"))
     assert cache[os.path.realpath(path)]["size"] == 1001
 
@@ -365,7 +366,7 @@ def test_training_on_a_stream(tiny_model_dir, varied_dataset, tmp_path):
         == 0
     )
     settings = json.load(open(out / "training_settings.json"))
-    assert settings["dataset_size"] == 40 and formats.load(out / "s.pt").step == 2
+    assert settings["dataset_size"] == 40 and hypernet.load(out / "s.pt").config.step == 2
 
 
 def make_sharded_parquet(folder, images, shards=4):

@@ -122,7 +122,6 @@ def test_optimizer_state_refused_when_pt_altered(tmp_path):
         f.write(b"\0")
     with pytest.warns(UserWarning, match="saved for another file"):
         hn_file = hypernet.read(tmp_path / "c.pt", optimizer_state=True)
-        hn = hn_file.hypernetwork
     assert hn_file.optimizer is None
 
 
@@ -204,7 +203,6 @@ def test_optimizer_state_that_does_not_fit_its_optimizer_is_ignored_with_one_war
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded_file = hypernet.read(tmp_path / "d.pt", optimizer_state=True)
-        loaded = loaded_file.hypernetwork
     assert loaded_file.optimizer is None
     (warning,) = [str(w.message) for w in caught]
     assert "\n" not in warning
@@ -225,7 +223,6 @@ def test_an_amsgrad_state_with_its_moment_fits_an_amsgrad_adamw(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded_file = hypernet.read(tmp_path / "a.pt", optimizer_state=True)
-        loaded = loaded_file.hypernetwork
     assert loaded_file.optimizer.state_dict["param_groups"][0]["amsgrad"] is True
 
 

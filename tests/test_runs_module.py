@@ -40,7 +40,9 @@ def test_latest_is_the_newest_checkpoint_of_the_one_run(tmp_path):
 
 def test_an_incomplete_or_damaged_checkpoint_is_refused_by_name(tmp_path):
     checkpoint(tmp_path, 2, files=runs.CHECKPOINT_FILES[:2])
-    with pytest.raises(hypernet.errors.ArgumentError, match=r"checkpoint-2: not a complete checkpoint .*optimizer.bin"):
+    with pytest.raises(
+        hypernet.errors.ArgumentError, match=r"checkpoint-2: not a complete checkpoint .*optimizer.bin"
+    ):
         runs.checkpoint_to_resume(tmp_path, "checkpoint-2")
     path = checkpoint(tmp_path, 4)
     (path / "training_state.json").write_text('{"step": 4, "losses": [NaN], "bad_steps": 0}')

@@ -195,7 +195,7 @@ def test_a_long_caption_is_trained_on_whole_and_clip_skip_is_recorded(tiny_model
 
     with safe_open(out / "safetensors" / "long.safetensors", "pt") as f:
         assert f.metadata()["clip_skip"] == "2" and f.metadata()["text_encoding"] == "webui"
-    assert hypernet.load(out / "safetensors" / "long.safetensors").step == 4
+    assert hypernet.load(out / "safetensors" / "long.safetensors").config.step == 4
 
 
 def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path):

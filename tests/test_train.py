@@ -154,7 +154,9 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
     hn_file = hypernet.read(out / "inky.pt", optimizer_state=True)
     hn = hn_file.hypernetwork
     assert hn.config.step == 8 and hn.config.name == "inky" and hn.config.activation_func == "relu"
-    assert hn.config.sd_checkpoint == settings["model_hash"] and hn.config.sd_checkpoint_name == os.path.basename(tiny_model_dir)
+    assert hn.config.sd_checkpoint == settings["model_hash"] and hn.config.sd_checkpoint_name == os.path.basename(
+        tiny_model_dir
+    )
     assert hn_file.optimizer is not None and hn_file.optimizer.name == "AdamW"
     from_st = hypernet.load(out / "safetensors" / "inky.safetensors")
     x = torch.randn(2, 77, 96)
@@ -185,7 +187,7 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
     assert (
         user_metadata["description"].endswith(" inky test run") and "activation_func: relu" in user_metadata["notes"]
     )
-    assert hypernet.load(out / "inky.pt").optional_info == "inky test run"
+    assert hypernet.load(out / "inky.pt").config.optional_info == "inky test run"
     assert torch.load(out / "inky.pt", weights_only=True)["optional_info"] == "inky test run"
 
     with safe_open(out / "safetensors" / "inky.safetensors", "pt") as f:

@@ -60,10 +60,10 @@ def base_argv(model, data, out):
         (["--lr_scheduler", "garbage"], r"--lr_scheduler 'garbage': use one of constant, "),
         (
             ["--enable_sizes", "768,320,640,1280"],
-            r"has widths \[768, 320, 640, 1280\] but this model's attention layers use \[96, 40, 80, 160\].*use --enable_sizes auto",
+            r"has widths \[768, 320, 640, 1280\] but this model's attention layers use \[96, 40, 80, 160\].*use --widths auto",
         ),
-        (["--enable_sizes", "-40"], r"--enable_sizes \[-40\]: widths must be positive"),
-        (["--enable_sizes", "40.7"], r"--enable_sizes '40.7': expected comma-separated whole numbers"),
+        (["--enable_sizes", "-40"], r"--widths \[-40\]: widths must be positive"),
+        (["--enable_sizes", "40.7"], r"--widths '40.7': expected comma-separated whole numbers"),
         (
             ["--learning_rate", "1e-3:10, 1e-4", "--lr_scheduler", "cosine"],
             r"is an A1111 schedule; use it with --lr_scheduler constant",
@@ -151,7 +151,7 @@ def test_unusable_model_parts_and_cache_folders_are_one_line_errors_before_heavy
     import builtins
     import errno
 
-    import hypernet.formats
+    import hypernet.files
 
     def read_only(path, *args, **kwargs):
         if ".write-test-" in str(path) and "cache-on-ro" in str(path):
@@ -159,7 +159,7 @@ def test_unusable_model_parts_and_cache_folders_are_one_line_errors_before_heavy
         return builtins.open(path, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hypernet.formats, "open", read_only, raising=False)
+        patch.setattr(hypernet.files, "open", read_only, raising=False)
         code, text = run_cli(
             capsys,
             base_argv(tiny_model_dir, small_dataset, tmp_path / "o") + ["--cache_dir", str(tmp_path / "cache-on-ro")],
@@ -452,7 +452,6 @@ def test_8bit_adam_on_cpu_and_a_clear_error_without_bitsandbytes(
         == 0
     )
     hn_file = hypernet.read(out / "bnb.pt", optimizer_state=True)
-    hn = hn_file.hypernetwork
     assert hn_file.optimizer is not None and hn_file.optimizer.name == "AdamW8bit"
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
     code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, out) + ["--use_8bit_adam"])

@@ -82,5 +82,4 @@ def test_mixed_precision_training_on_cuda(tiny_model_dir, small_dataset, tmp_pat
     losses = [float(r.split(",")[3]) for r in rows]
     assert sum(losses[-10:]) < sum(losses[:10])
     hn_file = hypernet.read(out / "x.pt", optimizer_state=True)
-    hn = hn_file.hypernetwork
     assert hn_file.optimizer.name == ("AdamW8bit" if "--use_8bit_adam" in flags else "AdamW")

@@ -26,7 +26,7 @@ def base_dict():
 def refused(path, match, optimizer_state=False):
     start = time.perf_counter()
     with pytest.raises(hypernet.FormatError, match=match) as info:
-        hypernet.load(path, optimizer_state=optimizer_state)
+        hypernet.read(path, optimizer_state=optimizer_state)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     assert time.perf_counter() - start < 10
     return str(info.value)

@@ -486,7 +486,7 @@ def test_every_checkpoint_of_a_run_carries_its_run_id(tiny_model_dir, small_data
 
 
 def test_disk_errors_name_the_free_space():
-    assert formats.write_failure(OSError(errno.ENOSPC, "No space left on device"), "/tmp/x").startswith(
+    assert hypernet.files.write_failure(OSError(errno.ENOSPC, "No space left on device"), "/tmp/x").startswith(
         "no space left on the device: "
     )
-    assert formats.write_failure(RuntimeError("a bug"), "/tmp/x") is None, "other errors are not disguised"
+    assert hypernet.files.write_failure(RuntimeError("a bug"), "/tmp/x") is None, "other errors are not disguised"

@@ -116,7 +116,6 @@ def test_optim_with_a_pickle_payload_is_ignored_without_running_it(tmp_path, mon
     torch.save({"hash": hypernet.shorthash("c.pt"), "optimizer_state_dict": Payload()}, "c.pt.optim")
     with pytest.warns(UserWarning, match="ignoring optimizer state: c.pt.optim: refused"):
         hn_file = hypernet.read("c.pt", optimizer_state=True)
-        hn = hn_file.hypernetwork
     assert hn_file.optimizer is None and not os.path.exists("PWNED_OPTIM")
 
 
@@ -156,7 +155,7 @@ def test_disk_full_during_training_is_one_clear_error(tiny_model_dir, small_data
         == 2
     )
     assert "x.pt: could not write (no space left on the device: " in capsys.readouterr().err
-    assert hypernet.load(tmp_path / "o" / "hypernetworks" / "x-2.pt").step == 2
+    assert hypernet.load(tmp_path / "o" / "hypernetworks" / "x-2.pt").config.step == 2
 
 
 SEEDS = [a1111_file(c) for c in ("case1_default_relu", "case7_old_format")]
