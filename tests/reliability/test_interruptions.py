@@ -70,7 +70,7 @@ def test_sigkill_during_a_checkpoint_save_leaves_the_last_good_files(tiny_model_
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-6.partial"]
-    assert hypernet.load(out / "checkpoint-3" / "hypernetwork.safetensors").step == 3
+    assert hypernet.load(out / "checkpoint-3" / "hypernetwork.safetensors").config.step == 3
     for step in (3, 6):
         saved_file = hypernet.read(out / "hypernetworks" / f"x-{step}.pt", optimizer_state=True)
         saved = saved_file.hypernetwork
@@ -110,7 +110,7 @@ def test_sigterm_saves_and_exits_0_then_resumes_bitwise(tiny_model_dir, small_da
     rest = process.communicate(timeout=60)[1]
     assert process.returncode == 0, rest[-3000:]
     assert time.time() - started < 30
-    stopped_at = hypernet.load(out / "x.pt").step
+    stopped_at = hypernet.load(out / "x.pt").config.step
     assert 0 < stopped_at < 100000
     assert os.path.isdir(out / f"checkpoint-{stopped_at}")
     assert f"stopped by SIGTERM at step {stopped_at}; continue with --resume_from_checkpoint latest" in rest
