@@ -417,7 +417,7 @@ def test_ctrl_c_saves_and_a_second_one_quits_at_once(tiny_model_dir, small_datas
     process.send_signal(signal.SIGINT)
     rest = process.communicate(timeout=60)[1]
     assert process.returncode == 0, rest[-3000:]
-    step = hypernet.load(out / "x.pt").step
+    step = hypernet.load(out / "x.pt").config.step
     assert step > 0 and os.path.isdir(out / f"checkpoint-{step}")
     assert f"stopped by SIGINT at step {step}; continue with --resume_from_checkpoint latest" in rest
     assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
