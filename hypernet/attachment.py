@@ -398,14 +398,14 @@ class Attachment:
             return state
         return None
 
-    def check_merged(self):
-        """Raise where a merged attachment would compute something other than its hypernetworks as they are."""
+    def check_merged(self, fingerprint):
+        """Raise where a merged attachment would compute something other than its hypernetworks as they are now
+        (`fingerprint`, their stack_fingerprint)."""
         if torch.is_grad_enabled() and self.trainable():
             raise HypernetError(
                 "the attachment is merged, so its hypernetworks cannot train: call attachment.unmerge() before "
                 "training (and merge() again for inference)"
             )
-        fingerprint = stack_fingerprint(self.hypernetworks)
         if fingerprint != self.merged_fingerprint:
             raise HypernetError(
                 f"{_what_changed(self.merged_fingerprint, fingerprint, self.hypernetworks)} since the attachment "
@@ -418,10 +418,11 @@ class Attachment:
         self._state = None
         if torch.compiler.is_compiling():
             return
+        fingerprint = stack_fingerprint(self.hypernetworks)
         if self.is_merged:
-            self.check_merged()
+            self.check_merged(fingerprint)
         self._in_forward = True
-        state = _Forward(stack_fingerprint(self.hypernetworks))
+        state = _Forward(fingerprint)
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if isinstance(context, torch.Tensor) and self.text_context_once:
             if not (self.is_merged and all_linear(self.hypernetworks, context.shape[-1])):
