@@ -35,13 +35,14 @@ def reset_accelerate():
 
 def run_script(script, *argv):
     """Run one of the project's scripts in this process, as `python SCRIPT ARGV...` runs it; returns its exit code.
-    Tests patch the package (never the script) to inject faults."""
-    path = os.path.join(ROOT, script)
+    The script's module (hypernet/scripts/SCRIPT) runs anew each time, so that its names bind to the package as the
+    test has patched it. Tests patch the package (never the script) to inject faults."""
+    module = "hypernet.scripts." + os.path.splitext(script)[0]
     saved_argv = sys.argv
-    sys.argv = [path, *map(str, argv)]
+    sys.argv = [os.path.join(ROOT, script), *map(str, argv)]
     reset_accelerate()
     try:
-        runpy.run_path(path, run_name="__main__")
+        runpy.run_module(module, run_name="__main__")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
