@@ -31,7 +31,7 @@ from common import ROOT, machine
 from PIL import Image
 
 import hypernet
-from hypernet.data import load_template, make_caption, pixel_values
+from hypernet.data import load_template, make_prompt, pixel_values
 from hypernet.evaluation import colour_distance, colour_quantiles
 from hypernet.images import Generation
 from hypernet.prompts import PromptEncoder
@@ -91,13 +91,13 @@ def training_data(models, encoder):
         dist = models.vae.encode(pixel_values(images)).latent_dist
     scaling = models.vae.config.scaling_factor
     templates = load_template(os.path.join(ROOT, "examples", "templates", "style_filewords.txt"))
-    captions, subjects = [], []
+    prompts, subjects = [], []
     for name in names:
         with open(os.path.join(STYLE, name[:-4] + ".txt")) as f:
-            filewords = f.read().strip()
-        captions.append([make_caption(line, filewords, "quick-style") for line in templates])
-        subjects.append(filewords.split(",")[0])
-    embeddings = encoder.each([c for per_image in captions for c in per_image])
+            caption = f.read().strip()
+        prompts.append([make_prompt(line, caption, "quick-style") for line in templates])
+        subjects.append(caption.split(",")[0])
+    embeddings = encoder.each([p for per_image in prompts for p in per_image])
     per_image = [[embeddings[i * len(templates) + t][0] for t in range(len(templates))] for i in range(len(names))]
     return dist.mean * scaling, dist.std * scaling, per_image, subjects, colour_quantiles(images)
 

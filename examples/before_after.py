@@ -1,14 +1,14 @@
-"""A before/after grid of generate.py's images, and how close each strength comes to the style.
+"""A before/after grid of generate.py's images, and how close each multiplier comes to the style.
 
-    python examples/before_after.py quickstart/strength-0 quickstart/strength-1 \\
+    python examples/before_after.py quickstart/multiplier-0 quickstart/multiplier-1 \\
         --train_data_dir examples/style_dataset --output quickstart/before-after.png
 
 Reads the PNGs in the folders given, pairs them by the prompt and seed in their infotext, and draws one row per
-prompt: its seeds at the first strength, then the same seeds at the next. A prompt counts as "in the captions"
+prompt: its seeds at the first multiplier, then the same seeds at the next. A prompt counts as "in the captions"
 where a training caption starts with its first clause (the text before its first comma). The style measure is
 the distance of an image's colours to the training images' (hypernet.evaluation.colour_distance, in 0-255 RGB
 units; lower is closer), with the training images at the generated images' size. Writes the grid, and beside it
-a .json file with every image's measure and the means per strength, and prints the means.
+a .json file with every image's measure and the means per multiplier, and prints the means.
 """
 
 import argparse
@@ -33,14 +33,14 @@ def fail(message):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", help="Folders of generate.py's PNGs (one per strength, or mixed).")
+    parser.add_argument("folders", nargs="+", help="Folders of generate.py's PNGs (one per multiplier, or mixed).")
     parser.add_argument("--train_data_dir", required=True, help="The training images and their .txt captions.")
     parser.add_argument("--output", required=True, help="The grid's PNG path; the measures go beside it as .json.")
     return parser.parse_args(argv)
 
 
 def generated(folder):
-    """(prompt, seed, strength, image) of each PNG in `folder` that carries generate.py's infotext."""
+    """(prompt, seed, multiplier, image) of each PNG in `folder` that carries generate.py's infotext."""
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".png") or name == "grid.png":
             continue
@@ -71,27 +71,27 @@ def in_captions(prompt, captions):
     return any(caption.startswith(subject) for caption in captions)
 
 
-def draw_grid(rows, strengths, captions):
-    """Rows of (prompt, {(strength, seed): image}): the row's seeds at each strength in turn, each image shown at 2x
+def draw_grid(rows, multipliers, captions):
+    """Rows of (prompt, {(multiplier, seed): image}): the row's seeds at each multiplier in turn, each image shown at 2x
     where it is small."""
     first = next(iter(rows[0][1].values()))
     scale = 2 if first.width <= 128 else 1
     cell, gap, label = first.width * scale, 8, 260
     columns = max(len({seed for _, seed in images}) for _, images in rows)
-    width = label + len(strengths) * (columns * cell + gap)
+    width = label + len(multipliers) * (columns * cell + gap)
     grid = Image.new("RGB", (width, 20 + len(rows) * cell), "white")
     draw = ImageDraw.Draw(grid)
-    for s, strength in enumerate(strengths):
-        draw.text((label + s * (columns * cell + gap) + 4, 4), f"strength {strength:g}", fill="black")
+    for s, multiplier in enumerate(multipliers):
+        draw.text((label + s * (columns * cell + gap) + 4, 4), f"multiplier {multiplier:g}", fill="black")
     for r, (prompt, images) in enumerate(rows):
         top = 20 + r * cell
         where = "in the captions" if in_captions(prompt, captions) else "not in the captions"
         draw.text((4, top + cell // 2 - 12), prompt.split(",", 1)[0], fill="black")
         draw.text((4, top + cell // 2 + 2), f"({where})", fill="gray")
         seeds = sorted({seed for _, seed in images})
-        for s, strength in enumerate(strengths):
+        for s, multiplier in enumerate(multipliers):
             for c, seed in enumerate(seeds):
-                image = images.get((strength, seed))
+                image = images.get((multiplier, seed))
                 if image is not None:
                     left = label + s * (columns * cell + gap) + c * cell
                     grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (left, top))
@@ -106,11 +106,11 @@ def main(argv=None):
 
     by_prompt = defaultdict(dict)
     for folder in args.folders:
-        for prompt, seed, strength, image in generated(folder):
-            by_prompt[prompt][strength, seed] = image
+        for prompt, seed, multiplier, image in generated(folder):
+            by_prompt[prompt][multiplier, seed] = image
     if not by_prompt:
         fail(f"{', '.join(args.folders)}: no PNGs with generate.py's infotext (Seed: ...) in them")
-    strengths = sorted({strength for images in by_prompt.values() for strength, _ in images})
+    multipliers = sorted({multiplier for images in by_prompt.values() for multiplier, _ in images})
     size = next(iter(next(iter(by_prompt.values())).values())).size
     captions, training_images = training_set(args.train_data_dir, size)
     if not training_images:
@@ -119,22 +119,22 @@ def main(argv=None):
 
     records = []
     for prompt, images in by_prompt.items():
-        for (strength, seed), image in sorted(images.items()):
+        for (multiplier, seed), image in sorted(images.items()):
             records.append(
                 dict(
                     prompt=prompt,
                     seed=seed,
-                    strength=strength,
+                    multiplier=multiplier,
                     in_captions=in_captions(prompt, captions),
                     style=colour_distance(image, style),
                 )
             )
     means = {}
     for group, wanted in (("in_captions", True), ("not_in_captions", False)):
-        for strength in strengths:
-            values = [r["style"] for r in records if r["in_captions"] == wanted and r["strength"] == strength]
+        for multiplier in multipliers:
+            values = [r["style"] for r in records if r["in_captions"] == wanted and r["multiplier"] == multiplier]
             if values:
-                means.setdefault(group, {})[f"{strength:g}"] = sum(values) / len(values)
+                means.setdefault(group, {})[f"{multiplier:g}"] = sum(values) / len(values)
     training = [colour_distance(image, style) for image in training_images]
     report = dict(
         measure="colour_distance: sliced Wasserstein-1 distance of the image's RGB distribution to the training "
@@ -146,7 +146,7 @@ def main(argv=None):
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with atomic_write(args.output) as tmp:
-        draw_grid(list(by_prompt.items()), strengths, captions).save(tmp, format="PNG")
+        draw_grid(list(by_prompt.items()), multipliers, captions).save(tmp, format="PNG")
     with atomic_write(os.path.splitext(args.output)[0] + ".json") as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
@@ -158,7 +158,7 @@ def main(argv=None):
         ("not_in_captions", "prompts not in the captions:"),
     ):
         if group in means:
-            print(f"  {label:<36}" + "   ".join(f"strength {s}: {v:.1f}" for s, v in means[group].items()))
+            print(f"  {label:<36}" + "   ".join(f"multiplier {s}: {v:.1f}" for s, v in means[group].items()))
     print(f"wrote {args.output} and {os.path.splitext(args.output)[0]}.json")
     return report
 

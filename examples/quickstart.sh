@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole product in one command: install hypernet (and its test extras), train a hypernetwork on the style
 # dataset shipped in examples/style_dataset with the small pretrained model in examples/demo-sd, generate the same
-# prompts and seeds at strength 0 and 1, and lay them side by side with their style measure.
+# prompts and seeds at multiplier 0 and 1, and lay them side by side with their style measure.
 # About 3 minutes on 2 CPU cores. Everything lands in ./quickstart (or $OUT).
 # QUICKSTART_NO_INSTALL=1 skips the two pip commands (for an environment that has them).
 set -euo pipefail
@@ -25,22 +25,22 @@ python train_hypernetwork.py \
   --save_every 500 --checkpointing_steps 500 --save_safetensors \
   --preview_every 500 --preview_steps 20 --preview_prompt "a red square at the bottom, art by quick-style"
 
-for strength in 0 1; do
+for multiplier in 0 1; do
   python generate.py \
     --pretrained_model_name_or_path "$MODEL" \
     --prompts_file examples/quickstart_prompts.txt --num_images 4 \
-    --hypernetwork "$OUT/run/quick-style.pt:$strength" \
+    --hypernetwork "$OUT/run/quick-style.pt:$multiplier" \
     --seed 0 --num_inference_steps 20 --no_progress \
-    --output_dir "$OUT/strength-$strength"
+    --output_dir "$OUT/multiplier-$multiplier"
 done
 
-python examples/before_after.py "$OUT/strength-0" "$OUT/strength-1" \
+python examples/before_after.py "$OUT/multiplier-0" "$OUT/multiplier-1" \
   --train_data_dir examples/style_dataset --output "$OUT/before-after.png"
 
 cat <<DONE
 
 Quickstart finished. What it wrote:
-  $OUT/before-after.png              4 prompts x 4 seeds, at strength 0 (the base model) and at strength 1
+  $OUT/before-after.png              4 prompts x 4 seeds, at multiplier 0 (the base model) and at multiplier 1
   $OUT/before-after.json             the style measure of every image in it, and the means printed above
   $OUT/run/quick-style.pt            the hypernetwork (A1111 .pt: webui, ComfyUI) and its .pt.optim
   $OUT/run/quick-style.preview.png   the webui's Extra Networks card: its preview and, in quick-style.json,
@@ -51,5 +51,5 @@ Quickstart finished. What it wrote:
   $OUT/run/images/                   preview images every 500 steps
   $OUT/run/hypernetworks/            snapshots every 500 steps
   $OUT/run/checkpoint-2000/          the state to continue exactly with --resume_from_checkpoint latest
-  $OUT/strength-0/, strength-1/      generate.py's images (PNG with the webui's infotext) and grid.png
+  $OUT/multiplier-0/, multiplier-1/      generate.py's images (PNG with the webui's infotext) and grid.png
 DONE

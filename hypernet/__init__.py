@@ -9,11 +9,19 @@
 HypernetworkConfig: every setting, under the webui's names. Hypernetwork / HypernetworkModule: the modules.
 read() -> HypernetworkFile (hypernetwork, FileLayout, OptimizerState), load() -> Hypernetwork, save().
 attach() -> Attachment (merge(), unmerge(), merged(), detach()); compile_blocks(): regional torch.compile.
-Errors: HypernetError and its subclasses, each one line naming the file or value and what to do.
+Errors: HypernetError and its subclasses, each one line naming the file or value and what to do; an ArgumentError
+names the function argument that held the bad value (its `argument`), and the scripts report it as their flag's.
 """
 
 from .attachment import Attachment, apply_hypernetworks, attach, attention_widths, compile_blocks
-from .errors import FormatError, HypernetError, NotAHypernetworkError, UsageError, WidthMismatchError
+from .errors import (
+    ArgumentError,
+    FormatError,
+    HypernetError,
+    NotAHypernetworkError,
+    UsageError,
+    WidthMismatchError,
+)
 from .formats import FileLayout, HypernetworkFile, load, read, save
 from .hashing import shorthash
 from .module import SD1_WIDTHS, SD2_WIDTHS, SDXL_WIDTHS, Hypernetwork, HypernetworkConfig, HypernetworkModule
@@ -22,6 +30,7 @@ from .optimizer_file import OptimizerState
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "Attachment",
     "FileLayout",
     "FormatError",

@@ -18,6 +18,7 @@ by a fused or 8-bit optimizer) need merge() again without being told.
 
 import contextlib
 import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,8 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .errors import HypernetError, UsageError, WidthMismatchError
-from .module import HypernetworkModule
+from .memory import same_layout
+from .module import Hypernetwork, HypernetworkModule
 
 K, V = 0, 1
 
@@ -67,7 +69,9 @@ def apply_side_in_graph(hypernetworks, context, side):
     return apply_side(hypernetworks, context, side, maps)
 
 
-def apply_hypernetworks(hypernetworks, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_hypernetworks(
+    hypernetworks: Sequence[Hypernetwork], context: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The webui's apply_hypernetworks: the (K, V) contexts after every hypernetwork in turn."""
     return apply_side(hypernetworks, context, K), apply_side(hypernetworks, context, V)
 
@@ -306,7 +310,7 @@ class HypernetworkProjection(nn.Module):
         merged = self.merged(hypernetworks)
         if merged is None:
             self.merged_weight = self.merged_bias = None
-        elif _same_layout(self.merged_weight, merged[0]) and _same_layout(self.merged_bias, merged[1]):
+        elif same_layout(self.merged_weight, merged[0]) and same_layout(self.merged_bias, merged[1]):
             self.merged_weight.copy_(merged[0])
             if merged[1] is not None:
                 self.merged_bias.copy_(merged[1])
@@ -344,12 +348,6 @@ def _what_changed(before, now, hypernetworks):
     return "the hypernetworks changed"
 
 
-def _same_layout(a, b):
-    if a is None or b is None:
-        return a is b
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-
-
 class Attachment:
     """Hypernetworks installed in a UNet; detach() (or leaving a `with` block) restores the original to_k/to_v.
 
@@ -357,7 +355,7 @@ class Attachment:
     again, where the attachment is merged).
     """
 
-    def __init__(self, unet, hypernetworks, use_linear_maps=True):
+    def __init__(self, unet: nn.Module, hypernetworks: Sequence[Hypernetwork], use_linear_maps: bool = True):
         self.unet = unet
         self.hypernetworks = list(hypernetworks)
         self.is_merged = False  # a plain bool: compiled blocks read it, and a guard on a bool never recompiles
@@ -381,13 +379,14 @@ class Attachment:
         ]
 
     @property
-    def compiled(self):
+    def compiled(self) -> bool:
         """Whether the UNet's repeated blocks, where every attention layer sits, are compiled (compile_blocks, or
         diffusers' compile_repeated_blocks): their layers then run the modules or the merged weights as a graph, and
         the UNet's forward prepares nothing for them."""
         return any(getattr(block, "_compiled_call_impl", None) is not None for block in self.blocks)
 
-    def trainable(self):
+    def trainable(self) -> bool:
+        """Whether any of its hypernetworks' parameters requires grad."""
         return any(p.requires_grad for hn in self.hypernetworks for p in hn.parameters())
 
     def forward_state(self):
@@ -398,7 +397,7 @@ class Attachment:
             return state
         return None
 
-    def check_merged(self, fingerprint):
+    def check_merged(self, fingerprint: tuple) -> None:
         """Raise where a merged attachment would compute something other than its hypernetworks as they are now
         (`fingerprint`, their stack_fingerprint)."""
         if torch.is_grad_enabled() and self.trainable():
@@ -470,7 +469,7 @@ class Attachment:
         return self
 
     @contextlib.contextmanager
-    def merged(self):
+    def merged(self) -> Iterator["Attachment"]:
         """`with attachment.merged():` runs the block merged, and unmerges at its end."""
         self.merge()
         try:
@@ -478,7 +477,8 @@ class Attachment:
         finally:
             self.unmerge()
 
-    def detach(self):
+    def detach(self) -> None:
+        """Restore the UNet: its original to_k/to_v modules and no hooks (also what leaving a `with` block does)."""
         if not self._hooks:
             return
         for hook in self._hooks:
@@ -503,7 +503,9 @@ REPEATED_BLOCKS = ("BasicTransformerBlock",)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
-def compile_blocks(unet: nn.Module, mode: str = "default", fullgraph: bool = False, backend="inductor") -> nn.Module:
+def compile_blocks(
+    unet: nn.Module, mode: str = "default", fullgraph: bool = False, backend: str = "inductor"
+) -> nn.Module:
     """Regional compilation: torch.compile each of the UNet's repeated transformer blocks in place, as diffusers'
     compile_repeated_blocks does, with any hypernetwork wrappers inside them (attach before or after). Blocks of one
     shape share their compiled code, so compiling costs a few blocks' worth, once. mode: "default",
@@ -563,7 +565,9 @@ def unused_widths(hypernetwork, model_widths, what=None):
     )
 
 
-def attach(unet: nn.Module, hypernetworks, merge: bool = False, use_linear_maps: bool = True) -> "Attachment":
+def attach(
+    unet: nn.Module, hypernetworks: Sequence[Hypernetwork], merge: bool = False, use_linear_maps: bool = True
+) -> Attachment:
     """Wrap every attention layer's to_k and to_v of `unet` so that the hypernetworks apply, in order, each at its own
     multiplier; the attention processors stay as they are.
 

@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .errors import UsageError, first_line
+from .errors import ArgumentError, UsageError, first_line
 from .files import atomic_write, check_writable_folder
 from .hashing import hash_cache_path
 from .prompts import CHUNK_TOKENS, COMMA_BACKTRACK, PromptEncoder
@@ -66,7 +66,7 @@ class DataSettings:
     seed: int = 0
 
     @property
-    def fixed_captions(self):
+    def fixed_prompts(self):
         """Whether every image's prompt is the same at every use, so that its text embedding can be cached."""
         return not (self.shuffle_tags or self.tag_drop_out)
 
@@ -82,29 +82,30 @@ def sample_key(seed, *parts):
 # -- reading images and captions ------------------------------------------------------------------------------
 
 
-def read_text(path, flag=None):
-    """A text file's text: UTF-8 (with or without BOM) or UTF-16 with BOM; anything else is refused by name."""
-    where = f"{flag} {path}" if flag else str(path)
+def read_text(path, argument=None):
+    """A text file's text: UTF-8 (with or without BOM) or UTF-16 with BOM; anything else is refused by name, as an
+    ArgumentError about `argument` where the path is a function's argument of that name."""
+    error = partial(ArgumentError, argument) if argument else UsageError
     try:
         if not os.path.isfile(path):
-            raise UsageError(f"{where}: no such file")
+            raise error(f"{path}: no such file")
         if os.path.getsize(path) > 16 << 20:
-            raise UsageError(f"{where}: larger than 16 MiB, too large for a text file")
+            raise error(f"{path}: larger than 16 MiB, too large for a text file")
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise UsageError(f"{where}: cannot be read ({e.strerror})") from None
+        raise error(f"{path}: cannot be read ({e.strerror})") from None
     try:
         return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
     except UnicodeDecodeError:
-        raise UsageError(f"{where}: not UTF-8 or UTF-16 text; re-save it as UTF-8") from None
+        raise error(f"{path}: not UTF-8 or UTF-16 text; re-save it as UTF-8") from None
 
 
 def read_caption(path):
     return read_text(path).strip()
 
 
-def filewords_from_name(filename):
+def caption_from_name(filename):
     """The webui's caption from a file name: the stem without its leading numbers and dashes."""
     return re.sub(r"^[-\d]+\s*", "", os.path.splitext(os.path.basename(filename))[0])
 
@@ -210,8 +211,8 @@ class StreamedEntries:
                 return
             except Exception as e:  # whatever the source raises (a lost connection, a damaged shard), in one line
                 reason = first_line(e) or type(e).__name__
-                raise UsageError(
-                    f"--dataset_name {self.name}: reading {self.where(shard, index)} failed ({reason})"
+                raise ArgumentError(
+                    "dataset_name", f"{self.name}: reading {self.where(shard, index)} failed ({reason})"
                 ) from None
             yield row
             index += 1
@@ -222,9 +223,7 @@ class StreamedEntries:
     def shard_chunks(self, shard):
         chunk = []
         for index, row in enumerate(self.rows(shard)):
-            for column in (self.image_column, self.caption_column):
-                if column not in row:
-                    raise UsageError(f"--dataset_name {self.name}: no column {column!r}; it has {', '.join(row)}")
+            check_columns(self.name, row, self.image_column, self.caption_column)
             label = f"{self.name} {self.where(shard, index)}"
             chunk.append(
                 Entry(
@@ -232,7 +231,7 @@ class StreamedEntries:
                     index,
                     str(row[self.caption_column]),
                     label,
-                    partial(image_bytes, row[self.image_column], label),
+                    partial(image_bytes, row[self.image_column], label, self.image_column),
                 )
             )
             if len(chunk) == CHUNK:
@@ -248,7 +247,7 @@ class StreamedEntries:
             return
         if rank == 0:
             logger.warning(
-                f"--dataset_name {self.name} has {self.shards} shard(s) for {world_size} processes: every "
+                f"dataset {self.name} has {self.shards} shard(s) for {world_size} processes: every "
                 "process reads all of it; with as many shards as processes each would read its own"
             )
         dealt = itertools.count()
@@ -266,7 +265,15 @@ def _read_file(path):
         raise UsageError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def image_bytes(value, label):
+def check_columns(dataset_name, columns, image_column, caption_column):
+    for argument, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column not in columns:
+            raise ArgumentError(
+                argument, f"{column!r}: {dataset_name} has no such column; it has {', '.join(columns)}"
+            )
+
+
+def image_bytes(value, label, column):
     """An image cell of a `datasets` dataset as file bytes: {bytes, path} when not decoded, else a PIL image."""
     if isinstance(value, dict):
         return value["bytes"] if value.get("bytes") else _read_file(value["path"])
@@ -274,7 +281,7 @@ def image_bytes(value, label):
         buffer = io.BytesIO()
         value.save(buffer, format="PNG")
         return buffer.getvalue()
-    raise UsageError(f"{label}: holds {type(value).__name__}, not an image; name the image column with --image_column")
+    raise ArgumentError("image_column", f"{column!r}: {label} holds {type(value).__name__} there, not an image")
 
 
 def folder_entries(data_dir):
@@ -294,7 +301,7 @@ def folder_entries(data_dir):
             f"{', '.join(sorted(skipped)[:5])}; convert them to PNG to use them"
         )
     if not names:
-        raise UsageError(f"--train_data_dir {data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise ArgumentError("data_dir", f"{data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     names = sorted(names)
     path = lambda index: os.path.join(data_dir, names[index])  # noqa: E731
     return Entries(len(names), lambda index: _read_file(path(index)), partial(_folder_caption, path), path, path)
@@ -303,7 +310,7 @@ def folder_entries(data_dir):
 def _folder_caption(path, index):
     image_path = path(index)
     caption_path = os.path.splitext(image_path)[0] + ".txt"
-    return read_caption(caption_path) if os.path.isfile(caption_path) else filewords_from_name(image_path)
+    return read_caption(caption_path) if os.path.isfile(caption_path) else caption_from_name(image_path)
 
 
 def dataset_entries(dataset_name, config_name=None, image_column="image", caption_column="text", streaming=False):
@@ -312,9 +319,10 @@ def dataset_entries(dataset_name, config_name=None, image_column="image", captio
     try:
         import datasets
     except ImportError:
-        raise UsageError(
-            f"--dataset_name {dataset_name}: needs Hugging Face datasets: pip install 'hypernet[datasets]' (or "
-            "pip install datasets); a folder of images works with --train_data_dir without it"
+        raise ArgumentError(
+            "dataset_name",
+            f"{dataset_name}: needs Hugging Face datasets: pip install 'hypernet[datasets]' (or pip install "
+            "datasets); a folder of images (folder_entries) works without it",
         ) from None
 
     try:
@@ -331,23 +339,20 @@ def dataset_entries(dataset_name, config_name=None, image_column="image", captio
             dataset = datasets.load_dataset(dataset_name, config_name, split="train", streaming=streaming)
     except Exception as e:  # datasets raises many kinds (no such dataset, no network, an empty folder's IndexError)
         reason = first_line(e) or type(e).__name__
-        raise UsageError(f"--dataset_name {dataset_name}: cannot be loaded ({reason})") from None
-    for column in (image_column, caption_column):
-        if dataset.column_names is not None and column not in dataset.column_names:
-            raise UsageError(
-                f"--dataset_name {dataset_name}: no column {column!r}; it has {', '.join(dataset.column_names)}"
-            )
+        raise ArgumentError("dataset_name", f"{dataset_name}: cannot be loaded ({reason})") from None
+    if dataset.column_names is not None:
+        check_columns(dataset_name, dataset.column_names, image_column, caption_column)
     if dataset.features is not None and isinstance(dataset.features[image_column], datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     if streaming:
         return StreamedEntries(dataset, dataset_name, image_column, caption_column)
     if len(dataset) == 0:
-        raise UsageError(f"--dataset_name {dataset_name}: the dataset is empty")
+        raise ArgumentError("dataset_name", f"{dataset_name}: the dataset is empty")
     images, captions = dataset.select_columns([image_column]), dataset.select_columns([caption_column])
     label = lambda index: f"{dataset_name} row {index}"  # noqa: E731
     return Entries(
         len(dataset),
-        lambda index: image_bytes(images[index][image_column], label(index)),
+        lambda index: image_bytes(images[index][image_column], label(index), image_column),
         lambda index: str(captions[index][caption_column]),
         label,
     )
@@ -404,17 +409,17 @@ def load_template(path):
     """A template file's lines (prompts with [filewords] and [name]); no file: the caption alone."""
     if path is None:
         return ["[filewords]"]
-    lines = [line.strip() for line in read_text(path, "--template_file").splitlines() if line.strip()]
+    lines = [line.strip() for line in read_text(path, "path").splitlines() if line.strip()]
     if not lines:
-        raise UsageError(f"--template_file {path}: empty; put one prompt template a line")
+        raise ArgumentError("path", f"{path}: empty; put one prompt template a line")
     if not any("[filewords]" in line for line in lines):
         logger.warning(f"{path} has no [filewords]: the images' captions are not used, every prompt comes from it")
     return lines
 
 
-def make_caption(template_line, filewords, name, rng=None, shuffle_tags=False, tag_drop_out=0.0):
+def make_prompt(template_line, caption, name, rng=None, shuffle_tags=False, tag_drop_out=0.0):
     """The webui's create_text: tags of the caption dropped and shuffled, then put into the template."""
-    tags = filewords.split(",")
+    tags = caption.split(",")
     if rng is not None and tag_drop_out:
         tags = [tag for tag in tags if rng.random() > tag_drop_out]
     if rng is not None and shuffle_tags:
@@ -497,10 +502,10 @@ class RecordStore:
 
     KINDS = {"latents": "", "weights": "weights", "prompts": "prompts"}  # latents at the top, as earlier versions
 
-    def __init__(self, directory, flag="--cache_dir"):
-        self.directory = directory
+    def __init__(self, store_dir):
+        self.directory = store_dir
         self.damaged = 0
-        check_writable_folder(directory, flag)
+        check_writable_folder(store_dir, "store_dir")
 
     def path(self, kind, key):
         name = key.hex()
@@ -553,13 +558,15 @@ INDEX_ROW = np.dtype(
         ("row", "<i8"),
         ("latents", "u1", 32),  # the key of its latents entry
         ("weights", "u1", 32),  # the key of its loss weight entry (zeros without --use_weight)
-        ("prompt", "<i4"),  # its fixed caption's row in the prompt table (-1 where captions change at every use)
-        ("chunks", "<i2"),  # the 77-token chunks of its prompt's context (with changing captions, at most this)
+        ("prompt", "<i4"),  # its fixed prompt's row in the prompt table (-1 where prompts change at every use)
+        ("chunks", "<i2"),  # the 77-token chunks of its prompt's context (with changing prompts, at most this)
         ("geometry", "<i4", 8),  # the pairs of GEOMETRY
         ("shape", "<i4", 4),  # of its latents entry's tensors: (variants, channels, height, width)
     ]
 )
 GEOMETRY = ("size", "original_size", "crop_top_left", "flipped_crop_top_left")  # size: (width, height)
+# The files of an index folder; in its name, so that a store's indexes of another layout are not read as this one.
+INDEX_LAYOUT = b"rows.npy captions.npy prompts.npy prompt_keys.npy\0"
 
 
 class MappedTexts:
@@ -590,7 +597,7 @@ def read_texts(folder, name, mmap_mode):
 @dataclass(slots=True)
 class Record:
     """One image, as training reads it: latent means (of the image, and of its mirror with --random_flip) and their
-    standard deviations; its crop; its caption (filewords) and prompt; loss weight; text embedding where captions
+    standard deviations; its crop; its caption and prompt; loss weight; text embedding where captions
     are fixed."""
 
     means: torch.Tensor  # (variants, channels, height, width): the image, then its mirror
@@ -599,8 +606,8 @@ class Record:
     original_size: tuple  # (width, height) of the image file
     crop_top_left: tuple  # (top, left) in the scaled image
     flipped_crop_top_left: tuple  # the same crop, measured in the mirrored scaled image
-    filewords: str
-    caption: str  # the prompt with its template line where captions are fixed, else ""
+    caption: str  # the image's caption, [filewords] in templates
+    prompt: str  # its caption in its template line where prompts are fixed, else ""
     weight: torch.Tensor = None
     embedding: torch.Tensor = None
     pooled_embedding: torch.Tensor = None
@@ -615,7 +622,7 @@ class Records:
         self.store, self.folder = store, folder
         mmap_mode = None if in_memory else "r"
         self.rows = np.load(os.path.join(folder, "rows.npy"), mmap_mode=mmap_mode)
-        self.filewords = read_texts(folder, "filewords", mmap_mode)
+        self.captions = read_texts(folder, "captions", mmap_mode)
         self.prompts = read_texts(folder, "prompts", mmap_mode)
         self.prompt_keys = np.load(os.path.join(folder, "prompt_keys.npy"), mmap_mode=mmap_mode)
         self.memory = None
@@ -648,14 +655,14 @@ class Records:
         return self.entry("weights", bytes(key))["weight"] if key.any() else None
 
     def embedding(self, index):
-        """(embedding, pooled or None) of image `index`'s fixed prompt, or None where captions change."""
+        """(embedding, pooled or None) of image `index`'s fixed prompt, or None where prompts change."""
         prompt = int(self.rows[index]["prompt"])
         if prompt < 0:
             return None
         found = self.entry("prompts", bytes(self.prompt_keys[prompt]))
         return found["embedding"], found.get("pooled")
 
-    def caption(self, index):
+    def prompt(self, index):
         prompt = int(self.rows[index]["prompt"])
         return self.prompts[prompt] if prompt >= 0 else ""
 
@@ -680,8 +687,8 @@ class Records:
             means=means,
             stds=stds,
             **self.geometry(index),
-            filewords=self.filewords[index],
-            caption=self.caption(index),
+            caption=self.captions[index],
+            prompt=self.prompt(index),
             weight=self.weight(index),
             embedding=None if embedding is None else embedding[0],
             pooled_embedding=None if embedding is None else embedding[1],
@@ -739,7 +746,7 @@ class Prepared:
     """What one process made of one chunk of images: their index rows, captions, and fixed prompts."""
 
     rows: np.ndarray
-    filewords: list
+    captions: list
     prompts: list  # the fixed prompt of each image, or None
     prompt_keys: list  # each prompt's store key, or None
 
@@ -755,14 +762,14 @@ class Preparation:
     @torch.no_grad()
     def chunk(self, chunk):
         rows = np.zeros(len(chunk), dtype=INDEX_ROW)
-        filewords, prompts, keys = [], [], []
+        captions, prompts, keys = [], [], []
         for row, entry in zip(rows, chunk):
             self.image(row, entry)
-            filewords.append(entry.caption)
+            captions.append(entry.caption)
             prompt, key = self.prompt(row, entry)
             prompts.append(prompt)
             keys.append(key)
-        return Prepared(rows, filewords, prompts, keys)
+        return Prepared(rows, captions, prompts, keys)
 
     def image(self, row, entry):
         settings, encoders = self.settings, self.encoders
@@ -803,17 +810,17 @@ class Preparation:
 
     def prompt(self, row, entry):
         """The image's fixed prompt and its store key (its embedding encoded where the store lacks it), or
-        (None, None) where captions change at every use; the chunk count of its context, or their bound."""
+        (None, None) where prompts change at every use; the chunk count of its context, or their bound."""
         settings, encoder = self.settings, self.encoders.prompt_encoder
-        if not settings.fixed_captions:
+        if not settings.fixed_prompts:
             row["prompt"] = -1
             row["chunks"] = max(
-                chunks_bound(make_caption(line, entry.caption, settings.name), encoder) for line in self.template
+                chunks_bound(make_prompt(line, entry.caption, settings.name), encoder) for line in self.template
             )
             return None, None
         generator = torch.Generator().manual_seed(sample_key(settings.seed, 7, entry.shard, entry.row))
         line = self.template[int(torch.randint(0, len(self.template), (1,), generator=generator))]
-        prompt = make_caption(line, entry.caption, settings.name)
+        prompt = make_prompt(line, entry.caption, settings.name)
         row["chunks"] = encoder.chunk_count(prompt)
         if not self.encode_latents:
             return prompt, None
@@ -861,11 +868,11 @@ def prepare_records(
                 chunk = next(mine, None)
                 payload = None if chunk is None else preparation.chunk(chunk)
             except UsageError as e:
-                payload = str(e)
+                payload = e
             payloads = [payload] if world_size == 1 else gather_object([payload])
-            errors = [p for p in payloads if isinstance(p, str)]
+            errors = [p for p in payloads if isinstance(p, UsageError)]
             if errors:
-                raise UsageError(errors[0])
+                raise errors[0]
             received = [p for p in payloads if p is not None]
             parts += received
             progress.update(sum(len(p.rows) for p in received))
@@ -887,7 +894,7 @@ def write_index(store, parts, writer):
     order = np.lexsort((rows["row"], rows["shard"]))
     rows = rows[order]
     flat = lambda name: [value for p in parts for value in getattr(p, name)]  # noqa: E731
-    filewords, prompts, keys = ([flat(name)[i] for i in order] for name in ("filewords", "prompts", "prompt_keys"))
+    captions, prompts, keys = ([flat(name)[i] for i in order] for name in ("captions", "prompts", "prompt_keys"))
     table = {}  # each distinct prompt's row, in order of first use
     for i, prompt in enumerate(prompts):
         if prompt is not None:
@@ -897,8 +904,8 @@ def write_index(store, parts, writer):
     for n, key in table.values():
         if key is not None:
             prompt_keys[n] = np.frombuffer(key, dtype=np.uint8)
-    digest = hashlib.sha256(rows.tobytes() + prompt_keys.tobytes())
-    for text in (*filewords, *texts):
+    digest = hashlib.sha256(INDEX_LAYOUT + rows.tobytes() + prompt_keys.tobytes())
+    for text in (*captions, *texts):
         digest.update(text.encode("utf-8") + b"\0")
     folder = os.path.join(store.directory, "index", digest.hexdigest()[:32])
     if writer and not os.path.isfile(os.path.join(folder, "rows.npy")):
@@ -906,7 +913,7 @@ def write_index(store, parts, writer):
         os.makedirs(staging)
         try:
             np.save(os.path.join(staging, "prompt_keys.npy"), prompt_keys)
-            write_texts(staging, "filewords", filewords)
+            write_texts(staging, "captions", captions)
             write_texts(staging, "prompts", texts)
             np.save(os.path.join(staging, "rows.npy"), rows)
             try:
@@ -937,9 +944,10 @@ def check_shared(store, state):
     except OSError:
         sees = False
     if not all(gather_object([sees])):
-        raise UsageError(
-            f"--cache_dir {store.directory}: not the same folder on every node (the processes do not see each "
-            "other's files); give a folder on a filesystem every node mounts"
+        raise ArgumentError(
+            "store_dir",
+            f"{store.directory}: not the same folder on every node (the processes do not see each other's files); "
+            "give a folder on a filesystem every node mounts",
         )
 
 
@@ -986,7 +994,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 class TrainingSamples(torch.utils.data.Dataset):
     """Batches built from the records, in DataLoader workers: latents sampled from the stored mean and std, flips,
-    loss weights, fixed prompts' embeddings, changing captions from their templates with tags shuffled and dropped.
+    loss weights, fixed prompts' embeddings, changing prompts from their templates with tags shuffled and dropped.
     Every random draw comes from a generator keyed by (seed, epoch, index), so the batches are the same for any
     number of workers. With entries (training without a store), the images' cropped pixels instead of latents."""
 
@@ -1001,7 +1009,7 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     def __getitems__(self, keys):
         settings, records = self.settings, self.records
-        latents, pixels, noises, weights, captions, embeddings, pooled, time_ids = [], [], [], [], [], [], [], []
+        latents, pixels, noises, weights, prompts, embeddings, pooled, time_ids = [], [], [], [], [], [], [], []
         chunks = {int(records.rows[index]["chunks"]) for _, index in keys}
         for epoch, index in keys:
             generator = torch.Generator().manual_seed(sample_key(settings.seed, 3, epoch, index))
@@ -1024,14 +1032,14 @@ class TrainingSamples(torch.utils.data.Dataset):
                 if found[1] is not None:
                     pooled.append(found[1])
             elif int(records.rows[index]["prompt"]) >= 0:
-                captions.append(records.caption(index))
+                prompts.append(records.prompt(index))
             else:
                 rng = random.Random(sample_key(settings.seed, 4, epoch, index))
                 line = self.template[rng.randrange(len(self.template))]
-                captions.append(
-                    make_caption(
+                prompts.append(
+                    make_prompt(
                         line,
-                        records.filewords[index],
+                        records.captions[index],
                         settings.name,
                         rng,
                         settings.shuffle_tags,
@@ -1052,7 +1060,7 @@ class TrainingSamples(torch.utils.data.Dataset):
             batch["encoder_hidden_states"] = torch.stack(embeddings)
             batch["pooled_embeddings"] = torch.stack(pooled) if pooled else None
         else:
-            batch["captions"] = captions
+            batch["prompts"] = prompts
         return batch
 
     def latent(self, epoch, index, flip, generator):

@@ -1,3 +1,6 @@
+from contextlib import contextmanager
+
+
 class HypernetError(Exception):
     """Base of every error hypernet raises on purpose; its message names the file or flag and what to do."""
 
@@ -19,15 +22,31 @@ class UsageError(HypernetError):
 
 
 class ArgumentError(UsageError):
-    """A bad value given to a library function: `argument` names the function's argument, and the message starts
-    with the value. A script turns it into an error about the flag that gave the value: `about("--flag")`."""
+    """A bad value given to a library function. `argument` names the function's argument; the message follows that
+    name (`checkpoint latest: ...`, `clip_skip 13: use 1 to 12`). A script turns it into an error about the flag
+    that gave the value: `about("--flag")`, or `flag_errors` around a block."""
 
     def __init__(self, argument, message):
-        super().__init__(message)
-        self.argument = argument
+        super().__init__(argument, message)  # both in args, so that it pickles (processes exchange errors)
+        self.argument, self.message = argument, message
+
+    def __str__(self):
+        return f"{self.argument} {self.message}"
 
     def about(self, flag):
-        return UsageError(f"{flag} {self}")
+        return UsageError(f"{flag} {self.message}")
+
+
+@contextmanager
+def flag_errors(**flags):
+    """Inside the block, an ArgumentError about an argument named here becomes a UsageError about its flag, as in
+    `with flag_errors(data_dir="--train_data_dir"): ...`; others pass through."""
+    try:
+        yield
+    except ArgumentError as e:
+        if e.argument not in flags:
+            raise
+        raise e.about(flags[e.argument]) from None
 
 
 def first_line(error):

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from safetensors import SafetensorError
 
-from .errors import FormatError, HypernetError, UsageError, first_line
+from .errors import ArgumentError, FormatError, HypernetError, first_line
 
 
 def read_failure(path, error):
@@ -39,10 +39,11 @@ def write_failure(error, path):
     return None
 
 
-def check_writable_folder(path, flag="--output_dir"):
-    """A folder that exists or can be made, and can be written to; else one UsageError naming the flag."""
+def check_writable_folder(path, argument="path"):
+    """A folder that exists or can be made, and can be written to; else an ArgumentError about `argument`, the
+    caller's argument that named the folder."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a file, not a folder")
+        raise ArgumentError(argument, f"{path}: is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
@@ -50,7 +51,7 @@ def check_writable_folder(path, flag="--output_dir"):
             pass
         os.remove(probe)
     except OSError as e:
-        raise UsageError(f"{flag} {path}: not writable ({e.strerror})") from None
+        raise ArgumentError(argument, f"{path}: not writable ({e.strerror})") from None
 
 
 @contextmanager

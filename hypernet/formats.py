@@ -121,7 +121,8 @@ def check_settings(meta):
             )
     if meta["activation_func"] is not None and meta["activation_func"] not in ACTIVATIONS:
         raise FormatError(
-            f"unknown activation_func {str(meta['activation_func'])[:40]!r}; use one of: {', '.join(sorted(ACTIVATIONS))}"
+            f"activation_func {str(meta['activation_func'])[:40]!r}: unknown; use one of: "
+            f"{', '.join(sorted(ACTIVATIONS))}"
         )
     dropout = meta["dropout_structure"]
     if dropout is not None:

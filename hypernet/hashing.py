@@ -8,7 +8,7 @@ from .errors import HypernetError
 from .files import atomic_write, read_failure
 
 
-def shorthash(path):
+def shorthash(path: str | os.PathLike) -> str:
     """A1111's short hash of a file: the first 10 hex characters of the sha256 of its bytes."""
     digest = hashlib.sha256()
     try:

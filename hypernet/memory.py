@@ -87,3 +87,11 @@ def _children(pid):
         except OSError:
             pass
     return children
+
+
+def same_layout(a, b):
+    """Whether tensor `b` can be copied into `a` in place (the same shape, dtype and device), so that a buffer is
+    reused instead of allocated again; two Nones match."""
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device

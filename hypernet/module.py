@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import HypernetError
+from .errors import ArgumentError
 
 ACTIVATIONS = {
     "linear": nn.Identity,
@@ -63,20 +63,20 @@ SDXL_WIDTHS = (2048, 640, 1280)
 
 def check_layer_structure(layer_structure):
     if len(layer_structure) < 2 or layer_structure[0] != 1 or layer_structure[-1] != 1:
-        raise HypernetError(f"layer_structure {list(layer_structure)} must start and end with 1, e.g. 1,2,1")
+        raise ArgumentError("layer_structure", f"{list(layer_structure)} must start and end with 1, e.g. 1,2,1")
     if any(not isinstance(a, (int, float)) or a <= 0 for a in layer_structure):
-        raise HypernetError(f"layer_structure {list(layer_structure)} must hold positive numbers")
+        raise ArgumentError("layer_structure", f"{list(layer_structure)} must hold positive numbers")
 
 
 def check_dropout_structure(dropout_structure, layer_structure):
     if len(dropout_structure) != len(layer_structure):
-        raise HypernetError(
-            f"dropout_structure {list(dropout_structure)} must have one entry per layer_structure "
-            f"entry {list(layer_structure)}"
+        raise ArgumentError(
+            "dropout_structure",
+            f"{list(dropout_structure)} must have one entry per layer_structure entry {list(layer_structure)}",
         )
     if any(not 0 <= p < 1 for p in dropout_structure) or dropout_structure[-1] != 0:
-        raise HypernetError(
-            f"dropout_structure {list(dropout_structure)} needs probabilities in [0, 1) and a last entry of 0"
+        raise ArgumentError(
+            "dropout_structure", f"{list(dropout_structure)} needs probabilities in [0, 1) and a last entry of 0"
         )
 
 
@@ -154,8 +154,8 @@ class HypernetworkConfig:
         self.layer_structure = list(self.layer_structure)
         check_layer_structure(self.layer_structure)
         if self.activation_func is not None and self.activation_func not in ACTIVATIONS:
-            raise HypernetError(
-                f"unknown activation_func {self.activation_func!r}; use one of: {', '.join(sorted(ACTIVATIONS))}"
+            raise ArgumentError(
+                "activation_func", f"{self.activation_func!r}: unknown; use one of: {', '.join(sorted(ACTIVATIONS))}"
             )
         if self.dropout_structure is None:
             self.dropout_structure = default_dropout_structure(
@@ -168,32 +168,33 @@ class HypernetworkConfig:
             self.last_layer_dropout = self.dropout_structure[-2] != 0
 
     @staticmethod
-    def settings():
+    def settings() -> list[dataclasses.Field]:
         """The fields the webui's .pt holds, in its order (every field but widths)."""
         return [f for f in dataclasses.fields(HypernetworkConfig) if f.name != "widths"]
 
     @staticmethod
-    def architecture():
+    def architecture() -> list[dataclasses.Field]:
         """The settings that shape the modules, chosen when a hypernetwork is created."""
         return [f for f in dataclasses.fields(HypernetworkConfig) if f.metadata.get("architecture")]
 
     @staticmethod
-    def help(name):
+    def help(name: str) -> str:
+        """A setting's help text (the training script's flag help)."""
         return HypernetworkConfig.__dataclass_fields__[name].metadata["help"]
 
     @staticmethod
-    def file_key(name):
+    def file_key(name: str) -> str:
         """A setting's key in the webui's .pt: is_layer_norm for add_layer_norm, weight_initialization for
         weight_init, the setting's own name for the others."""
         return HypernetworkConfig.__dataclass_fields__[name].metadata["key"] or name
 
     @staticmethod
-    def absent_value(name):
+    def absent_value(name: str):
         """The value the webui's loader assumes for a setting its file lacks."""
         value = HypernetworkConfig.__dataclass_fields__[name].metadata["absent"]
         return list(value) if isinstance(value, list) else value
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
@@ -202,19 +203,19 @@ class HypernetworkModule(nn.Module):
 
     def __init__(
         self,
-        dim,
-        layer_structure=(1, 2, 1),
-        activation_func="linear",
-        weight_init="Normal",
-        add_layer_norm=False,
-        activate_output=False,
-        dropout_structure=None,
+        dim: int,
+        layer_structure: Sequence[float] = (1, 2, 1),
+        activation_func: str | None = "linear",
+        weight_init: str | None = "Normal",
+        add_layer_norm: bool = False,
+        activate_output: bool = False,
+        dropout_structure: Sequence[float] | None = None,
     ):
         super().__init__()
         check_layer_structure(layer_structure)
         if activation_func is not None and activation_func not in ACTIVATIONS:
-            raise HypernetError(
-                f"unknown activation_func {activation_func!r}; use one of: {', '.join(sorted(ACTIVATIONS))}"
+            raise ArgumentError(
+                "activation_func", f"{activation_func!r}: unknown; use one of: {', '.join(sorted(ACTIVATIONS))}"
             )
         if dropout_structure is not None:
             check_dropout_structure(dropout_structure, layer_structure)
@@ -239,9 +240,9 @@ class HypernetworkModule(nn.Module):
             self.reset_parameters(weight_init, activation_func)
 
     @torch.no_grad()
-    def reset_parameters(self, weight_init="Normal", activation_func=None):
+    def reset_parameters(self, weight_init: str = "Normal", activation_func: str | None = None) -> None:
         if weight_init not in WEIGHT_INITS:
-            raise HypernetError(f"unknown weight_init {weight_init!r}; use one of: {', '.join(WEIGHT_INITS)}")
+            raise ArgumentError("weight_init", f"{weight_init!r}: unknown; use one of: {', '.join(WEIGHT_INITS)}")
         nonlinearity = "leaky_relu" if activation_func == "leakyrelu" else "relu"
         for layer in self.linear:
             if type(layer) not in (nn.Linear, nn.LayerNorm):
@@ -259,20 +260,20 @@ class HypernetworkModule(nn.Module):
             nn.init.zeros_(layer.bias)
 
     @property
-    def multiplier(self):
+    def multiplier(self) -> float:
         return self._multiplier
 
     @multiplier.setter
-    def multiplier(self, value):
+    def multiplier(self, value: float) -> None:
         self._multiplier = float(value)
         with torch.no_grad():
             self.multiplier_tensor.fill_(self._multiplier)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.linear(x) * (1.0 if self.training else self.multiplier_tensor)
 
     @property
-    def is_linear(self):
+    def is_linear(self) -> bool:
         """Whether the MLP is only Linear layers as it runs now: no activation, no layer norm, no active dropout."""
         return all(
             isinstance(layer, (nn.Linear, nn.Identity)) or (isinstance(layer, nn.Dropout) and not self.training)
@@ -280,10 +281,10 @@ class HypernetworkModule(nn.Module):
         )
 
     @property
-    def linears(self):
+    def linears(self) -> list[nn.Linear]:
         return [layer for layer in self.linear if isinstance(layer, nn.Linear)]
 
-    def linear_map(self):
+    def linear_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) with self(x) == x + F.linear(x, weight, bias), for a module whose MLP is_linear."""
         linears = self.linears
         weight, bias = linears[0].weight, linears[0].bias
@@ -325,7 +326,7 @@ class Hypernetwork(nn.Module):
             self.layers[str(width)] = nn.ModuleList(modules)
 
     @property
-    def widths(self):
+    def widths(self) -> list[int]:
         return [int(width) for width in self.layers]
 
     def pair(self, width: int) -> "tuple[HypernetworkModule, HypernetworkModule] | None":
@@ -334,14 +335,15 @@ class Hypernetwork(nn.Module):
         return None if modules is None else (modules[0], modules[1])
 
     def set_multiplier(self, multiplier: float) -> "Hypernetwork":
-        """The strength it applies at in eval mode (the webui's multiplier); training always applies it at 1."""
+        """What its output is scaled by in eval mode (the webui's multiplier); training always applies it at 1."""
         for module in self.modules():
             if isinstance(module, HypernetworkModule):
                 module.multiplier = float(multiplier)
         return self
 
     @property
-    def multiplier(self):
+    def multiplier(self) -> float:
+        """The multiplier of its modules (set_multiplier sets them all)."""
         for module in self.modules():
             if isinstance(module, HypernetworkModule):
                 return module.multiplier

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError
+from .errors import ArgumentError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +22,10 @@ def parse_multiplier(text, where, example="NAME:0.8"):
     try:
         value = float(text)
     except ValueError:
-        raise UsageError(f"{where}: the strength after ':' must be a number, as in {example}") from None
+        raise UsageError(f"{where}: the multiplier after ':' must be a number, as in {example}") from None
     if not math.isfinite(value) or abs(value) > MAX_MULTIPLIER:
         raise UsageError(
-            f"{where}: the strength must be a finite number from -{MAX_MULTIPLIER:g} to {MAX_MULTIPLIER:g}"
+            f"{where}: the multiplier must be a finite number from -{MAX_MULTIPLIER:g} to {MAX_MULTIPLIER:g}"
         )
     return value
 
@@ -53,9 +53,7 @@ def parse_prompt(prompt, hypernetwork_dir, available=None):
         value = parse_multiplier(multiplier, f"prompt tag {tag}") if multiplier else 1.0
         if name not in available:
             names = ", ".join(sorted(available)[:20]) or "none"
-            raise UsageError(
-                f"prompt tag {tag}: no hypernetwork {name!r} in --hypernetwork_dir {hypernetwork_dir} (it has: {names})"
-            )
+            raise UsageError(f"prompt tag {tag}: no hypernetwork {name!r} in {hypernetwork_dir} (it has: {names})")
         found.append((available[name], value))
     clean = re.sub(r"\s{2,}", " ", PROMPT_HYPERNET.sub("", prompt)).strip(" ,")
     return clean, found
@@ -404,15 +402,15 @@ def encode_prompts(prompts, tokenizers, text_encoders, clip_skip=1):
 
 
 def check_clip_skip(clip_skip, folder):
-    """--clip_skip from 1 to the layers of the text encoder of a diffusers folder (read from its config alone)."""
+    """clip_skip from 1 to the layers of the text encoder of a diffusers folder (read from its config alone)."""
     try:
         with open(os.path.join(folder, "text_encoder", "config.json")) as f:
             layers = int(json.load(f)["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError):
         layers = None
     if clip_skip < 1 or (layers is not None and clip_skip > layers):
-        raise UsageError(
-            f"--clip_skip {clip_skip}: use 1 to {layers or 'the text encoder layers'} (1: the last layer)"
+        raise ArgumentError(
+            "clip_skip", f"{clip_skip}: use 1 to {layers or 'the text encoder layers'} (1: the last layer)"
         )
 
 

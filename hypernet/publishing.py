@@ -102,7 +102,7 @@ def model_card(
 ## Use it
 
 **AUTOMATIC1111 webui, Forge:** copy `{name}.pt` (and `{name}.preview.png`, `{name}.json` for its card) into
-`models/hypernetworks/` and write `<hypernet:{name}:1>` in the prompt; the number is its strength.
+`models/hypernetworks/` and write `<hypernet:{name}:1>` in the prompt; the number is its multiplier.
 
 **ComfyUI:** copy `{name}.pt` into `models/hypernetworks/` and load it with the *HypernetworkLoader* node, its
 strength 1.0, between the checkpoint loader and the sampler.

@@ -12,6 +12,7 @@ import uuid
 import torch
 
 from .errors import ArgumentError, HypernetError, UsageError
+from .memory import same_layout
 from .untrusted import torch_load_safely
 
 CHECKPOINT_FILES = ("hypernetwork.safetensors", "training_state.json", "optimizer.bin", "scheduler.bin")
@@ -189,7 +190,7 @@ class LastGood:
             for key, value in values.items():
                 if not torch.is_tensor(value):
                     saved[key] = value
-                elif key in saved and _same_layout(saved[key], value):
+                elif key in saved and same_layout(saved[key], value):
                     saved[key].copy_(value)
                 else:  # the first keep after the optimizer made this state
                     saved[key] = value.detach().clone()
@@ -215,7 +216,7 @@ class LastGood:
         for p, values in self.state.items():
             for key, value in values.items():
                 current = self.optimizer.state[p].get(key)
-                if torch.is_tensor(current) and torch.is_tensor(value) and _same_layout(current, value):
+                if torch.is_tensor(current) and torch.is_tensor(value) and same_layout(current, value):
                     current.copy_(value)
                 else:
                     self.optimizer.state[p][key] = value.clone() if torch.is_tensor(value) else value
@@ -224,7 +225,3 @@ class LastGood:
         """Bytes its buffers hold."""
         tensors = self.weights + [v for values in self.state.values() for v in values.values() if torch.is_tensor(v)]
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _same_layout(a, b):
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .attachment import attach
-from .errors import UsageError, first_line
+from .errors import ArgumentError, UsageError, first_line
 
 
-def parse_schedule(text, flag):
+def parse_schedule(text, name):
     """The webui's schedule syntax: 'rate:until_step, rate:until_step, rate' -> [(rate, until_step or None)].
 
     Rates must be finite and not negative; each until_step a whole number above the one before.
@@ -29,18 +29,18 @@ def parse_schedule(text, flag):
             pieces.append((float(rate), int(until) if until.strip() else None))
     except ValueError:
         raise UsageError(
-            f"{flag} {text!r}: expected a number or a schedule such as '5e-5:100, 5e-6:1500, 5e-7'"
+            f"{name} {text!r}: expected a number or a schedule such as '5e-5:100, 5e-6:1500, 5e-7'"
         ) from None
     if not pieces:
-        raise UsageError(f"{flag} is empty")
+        raise UsageError(f"{name} is empty")
     for rate, until in pieces:
         if not math.isfinite(rate) or rate < 0:
-            raise UsageError(f"{flag} {text!r}: {rate} is not a finite, non-negative number")
+            raise UsageError(f"{name} {text!r}: {rate} is not a finite, non-negative number")
         if until is not None and until < 1:
-            raise UsageError(f"{flag} {text!r}: the step after ':' must be 1 or more, not {until}")
+            raise UsageError(f"{name} {text!r}: the step after ':' must be 1 or more, not {until}")
     steps = [until for _, until in pieces if until is not None]
     if steps != sorted(set(steps)) or any(until is None for _, until in pieces[:-1]):
-        raise UsageError(f"{flag} {text!r}: the steps must rise, and only the last rate may have none")
+        raise UsageError(f"{name} {text!r}: the steps must rise, and only the last rate may have none")
     return pieces
 
 
@@ -112,18 +112,19 @@ UNSUPPORTED_OPTIMIZERS = {
 
 
 def optimizer_class(name, use_8bit=False):
-    """The optimizer class for --optimizer NAME (or bitsandbytes' AdamW8bit), and its name as the .optim records it."""
+    """The torch.optim class `name` (or with use_8bit bitsandbytes' AdamW8bit), and its name as the .optim records
+    it."""
     if use_8bit:
         try:
             import bitsandbytes
         except ImportError:
-            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install 'hypernet[bnb]'") from None
+            raise ArgumentError("use_8bit", "needs bitsandbytes: pip install 'hypernet[bnb]'") from None
         return bitsandbytes.optim.AdamW8bit, "AdamW8bit"
     cls = getattr(torch.optim, name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise UsageError(f"--optimizer {name!r}: not a torch.optim class (e.g. AdamW, Adam, SGD)")
+        raise ArgumentError("name", f"{name!r}: not a torch.optim class (e.g. AdamW, Adam, SGD)")
     if name in UNSUPPORTED_OPTIMIZERS:
-        raise UsageError(f"--optimizer {name}: not supported ({UNSUPPORTED_OPTIMIZERS[name]}); use AdamW, Adam or SGD")
+        raise ArgumentError("name", f"{name}: not supported ({UNSUPPORTED_OPTIMIZERS[name]}); use AdamW, Adam or SGD")
     return cls, name
 
 
@@ -355,7 +356,7 @@ def batch_to_device(samples, models, prompt_encoder, seed, noise_offset, device,
     if samples.get("encoder_hidden_states") is not None:
         embeddings, pooled = samples["encoder_hidden_states"], samples.get("pooled_embeddings")
     else:
-        embeddings, pooled = prompt_encoder.padded(samples["captions"], samples["chunks"])
+        embeddings, pooled = prompt_encoder.padded(samples["prompts"], samples["chunks"])
     batch = {
         "latents": latents,
         "noise": torch.stack(noises).to(device, dtype),

@@ -32,8 +32,8 @@ def records_as_dict(records):
                 record.original_size,
                 record.crop_top_left,
                 record.flipped_crop_top_left,
-                record.filewords,
                 record.caption,
+                record.prompt,
             ]
         )
     return tensors, fields

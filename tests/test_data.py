@@ -159,10 +159,10 @@ def test_dataloader_workers_give_the_same_batches(models, small_dataset, tmp_pat
             batches[workers] += list(loader)
     assert len(batches[0]) == 2 * 3
     for a, b in zip(batches[0], batches[2]):
-        assert a["keys"] == b["keys"] and a["captions"] == b["captions"] and a["chunks"] == b["chunks"] == 1
+        assert a["keys"] == b["keys"] and a["prompts"] == b["prompts"] and a["chunks"] == b["chunks"] == 1
         for key in ("latents", "weight", "time_ids"):
             assert torch.equal(a[key], b[key]), key
-    assert batches[0][0]["captions"] != batches[0][3]["captions"], "tags reshuffled in the next epoch"
+    assert batches[0][0]["prompts"] != batches[0][3]["prompts"], "tags reshuffled in the next epoch"
 
 
 def test_datasets_are_read_lazily(tmp_path):
@@ -180,11 +180,13 @@ def test_datasets_are_read_lazily(tmp_path):
     assert len(entries) == 5 and entries.caption(3) == "thing 3"
     assert entries.image(4).size == (20, 16)
     assert entries.raw(2) == (tmp_path / "2.png").read_bytes(), "the file's bytes, not a decoded copy"
-    with pytest.raises(data.UsageError, match=r"--dataset_name .*nowhere/at-all: cannot be loaded"):
+    with pytest.raises(data.ArgumentError, match=r"^dataset_name .*nowhere/at-all: cannot be loaded") as raised:
         data.dataset_entries(str(tmp_path / "nowhere" / "at-all"))
+    assert raised.value.argument == "dataset_name"
+    assert str(raised.value.about("--dataset_name")).startswith(f"--dataset_name {tmp_path}/nowhere/at-all: cannot")
     os.makedirs(tmp_path / "empty")
     (tmp_path / "empty" / "metadata.jsonl").write_text("")
-    with pytest.raises(data.UsageError, match=r"--dataset_name .*empty: (cannot be loaded|the dataset is empty)"):
+    with pytest.raises(data.ArgumentError, match=r"^dataset_name .*empty: (cannot be loaded|the dataset is empty)"):
         data.dataset_entries(str(tmp_path / "empty"))
 
 
@@ -316,7 +318,7 @@ def test_a_streamed_dataset_gives_the_records_of_the_folder(models, varied_datas
     assert entries.streamed and not hasattr(entries, "__len__") and entries.shards == 1
     streamed, _ = data.prepare_records(entries, template, settings, encoders_of(models))
     assert len(streamed) == 40 and len({r.size for r in streamed}) == 3
-    assert streamed[7].filewords == "thing 7, noise, é" and streamed[5].weight.shape == streamed[5].means.shape[1:]
+    assert streamed[7].caption == "thing 7, noise, é" and streamed[5].weight.shape == streamed[5].means.shape[1:]
     records_equal(expected, streamed)
 
 
@@ -335,7 +337,9 @@ def test_a_bad_image_in_a_stream_is_named_by_row(models, tmp_path):
     entries = data.dataset_entries(str(tmp_path / "parquet"), streaming=True)
     with pytest.raises(data.UsageError, match=r"parquet row 20: unreadable image"):
         data.prepare_records(entries, ["[filewords]"], SETTINGS, encoders_of(models))
-    with pytest.raises(data.UsageError, match=r"parquet: no column 'caption'; it has image, text"):
+    with pytest.raises(
+        data.ArgumentError, match=r"^caption_column 'caption': .*parquet has no such column; it has image, text"
+    ):
         data.dataset_entries(str(tmp_path / "parquet"), streaming=True, caption_column="caption")
 
 

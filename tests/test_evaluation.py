@@ -56,7 +56,7 @@ def test_before_after_pairs_generated_images_by_prompt_and_seed_and_reports_thei
     hypernet.save(network, tmp_path / "check.pt")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a teal star in the middle, art by check\na red square at the bottom, art by check\n")
-    for strength in (0, 1):
+    for multiplier in (0, 1):
         subprocess.run(
             [
                 sys.executable,
@@ -66,7 +66,7 @@ def test_before_after_pairs_generated_images_by_prompt_and_seed_and_reports_thei
                 "--prompts_file",
                 str(prompts),
                 "--hypernetwork",
-                f"{tmp_path / 'check.pt'}:{strength}",
+                f"{tmp_path / 'check.pt'}:{multiplier}",
                 "--seed",
                 "3",
                 "--num_images",
@@ -75,7 +75,7 @@ def test_before_after_pairs_generated_images_by_prompt_and_seed_and_reports_thei
                 "4",
                 "--no_progress",
                 "--output_dir",
-                str(tmp_path / f"s{strength}"),
+                str(tmp_path / f"s{multiplier}"),
             ],
             cwd=ROOT,
             check=True,
@@ -101,7 +101,7 @@ def test_before_after_pairs_generated_images_by_prompt_and_seed_and_reports_thei
     assert "prompts in the training captions:" in result.stdout and "each of the 24 training images:" in result.stdout
     assert Image.open(out).size == (260 + 2 * (2 * 128 + 8), 20 + 2 * 128)
     report = json.loads((tmp_path / "grid.json").read_text())
-    images = {(r["prompt"].split(",")[0], r["seed"], r["strength"]): r for r in report["images"]}
+    images = {(r["prompt"].split(",")[0], r["seed"], r["multiplier"]): r for r in report["images"]}
     # generate.py numbers seeds on across prompts: the first prompt gets 3 and 4, the second 5 and 6
     assert set(images) == {
         (p, s, k)
@@ -114,13 +114,13 @@ def test_before_after_pairs_generated_images_by_prompt_and_seed_and_reports_thei
         Image.open(os.path.join(ROOT, "examples", "style_dataset", n)).convert("RGB").resize((64, 64), Image.LANCZOS)
         for n in names
     ]
-    for folder, strength in (("s0", 0.0), ("s1", 1.0)):
+    for folder, multiplier in (("s0", 0.0), ("s1", 1.0)):
         for name in os.listdir(tmp_path / folder):
             if name.endswith(".png") and name != "grid.png":
                 image = Image.open(tmp_path / folder / name)
                 prompt, seed = image.info["parameters"].split(",")[0], int(name.split("-")[1].split(".")[0])
-                assert images[prompt, seed, strength]["style"] == pytest.approx(colour_distance(image, training))
+                assert images[prompt, seed, multiplier]["style"] == pytest.approx(colour_distance(image, training))
     for group, wanted in (("in_captions", True), ("not_in_captions", False)):
         assert all(r["in_captions"] == wanted for r in report["images"] if ("teal" in r["prompt"]) == wanted)
-        values = [r["style"] for r in report["images"] if r["in_captions"] == wanted and r["strength"] == 1.0]
+        values = [r["style"] for r in report["images"] if r["in_captions"] == wanted and r["multiplier"] == 1.0]
         assert report["means"][group]["1"] == pytest.approx(sum(values) / len(values))

@@ -270,7 +270,7 @@ def test_wrong_layer_structure_and_activation_name_the_file(tmp_path):
     with pytest.raises(hypernet.FormatError, match=r"shape\.pt: layers\.96\.0\.linear\.0\.weight has shape"):
         hypernet.load(tmp_path / "shape.pt")
     torch.save(dict(data, activation_func="wobbly"), tmp_path / "act.pt")
-    with pytest.raises(hypernet.FormatError, match=r"act\.pt: unknown activation_func 'wobbly'"):
+    with pytest.raises(hypernet.FormatError, match=r"act\.pt: activation_func 'wobbly': unknown; use one of"):
         hypernet.load(tmp_path / "act.pt")
 
 

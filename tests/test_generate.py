@@ -52,7 +52,7 @@ def test_multiplier_zero_is_the_plain_pipeline_and_the_image_follows_the_multipl
     tagged = gen(
         tiny_model_dir, tmp_path / "tag", "--prompt", "<hypernet:case1:1> a cat", "--hypernetwork_dir", hn_dir
     )
-    assert np.array_equal(pixels(tagged[0]), images[1]), "prompt syntax = flag at the same strength"
+    assert np.array_equal(pixels(tagged[0]), images[1]), "prompt syntax = flag at the same multiplier"
     info = Image.open(tagged[0]).info["parameters"]
     assert info.startswith("a cat <hypernet:case1:1>\nSteps: 4, ")
     assert CIVITAI_NETWORK.findall(info.split("\n")[0]) == [("hypernet", "case1", "1")]
@@ -91,7 +91,7 @@ def test_stacking_order_and_both_syntaxes(tiny_model_dir, hn_dir, tmp_path):
     assert infotext_hashes(info)["hypernet:swish"] == hypernet.shorthash(hn_dir / "swish.safetensors")
 
 
-def test_a_file_stacked_twice_applies_twice_at_each_strength(tiny_model_dir, hn_dir, tmp_path):
+def test_a_file_stacked_twice_applies_twice_at_each_multiplier(tiny_model_dir, hn_dir, tmp_path):
     once = gen(tiny_model_dir, tmp_path / "a", "--prompt", "a dog <hypernet:case1:0.8>", "--hypernetwork_dir", hn_dir)
     twice = gen(
         tiny_model_dir,
@@ -226,8 +226,11 @@ def test_a_hypernetwork_for_another_family_gets_one_warning_line(sd2_model_dir, 
     "flags, message",
     [
         (["--hypernetwork", "nope.pt"], r"--hypernetwork 'nope.pt': no such file"),
-        (["--hypernetwork", "{case1}:strong"], r"the strength after ':' must be a number, as in FILE:0.8"),
-        (["--prompt", "<hypernet:ghost:0.5> a cat"], r"no hypernetwork 'ghost' in --hypernetwork_dir .* \(it has: "),
+        (["--hypernetwork", "{case1}:strong"], r"the multiplier after ':' must be a number, as in FILE:0.8"),
+        (
+            ["--prompt", "<hypernet:ghost:0.5> a cat"],
+            r"prompt tag <hypernet:ghost:0.5>: no hypernetwork 'ghost' in .* \(it has: ",
+        ),
         (
             ["--hypernetwork", "{sd1}"],
             r"sd1.pt has widths \[768, 320, 640, 1280\] but this model's attention layers use \[96, 40, 80, 160\]",

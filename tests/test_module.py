@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import hypernet
+from hypernet.errors import ArgumentError
 from hypernet.module import ACTIVATIONS, HypernetworkModule, default_dropout_structure
 
 
@@ -98,13 +99,14 @@ def test_dropout_structure_derived_like_a1111():
 
 
 def test_bad_settings_are_clear_errors():
-    with pytest.raises(hypernet.HypernetError, match=r"layer_structure \[2, 2, 1\] must start and end with 1"):
+    with pytest.raises(ArgumentError, match=r"^layer_structure \[2, 2, 1\] must start and end with 1") as raised:
         hypernet.Hypernetwork([8], layer_structure=[2, 2, 1])
-    with pytest.raises(hypernet.HypernetError, match="unknown activation_func 'wobbly'"):
+    assert raised.value.argument == "layer_structure"
+    with pytest.raises(ArgumentError, match="^activation_func 'wobbly': unknown; use one of"):
         hypernet.Hypernetwork([8], activation_func="wobbly")
-    with pytest.raises(hypernet.HypernetError, match="unknown weight_init 'Zeros'"):
+    with pytest.raises(ArgumentError, match="^weight_init 'Zeros': unknown; use one of"):
         hypernet.Hypernetwork([8], weight_init="Zeros")
-    with pytest.raises(hypernet.HypernetError, match="dropout_structure .* one entry per layer_structure"):
+    with pytest.raises(ArgumentError, match="^dropout_structure .* one entry per layer_structure"):
         hypernet.Hypernetwork([8], dropout_structure=[0, 0])
 
 

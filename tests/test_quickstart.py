@@ -1,6 +1,6 @@
-"""The quickstart learns its style: after its training, generated images at strength 1 are closer to the style
-dataset's colours than the same prompts and seeds at strength 0, for prompts in and not in the training captions,
-and at strength 0 they are the base model's images exactly.
+"""The quickstart learns its style: after its training, generated images at multiplier 1 are closer to the style
+dataset's colours than the same prompts and seeds at multiplier 0, for prompts in and not in the training captions,
+and at multiplier 0 they are the base model's images exactly.
 
 CI runs examples/quickstart.sh first and points HYPERNET_QUICKSTART_OUT at its output; without it the test runs
 the quickstart itself (without its pip commands)."""
@@ -21,7 +21,7 @@ from hypernet.images import infotext_prompt
 
 pytestmark = pytest.mark.slow
 
-# How much closer strength 1 comes to the style than strength 0, at least, in colour_distance's 0-255 RGB units
+# How much closer multiplier 1 comes to the style than multiplier 0, at least, in colour_distance's 0-255 RGB units
 # (the style dataset's own images are 12 from it, the base model's about 58): for each prompt, the mean over its 4
 # seeds; for each group of prompts (in the captions, not in them), the mean over its 8 images. The quickstart's
 # run on 2 CPU cores gives 12 to 22 per prompt and 17 and 18 per group.
@@ -53,7 +53,7 @@ def style_reference():
 
 
 def image_of(out, record):
-    folder = os.path.join(out, f"strength-{record['strength']:g}")
+    folder = os.path.join(out, f"multiplier-{record['multiplier']:g}")
     for name in sorted(os.listdir(folder)):
         image = Image.open(os.path.join(folder, name))
         text = image.info.get("parameters", "")
@@ -77,11 +77,13 @@ def test_the_report_measures_the_images_the_quickstart_wrote(quickstart):
     assert grid.height >= len(prompts) * 64 * 2
 
 
-def test_images_at_strength_1_are_closer_to_the_style_for_every_prompt_and_seed(quickstart):
+def test_images_at_multiplier_1_are_closer_to_the_style_for_every_prompt_and_seed(quickstart):
     _, report = quickstart
     by_prompt = {}
     for record in report["images"]:
-        by_prompt.setdefault(record["prompt"], {}).setdefault(record["strength"], {})[record["seed"]] = record["style"]
+        by_prompt.setdefault(record["prompt"], {}).setdefault(record["multiplier"], {})[record["seed"]] = record[
+            "style"
+        ]
     for prompt, distances in by_prompt.items():
         before, after = distances[0.0], distances[1.0]
         assert sorted(before) == sorted(after) and len(before) == 4
@@ -92,7 +94,7 @@ def test_images_at_strength_1_are_closer_to_the_style_for_every_prompt_and_seed(
         assert means["0"] - means["1"] >= GROUP_MARGIN, (group, means)
 
 
-def test_strength_0_is_the_base_model_exactly(quickstart, tmp_path):
+def test_multiplier_0_is_the_base_model_exactly(quickstart, tmp_path):
     out, report = quickstart
     prompt = report["images"][-1]["prompt"]
     first_seed = min(r["seed"] for r in report["images"] if r["prompt"] == prompt)
@@ -126,7 +128,7 @@ def test_strength_0_is_the_base_model_exactly(quickstart, tmp_path):
             continue
         base = Image.open(tmp_path / name)
         seed = int(base.info["parameters"].split("Seed: ", 1)[1].split(",")[0])
-        at_zero = image_of(out, dict(prompt=prompt, seed=seed, strength=0.0))
+        at_zero = image_of(out, dict(prompt=prompt, seed=seed, multiplier=0.0))
         assert np.array_equal(np.asarray(base), np.asarray(at_zero)), (prompt, seed)
         compared += 1
     assert compared == 4

@@ -32,7 +32,9 @@ def test_latest_is_the_newest_checkpoint_of_the_one_run(tmp_path):
     assert runs.checkpoint_to_resume(tmp_path, "checkpoint-4") == os.path.join(tmp_path, "checkpoint-4")
     assert runs.checkpoint_to_resume(tmp_path / "empty", "latest") is None
     checkpoint(tmp_path, 12, run_id="b")
-    with pytest.raises(hypernet.errors.ArgumentError, match=r"^latest: .* holds checkpoints of 2 different runs") as e:
+    with pytest.raises(
+        hypernet.errors.ArgumentError, match=r"^checkpoint latest: .* holds checkpoints of 2 different runs"
+    ) as e:
         runs.checkpoint_to_resume(tmp_path, "latest")
     assert e.value.argument == "checkpoint"
     assert str(e.value.about("--resume_from_checkpoint")).startswith("--resume_from_checkpoint latest: ")

@@ -192,8 +192,8 @@ def test_an_sdxl_hypernetwork_applies_through_generate(sdxl_model_dir, small_dat
         == 0
     )
     images = {}
-    for strength in ("0", "1"):
-        out = tmp_path / f"s{strength}"
+    for multiplier in ("0", "1"):
+        out = tmp_path / f"s{multiplier}"
         assert (
             run_script(
                 "generate.py",
@@ -202,7 +202,7 @@ def test_an_sdxl_hypernetwork_applies_through_generate(sdxl_model_dir, small_dat
                 "--prompt",
                 "a star",
                 "--hypernetwork",
-                f"{tmp_path / 'run' / 'xl.pt'}:{strength}",
+                f"{tmp_path / 'run' / 'xl.pt'}:{multiplier}",
                 "--num_inference_steps",
                 3,
                 "--output_dir",
@@ -211,7 +211,7 @@ def test_an_sdxl_hypernetwork_applies_through_generate(sdxl_model_dir, small_dat
             )
             == 0
         )
-        images[strength] = np.asarray(Image.open(out / "00000-0.png"), dtype=np.int16)
+        images[multiplier] = np.asarray(Image.open(out / "00000-0.png"), dtype=np.int16)
     assert (
         run_script(
             "generate.py",

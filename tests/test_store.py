@@ -98,7 +98,7 @@ def test_embeddings_are_stored_in_the_dtype_training_uses(models, small_dataset,
     )
     embedding, _ = records.embedding(0)
     assert embedding.dtype == torch.bfloat16
-    ((full, _),) = encoders.prompt_encoder.each([records.caption(0)])
+    ((full, _),) = encoders.prompt_encoder.each([records.prompt(0)])
     assert torch.equal(embedding, full.to(torch.bfloat16))
     fp32 = encoders_of(models)
     data.prepare_records(data.folder_entries(small_dataset), ["[filewords]"], settings, fp32, str(tmp_path / "store"))
@@ -200,5 +200,5 @@ def test_a_long_caption_is_trained_on_whole_and_clip_skip_is_recorded(tiny_model
 
 def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(data.UsageError, match=r"--cache_dir .*file: is a file, not a folder"):
+    with pytest.raises(data.ArgumentError, match=r"^store_dir .*file: is a file, not a folder"):
         data.RecordStore(str(tmp_path / "file"))

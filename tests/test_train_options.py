@@ -50,6 +50,8 @@ def base_argv(model, data, out):
         ),
         (["--activation_func", "multiheadattention"], r"--activation_func 'multiheadattention': not an elementwise"),
         (["--template_file", "nope.txt"], r"--template_file nope.txt: no such file"),
+        (["--clip_skip", "99"], r"--clip_skip 99: use 1 to 2 \(1: the last layer\)"),
+        (["--dropout_structure", "0,0.5,0.5"], r"--dropout_structure \[0, 0.5, 0.5\] needs probabilities in \[0, 1\)"),
         (["--learning_rate", "fast"], r"--learning_rate 'fast': expected a number or a schedule"),
         (["--learning_rate", "1e-3:-5, 1e-5"], r"the step after ':' must be 1 or more, not -5"),
         (["--learning_rate", "-0.001"], r"-0.001 is not a finite, non-negative number"),
@@ -525,13 +527,13 @@ def test_alpha_weight_is_normalised_like_a1111():
 
 
 def test_captions_templates_and_tags():
-    assert data.filewords_from_name("00012-a red fox.png") == "a red fox"
+    assert data.caption_from_name("00012-a red fox.png") == "a red fox"
     line = "a painting of [filewords], art by [name]"
-    assert data.make_caption(line, "fox, red, snow", "inky") == "a painting of fox, red, snow, art by inky"
+    assert data.make_prompt(line, "fox, red, snow", "inky") == "a painting of fox, red, snow, art by inky"
     rng = __import__("random").Random(0)
-    shuffled = data.make_caption("[filewords]", "a,b,c,d,e,f", "n", rng, shuffle_tags=True)
+    shuffled = data.make_prompt("[filewords]", "a,b,c,d,e,f", "n", rng, shuffle_tags=True)
     assert sorted(shuffled.split(",")) == list("abcdef") and shuffled != "a,b,c,d,e,f"
-    dropped = data.make_caption("[filewords]", ",".join("abcdefghijklmnop"), "n", rng, tag_drop_out=0.5)
+    dropped = data.make_prompt("[filewords]", ",".join("abcdefghijklmnop"), "n", rng, tag_drop_out=0.5)
     assert 0 < len(dropped.split(",")) < 16
     schedule = training.parse_schedule("5e-5:100, 5e-6:1500, 5e-7", "--learning_rate")
     assert [training.rate_at(schedule, s) for s in (0, 99, 100, 1499, 1500, 99999)] == [

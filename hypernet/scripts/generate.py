@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Text-to-image with hypernetworks stacked at chosen strengths.
+"""Text-to-image with hypernetworks stacked at chosen multipliers.
 
     python generate.py --pretrained_model_name_or_path MODEL --prompt "a castle" \\
         --hypernetwork style.pt:0.8 --hypernetwork detail.safetensors:0.5 --output_dir out
@@ -27,7 +27,7 @@ from hypernet.attachment import (
     compile_blocks,
     unused_widths,
 )
-from hypernet.errors import HypernetError, UsageError, run_script
+from hypernet.errors import HypernetError, UsageError, flag_errors, run_script
 from hypernet.files import check_writable_folder
 from hypernet.formats import DTYPES
 from hypernet.hashing import base_model_hash
@@ -70,31 +70,31 @@ SCHEDULERS = {
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Generate images with hypernetworks stacked at chosen strengths.")
-    model = parser.add_argument_group("model")
-    model.add_argument(
+    parser = argparse.ArgumentParser(description="Generate images with hypernetworks stacked at chosen multipliers.")
+    model_group = parser.add_argument_group("model")
+    model_group.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
         help="A local diffusers folder (SD 1.x, SD 2.x or SDXL), or a .safetensors/.ckpt file with --from_single_file.",
     )
-    model.add_argument(
+    model_group.add_argument(
         "--from_single_file", action="store_true", help="The model is one .safetensors/.ckpt checkpoint file."
     )
-    model.add_argument(
+    model_group.add_argument(
         "--original_config", default=None, help="Local original (LDM) .yaml config of a --from_single_file model."
     )
-    model.add_argument(
+    model_group.add_argument(
         "--config", default=None, help="Local diffusers folder whose configs describe a --from_single_file model."
     )
-    model.add_argument(
+    model_group.add_argument(
         "--scheduler",
         default=None,
         help=f"Sampler: an A1111 name ({', '.join(SCHEDULERS)}) or a diffusers scheduler class name. "
         "Default: the model's own.",
     )
-    model.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Default: fp16 on CUDA, else fp32.")
-    model.add_argument("--device", default=None, help="cuda, cpu, mps... Default: cuda when available.")
-    model.add_argument(
+    model_group.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Default: fp16 on CUDA, else fp32.")
+    model_group.add_argument("--device", default=None, help="cuda, cpu, mps... Default: cuda when available.")
+    model_group.add_argument(
         "--retain_freed_memory",
         default="auto",
         choices=RETAIN_SETTINGS,
@@ -102,63 +102,65 @@ def parse_args(input_args=None):
         "(glibc only; the whole process's allocator). auto: on for --device cpu, where it makes steps faster.",
     )
 
-    hn = parser.add_argument_group("hypernetworks")
-    hn.add_argument(
+    hypernetwork_group = parser.add_argument_group("hypernetworks")
+    hypernetwork_group.add_argument(
         "--hypernetwork",
         action="append",
         default=[],
         metavar="FILE[:MULTIPLIER]",
-        help="A .pt/.safetensors hypernetwork and its strength (default 1.0); repeat to stack, applied in order.",
+        help="A .pt/.safetensors hypernetwork and its multiplier (default 1.0); repeat to stack, applied in order.",
     )
-    hn.add_argument(
+    hypernetwork_group.add_argument(
         "--hypernetwork_dir",
         default="models/hypernetworks",
         help="Where <hypernet:NAME:M> in a prompt looks for NAME.pt or NAME.safetensors.",
     )
 
-    prompts = parser.add_argument_group("prompts and sampling")
-    prompts.add_argument("--prompt", action="append", default=[], help="Prompt; repeat for several.")
-    prompts.add_argument("--prompts_file", default=None, help="A text file with one prompt per line.")
-    prompts.add_argument("--negative_prompt", default="", help="Negative prompt.")
-    prompts.add_argument("--num_images", type=int, default=1, help="Images per prompt.")
-    prompts.add_argument("--batch_size", type=int, default=1, help="Images generated at once.")
-    prompts.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i.")
-    prompts.add_argument("--num_inference_steps", type=int, default=20, help="Denoising steps.")
-    prompts.add_argument("--guidance_scale", type=float, default=7.0, help="Classifier-free guidance (CFG) scale.")
-    prompts.add_argument(
+    prompt_group = parser.add_argument_group("prompts and sampling")
+    prompt_group.add_argument("--prompt", action="append", default=[], help="Prompt; repeat for several.")
+    prompt_group.add_argument("--prompts_file", default=None, help="A text file with one prompt per line.")
+    prompt_group.add_argument("--negative_prompt", default="", help="Negative prompt.")
+    prompt_group.add_argument("--num_images", type=int, default=1, help="Images per prompt.")
+    prompt_group.add_argument("--batch_size", type=int, default=1, help="Images generated at once.")
+    prompt_group.add_argument("--seed", type=int, default=0, help="Seed of the first image; image i uses seed + i.")
+    prompt_group.add_argument("--num_inference_steps", type=int, default=20, help="Denoising steps.")
+    prompt_group.add_argument(
+        "--guidance_scale", type=float, default=7.0, help="Classifier-free guidance (CFG) scale."
+    )
+    prompt_group.add_argument(
         "--clip_skip",
         type=int,
         default=1,
         help="The webui's Clip skip: 1 reads the text encoder's last layer, 2 the one before. The webui applies it to "
         "SD 1.x only, and so does --text_encoding webui.",
     )
-    prompts.add_argument(
+    prompt_group.add_argument(
         "--text_encoding",
         default="webui",
         choices=TEXT_ENCODINGS,
         help="webui: prompts as the webui encodes them (any length, (emphasis:1.2), [less], BREAK); diffusers: as "
         "diffusers' pipelines do (plain text cut at 77 tokens).",
     )
-    prompts.add_argument("--width", type=int, default=None, help="Image width; default: the model's.")
-    prompts.add_argument("--height", type=int, default=None, help="Image height; default: the model's.")
+    prompt_group.add_argument("--width", type=int, default=None, help="Image width; default: the model's.")
+    prompt_group.add_argument("--height", type=int, default=None, help="Image height; default: the model's.")
 
-    out = parser.add_argument_group("output")
-    out.add_argument("--output_dir", required=True, help="Where the PNGs are written.")
-    out.add_argument("--no_grid", action="store_true", help="Do not write grid.png of all images.")
-    out.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
-    hn.add_argument(
+    output_group = parser.add_argument_group("output")
+    output_group.add_argument("--output_dir", required=True, help="Where the PNGs are written.")
+    output_group.add_argument("--no_grid", action="store_true", help="Do not write grid.png of all images.")
+    output_group.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
+    hypernetwork_group.add_argument(
         "--no_merge",
         action="store_true",
         help="Run linear hypernetworks' modules in every layer and step instead of merging them into the "
         "attention projections once (the same images up to float rounding; merged is faster).",
     )
-    hn.add_argument(
+    hypernetwork_group.add_argument(
         "--torch_compile",
         action="store_true",
         help="Compile the UNet's repeated transformer blocks, hypernetwork wrappers inside, with torch.compile "
         "(regional compilation): the first image pays the compilation, the rest run faster on a GPU.",
     )
-    hn.add_argument(
+    hypernetwork_group.add_argument(
         "--torch_compile_mode",
         default="default",
         choices=COMPILE_MODES,
@@ -190,7 +192,8 @@ def read_prompts_file(path):
     """One prompt a line; UTF-8 or UTF-16 with a BOM, as captions are read."""
     from hypernet.data import read_text
 
-    return [line.strip() for line in read_text(path, "--prompts_file").splitlines() if line.strip()]
+    with flag_errors(path="--prompts_file"):
+        return [line.strip() for line in read_text(path, "path").splitlines() if line.strip()]
 
 
 def check_device(name):
@@ -231,10 +234,10 @@ def validate_args(args):
             raise UsageError(f"--scheduler {args.scheduler!r}: unknown; use one of: {', '.join(SCHEDULERS)}")
     if args.device is not None:
         check_device(args.device)
-    model = args.pretrained_model_name_or_path
+    model_path = args.pretrained_model_name_or_path
     if args.from_single_file:
-        if not os.path.isfile(model):
-            raise UsageError(f"--pretrained_model_name_or_path {model}: no such checkpoint file")
+        if not os.path.isfile(model_path):
+            raise UsageError(f"--pretrained_model_name_or_path {model_path}: no such checkpoint file")
         if args.original_config is None and args.config is None:
             raise UsageError(
                 "--from_single_file needs a local --original_config (.yaml) or --config (diffusers folder)"
@@ -242,12 +245,13 @@ def validate_args(args):
         for flag in ("original_config", "config"):
             if getattr(args, flag) is not None and not os.path.exists(getattr(args, flag)):
                 raise UsageError(f"--{flag} {getattr(args, flag)}: not found")
-    elif not os.path.isfile(os.path.join(model, "model_index.json")):
+    elif not os.path.isfile(os.path.join(model_path, "model_index.json")):
         raise UsageError(
-            f"--pretrained_model_name_or_path {model}: not a local diffusers folder (no model_index.json); "
+            f"--pretrained_model_name_or_path {model_path}: not a local diffusers folder (no model_index.json); "
             "for a .safetensors/.ckpt file add --from_single_file"
         )
-    check_clip_skip(args.clip_skip, args.config if args.from_single_file else model)
+    with flag_errors(clip_skip="--clip_skip"):
+        check_clip_skip(args.clip_skip, args.config if args.from_single_file else model_path)
     args.hypernetwork = [parse_hypernetwork_flag(value) for value in args.hypernetwork]
     available = hypernetworks_in(args.hypernetwork_dir)
     args.jobs = [parse_prompt(prompt, args.hypernetwork_dir, available) for prompt in args.prompt]
@@ -255,7 +259,8 @@ def validate_args(args):
         raise UsageError(
             f"--torch_compile_mode {args.torch_compile_mode} is for --torch_compile; add it or leave it out"
         )
-    check_writable_folder(args.output_dir)
+    with flag_errors(path="--output_dir"):
+        check_writable_folder(args.output_dir)
 
 
 def model_widths_from_config(args):
@@ -348,7 +353,7 @@ def sampler_name(args, pipeline):
 
 def stacked(hypernetworks, stack, repeats):
     """The loaded hypernetworks for a stack of (path, multiplier), each at its multiplier. A file named twice is
-    applied twice, each time at its own strength, so its repeats are copies, made once and kept in `repeats`."""
+    applied twice, each time at its own multiplier, so its repeats are copies, made once and kept in `repeats`."""
     result, seen = [], {}
     for path, multiplier in stack:
         occurrence = seen[path] = seen.get(path, -1) + 1

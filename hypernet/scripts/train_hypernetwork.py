@@ -43,7 +43,7 @@ from hypernet.attachment import (
     compile_blocks,
     unused_widths,
 )
-from hypernet.errors import ArgumentError, HypernetError, UsageError, first_line, run_script
+from hypernet.errors import ArgumentError, HypernetError, UsageError, first_line, flag_errors, run_script
 from hypernet.files import atomic_write, check_writable_folder, write_failure
 from hypernet.hashing import base_model_hash, cached_sha256, weights_id
 from hypernet.images import Generation, infotext_prompt, save_png
@@ -74,39 +74,47 @@ HYPERNETWORK_FLAGS = (*(setting.name for setting in HypernetworkConfig.architect
 MAX_PARAMETERS = 2_000_000_000
 MAX_SIZE = 8192  # pixels: training resolution and preview sizes
 RUN_FILES = ("training_settings.json",)  # beside NAME.pt, NAME.json and NAME.preview.png in the output folder
+# hypernet.data's arguments and the flags that give them
+DATA_FLAGS = {
+    "data_dir": "--train_data_dir",
+    "dataset_name": "--dataset_name",
+    "image_column": "--image_column",
+    "caption_column": "--caption_column",
+    "store_dir": "--cache_dir",
+}
 
 
 def make_parser():
     parser = argparse.ArgumentParser(description="Train an AUTOMATIC1111-style hypernetwork with accelerate.")
-    model = parser.add_argument_group("model")
-    model.add_argument(
+    model_group = parser.add_argument_group("model")
+    model_group.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
         help="Local diffusers folder of a Stable Diffusion 1.x, 2.x or SDXL model.",
     )
-    model.add_argument(
+    model_group.add_argument(
         "--pretrained_vae_model_name_or_path",
         default=None,
         help="A diffusers VAE folder to encode the images with instead of the model's own (for SDXL in fp16: one that "
         "is stable in fp16; without it SDXL's VAE encodes in float32).",
     )
-    model.add_argument("--revision", default=None, help="Model revision to load (hub models only).")
-    model.add_argument("--variant", default=None, help="Model file variant to load, e.g. fp16.")
+    model_group.add_argument("--revision", default=None, help="Model revision to load (hub models only).")
+    model_group.add_argument("--variant", default=None, help="Model file variant to load, e.g. fp16.")
 
-    hn = parser.add_argument_group("hypernetwork")
-    hn.add_argument(
+    hypernetwork_group = parser.add_argument_group("hypernetwork")
+    hypernetwork_group.add_argument(
         "--hypernetwork_name",
         default=None,
         help="Name of the hypernetwork ([name] in templates, file names). Default: the name of --output_dir.",
     )
-    hn.add_argument(
+    hypernetwork_group.add_argument(
         "--resume_hypernetwork",
         default=None,
         help="Continue training this .pt/.safetensors file: its step carries on, and its optimizer state when its "
         ".optim companion's hash matches.",
     )
-    add_architecture_flags(hn)
-    hn.add_argument(
+    add_architecture_flags(hypernetwork_group)
+    hypernetwork_group.add_argument(
         "--widths",
         "--enable_sizes",
         dest="widths",
@@ -115,48 +123,52 @@ def make_parser():
         "loaded model's widths.",
     )
 
-    data = parser.add_argument_group("data")
-    data.add_argument(
+    data_group = parser.add_argument_group("data")
+    data_group.add_argument(
         "--train_data_dir",
         default=None,
         help="Folder of images in A1111's layout: optional same-named .txt captions, else words from the file name.",
     )
-    data.add_argument(
+    data_group.add_argument(
         "--dataset_name",
         default=None,
         help="A datasets dataset name, or a local imagefolder (images + metadata.jsonl), instead of --train_data_dir.",
     )
-    data.add_argument("--dataset_config_name", default=None, help="Config name of --dataset_name.")
-    data.add_argument("--image_column", default="image", help="Image column of --dataset_name.")
-    data.add_argument("--caption_column", default="text", help="Caption column of --dataset_name.")
-    data.add_argument(
+    data_group.add_argument("--dataset_config_name", default=None, help="Config name of --dataset_name.")
+    data_group.add_argument("--image_column", default="image", help="Image column of --dataset_name.")
+    data_group.add_argument("--caption_column", default="text", help="Caption column of --dataset_name.")
+    data_group.add_argument(
         "--streaming",
         action="store_true",
         help="Read --dataset_name as a stream (datasets' streaming mode) instead of preparing it on disk first: "
         "read once, in order, while the latents are cached; images are checked as they arrive, not up front.",
     )
-    data.add_argument(
+    data_group.add_argument(
         "--template_file",
         default=None,
         help="Prompt template file, one template a line, with [filewords] (the caption) and [name]. Default: the "
         "caption alone. A1111's standard sets are in examples/templates/.",
     )
-    data.add_argument("--shuffle_tags", action="store_true", help="Shuffle the comma-separated tags of each caption.")
-    data.add_argument("--tag_drop_out", type=float, default=0.0, help="Drop each caption tag with this probability.")
-    data.add_argument(
+    data_group.add_argument(
+        "--shuffle_tags", action="store_true", help="Shuffle the comma-separated tags of each caption."
+    )
+    data_group.add_argument(
+        "--tag_drop_out", type=float, default=0.0, help="Drop each caption tag with this probability."
+    )
+    data_group.add_argument(
         "--use_weight", action="store_true", help="Use each image's alpha channel as a per-pixel loss weight."
     )
-    data.add_argument("--resolution", type=int, default=512, help="Training resolution (square) in pixels.")
-    data.add_argument(
+    data_group.add_argument("--resolution", type=int, default=512, help="Training resolution (square) in pixels.")
+    data_group.add_argument(
         "--center_crop", action="store_true", help="Center crop to --resolution; default: a random crop."
     )
-    data.add_argument("--random_flip", action="store_true", help="Randomly mirror images horizontally.")
-    data.add_argument(
+    data_group.add_argument("--random_flip", action="store_true", help="Randomly mirror images horizontally.")
+    data_group.add_argument(
         "--varsize",
         action="store_true",
         help="Keep each image's own size, rounded down to multiples of 64, and batch images of equal size.",
     )
-    data.add_argument(
+    data_group.add_argument(
         "--cache_dir",
         default=None,
         help="The record store: encoded latents and text embeddings, read from disk at every step, keyed by each "
@@ -164,20 +176,20 @@ def make_parser():
         "encodes only what changed. Shared safely by several processes and runs; every node must see the same folder. "
         "Default: $HYPERNET_CACHE_DIR/records, else ~/.cache/hypernet/records.",
     )
-    data.add_argument(
+    data_group.add_argument(
         "--encode_on_the_fly",
         action="store_true",
         help="Encode each batch's images and prompts at every step instead of storing their latents and embeddings "
         "(for a dataset too large to store; slower: bench/RESULTS.md). Not with --streaming.",
     )
-    data.add_argument(
+    data_group.add_argument(
         "--clip_skip",
         type=int,
         default=1,
         help="The webui's Clip skip: 1 reads the text encoder's last layer, 2 the one before (NovelAI-derived anime "
         "models are used with 2). The webui applies it to SD 1.x only, and so does --text_encoding webui.",
     )
-    data.add_argument(
+    data_group.add_argument(
         "--text_encoding",
         default="webui",
         choices=hypernet.prompts.TEXT_ENCODINGS,
@@ -185,7 +197,7 @@ def make_parser():
         "BREAK); diffusers: as diffusers' pipelines do (plain text cut at 77 tokens; --clip_skip N as their "
         "clip_skip=N-1, on every model family).",
     )
-    data.add_argument(
+    data_group.add_argument(
         "--latent_sampling_method",
         default="once",
         choices=hypernet.data.LATENT_SAMPLING_METHODS,
@@ -193,85 +205,93 @@ def make_parser():
         "'random' resamples from the cached mean and std at every use.",
     )
 
-    training = parser.add_argument_group("training")
-    training.add_argument("--output_dir", required=True, help="Where every file of the run is written.")
-    training.add_argument("--seed", type=int, default=0, help="Seed for weights, data order, noise and timesteps.")
-    training.add_argument("--train_batch_size", type=int, default=1, help="Batch size per process.")
-    training.add_argument(
+    training_group = parser.add_argument_group("training")
+    training_group.add_argument("--output_dir", required=True, help="Where every file of the run is written.")
+    training_group.add_argument(
+        "--seed", type=int, default=0, help="Seed for weights, data order, noise and timesteps."
+    )
+    training_group.add_argument("--train_batch_size", type=int, default=1, help="Batch size per process.")
+    training_group.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches accumulated per optimizer step."
     )
-    training.add_argument(
+    training_group.add_argument(
         "--max_train_steps",
         type=int,
         default=1000,
         help="Train until the hypernetwork's step reaches this (counted like A1111, from the resumed file's step).",
     )
-    training.add_argument(
+    training_group.add_argument(
         "--learning_rate",
         default="5e-6",
         help="A rate, or an A1111 schedule such as '5e-5:100, 5e-6:1500, 5e-7' (rate until step; last to the end).",
     )
-    training.add_argument(
+    training_group.add_argument(
         "--lr_scheduler",
         default="constant",
         help="diffusers scheduler for a plain --learning_rate: constant, constant_with_warmup, linear, cosine, ...",
     )
-    training.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of --lr_scheduler.")
-    training.add_argument(
+    training_group.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of --lr_scheduler.")
+    training_group.add_argument(
         "--optimizer",
         default="AdamW",
         help="Optimizer: a torch.optim class by name, e.g. AdamW, Adam, SGD (as the webui).",
     )
-    training.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' AdamW8bit.")
-    training.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
-    training.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
-    training.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Adam weight decay.")
-    training.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
-    training.add_argument(
+    training_group.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' AdamW8bit.")
+    training_group.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    training_group.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    training_group.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Adam weight decay.")
+    training_group.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
+    training_group.add_argument(
         "--clip_grad_mode", default=None, choices=["value", "norm"], help="Clip gradients by value or by norm."
     )
-    training.add_argument(
+    training_group.add_argument(
         "--clip_grad_value", default="0.1", help="Clipping threshold; may be an A1111 schedule string."
     )
-    training.add_argument(
+    training_group.add_argument(
         "--mixed_precision",
         default=None,
         choices=["no", "fp16", "bf16"],
         help="Mixed precision; default: accelerate's config. The hypernetwork's weights stay float32.",
     )
-    training.add_argument(
+    training_group.add_argument(
         "--gradient_checkpointing", action="store_true", help="Trade compute for memory in the frozen UNet."
     )
-    training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    training.add_argument(
+    training_group.add_argument(
+        "--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs."
+    )
+    training_group.add_argument(
         "--torch_compile",
         action="store_true",
         help="Compile the UNet's repeated transformer blocks, hypernetwork wrappers inside, with torch.compile "
         "(regional compilation): the first step pays the compilation, later ones run faster on a GPU.",
     )
-    training.add_argument(
+    training_group.add_argument(
         "--torch_compile_mode",
         default="default",
         choices=COMPILE_MODES,
         help="torch.compile's mode: reduce-overhead uses CUDA graphs (shapes stay fixed without --varsize).",
     )
-    training.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5 is usual).")
-    training.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset, as in diffusers' scripts.")
-    training.add_argument(
+    training_group.add_argument(
+        "--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5 is usual)."
+    )
+    training_group.add_argument(
+        "--noise_offset", type=float, default=0.0, help="Noise offset, as in diffusers' scripts."
+    )
+    training_group.add_argument(
         "--max_bad_steps",
         type=int,
         default=10,
         help="Stop after this many bad steps in a row: a non-finite loss, or an optimizer step that makes the weights "
         "non-finite (each such step is skipped, back to the last good weights).",
     )
-    training.add_argument(
+    training_group.add_argument(
         "--dataloader_num_workers",
         type=int,
         default=0,
         help="DataLoader worker processes that assemble batches (latent sampling, captions, tokens); 0: in the main "
         "process. The batches are the same for any number.",
     )
-    training.add_argument(
+    training_group.add_argument(
         "--retain_freed_memory",
         default="auto",
         choices=RETAIN_SETTINGS,
@@ -279,29 +299,29 @@ def make_parser():
         "the whole process's allocator). auto: on when training on the CPU, where it makes steps about a fifth faster.",
     )
 
-    outputs = parser.add_argument_group("outputs")
-    outputs.add_argument(
+    output_group = parser.add_argument_group("outputs")
+    output_group.add_argument(
         "--save_every",
         type=int,
         default=500,
         help="Write hypernetworks/NAME-STEP.pt (+ .optim) every N steps; 0 = off.",
     )
-    outputs.add_argument(
+    output_group.add_argument(
         "--save_safetensors",
         action="store_true",
         help="Also write safetensors/NAME.safetensors at the end: in a folder of its own, because ComfyUI, Easy "
         "Diffusion and ersatzForge list a .safetensors in a hypernetwork folder and apply nothing from it.",
     )
-    outputs.add_argument(
+    output_group.add_argument(
         "--checkpointing_steps", type=int, default=500, help="Save an accelerate checkpoint every N steps; 0 = off."
     )
-    outputs.add_argument(
+    output_group.add_argument(
         "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
     )
-    outputs.add_argument(
+    output_group.add_argument(
         "--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-STEP folder to continue exactly."
     )
-    outputs.add_argument(
+    output_group.add_argument(
         "--preview_every",
         "--validation_steps",
         dest="preview_every",
@@ -309,7 +329,7 @@ def make_parser():
         default=500,
         help="Write images/NAME-STEP.png previews every N steps; 0 = off. --validation_steps is diffusers' name.",
     )
-    outputs.add_argument(
+    output_group.add_argument(
         "--preview_prompt",
         "--validation_prompt",
         dest="preview_prompt",
@@ -317,7 +337,7 @@ def make_parser():
         default=None,
         help="Preview prompt; repeat the flag for several. --validation_prompt is diffusers' name.",
     )
-    outputs.add_argument(
+    output_group.add_argument(
         "--num_preview_images",
         "--num_validation_images",
         dest="num_preview_images",
@@ -325,33 +345,35 @@ def make_parser():
         default=1,
         help="Previews per prompt, image i with --preview_seed + i. --num_validation_images is diffusers' name.",
     )
-    outputs.add_argument("--preview_negative_prompt", default="", help="Negative prompt of the previews.")
-    outputs.add_argument("--preview_seed", type=int, default=0, help="Seed of the previews.")
-    outputs.add_argument("--preview_steps", type=int, default=20, help="Denoising steps of the previews.")
-    outputs.add_argument("--preview_guidance_scale", type=float, default=7.0, help="CFG scale of the previews.")
-    outputs.add_argument("--preview_width", type=int, default=None, help="Preview width (default: --resolution).")
-    outputs.add_argument("--preview_height", type=int, default=None, help="Preview height (default: --resolution).")
-    outputs.add_argument(
+    output_group.add_argument("--preview_negative_prompt", default="", help="Negative prompt of the previews.")
+    output_group.add_argument("--preview_seed", type=int, default=0, help="Seed of the previews.")
+    output_group.add_argument("--preview_steps", type=int, default=20, help="Denoising steps of the previews.")
+    output_group.add_argument("--preview_guidance_scale", type=float, default=7.0, help="CFG scale of the previews.")
+    output_group.add_argument("--preview_width", type=int, default=None, help="Preview width (default: --resolution).")
+    output_group.add_argument(
+        "--preview_height", type=int, default=None, help="Preview height (default: --resolution)."
+    )
+    output_group.add_argument(
         "--report_to", default="none", choices=["none", "tensorboard", "wandb", "all"], help="Where to log."
     )
-    outputs.add_argument("--tracker_project_name", default="hypernet", help="Tracker project name.")
-    outputs.add_argument("--run_name", default=None, help="Tracker run name (default: the hypernetwork name).")
-    outputs.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
-    outputs.add_argument(
+    output_group.add_argument("--tracker_project_name", default="hypernet", help="Tracker project name.")
+    output_group.add_argument("--run_name", default=None, help="Tracker run name (default: the hypernetwork name).")
+    output_group.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
+    output_group.add_argument(
         "--optional_info",
         default=None,
         help="A note stored in the .pt's optional_info (the webui keeps it) and as the description of the "
         "safetensors file and the model card.",
     )
-    outputs.add_argument(
+    output_group.add_argument(
         "--push_to_hub",
         action="store_true",
         help="Upload the output folder (without checkpoints and logs) to the Hugging Face Hub at the end.",
     )
-    outputs.add_argument(
+    output_group.add_argument(
         "--hub_model_id", default=None, help="The Hub repository to push to (default: the output folder's name)."
     )
-    outputs.add_argument(
+    output_group.add_argument(
         "--hub_token", default=None, help="The Hub token to push with (default: the one `hf auth login` stored)."
     )
 
@@ -444,8 +466,8 @@ def validate_args(args, given=()):
         )
     try:
         HypernetworkConfig([], **architecture(args))
-    except HypernetError as e:
-        raise UsageError(f"--{e}") from None  # the config's errors start with the setting's name
+    except ArgumentError as e:
+        raise e.about(f"--{e.argument}") from None
     if args.widths != "auto":
         args.widths = parse_numbers(args.widths, "--widths", kind=int)
         if any(w < 1 for w in args.widths):
@@ -507,7 +529,8 @@ def validate_args(args, given=()):
         raise UsageError("--encode_on_the_fly reads images again at every step; a --streaming dataset is read once")
     if args.encode_on_the_fly and args.cache_dir is not None:
         raise UsageError("--encode_on_the_fly stores nothing; do not give --cache_dir with it")
-    hypernet.prompts.check_clip_skip(args.clip_skip, args.pretrained_model_name_or_path)
+    with flag_errors(clip_skip="--clip_skip"):
+        hypernet.prompts.check_clip_skip(args.clip_skip, args.pretrained_model_name_or_path)
     if args.use_8bit_adam and args.optimizer != "AdamW":
         raise UsageError("--use_8bit_adam replaces --optimizer AdamW; do not give both")
     check_optimizer(args)
@@ -533,7 +556,8 @@ def validate_args(args, given=()):
         raise UsageError(f"--preview_steps {args.preview_steps}: at most the scheduler's {timesteps} timesteps")
     check_model_files(args)
     if args.cache_dir is not None:
-        check_writable_folder(args.cache_dir, "--cache_dir")
+        with flag_errors(path="--cache_dir"):
+            check_writable_folder(args.cache_dir)
     if args.preview_prompt is None:
         args.preview_prompt = [f"a picture, art by {args.hypernetwork_name}"]
     check_output_dir(args)
@@ -583,14 +607,15 @@ def check_optimizer(args):
     """The optimizer class takes these settings and parameters shaped as a hypernetwork's (matrices and vectors)."""
     shapes = [torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)]
     try:
-        make_optimizer(
-            shapes,
-            args.optimizer,
-            args.use_8bit_adam,
-            (args.adam_beta1, args.adam_beta2),
-            args.adam_weight_decay,
-            args.adam_epsilon,
-        )
+        with flag_errors(name="--optimizer", use_8bit="--use_8bit_adam"):
+            make_optimizer(
+                shapes,
+                args.optimizer,
+                args.use_8bit_adam,
+                (args.adam_beta1, args.adam_beta2),
+                args.adam_weight_decay,
+                args.adam_epsilon,
+            )
     except (ValueError, TypeError, RuntimeError, AssertionError) as e:
         raise UsageError(f"--optimizer {args.optimizer}: cannot train a hypernetwork ({first_line(e)})") from None
 
@@ -635,7 +660,8 @@ def check_output_dir(args):
     """The output folder is creatable and writable, and not the data folder (its images and loss.png would mix)."""
     if args.train_data_dir is not None and os.path.realpath(args.output_dir) == os.path.realpath(args.train_data_dir):
         raise UsageError(f"--output_dir {args.output_dir}: is the --train_data_dir; write the run elsewhere")
-    check_writable_folder(args.output_dir)
+    with flag_errors(path="--output_dir"):
+        check_writable_folder(args.output_dir)
 
 
 def check_tensorboard(report_to):
@@ -685,11 +711,12 @@ def data_settings(args):
 
 
 def read_entries(args):
-    if args.train_data_dir is not None:
-        return data.folder_entries(args.train_data_dir)
-    return data.dataset_entries(
-        args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column, args.streaming
-    )
+    with flag_errors(**DATA_FLAGS):
+        if args.train_data_dir is not None:
+            return data.folder_entries(args.train_data_dir)
+        return data.dataset_entries(
+            args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column, args.streaming
+        )
 
 
 def architecture(args):
@@ -763,11 +790,11 @@ def vae_weights_id(args):
 
 def text_weights_id(args):
     """What names the text encoders and tokenizers in the store's keys of prompt embeddings."""
-    model = args.pretrained_model_name_or_path
-    parts = [weights_id(model, folder) for folder in ("text_encoder", "text_encoder_2")]
+    model_path = args.pretrained_model_name_or_path
+    parts = [weights_id(model_path, folder) for folder in ("text_encoder", "text_encoder_2")]
     for folder in ("tokenizer", "tokenizer_2"):
         for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
-            path = os.path.join(model, folder, name)
+            path = os.path.join(model_path, folder, name)
             parts.append(cached_sha256(path)[:10] if os.path.isfile(path) else None)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
@@ -898,9 +925,10 @@ def claim_output_dir(args, resuming):
 
 def save_state_hook(accelerator, model, state, models, weights, output_dir):
     if accelerator.is_main_process:
-        check_finite(accelerator.unwrap_model(model).hypernetwork, output_dir)
-        hypernet.save(
-            accelerator.unwrap_model(model).hypernetwork, os.path.join(output_dir, "hypernetwork.safetensors")
+        save_hypernetwork(
+            accelerator.unwrap_model(model).hypernetwork,
+            os.path.join(output_dir, "hypernetwork.safetensors"),
+            state.step,
         )
         write_json(os.path.join(output_dir, "training_state.json"), state.to_json())
     weights.clear()
@@ -953,6 +981,7 @@ def check_finite(hn, where):
 
 
 def save_hypernetwork(hn, path, step, optimizer=None, optimizer_name=None, metadata=None):
+    """The hypernetwork as a file of the run at `step`: the run's step (RunState.step) becomes the file's."""
     check_finite(hn, path)
     hn.config.step = step
     state = None if optimizer is None else OptimizerState(optimizer_name, optimizer.state_dict())
@@ -1009,7 +1038,7 @@ def run_summary(args, models, hn, records, state, optimizer_name, total_batch_si
         steps=state.step,
         images=len(records),
         dataset=os.path.basename(os.path.normpath(args.train_data_dir or args.dataset_name)),
-        tags=tag_frequency(records.filewords[i] for i in range(len(records))),
+        tags=tag_frequency(records.captions[i] for i in range(len(records))),
         started_at=started_at,
         finished_at=time.time(),
         settings=settings,
@@ -1161,7 +1190,7 @@ def preview_path(args, step, prompt_index, image_index):
     return os.path.join(args.output_dir, "images", f"{args.hypernetwork_name}-{step}{suffix}.png")
 
 
-def log_validation(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype):
+def log_previews(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype):
     """Preview images of the hypernetwork as it is now, with webui infotext, logged to the trackers under
     "validation" with their prompts as captions, as diffusers' scripts log them; the random number generators are
     left as they were, so previews change nothing about the training."""
@@ -1217,7 +1246,7 @@ def periodic_outputs(
         path = os.path.join(args.output_dir, "hypernetworks", f"{args.hypernetwork_name}-{step}.pt")
         save_hypernetwork(hn, path, step, optimizer, optimizer_name)
     if args.preview_every and step % args.preview_every == 0:
-        generation = log_validation(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype)
+        generation = log_previews(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype)
         state.last_preview = (step, generation)
 
 
@@ -1313,7 +1342,8 @@ def main(input_args=None):
     entries = read_entries(args)
     if not entries.streamed:
         data.check_images(entries)
-    template = data.load_template(args.template_file)
+    with flag_errors(path="--template_file"):
+        template = data.load_template(args.template_file)
     model_widths = attention_widths_from_config(args.pretrained_model_name_or_path, revision=args.revision)
     set_seed(args.seed)
     hn, resumed_optimizer = make_hypernetwork(args, model_widths)
@@ -1367,16 +1397,17 @@ def main(input_args=None):
     )
     started = time.perf_counter()
     try:
-        records, damaged = data.prepare_records(
-            entries,
-            template,
-            settings,
-            encoders,
-            args.cache_dir,
-            accelerator.state,
-            accelerator.is_local_main_process,
-            stored,
-        )
+        with flag_errors(**DATA_FLAGS):
+            records, damaged = data.prepare_records(
+                entries,
+                template,
+                settings,
+                encoders,
+                args.cache_dir,
+                accelerator.state,
+                accelerator.is_local_main_process,
+                stored,
+            )
     except UsageError as e:
         if str(e) == "the dataset held no images":
             raise UsageError(f"--dataset_name {args.dataset_name}: the stream held no rows") from None
@@ -1470,7 +1501,6 @@ def main(input_args=None):
         accelerator.load_state(checkpoint)
         logger.info(f"resumed from {checkpoint} at step {state.step}")
     hn = accelerator.unwrap_model(model).hypernetwork
-    hn.config.step = state.step
     csv_path = os.path.join(args.output_dir, "loss.csv")
     loss_rows = read_loss_csv(csv_path, state.step) if accelerator.is_main_process and checkpoint else []
     logger.info(
@@ -1522,7 +1552,6 @@ def main(input_args=None):
                 continue
 
             state.step += 1
-            hn.config.step = state.step
             progress.update(1)
             if bad_in_step:
                 state.bad_steps += 1

@@ -224,16 +224,16 @@ def test_prompt_tags_resolve_only_inside_the_hypernetwork_dir(tiny_model_dir, tm
     ]
     for tag in ("../secret/private", str(tmp_path / "secret" / "private"), "../../tiny/unet/diffusion_pytorch_model"):
         err = generate_error(capsys, *common, "--prompt", f"<hypernet:{tag}:1> a cat")
-        assert f"no hypernetwork {tag!r} in --hypernetwork_dir {hn_dir} (it has: style)" in err
+        assert f"no hypernetwork {tag!r} in {hn_dir} (it has: style)" in err
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--hypernetwork", "{case1}:nan"], r"the strength must be a finite number from -100 to 100"),
-        (["--hypernetwork", "{case1}:inf"], r"the strength must be a finite number"),
-        (["--hypernetwork", "{case1}:1e30"], r"the strength must be a finite number"),
-        (["--prompt", "<hypernet:case1:nan> x"], r"prompt tag <hypernet:case1:nan>: the strength must be"),
+        (["--hypernetwork", "{case1}:nan"], r"the multiplier must be a finite number from -100 to 100"),
+        (["--hypernetwork", "{case1}:inf"], r"the multiplier must be a finite number"),
+        (["--hypernetwork", "{case1}:1e30"], r"the multiplier must be a finite number"),
+        (["--prompt", "<hypernet:case1:nan> x"], r"prompt tag <hypernet:case1:nan>: the multiplier must be"),
         (["--guidance_scale", "nan"], r"--guidance_scale nan: must be a finite number"),
         (["--width", "-64"], r"--width -64: must be a positive multiple of 8"),
         (["--width", "0"], r"--width 0: must be a positive multiple of 8"),
