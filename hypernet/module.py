@@ -199,11 +199,12 @@ class HypernetworkConfig:
 
 
 class HypernetworkModule(nn.Module):
-    """The residual MLP A1111 puts in front of an attention layer's K or V projection."""
+    """The residual MLP A1111 puts in front of an attention layer's K or V projection, for inputs of `width`
+    channels (the webui's `dim`)."""
 
     def __init__(
         self,
-        dim: int,
+        width: int,
         layer_structure: Sequence[float] = (1, 2, 1),
         activation_func: str | None = "linear",
         weight_init: str | None = "Normal",
@@ -227,8 +228,8 @@ class HypernetworkModule(nn.Module):
         layers = []
         last = len(layer_structure) - 2
         for i in range(len(layer_structure) - 1):
-            width_out = int(dim * layer_structure[i + 1])
-            layers.append(nn.Linear(int(dim * layer_structure[i]), width_out))
+            width_out = int(width * layer_structure[i + 1])
+            layers.append(nn.Linear(int(width * layer_structure[i]), width_out))
             if activation_func not in (None, "linear") and (i < last or activate_output):
                 layers.append(ACTIVATIONS[activation_func]())
             if add_layer_norm:
