@@ -1371,8 +1371,8 @@ def main(input_args=None):
         weight_dtype,
         args.pretrained_vae_model_name_or_path,
     )
-    for model in (*models.text_encoders, models.vae):
-        model.to(accelerator.device)
+    for encoder in (*models.text_encoders, models.vae):
+        encoder.to(accelerator.device)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
 
