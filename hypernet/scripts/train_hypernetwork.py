@@ -1627,6 +1627,9 @@ def main(input_args=None):
         plot_loss(loss_rows, os.path.join(args.output_dir, "loss.png"), f"{args.hypernetwork_name}: loss per step")
         logger.info(f"wrote {final} at step {state.step}")
         publish_run(args, hn, final, run, state.last_preview, repo_id)
+    # The processes tear down their process groups together, not one while another's is still connected: a gloo
+    # process aborted at exit that way once ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.unwrap_model(model).attachment.detach()
     if lock is not None:
