@@ -1,7 +1,10 @@
 """Managing a training run's folder: one run at a time (a lock), what a killed run left removed, the run's id,
-which checkpoint to resume and whether it is whole, and the last good weights to go back to after a bad step."""
+which checkpoint to resume and whether it is whole, the last good weights to go back to after a bad step, and the
+loss log (loss.csv) with its chart."""
 
+import csv
 import fcntl
+import io
 import json
 import math
 import os
@@ -10,8 +13,11 @@ import shutil
 import uuid
 
 import torch
+from PIL import Image, ImageDraw
 
 from .errors import ArgumentError, HypernetError, UsageError
+from .files import atomic_write
+from .images import save_png
 from .memory import same_layout
 from .untrusted import torch_load_safely
 
@@ -225,3 +231,58 @@ class LastGood:
         """Bytes its buffers hold."""
         tensors = self.weights + [v for values in self.state.values() for v in values.values() if torch.is_tensor(v)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# -- the loss log and its chart ---------------------------------------------------------------------------
+
+LOSS_COLUMNS = ("step", "epoch", "epoch_step", "loss", "learn_rate")
+
+
+def write_loss_csv(path, rows):
+    """loss.csv of a run: a row a step (step, epoch, epoch_step, loss, learn_rate), written whole or not at all."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(LOSS_COLUMNS)
+    writer.writerows(rows)
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write(buffer.getvalue())
+
+
+def read_loss_csv(path, up_to_step):
+    """The rows of loss.csv up to a step (where a resumed run continues), as strings; none where it is missing."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return [row for row in rows if row and row[0].isdigit() and int(row[0]) <= up_to_step]
+
+
+def plot_loss(rows, path, title):
+    """A plain loss-per-step chart as PNG (no plotting library needed)."""
+    width, height, margin = 640, 360, 48
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    points = [(int(r[0]), float(r[3])) for r in rows if math.isfinite(float(r[3]))]
+    draw.text((margin, 12), title, fill="black")
+    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    if len(points) >= 2:
+        steps, losses = zip(*points)
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1e-8
+
+        def xy(step, loss):
+            x = margin + (step - steps[0]) / max(1, steps[-1] - steps[0]) * (width - 2 * margin)
+            return x, height - margin - (loss - lo) / (hi - lo) * (height - 2 * margin)
+
+        draw.line([xy(s, v) for s, v in points], fill=(200, 200, 255), width=1)
+        window = max(1, len(points) // 20)
+        smooth = [
+            (points[i][0], sum(v for _, v in points[max(0, i - window + 1) : i + 1]) / min(window, i + 1))
+            for i in range(len(points))
+        ]
+        draw.line([xy(s, v) for s, v in smooth], fill=(20, 60, 200), width=2)
+        draw.text((4, margin - 6), f"{hi:.4f}", fill="black")
+        draw.text((4, height - margin - 6), f"{lo:.4f}", fill="black")
+        draw.text((margin, height - margin + 6), f"step {steps[0]}", fill="black")
+        draw.text((width - margin - 60, height - margin + 6), f"step {steps[-1]}", fill="black")
+    save_png(image, path)

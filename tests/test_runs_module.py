@@ -1,4 +1,5 @@
-"""hypernet.runs: the lock, leftovers, checkpoint choice and the last good weights, without a training run."""
+"""hypernet.runs: the lock, leftovers, checkpoint choice, the last good weights and the loss log, without a training
+run."""
 
 import json
 import os
@@ -110,3 +111,27 @@ def test_last_good_restores_weights_and_adamw_state_from_buffers_allocated_once(
     assert all(torch.equal(w, p) for w, p in zip(kept[0], parameters))
     assert all(torch.equal(m, optimizer.state[p]["exp_avg"]) for m, p in zip(kept[1], parameters))
     assert [optimizer.state[p]["step"].item() for p in parameters] == [3.0] * len(parameters)
+
+
+def test_the_loss_log_is_read_back_up_to_the_step_a_resumed_run_continues_from(tmp_path):
+    path = tmp_path / "loss.csv"
+    assert runs.read_loss_csv(path, 10) == [], "no log yet"
+    rows = [[step, 0, step, f"{1 / step:.7f}", 0.005] for step in range(1, 7)]
+    runs.write_loss_csv(path, rows)
+    assert path.read_text().splitlines()[0] == "step,epoch,epoch_step,loss,learn_rate"
+    kept = runs.read_loss_csv(path, 4)
+    assert [row[0] for row in kept] == ["1", "2", "3", "4"] and kept[1][3] == "0.5000000"
+
+
+def test_the_loss_chart_draws_the_losses_and_their_running_mean(tmp_path):
+    from PIL import Image
+
+    rows = [[step, 0, step, str(2.0 / step), 0.005] for step in range(1, 41)] + [[41, 0, 41, "nan", 0.005]]
+    runs.plot_loss(rows, tmp_path / "loss.png", "style: loss per step")
+    chart = Image.open(tmp_path / "loss.png").convert("RGB")
+    colours = {colour for _, colour in chart.getcolors(maxcolors=1 << 16)}
+    assert chart.size == (640, 360)
+    assert (200, 200, 255) in colours and (20, 60, 200) in colours, "the losses and their running mean"
+    runs.plot_loss(rows[:1], tmp_path / "one.png", "one step")
+    one = Image.open(tmp_path / "one.png").convert("RGB")
+    assert (20, 60, 200) not in {c for _, c in one.getcolors(maxcolors=1 << 16)}, "no line through a single point"

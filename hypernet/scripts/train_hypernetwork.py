@@ -9,11 +9,9 @@ Only the hypernetwork trains; the UNet, text encoders and VAE stay frozen. See R
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import functools
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -31,7 +29,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import hypernet
 import hypernet.prompts
@@ -817,54 +815,6 @@ def write_json(path, content):
         json.dump(content, f, indent=2, default=str)
 
 
-def write_loss_csv(path, rows):
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["step", "epoch", "epoch_step", "loss", "learn_rate"])
-    writer.writerows(rows)
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-        f.write(buffer.getvalue())
-
-
-def read_loss_csv(path, up_to_step):
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))[1:]
-    return [row for row in rows if row and row[0].isdigit() and int(row[0]) <= up_to_step]
-
-
-def plot_loss(rows, path, title):
-    """A plain loss-per-step chart as PNG (no plotting library needed)."""
-    width, height, margin = 640, 360, 48
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    points = [(int(r[0]), float(r[3])) for r in rows if math.isfinite(float(r[3]))]
-    draw.text((margin, 12), title, fill="black")
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
-    if len(points) >= 2:
-        steps, losses = zip(*points)
-        lo, hi = min(losses), max(losses)
-        hi = hi if hi > lo else lo + 1e-8
-
-        def xy(step, loss):
-            x = margin + (step - steps[0]) / max(1, steps[-1] - steps[0]) * (width - 2 * margin)
-            return x, height - margin - (loss - lo) / (hi - lo) * (height - 2 * margin)
-
-        draw.line([xy(s, v) for s, v in points], fill=(200, 200, 255), width=1)
-        window = max(1, len(points) // 20)
-        smooth = [
-            (points[i][0], sum(v for _, v in points[max(0, i - window + 1) : i + 1]) / min(window, i + 1))
-            for i in range(len(points))
-        ]
-        draw.line([xy(s, v) for s, v in smooth], fill=(20, 60, 200), width=2)
-        draw.text((4, margin - 6), f"{hi:.4f}", fill="black")
-        draw.text((4, height - margin - 6), f"{lo:.4f}", fill="black")
-        draw.text((margin, height - margin + 6), f"step {steps[0]}", fill="black")
-        draw.text((width - margin - 60, height - margin + 6), f"step {steps[-1]}", fill="black")
-    save_png(image, path)
-
-
 # -- the run --------------------------------------------------------------------------------------------------
 
 
@@ -968,7 +918,7 @@ def save_checkpoint(accelerator, args, state, loss_rows):
             existing = runs.list_checkpoints(args.output_dir)
             for name in existing[: max(0, len(existing) - args.checkpoints_total_limit)]:
                 shutil.rmtree(os.path.join(args.output_dir, name))
-        write_loss_csv(os.path.join(args.output_dir, "loss.csv"), loss_rows)
+        runs.write_loss_csv(os.path.join(args.output_dir, "loss.csv"), loss_rows)
     accelerator.wait_for_everyone()
 
 
@@ -1502,7 +1452,7 @@ def main(input_args=None):
         logger.info(f"resumed from {checkpoint} at step {state.step}")
     hn = accelerator.unwrap_model(model).hypernetwork
     csv_path = os.path.join(args.output_dir, "loss.csv")
-    loss_rows = read_loss_csv(csv_path, state.step) if accelerator.is_main_process and checkpoint else []
+    loss_rows = runs.read_loss_csv(csv_path, state.step) if accelerator.is_main_process and checkpoint else []
     logger.info(
         f"training {args.hypernetwork_name}: {len(records)} images, widths {hn.widths}, "
         f"{sum(p.numel() for p in hn.parameters()):,} parameters, {accelerator.num_processes} process(es), "
@@ -1600,7 +1550,7 @@ def main(input_args=None):
                     weight_dtype,
                 )
                 if state.step % 50 == 0:
-                    write_loss_csv(csv_path, loss_rows)
+                    runs.write_loss_csv(csv_path, loss_rows)
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, state, loss_rows)
 
@@ -1611,7 +1561,7 @@ def main(input_args=None):
         save_checkpoint(accelerator, args, state, loss_rows)  # so that --resume_from_checkpoint latest continues here
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_loss_csv(csv_path, loss_rows)
+        runs.write_loss_csv(csv_path, loss_rows)
         if state.stop is None:  # the last step's periodic files, before the final file, which may still fail
             periodic_outputs(
                 accelerator, args, models, prompt_encoder, model, hn, state, optimizer, optimizer_name, weight_dtype
@@ -1624,7 +1574,9 @@ def main(input_args=None):
         if args.save_safetensors:
             path = os.path.join(args.output_dir, "safetensors", f"{args.hypernetwork_name}.safetensors")
             save_hypernetwork(hn, path, state.step, metadata=safetensors_metadata(args, hn, run))
-        plot_loss(loss_rows, os.path.join(args.output_dir, "loss.png"), f"{args.hypernetwork_name}: loss per step")
+        runs.plot_loss(
+            loss_rows, os.path.join(args.output_dir, "loss.png"), f"{args.hypernetwork_name}: loss per step"
+        )
         logger.info(f"wrote {final} at step {state.step}")
         publish_run(args, hn, final, run, state.last_preview, repo_id)
     # The processes tear down their process groups together, not one while another's is still connected: a gloo
