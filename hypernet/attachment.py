@@ -307,7 +307,7 @@ class HypernetworkProjection(nn.Module):
     def merge(self, hypernetworks):
         """Bake the stack into merged_weight/merged_bias, in the tensors it had where their layout allows; where a
         hypernetwork at this width is not linear or the base layer is not a plain Linear, drop them."""
-        merged = self.merged(hypernetworks)
+        merged = self.merged_weights(hypernetworks)
         if merged is None:
             self.merged_weight = self.merged_bias = None
         elif same_layout(self.merged_weight, merged[0]) and same_layout(self.merged_bias, merged[1]):
@@ -317,7 +317,7 @@ class HypernetworkProjection(nn.Module):
         else:
             self.merged_weight, self.merged_bias = merged
 
-    def merged(self, hypernetworks):
+    def merged_weights(self, hypernetworks):
         """to_k/to_v's weight and bias with every hypernetwork at its width folded in, or None where that cannot be."""
         width = self.base_layer.in_features
         side_maps = self.foldable(hypernetworks, linear_maps(hypernetworks, width), width)
