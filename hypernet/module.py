@@ -68,6 +68,13 @@ def check_layer_structure(layer_structure):
         raise ArgumentError("layer_structure", f"{list(layer_structure)} must hold positive numbers")
 
 
+def check_activation_func(activation_func):
+    if activation_func is not None and activation_func not in ACTIVATIONS:
+        raise ArgumentError(
+            "activation_func", f"{activation_func!r}: unknown; use one of: {', '.join(sorted(ACTIVATIONS))}"
+        )
+
+
 def check_dropout_structure(dropout_structure, layer_structure):
     if len(dropout_structure) != len(layer_structure):
         raise ArgumentError(
@@ -153,10 +160,7 @@ class HypernetworkConfig:
         self.widths = [int(width) for width in self.widths]
         self.layer_structure = list(self.layer_structure)
         check_layer_structure(self.layer_structure)
-        if self.activation_func is not None and self.activation_func not in ACTIVATIONS:
-            raise ArgumentError(
-                "activation_func", f"{self.activation_func!r}: unknown; use one of: {', '.join(sorted(ACTIVATIONS))}"
-            )
+        check_activation_func(self.activation_func)
         if self.dropout_structure is None:
             self.dropout_structure = default_dropout_structure(
                 self.layer_structure, self.use_dropout, bool(self.last_layer_dropout)
@@ -214,10 +218,7 @@ class HypernetworkModule(nn.Module):
     ):
         super().__init__()
         check_layer_structure(layer_structure)
-        if activation_func is not None and activation_func not in ACTIVATIONS:
-            raise ArgumentError(
-                "activation_func", f"{activation_func!r}: unknown; use one of: {', '.join(sorted(ACTIVATIONS))}"
-            )
+        check_activation_func(activation_func)
         if dropout_structure is not None:
             check_dropout_structure(dropout_structure, layer_structure)
         # The multiplier as a tensor too, for forward: a compiled block reads its value, so that changing it compiles
