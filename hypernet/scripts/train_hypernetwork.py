@@ -381,9 +381,10 @@ def make_parser():
 def add_architecture_flags(group):
     """A flag for each setting that shapes a new hypernetwork (HypernetworkConfig.architecture()), with its name,
     default and help; lists are given as comma-separated numbers."""
+    defaults = HypernetworkConfig(widths=[])
     for setting in HypernetworkConfig.architecture():
         flag, text = f"--{setting.name}", HypernetworkConfig.help(setting.name)
-        default = getattr(HypernetworkConfig(widths=[]), setting.name)
+        default = getattr(defaults, setting.name)
         if setting.name == "dropout_structure":
             group.add_argument(flag, default=None, help=text)
         elif isinstance(default, bool):
