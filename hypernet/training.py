@@ -18,7 +18,9 @@ from .errors import ArgumentError, UsageError, first_line
 def parse_schedule(text, name):
     """The webui's schedule syntax: 'rate:until_step, rate:until_step, rate' -> [(rate, until_step or None)].
 
-    Rates must be finite and not negative; each until_step a whole number above the one before.
+    Each rate holds until its step; the last one to the end of training where it has no step or the step -1 (the
+    webui's "until the end"), else training ends at its step. Rates must be finite and not negative; each until_step
+    a whole number above the one before.
     """
     pieces = []
     try:
@@ -33,11 +35,16 @@ def parse_schedule(text, name):
         ) from None
     if not pieces:
         raise UsageError(f"{name} is empty")
+    if pieces[-1][1] == -1:
+        pieces[-1] = (pieces[-1][0], None)
     for rate, until in pieces:
         if not math.isfinite(rate) or rate < 0:
             raise UsageError(f"{name} {text!r}: {rate} is not a finite, non-negative number")
         if until is not None and until < 1:
-            raise UsageError(f"{name} {text!r}: the step after ':' must be 1 or more, not {until}")
+            raise UsageError(
+                f"{name} {text!r}: the step after ':' must be 1 or more (or -1, until the end, on the last rate), "
+                f"not {until}"
+            )
     steps = [until for _, until in pieces if until is not None]
     if steps != sorted(set(steps)) or any(until is None for _, until in pieces[:-1]):
         raise UsageError(f"{name} {text!r}: the steps must rise, and only the last rate may have none")
@@ -50,6 +57,12 @@ def rate_at(schedule, step):
         if until is None or step < until:
             return rate
     return schedule[-1][0]
+
+
+def schedule_end(schedule):
+    """The step a learning-rate schedule ends training at, as the webui's LearnRateScheduler ends it: the last rate's
+    step where it has one; None where the last rate holds to the end."""
+    return schedule[-1][1]
 
 
 def sample_noise(shape, generator, noise_offset=0.0):
@@ -128,15 +141,27 @@ def optimizer_class(name, use_8bit=False):
     return cls, name
 
 
-def make_optimizer(parameters, name="AdamW", use_8bit=False, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8):
+def make_optimizer(parameters, name="AdamW", use_8bit=False, **settings):
     """(optimizer, its name) with a base learning rate of 1: the scheduler sets the absolute rate at every step.
-    Adam-family optimizers get the betas, weight decay and epsilon; every optimizer is fused where torch can."""
+    Every setting not given (betas, weight_decay, eps, ...) is the class's own default, as the webui creates its
+    optimizers; one the class does not take is refused. Fused where torch can."""
     cls, name = optimizer_class(name, use_8bit)
     parameters = list(parameters)
-    kwargs = {"lr": 1.0, **fused_kwargs(cls, parameters)}
-    if "Adam" in name:
-        kwargs.update(betas=betas, weight_decay=weight_decay, eps=eps)
-    return cls(parameters, **kwargs), name
+    accepted = inspect.signature(cls.__init__).parameters
+    for key, value in settings.items():
+        if key not in accepted:
+            raise ArgumentError(key, f"{value}: {name} has no {key} setting; leave the flag out")
+    return cls(parameters, lr=1.0, **settings, **fused_kwargs(cls, parameters)), name
+
+
+def optimizer_settings(optimizer):
+    """The settings an optimizer was made with, as training_settings.json records them: its defaults but the
+    learning rate (the schedule's) and how it computes (fused, foreach, ...)."""
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in optimizer.defaults.items()
+        if key not in ("lr", *IMPLEMENTATION_KEYS) and isinstance(value, (int, float, bool, tuple, type(None)))
+    }
 
 
 def fused_kwargs(cls, parameters):

@@ -15,7 +15,7 @@ from PIL import Image
 from records_worker import records_as_dict
 
 import hypernet
-from hypernet import data
+from hypernet import data, errors
 from hypernet.prompts import PromptEncoder
 from hypernet.training import load_models
 
@@ -106,7 +106,7 @@ def test_an_entry_damaged_during_training_is_never_trained_on(models, small_data
     damaged = bytearray(read(path))
     damaged[-1] ^= 1
     write(path, bytes(damaged))
-    with pytest.raises(data.UsageError, match=r"record store entry .* was damaged during training .*; run again"):
+    with pytest.raises(errors.UsageError, match=r"record store entry .* was damaged during training .*; run again"):
         samples.__getitems__([(0, 2)])
 
 
@@ -180,13 +180,13 @@ def test_datasets_are_read_lazily(tmp_path):
     assert len(entries) == 5 and entries.caption(3) == "thing 3"
     assert entries.image(4).size == (20, 16)
     assert entries.raw(2) == (tmp_path / "2.png").read_bytes(), "the file's bytes, not a decoded copy"
-    with pytest.raises(data.ArgumentError, match=r"^dataset_name .*nowhere/at-all: cannot be loaded") as raised:
+    with pytest.raises(errors.ArgumentError, match=r"^dataset_name .*nowhere/at-all: cannot be loaded") as raised:
         data.dataset_entries(str(tmp_path / "nowhere" / "at-all"))
     assert raised.value.argument == "dataset_name"
     assert str(raised.value.about("--dataset_name")).startswith(f"--dataset_name {tmp_path}/nowhere/at-all: cannot")
     os.makedirs(tmp_path / "empty")
     (tmp_path / "empty" / "metadata.jsonl").write_text("")
-    with pytest.raises(data.ArgumentError, match=r"^dataset_name .*empty: (cannot be loaded|the dataset is empty)"):
+    with pytest.raises(errors.ArgumentError, match=r"^dataset_name .*empty: (cannot be loaded|the dataset is empty)"):
         data.dataset_entries(str(tmp_path / "empty"))
 
 
@@ -335,10 +335,10 @@ def test_a_bad_image_in_a_stream_is_named_by_row(models, tmp_path):
         str(tmp_path / "parquet" / "train.parquet")
     )
     entries = data.dataset_entries(str(tmp_path / "parquet"), streaming=True)
-    with pytest.raises(data.UsageError, match=r"parquet row 20: unreadable image"):
+    with pytest.raises(errors.UsageError, match=r"parquet row 20: unreadable image"):
         data.prepare_records(entries, ["[filewords]"], SETTINGS, encoders_of(models))
     with pytest.raises(
-        data.ArgumentError, match=r"^caption_column 'caption': .*parquet has no such column; it has image, text"
+        errors.ArgumentError, match=r"^caption_column 'caption': .*parquet has no such column; it has image, text"
     ):
         data.dataset_entries(str(tmp_path / "parquet"), streaming=True, caption_column="caption")
 

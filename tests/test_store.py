@@ -15,7 +15,7 @@ from helpers import ROOT, train
 from PIL import Image
 
 import hypernet
-from hypernet import data, training
+from hypernet import data, errors, training
 from hypernet.prompts import PromptEncoder
 
 
@@ -200,5 +200,5 @@ def test_a_long_caption_is_trained_on_whole_and_clip_skip_is_recorded(tiny_model
 
 def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(data.ArgumentError, match=r"^store_dir .*file: is a file, not a folder"):
+    with pytest.raises(errors.ArgumentError, match=r"^store_dir .*file: is a file, not a folder"):
         data.RecordStore(str(tmp_path / "file"))

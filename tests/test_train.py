@@ -232,13 +232,15 @@ def test_loss_on_a_fixed_batch_falls(tiny_model_dir, small_dataset, tmp_path):
             "relu",
             "--weight_init",
             "XavierNormal",
+            "--image_fit",
+            "crop",
             "--center_crop",
             steps=40,
         )
         == 0
     )
     models = training.load_models(tiny_model_dir)
-    settings = data.DataSettings(name="fit", resolution=64, center_crop=True)
+    settings = data.DataSettings(name="fit", resolution=64, image_fit="crop", center_crop=True)
     prompt_encoder = PromptEncoder(models.tokenizers, models.text_encoders)
     encoders = data.Encoders(models.vae, prompt_encoder, "cpu", torch.float32)
     records, _ = data.prepare_records(

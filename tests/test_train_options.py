@@ -53,7 +53,10 @@ def base_argv(model, data, out):
         (["--clip_skip", "99"], r"--clip_skip 99: use 1 to 2 \(1: the last layer\)"),
         (["--dropout_structure", "0,0.5,0.5"], r"--dropout_structure \[0, 0.5, 0.5\] needs probabilities in \[0, 1\)"),
         (["--learning_rate", "fast"], r"--learning_rate 'fast': expected a number or a schedule"),
-        (["--learning_rate", "1e-3:-5, 1e-5"], r"the step after ':' must be 1 or more, not -5"),
+        (
+            ["--learning_rate", "1e-3:-5, 1e-5"],
+            r"the step after ':' must be 1 or more \(or -1, until the end, on the last rate\), not -5",
+        ),
         (["--learning_rate", "-0.001"], r"-0.001 is not a finite, non-negative number"),
         (["--optimizer", "Adamish"], r"--optimizer 'Adamish': not a torch.optim class"),
         (["--optimizer", "LBFGS"], r"--optimizer LBFGS: not supported \(it needs a closure\)"),
@@ -70,7 +73,7 @@ def base_argv(model, data, out):
             ["--learning_rate", "1e-3:10, 1e-4", "--lr_scheduler", "cosine"],
             r"is an A1111 schedule; use it with --lr_scheduler constant",
         ),
-        (["--resolution", "60"], r"--resolution 60: must be a positive multiple of 8"),
+        (["--resolution", "60"], r"--resolution 60: 60 is not a positive multiple of 8"),
         (["--preview_width", "65"], r"--preview_width 65: must be a positive multiple of 8"),
         (["--seed", "-1"], r"--seed -1: must be from 0 to 4294967295"),
         (["--seed", str(2**40)], r"--seed 1099511627776: must be from 0 to 4294967295"),
@@ -84,7 +87,26 @@ def base_argv(model, data, out):
         (["--optimizer", "Muon"], r"--optimizer Muon: cannot train a hypernetwork \(Muon only supports 2D parameters"),
         (["--preview_steps", "5000"], r"--preview_steps 5000: at most the scheduler's 1000 timesteps"),
         (["--preview_width", "100000"], r"--preview_width 100000: at most 8192 pixels"),
-        (["--resolution", "100000"], r"--resolution 100000: at most 8192 pixels"),
+        (["--resolution", "100000"], r"--resolution 100000: 100000 is more than 8192 pixels"),
+        (["--resolution", "64,64,64"], r"--resolution '64,64,64': give one size \(512\) or width,height \(768,512\)"),
+        (["--center_crop"], r"--center_crop cuts images: add --image_fit crop \(or bucket\)"),
+        (
+            ["--varsize", "--image_fit", "crop"],
+            r"--varsize trains each image at its own size; do not give --image_fit crop",
+        ),
+        (["--bucket_no_upscale"], r"--bucket_no_upscale is for --image_fit bucket"),
+        (
+            ["--image_fit", "bucket", "--bucket_reso_steps", "12"],
+            r"--bucket_reso_steps 12: must be a positive multiple of 8",
+        ),
+        (
+            ["--image_fit", "bucket", "--min_bucket_reso", "100"],
+            r"--min_bucket_reso 100: must be a multiple of --bucket_reso_steps \(64\)",
+        ),
+        (
+            ["--adam_beta1", "0.5", "--optimizer", "SGD"],
+            r"--adam_beta1 .*: SGD has no betas setting; leave the flag out",
+        ),
         (
             ["--variant", "bogus"],
             r"--variant bogus: .*unet has no file of that variant \(such as diffusion_pytorch_model.bogus.safetensors\); leave --variant out",
@@ -521,9 +543,16 @@ def test_imagefolder_dataset_varsize_and_alpha_weights(tiny_model_dir, tmp_path,
 def test_alpha_weight_is_normalised_like_a1111():
     image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     image.paste((0, 0, 0, 255), (0, 0, 32, 64))
-    weight = data.alpha_weight(image, (4, 8, 8))
+    whole = data.Placement((64, 64), (64, 64), 0, 0, (64, 64))
+    weight = data.alpha_weight(data.alpha_channel(image), whole, (4, 8, 8))
     assert weight.shape == (4, 8, 8) and weight.min() == 0 and weight.mean().item() == pytest.approx(1.0)
     assert weight[:, :, :3].min() > 1.5 and weight[:, :, 5:].max() == 0
+    constant = data.alpha_weight(Image.new("L", (64, 64), 128), whole, (4, 8, 8))
+    assert torch.equal(constant, torch.ones(4, 8, 8)), "a constant alpha weighs every pixel alike (the webui: NaN)"
+    cut = data.Placement((64, 64), (128, 128), 0, 0, (64, 64))  # the top left quarter of an image scaled twice
+    weight = data.alpha_weight(data.alpha_channel(image), cut, (4, 8, 8))
+    inside = weight[:, :, :7]
+    assert torch.all(inside == inside[0, 0, 0]) and inside.min() > weight[:, :, 7].max(), "the window's alpha"
 
 
 def test_captions_templates_and_tags():

@@ -119,3 +119,24 @@ def test_optimizers_the_loop_cannot_drive_are_refused():
     assert str(raised.value.about("--optimizer")).startswith("--optimizer 'Adamish': not a torch.optim class")
     optimizer, name = training.make_optimizer([torch.nn.Parameter(torch.zeros(3))], "Adam", betas=(0.8, 0.9))
     assert name == "Adam" and optimizer.param_groups[0]["betas"] == (0.8, 0.9) and optimizer.param_groups[0]["lr"] == 1
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Adam", "RAdam", "NAdam", "Adamax", "SGD", "Adagrad", "RMSprop"])
+def test_optimizers_get_torchs_defaults_as_the_webui_creates_them(name):
+    parameters = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer, _ = training.make_optimizer(parameters, name)
+    own = getattr(torch.optim, name)([torch.nn.Parameter(torch.zeros(3))], lr=1.0)
+    assert training.optimizer_settings(optimizer) == training.optimizer_settings(own)
+    expected_decay = 1e-2 if name == "AdamW" else 0
+    assert optimizer.defaults["weight_decay"] == expected_decay, "AdamW's own 0.01; every other class's own 0"
+    given, _ = training.make_optimizer(parameters, name, weight_decay=0.5)
+    assert given.defaults["weight_decay"] == 0.5, "a setting given overrides the class's default"
+
+
+def test_a_schedule_ends_where_its_last_step_is_and_minus_one_means_to_the_end():
+    assert training.parse_schedule("1e-3:10", "lr") == [(1e-3, 10)]
+    assert training.schedule_end(training.parse_schedule("5e-3:10, 1e-3:20", "lr")) == 20
+    assert training.parse_schedule("1e-3:5, 1e-4:-1", "lr") == [(1e-3, 5), (1e-4, None)]
+    assert training.schedule_end(training.parse_schedule("1e-3:5, 1e-4:-1", "lr")) is None
+    with pytest.raises(UsageError, match=r"\(or -1, until the end, on the last rate\), not -1"):
+        training.parse_schedule("1e-3:-1, 1e-4", "lr")

@@ -8,10 +8,12 @@ Only the hypernetwork trains; the UNet, text encoders and VAE stay frozen. See R
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -33,6 +35,7 @@ from PIL import Image
 
 import hypernet
 import hypernet.prompts
+import hypernet.training
 from hypernet import data, runs
 from hypernet.attachment import (
     COMPILE_MODES,
@@ -57,10 +60,12 @@ from hypernet.training import (
     load_models,
     make_lr_scheduler,
     make_optimizer,
+    optimizer_settings,
     optimizer_state_problem,
     parse_schedule,
     rate_at,
     resume_optimizer_state,
+    schedule_end,
     weights_digest,
 )
 
@@ -70,7 +75,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 # Settings of the hypernetwork itself: a resumed file keeps its own, so giving a different one is an error.
 HYPERNETWORK_FLAGS = (*(setting.name for setting in HypernetworkConfig.architecture()), "widths")
 MAX_PARAMETERS = 2_000_000_000
-MAX_SIZE = 8192  # pixels: training resolution and preview sizes
+MAX_SIZE = data.geometry.MAX_SIDE  # pixels: training resolution and preview sizes
 RUN_FILES = ("training_settings.json",)  # beside NAME.pt, NAME.json and NAME.preview.png in the output folder
 # hypernet.data's arguments and the flags that give them
 DATA_FLAGS = {
@@ -103,7 +108,8 @@ def make_parser():
     hypernetwork_group.add_argument(
         "--hypernetwork_name",
         default=None,
-        help="Name of the hypernetwork ([name] in templates, file names). Default: the name of --output_dir.",
+        help="Name of the hypernetwork ([name] in templates, file names). Default: the --resume_hypernetwork file's "
+        "name, as the webui keeps it, else the name of --output_dir.",
     )
     hypernetwork_group.add_argument(
         "--resume_hypernetwork",
@@ -156,15 +162,60 @@ def make_parser():
     data_group.add_argument(
         "--use_weight", action="store_true", help="Use each image's alpha channel as a per-pixel loss weight."
     )
-    data_group.add_argument("--resolution", type=int, default=512, help="Training resolution (square) in pixels.")
     data_group.add_argument(
-        "--center_crop", action="store_true", help="Center crop to --resolution; default: a random crop."
+        "--resolution",
+        default="512",
+        help="Training size in pixels: one side (square), or width,height such as 768,512 (the webui's Width and "
+        "Height fields; kohya's --resolution).",
+    )
+    data_group.add_argument(
+        "--image_fit",
+        default="stretch",
+        choices=data.IMAGE_FITS,
+        help="How an image becomes the training size. stretch: resized to it whatever its proportions, nothing cut, "
+        "as the webui trains (choose it to train as the webui does, or for images already of those proportions). "
+        "crop: its short side scaled to fit and the rest cut (a random crop, or --center_crop): nothing distorted, "
+        "the edges lost. bucket: resized to the aspect-ratio bucket of its proportions at about the training size's "
+        "area, as kohya's scripts do, and batched within its bucket: nothing distorted, little cut (see "
+        "--min_bucket_reso, --max_bucket_reso, --bucket_reso_steps, --bucket_no_upscale).",
+    )
+    data_group.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="With --image_fit crop or bucket: cut the centre; default: a random crop, fixed per image.",
+    )
+    data_group.add_argument(
+        "--min_bucket_reso", type=int, default=256, help="--image_fit bucket: the smallest bucket side (kohya's)."
+    )
+    data_group.add_argument(
+        "--max_bucket_reso", type=int, default=1024, help="--image_fit bucket: the largest bucket side (kohya's)."
+    )
+    data_group.add_argument(
+        "--bucket_reso_steps",
+        type=int,
+        default=64,
+        help="--image_fit bucket: bucket sides are multiples of this (kohya's).",
+    )
+    data_group.add_argument(
+        "--bucket_no_upscale",
+        action="store_true",
+        help="--image_fit bucket: a bucket of each image's own proportions, never larger than the image; images "
+        "larger than the training size's area are scaled down to it (kohya's).",
     )
     data_group.add_argument("--random_flip", action="store_true", help="Randomly mirror images horizontally.")
     data_group.add_argument(
         "--varsize",
         action="store_true",
-        help="Keep each image's own size, rounded down to multiples of 64, and batch images of equal size.",
+        help="Train each image at its own size, as the webui's 'Do not resize images': nothing resized or cut; "
+        "images of one size are batched together. Sides from 8 to 8192 pixels.",
+    )
+    data_group.add_argument(
+        "--debug_dataset",
+        default=None,
+        metavar="DIR",
+        help="Prepare the data as training would with these flags, write for each image DIR/STEM.png (the pixels the "
+        "VAE encodes, at that size), DIR/STEM.txt (the prompt of its first use) and with --use_weight "
+        "DIR/STEM.weight.npy (its loss weight at latent size), and exit without loading the model (kohya's name).",
     )
     data_group.add_argument(
         "--cache_dir",
@@ -221,7 +272,9 @@ def make_parser():
     training_group.add_argument(
         "--learning_rate",
         default="5e-6",
-        help="A rate, or an A1111 schedule such as '5e-5:100, 5e-6:1500, 5e-7' (rate until step; last to the end).",
+        help="A rate, or the webui's schedule such as '5e-5:100, 5e-6:1500, 5e-7': each rate until its step, the last "
+        "to the end; a last rate with a step ends training there, as in the webui ('1e-3:500'), and -1 means to the "
+        "end ('1e-3:100, 1e-4:-1').",
     )
     training_group.add_argument(
         "--lr_scheduler",
@@ -235,10 +288,21 @@ def make_parser():
         help="Optimizer: a torch.optim class by name, e.g. AdamW, Adam, SGD (as the webui).",
     )
     training_group.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' AdamW8bit.")
-    training_group.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
-    training_group.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
-    training_group.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Adam weight decay.")
-    training_group.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon.")
+    training_group.add_argument(
+        "--adam_beta1", type=float, default=None, help="beta1 of the optimizer's betas; default: the class's own."
+    )
+    training_group.add_argument(
+        "--adam_beta2", type=float, default=None, help="beta2 of the optimizer's betas; default: the class's own."
+    )
+    training_group.add_argument(
+        "--adam_weight_decay",
+        type=float,
+        default=None,
+        help="The optimizer's weight decay; default: the class's own, as the webui creates it (AdamW 0.01, Adam 0).",
+    )
+    training_group.add_argument(
+        "--adam_epsilon", type=float, default=None, help="The optimizer's eps; default: the class's own."
+    )
     training_group.add_argument(
         "--clip_grad_mode", default=None, choices=["value", "norm"], help="Clip gradients by value or by norm."
     )
@@ -478,16 +542,20 @@ def validate_args(args, given=()):
                 f"--resume_hypernetwork keeps the file's own settings; do not give {', '.join('--' + f for f in conflicting)}"
             )
     args.lr_schedule = parse_schedule(args.learning_rate, "--learning_rate")
+    args.schedule_end = schedule_end(args.lr_schedule)
+    if args.schedule_end is not None and args.schedule_end < args.max_train_steps:
+        args.max_train_steps = args.schedule_end  # the webui ends training where its schedule ends
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise UsageError(f"--lr_scheduler {args.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
     if len(args.lr_schedule) > 1 and args.lr_scheduler != "constant":
         raise UsageError("--learning_rate is an A1111 schedule; use it with --lr_scheduler constant")
     args.clip_grad_schedule = parse_schedule(args.clip_grad_value, "--clip_grad_value")
+    args.resolution = parse_resolution(args.resolution)
+    check_image_fit(args, given)
     for flag in (
         "train_batch_size",
         "gradient_accumulation_steps",
         "max_train_steps",
-        "resolution",
         "max_bad_steps",
         "num_preview_images",
     ):
@@ -522,7 +590,7 @@ def validate_args(args, given=()):
         if value is not None and (not math.isfinite(value) or value < 0):
             raise UsageError(f"--{flag} {value}: must be a finite number, 0 or more")
     for flag in ("adam_beta1", "adam_beta2"):
-        if not getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and not getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 0 and below 1")
     if args.streaming and args.encode_on_the_fly:
         raise UsageError("--encode_on_the_fly reads images again at every step; a --streaming dataset is read once")
@@ -533,15 +601,17 @@ def validate_args(args, given=()):
     if args.use_8bit_adam and args.optimizer != "AdamW":
         raise UsageError("--use_8bit_adam replaces --optimizer AdamW; do not give both")
     check_optimizer(args)
-    if args.hypernetwork_name is None:
+    if args.hypernetwork_name is None and args.resume_hypernetwork is not None:
+        args.hypernetwork_name = os.path.splitext(os.path.basename(args.resume_hypernetwork))[0]  # as the webui
+    elif args.hypernetwork_name is None:
         args.hypernetwork_name = os.path.basename(os.path.abspath(args.output_dir))
     if not re.fullmatch(r"[\w\-][\w.\- ]*", args.hypernetwork_name):
         raise UsageError(
             f"--hypernetwork_name {args.hypernetwork_name!r}: use letters, digits, '.', '_', '-', ' ' (not first '.')"
         )
-    args.preview_width = args.preview_width or args.resolution
-    args.preview_height = args.preview_height or args.resolution
-    for flag in ("resolution", "preview_width", "preview_height"):
+    args.preview_width = args.preview_width or args.resolution[0]
+    args.preview_height = args.preview_height or args.resolution[1]
+    for flag in ("preview_width", "preview_height"):
         if getattr(args, flag) % 8 or getattr(args, flag) < 8:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be a positive multiple of 8")
         if getattr(args, flag) > MAX_SIZE:
@@ -584,6 +654,44 @@ def validate_args(args, given=()):
         check_tensorboard(args.report_to)
 
 
+def parse_resolution(text):
+    """--resolution: 'SIZE' or 'WIDTH,HEIGHT', each a positive multiple of 8 up to MAX_SIZE -> (width, height)."""
+    sizes = parse_numbers(text, "--resolution", kind=int)
+    if len(sizes) not in (1, 2):
+        raise UsageError(f"--resolution {text!r}: give one size (512) or width,height (768,512)")
+    width, height = sizes * 2 if len(sizes) == 1 else sizes
+    for side in (width, height):
+        if side < 8 or side % 8:
+            raise UsageError(f"--resolution {text}: {side} is not a positive multiple of 8")
+        if side > MAX_SIZE:
+            raise UsageError(f"--resolution {text}: {side} is more than {MAX_SIZE} pixels")
+    return width, height
+
+
+def check_image_fit(args, given):
+    """--varsize keeps every image's size, so no fit applies; bucket flags are for --image_fit bucket."""
+    bucket_flags = sorted(given & {"min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"})
+    if args.varsize and "image_fit" in given:
+        raise UsageError(f"--varsize trains each image at its own size; do not give --image_fit {args.image_fit}")
+    if bucket_flags and args.image_fit != "bucket":
+        raise UsageError(f"--{bucket_flags[0]} is for --image_fit bucket; add it or leave the flag out")
+    if args.center_crop and (args.varsize or args.image_fit == "stretch"):
+        raise UsageError(
+            "--center_crop cuts images: add --image_fit crop (or bucket); stretched and --varsize images are not cut"
+        )
+    if args.bucket_reso_steps < 8 or args.bucket_reso_steps % 8:
+        raise UsageError(f"--bucket_reso_steps {args.bucket_reso_steps}: must be a positive multiple of 8")
+    for flag in ("min_bucket_reso", "max_bucket_reso"):
+        value = getattr(args, flag)
+        if value < args.bucket_reso_steps or value % args.bucket_reso_steps or value > MAX_SIZE:
+            raise UsageError(
+                f"--{flag} {value}: must be a multiple of --bucket_reso_steps ({args.bucket_reso_steps}) up to "
+                f"{MAX_SIZE}"
+            )
+    if args.min_bucket_reso > args.max_bucket_reso:
+        raise UsageError(f"--min_bucket_reso {args.min_bucket_reso} is above --max_bucket_reso {args.max_bucket_reso}")
+
+
 def check_hub_login(args):
     """What pushing needs that can be known before training: a token, the Hub not switched off, and a token not
     logged where the run's command line is (W&B records it)."""
@@ -602,19 +710,29 @@ def check_hub_login(args):
         raise UsageError("--push_to_hub: no Hugging Face token; run `hf auth login`, set HF_TOKEN or pass --hub_token")
 
 
+OPTIMIZER_FLAGS = {"weight_decay": "--adam_weight_decay", "eps": "--adam_epsilon", "betas": "--adam_beta1"}
+
+
+def optimizer_flags(args):
+    """The optimizer settings the flags give: only those given, so that the rest are the class's defaults."""
+    settings = {"weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon}
+    if args.adam_beta1 is not None or args.adam_beta2 is not None:
+        cls, _ = hypernet.training.optimizer_class(args.optimizer, args.use_8bit_adam)
+        default = inspect.signature(cls.__init__).parameters.get("betas")
+        beta1, beta2 = default.default if default is not None else (0.9, 0.999)
+        settings["betas"] = (
+            beta1 if args.adam_beta1 is None else args.adam_beta1,
+            beta2 if args.adam_beta2 is None else args.adam_beta2,
+        )
+    return {key: value for key, value in settings.items() if value is not None}
+
+
 def check_optimizer(args):
     """The optimizer class takes these settings and parameters shaped as a hypernetwork's (matrices and vectors)."""
     shapes = [torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)]
     try:
-        with flag_errors(name="--optimizer", use_8bit="--use_8bit_adam"):
-            make_optimizer(
-                shapes,
-                args.optimizer,
-                args.use_8bit_adam,
-                (args.adam_beta1, args.adam_beta2),
-                args.adam_weight_decay,
-                args.adam_epsilon,
-            )
+        with flag_errors(name="--optimizer", use_8bit="--use_8bit_adam", **OPTIMIZER_FLAGS):
+            make_optimizer(shapes, args.optimizer, args.use_8bit_adam, **optimizer_flags(args))
     except (ValueError, TypeError, RuntimeError, AssertionError) as e:
         raise UsageError(f"--optimizer {args.optimizer}: cannot train a hypernetwork ({first_line(e)})") from None
 
@@ -698,6 +816,7 @@ def data_settings(args):
     return data.DataSettings(
         name=args.hypernetwork_name,
         resolution=args.resolution,
+        image_fit=args.image_fit,
         center_crop=args.center_crop,
         random_flip=args.random_flip,
         varsize=args.varsize,
@@ -706,6 +825,10 @@ def data_settings(args):
         shuffle_tags=args.shuffle_tags,
         tag_drop_out=args.tag_drop_out,
         seed=args.seed,
+        min_bucket_reso=args.min_bucket_reso,
+        max_bucket_reso=args.max_bucket_reso,
+        bucket_reso_steps=args.bucket_reso_steps,
+        bucket_no_upscale=args.bucket_no_upscale,
     )
 
 
@@ -716,6 +839,46 @@ def read_entries(args):
         return data.dataset_entries(
             args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column, args.streaming
         )
+
+
+def debug_dataset(args, entries, template):
+    """--debug_dataset: the data as training would prepare it, written as files; nothing else runs."""
+    vae_folder, subfolder = args.pretrained_vae_model_name_or_path, ""
+    if vae_folder is None:
+        vae_folder, subfolder = args.pretrained_model_name_or_path, "vae"
+    config = model_config(vae_folder, subfolder, "config.json")
+    channels, factor = config.get("latent_channels", 4), 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
+    with flag_errors(path="--debug_dataset"):
+        check_writable_folder(args.debug_dataset)
+    count = data.write_debug_dataset(
+        entries,
+        template,
+        data_settings(args),
+        lambda size: (channels, size[1] // factor, size[0] // factor),
+        args.debug_dataset,
+    )
+    print(f"wrote the pixels and prompts of {count} images to {args.debug_dataset}")
+    return 0
+
+
+def log_image_fit(args, records):
+    """One line on how the images were fitted: the buckets and their images, or how many stretched images change
+    proportions."""
+    sizes = records.sizes()
+    if args.varsize or args.image_fit == "bucket":
+        buckets = collections.Counter(map(tuple, sizes.tolist()))
+        table = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items()))
+        logger.info(f"{len(buckets)} bucket(s) of width x height: images: {table}")
+    elif args.image_fit == "stretch":
+        originals = records.original_sizes().astype(np.int64)
+        width, height = args.resolution
+        changed = np.abs(originals[:, 0] * height - originals[:, 1] * width) > 0.01 * originals[:, 1] * width
+        if changed.any():
+            logger.info(
+                f"{int(changed.sum())} of {len(records)} images are not of the training size's proportions "
+                f"({width}x{height}) and are stretched to it, as the webui trains; --image_fit crop or bucket keeps "
+                "their proportions"
+            )
 
 
 def architecture(args):
@@ -975,7 +1138,8 @@ def run_summary(args, models, hn, records, state, optimizer_name, total_batch_si
         "lr_scheduler": args.lr_scheduler,
         "optimizer": optimizer_name,
         "total_batch_size": total_batch_size,
-        "resolution": args.resolution,
+        "resolution": "x".join(map(str, args.resolution)),
+        "image_fit": "varsize" if args.varsize else args.image_fit,
         "clip_skip": args.clip_skip,
         "text_encoding": args.text_encoding,
         "mixed_precision": mixed_precision,
@@ -1295,6 +1459,8 @@ def main(input_args=None):
         data.check_images(entries)
     with flag_errors(path="--template_file"):
         template = data.load_template(args.template_file)
+    if args.debug_dataset is not None:
+        return debug_dataset(args, entries, template)
     model_widths = attention_widths_from_config(args.pretrained_model_name_or_path, revision=args.revision)
     set_seed(args.seed)
     hn, resumed_optimizer = make_hypernetwork(args, model_widths)
@@ -1377,6 +1543,7 @@ def main(input_args=None):
         )
     if damaged:
         logger.warning(f"{damaged} damaged entries of the record store were encoded again")
+    log_image_fit(args, records)
     initial_step = hn.config.step
     hn.config.sd_checkpoint = on_main_process(accelerator, base_model_hash, args.pretrained_model_name_or_path)
     hn.config.sd_checkpoint_name = os.path.basename(os.path.normpath(args.pretrained_model_name_or_path))
@@ -1388,12 +1555,7 @@ def main(input_args=None):
     if args.torch_compile:
         compile_blocks(models.unet, args.torch_compile_mode)
     optimizer, optimizer_name = make_optimizer(
-        hn.parameters(),
-        args.optimizer,
-        args.use_8bit_adam,
-        (args.adam_beta1, args.adam_beta2),
-        args.adam_weight_decay,
-        args.adam_epsilon,
+        hn.parameters(), args.optimizer, args.use_8bit_adam, **optimizer_flags(args)
     )
     if resumed_optimizer is not None and resumed_optimizer.name == optimizer_name:
         problem = optimizer_state_problem(resumed_optimizer.state_dict, optimizer, optimizer_name)
@@ -1438,6 +1600,7 @@ def main(input_args=None):
             "num_processes": accelerator.num_processes,
             "total_batch_size": total_batch_size,
             "optimizer_name": optimizer_name,
+            "optimizer_settings": optimizer_settings(optimizer.optimizer),
             "hypernet_version": hypernet.__version__,
         }
         write_json(os.path.join(args.output_dir, "training_settings.json"), run_settings)
@@ -1459,6 +1622,10 @@ def main(input_args=None):
         f"{sum(p.numel() for p in hn.parameters()):,} parameters, {accelerator.num_processes} process(es), "
         f"total batch {total_batch_size}, steps {state.step} -> {args.max_train_steps}"
     )
+    if args.schedule_end == args.max_train_steps:
+        logger.info(
+            f"the --learning_rate schedule ends at step {args.schedule_end}: training stops there, as in the webui"
+        )
 
     from tqdm.auto import tqdm
 

@@ -8,8 +8,8 @@ from hypernet import data
 from hypernet.errors import UsageError
 
 
-def open_image(path, use_weight):
-    return data.to_rgb(data.decode_image(path.read_bytes(), str(path)), use_weight)
+def open_image(path):
+    return data.to_rgb(data.decode_image(path.read_bytes(), str(path)))
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "P", "RGBA", "LA", "L", "I;16", "1"])
@@ -21,27 +21,31 @@ def test_every_image_mode_becomes_rgb(tmp_path, mode):
         image = source.convert(mode)
     path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
     image.save(path)
-    loaded = open_image(path, use_weight=False)
+    loaded = open_image(path)
     assert loaded.mode == "RGB" and loaded.size == (40, 30)
     if mode == "I;16":
         assert abs(int(np.asarray(loaded)[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1
 
 
-def test_alpha_is_kept_for_use_weight(tmp_path):
+def test_alpha_is_read_apart_from_the_rgb_pixels(tmp_path):
+    """As the webui: the pixels are the RGB with the alpha dropped (not premultiplied); the alpha is the weight's."""
     image = Image.new("RGBA", (16, 16), (10, 20, 30, 128))
     image.save(tmp_path / "a.png")
-    assert open_image(tmp_path / "a.png", use_weight=True).mode == "RGBA"
+    decoded = data.decode_image((tmp_path / "a.png").read_bytes(), "a.png")
+    assert np.asarray(data.to_rgb(decoded))[0, 0].tolist() == [10, 20, 30]
+    assert np.asarray(data.alpha_channel(decoded))[0, 0] == 128
     image.convert("P").save(tmp_path / "p.png", transparency=0)
-    assert open_image(tmp_path / "p.png", use_weight=True).mode == "RGBA"
-    assert data.to_rgb(image, use_weight=True).mode == "RGBA", "a datasets image keeps its alpha too"
-    assert data.to_rgb(image, use_weight=False).mode == "RGB"
+    decoded = data.decode_image((tmp_path / "p.png").read_bytes(), "p.png")
+    assert data.to_rgb(decoded).mode == "RGB"
+    assert data.alpha_channel(decoded) is not None, "a palette's transparent colour is alpha too (the webui misses it)"
+    assert data.alpha_channel(data.to_rgb(decoded)) is None
 
 
 def test_huge_image_is_refused_by_name(tmp_path, monkeypatch):
     Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     with pytest.raises(UsageError, match=r"big.png: image too large to read safely .* downscale it first"):
-        open_image(tmp_path / "big.png", use_weight=False)
+        open_image(tmp_path / "big.png")
 
 
 def test_truncated_image_is_refused_by_name(tmp_path):
@@ -49,7 +53,7 @@ def test_truncated_image_is_refused_by_name(tmp_path):
     data = (tmp_path / "t.jpg").read_bytes()
     (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(UsageError, match=r"t.jpg: unreadable image"):
-        open_image(tmp_path / "t.jpg", use_weight=False)
+        open_image(tmp_path / "t.jpg")
 
 
 def test_caption_encodings(tmp_path):

@@ -2,6 +2,7 @@
 per output folder, and flags that used to pass validation and crash later or train the wrong thing."""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -288,15 +289,20 @@ def test_wandb_without_a_login_is_refused_before_models_load(
     assert "no W&B login; run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline" in last_line(capsys)
 
 
-def test_formats_the_webui_does_not_train_on_are_named(tiny_model_dir, small_dataset, tmp_path, caplog):
+def test_every_file_pil_opens_trains_as_in_the_webui(tiny_model_dir, small_dataset, tmp_path, caplog):
     data = tmp_path / "data"
     shutil.copytree(small_dataset, data)
     from PIL import Image
 
     Image.new("RGB", (64, 64)).save(data / "anim.gif")
     Image.new("RGB", (64, 64)).save(data / "scan.tiff")
+    (data / "notes.md").write_text("not an image\n")
     assert train(tiny_model_dir, data, tmp_path / "o", steps=1) == 0
-    assert "skipped 2 file(s) of formats the webui does not train on: anim.gif, scan.tiff" in caplog.text
+    settings = json.loads((tmp_path / "o" / "training_settings.json").read_text())
+    assert settings["dataset_size"] == len(os.listdir(small_dataset)) // 2 + 2, (
+        "the .gif and .tiff train; notes.md not"
+    )
+    assert "skipped" not in caplog.text
 
 
 # writes that fail ---------------------------------------------------------------------------------------------
