@@ -275,26 +275,27 @@ def test_bad_input_is_a_clear_error_before_the_pipeline_loads(
     assert __import__("re").search(message, err), err
 
 
-def test_single_file_needs_a_local_config(tmp_path, monkeypatch, capsys):
-    checkpoint = tmp_path / "model.safetensors"
-    checkpoint.write_bytes(b"")
-    assert (
-        run_script(
-            "generate.py",
-            "--pretrained_model_name_or_path",
+def test_single_file_without_configs_says_what_to_pass(tiny_pipeline, tmp_path, monkeypatch, capsys):
+    from ldm_checkpoint import write_ldm_checkpoint
+
+    from hypernet import models
+
+    monkeypatch.setitem(models.DEFAULT_CONFIGS, "sd1", "hypernet-tests/never-cached")
+    monkeypatch.setenv("HYPERNET_CACHE_DIR", str(tmp_path / "cache"))
+    empty, checkpoint = tmp_path / "empty.safetensors", tmp_path / "model.safetensors"
+    empty.write_bytes(b"")
+    write_ldm_checkpoint(tiny_pipeline, str(checkpoint))
+    for path, message in [
+        (empty, "not a checkpoint hypernet can read"),
+        (
             checkpoint,
-            "--from_single_file",
-            "--prompt",
-            "x",
-            "--output_dir",
-            tmp_path,
-        )
-        == 2
-    )
-    assert (
-        "--from_single_file needs a local --original_config (.yaml) or --config (diffusers folder)"
-        in capsys.readouterr().err
-    )
+            "pass --config a diffusers folder of an SD 1.x model, or --original_config the checkpoint's .yaml",
+        ),
+    ]:
+        argv = ["--pretrained_model_name_or_path", path, "--prompt", "x", "--output_dir", tmp_path / "o"]
+        assert run_script("generate.py", *argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
 
 
 def test_prompt_tags_are_parsed_as_the_webui_parses_them(tmp_path):

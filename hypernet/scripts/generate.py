@@ -33,6 +33,7 @@ from hypernet.formats import DTYPES
 from hypernet.hashing import base_model_hash
 from hypernet.images import Generation, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting
+from hypernet.models import resolve_model
 from hypernet.prompts import (
     TEXT_ENCODINGS,
     PromptEncoder,
@@ -75,16 +76,22 @@ def parse_args(input_args=None):
     model_group.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
-        help="A local diffusers folder (SD 1.x, SD 2.x or SDXL), or a .safetensors/.ckpt file with --from_single_file.",
+        help="The base model: a diffusers folder, a single .safetensors/.ckpt checkpoint of SD 1.x, 2.x or SDXL (its "
+        "family is read from the file; converted once into hypernet's cache), or a Hub id.",
     )
     model_group.add_argument(
-        "--from_single_file", action="store_true", help="The model is one .safetensors/.ckpt checkpoint file."
+        "--from_single_file",
+        action="store_true",
+        help="Insist that the model is one checkpoint file (a file is recognised without it, as diffusers' name).",
     )
     model_group.add_argument(
-        "--original_config", default=None, help="Local original (LDM) .yaml config of a --from_single_file model."
+        "--original_config", default=None, help="The original (LDM) .yaml config of a single-file model."
     )
     model_group.add_argument(
-        "--config", default=None, help="Local diffusers folder whose configs describe a --from_single_file model."
+        "--config",
+        default=None,
+        help="A diffusers folder of the same family whose configs describe a single-file model; needed offline where "
+        "that family's configs are not in the Hugging Face cache.",
     )
     model_group.add_argument(
         "--scheduler",
@@ -235,23 +242,11 @@ def validate_args(args):
     if args.device is not None:
         check_device(args.device)
     model_path = args.pretrained_model_name_or_path
-    if args.from_single_file:
-        if not os.path.isfile(model_path):
-            raise UsageError(f"--pretrained_model_name_or_path {model_path}: no such checkpoint file")
-        if args.original_config is None and args.config is None:
-            raise UsageError(
-                "--from_single_file needs a local --original_config (.yaml) or --config (diffusers folder)"
-            )
-        for flag in ("original_config", "config"):
-            if getattr(args, flag) is not None and not os.path.exists(getattr(args, flag)):
-                raise UsageError(f"--{flag} {getattr(args, flag)}: not found")
-    elif not os.path.isfile(os.path.join(model_path, "model_index.json")):
-        raise UsageError(
-            f"--pretrained_model_name_or_path {model_path}: not a local diffusers folder (no model_index.json); "
-            "for a .safetensors/.ckpt file add --from_single_file"
-        )
-    with flag_errors(clip_skip="--clip_skip"):
-        check_clip_skip(args.clip_skip, args.config if args.from_single_file else model_path)
+    if args.from_single_file and not os.path.isfile(model_path):
+        raise UsageError(f"--pretrained_model_name_or_path {model_path}: no such checkpoint file (--from_single_file)")
+    for flag in ("original_config", "config"):
+        if getattr(args, flag) is not None and not os.path.exists(getattr(args, flag)):
+            raise UsageError(f"--{flag} {getattr(args, flag)}: not found")
     args.hypernetwork = [parse_hypernetwork_flag(value) for value in args.hypernetwork]
     available = hypernetworks_in(args.hypernetwork_dir)
     args.jobs = [parse_prompt(prompt, args.hypernetwork_dir, available) for prompt in args.prompt]
@@ -261,14 +256,16 @@ def validate_args(args):
         )
     with flag_errors(path="--output_dir"):
         check_writable_folder(args.output_dir)
+    with flag_errors(path="--pretrained_model_name_or_path", config="--config"):
+        args.base_model = resolve_model(model_path, args.config, args.original_config)
+    args.model_folder = args.base_model.folder
+    with flag_errors(clip_skip="--clip_skip"):
+        check_clip_skip(args.clip_skip, args.model_folder)
 
 
 def model_widths_from_config(args):
-    """The UNet's attention widths from its config alone, or None where no diffusers folder describes it."""
-    folder = args.config if args.from_single_file else args.pretrained_model_name_or_path
-    if folder is None or not os.path.isfile(os.path.join(folder, "unet", "config.json")):
-        return None
-    return attention_widths_from_config(folder)
+    """The UNet's attention widths from its config alone."""
+    return attention_widths_from_config(args.model_folder)
 
 
 def load_hypernetworks(args):
@@ -307,23 +304,10 @@ def load_pipeline(args, dtype, device):
     import diffusers
 
     common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    if args.from_single_file:
-        class_name = "StableDiffusionPipeline"
-        if args.config:
-            with open(os.path.join(args.config, "model_index.json")) as f:
-                class_name = json.load(f)["_class_name"]
-        elif "conditioner" in open(args.original_config, encoding="utf-8").read():
-            class_name = "StableDiffusionXLPipeline"
-        cls = getattr(diffusers, class_name)
-        kwargs = dict(config=args.config) if args.config else dict(original_config=args.original_config)
-        if "XL" in class_name:
+    with open(os.path.join(args.model_folder, "model_index.json")) as f:
+        if "XL" in json.load(f)["_class_name"]:
             common.pop("safety_checker"), common.pop("requires_safety_checker")
-        pipeline = cls.from_single_file(args.pretrained_model_name_or_path, local_files_only=True, **kwargs, **common)
-    else:
-        with open(os.path.join(args.pretrained_model_name_or_path, "model_index.json")) as f:
-            if "XL" in json.load(f)["_class_name"]:
-                common.pop("safety_checker"), common.pop("requires_safety_checker")
-        pipeline = diffusers.DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **common)
+    pipeline = diffusers.DiffusionPipeline.from_pretrained(args.model_folder, **common)
     if args.scheduler:
         class_name, extra = SCHEDULERS.get(args.scheduler, (args.scheduler, {}))
         pipeline.scheduler = getattr(diffusers, class_name).from_config(pipeline.scheduler.config, **extra)
@@ -380,8 +364,8 @@ def main(input_args=None):
     encoder = prompt_encoder(pipeline, args)
     repeats = {}  # copies of files stacked more than once in one prompt
     short_hashes = {path: file_hashes(path)["webui"] for path in hypernetworks}
-    model_hash = base_model_hash(args.pretrained_model_name_or_path)
-    model_name = os.path.splitext(os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)))[0]
+    model_hash = args.base_model.short_hash or base_model_hash(args.model_folder)
+    model_name = args.base_model.name
     width = args.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     height = args.height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
 

@@ -49,6 +49,7 @@ from hypernet.files import atomic_write, check_writable_folder, write_failure
 from hypernet.hashing import base_model_hash, cached_sha256, weights_id
 from hypernet.images import Generation, infotext_prompt, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting, release_free_memory
+from hypernet.models import resolve_model
 from hypernet.modelspec import model_family, modelspec_metadata, tag_frequency, training_keys
 from hypernet.module import WEIGHT_INITS, HypernetworkConfig, trainable_activations
 from hypernet.optimizer_file import OPTIM_SUFFIX, OptimizerState
@@ -93,7 +94,18 @@ def make_parser():
     model_group.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
-        help="Local diffusers folder of a Stable Diffusion 1.x, 2.x or SDXL model.",
+        help="The base model: a diffusers folder, a single .safetensors/.ckpt checkpoint of SD 1.x, 2.x or SDXL (the "
+        "file the webui loads; its family is read from the file), or a Hub id. A single file is converted once into "
+        "a diffusers folder in hypernet's cache ($HYPERNET_CACHE_DIR/models, else ~/.cache/hypernet/models).",
+    )
+    model_group.add_argument(
+        "--config",
+        default=None,
+        help="A diffusers folder of the same family whose configs (and tokenizers, scheduler) describe a single-file "
+        "model; needed offline where that family's configs are not in the Hugging Face cache.",
+    )
+    model_group.add_argument(
+        "--original_config", default=None, help="The original (LDM) .yaml config of a single-file model."
     )
     model_group.add_argument(
         "--pretrained_vae_model_name_or_path",
@@ -503,11 +515,9 @@ def validate_args(args, given=()):
         raise UsageError("--streaming reads a --dataset_name; a --train_data_dir folder is read as it is")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise UsageError(f"--train_data_dir {args.train_data_dir}: no such folder")
-    if not os.path.isfile(os.path.join(args.pretrained_model_name_or_path, "model_index.json")):
-        raise UsageError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a local diffusers folder "
-            "(no model_index.json)"
-        )
+    for flag in ("config", "original_config"):
+        if getattr(args, flag) is not None and not os.path.exists(getattr(args, flag)):
+            raise UsageError(f"--{flag} {getattr(args, flag)}: no such file or folder")
     for flag in ("template_file", "resume_hypernetwork"):
         path = getattr(args, flag)
         if path is not None and not os.path.isfile(path):
@@ -596,8 +606,13 @@ def validate_args(args, given=()):
         raise UsageError("--encode_on_the_fly reads images again at every step; a --streaming dataset is read once")
     if args.encode_on_the_fly and args.cache_dir is not None:
         raise UsageError("--encode_on_the_fly stores nothing; do not give --cache_dir with it")
+    with flag_errors(path="--pretrained_model_name_or_path", config="--config"):
+        args.base_model = resolve_model(
+            args.pretrained_model_name_or_path, args.config, args.original_config, args.revision
+        )
+    args.model_folder = args.base_model.folder
     with flag_errors(clip_skip="--clip_skip"):
-        hypernet.prompts.check_clip_skip(args.clip_skip, args.pretrained_model_name_or_path)
+        hypernet.prompts.check_clip_skip(args.clip_skip, args.model_folder)
     if args.use_8bit_adam and args.optimizer != "AdamW":
         raise UsageError("--use_8bit_adam replaces --optimizer AdamW; do not give both")
     check_optimizer(args)
@@ -618,9 +633,7 @@ def validate_args(args, given=()):
             raise UsageError(f"--{flag} {getattr(args, flag)}: at most {MAX_SIZE} pixels")
     if args.preview_steps < 1:
         raise UsageError(f"--preview_steps {args.preview_steps}: must be at least 1")
-    timesteps = model_config(args.pretrained_model_name_or_path, "scheduler", "scheduler_config.json").get(
-        "num_train_timesteps", 1000
-    )
+    timesteps = model_config(args.model_folder, "scheduler", "scheduler_config.json").get("num_train_timesteps", 1000)
     if args.preview_steps > timesteps:
         raise UsageError(f"--preview_steps {args.preview_steps}: at most the scheduler's {timesteps} timesteps")
     check_model_files(args)
@@ -756,7 +769,7 @@ def check_model_files(args):
     """--variant names files the model has; --pretrained_vae_model_name_or_path is a VAE's folder."""
     if args.variant is not None:
         for part in ("unet", "vae", "text_encoder"):
-            folder = os.path.join(args.pretrained_model_name_or_path, part)
+            folder = os.path.join(args.model_folder, part)
             names = os.listdir(folder) if os.path.isdir(folder) else []
             if not any(f".{args.variant}." in name for name in names):
                 raise UsageError(
@@ -845,7 +858,7 @@ def debug_dataset(args, entries, template):
     """--debug_dataset: the data as training would prepare it, written as files; nothing else runs."""
     vae_folder, subfolder = args.pretrained_vae_model_name_or_path, ""
     if vae_folder is None:
-        vae_folder, subfolder = args.pretrained_model_name_or_path, "vae"
+        vae_folder, subfolder = args.model_folder, "vae"
     config = model_config(vae_folder, subfolder, "config.json")
     channels, factor = config.get("latent_channels", 4), 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
     with flag_errors(path="--debug_dataset"):
@@ -946,13 +959,13 @@ def vae_weights_id(args):
     """What names the VAE's weights in latent cache keys."""
     path = args.pretrained_vae_model_name_or_path
     if path is None:
-        return weights_id(args.pretrained_model_name_or_path, "vae")
+        return weights_id(args.model_folder, "vae")
     return weights_id(path, "vae") or weights_id(path, "")
 
 
 def text_weights_id(args):
     """What names the text encoders and tokenizers in the store's keys of prompt embeddings."""
-    model_path = args.pretrained_model_name_or_path
+    model_path = args.model_folder
     parts = [weights_id(model_path, folder) for folder in ("text_encoder", "text_encoder_2")]
     for folder in ("tokenizer", "tokenizer_2"):
         for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
@@ -1284,7 +1297,7 @@ def preview_pipeline(args, models, unet, weight_dtype):
     else:
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=weight_dtype, **components
+        args.model_folder, revision=args.revision, torch_dtype=weight_dtype, **components
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -1461,7 +1474,7 @@ def main(input_args=None):
         template = data.load_template(args.template_file)
     if args.debug_dataset is not None:
         return debug_dataset(args, entries, template)
-    model_widths = attention_widths_from_config(args.pretrained_model_name_or_path, revision=args.revision)
+    model_widths = attention_widths_from_config(args.model_folder, revision=args.revision)
     set_seed(args.seed)
     hn, resumed_optimizer = make_hypernetwork(args, model_widths)
     unused = unused_widths(hn, model_widths, args.resume_hypernetwork or "--widths")
@@ -1482,7 +1495,7 @@ def main(input_args=None):
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     models = load_models(
-        args.pretrained_model_name_or_path,
+        args.model_folder,
         args.revision,
         args.variant,
         weight_dtype,
@@ -1545,8 +1558,11 @@ def main(input_args=None):
         logger.warning(f"{damaged} damaged entries of the record store were encoded again")
     log_image_fit(args, records)
     initial_step = hn.config.step
-    hn.config.sd_checkpoint = on_main_process(accelerator, base_model_hash, args.pretrained_model_name_or_path)
-    hn.config.sd_checkpoint_name = os.path.basename(os.path.normpath(args.pretrained_model_name_or_path))
+    # The webui's name and short hash of a checkpoint file; of a folder, its name and its UNet's weights' hash.
+    hn.config.sd_checkpoint = args.base_model.short_hash or on_main_process(
+        accelerator, base_model_hash, args.model_folder
+    )
+    hn.config.sd_checkpoint_name = args.base_model.name
     hn.train()
     hn.requires_grad_(True)
     with warnings.catch_warnings():  # widths the model lacks were logged above, before any model loaded
@@ -1594,7 +1610,11 @@ def main(input_args=None):
     steps_per_epoch = max(1, math.ceil(len(dataloader) / args.gradient_accumulation_steps))
     if accelerator.is_main_process:
         run_settings = {
-            **{k: v for k, v in vars(args).items() if k not in ("lr_schedule", "clip_grad_schedule", "hub_token")},
+            **{
+                k: v
+                for k, v in vars(args).items()
+                if k not in ("lr_schedule", "clip_grad_schedule", "hub_token", "base_model", "model_folder")
+            },
             "model_hash": hn.config.sd_checkpoint,
             "dataset_size": len(records),
             "num_processes": accelerator.num_processes,
