@@ -1,6 +1,7 @@
 """The webui's prompt syntax: <hypernet:NAME:STRENGTH> (NAME looked up in one folder), and its text conditioning
 (emphasis, BREAK, prompts of any length, Clip skip) as PromptEncoder and encode_prompts."""
 
+import functools
 import json
 import logging
 import math
@@ -211,6 +212,54 @@ def normalize_text(text, open_clip):
     return html.unescape(html.unescape(text)).strip() if open_clip else text
 
 
+# OpenCLIP's tokenizer (open_clip.tokenizer.SimpleTokenizer, the webui's for SD 2.x and SDXL's second encoder):
+# its split of the cleaned, lower-cased text, and its start and end tokens' texts.
+OPEN_CLIP_SPLIT = r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+
+
+def token_ids(tokenizer, texts, open_clip):
+    """Each text's token ids, as the webui's tokenizer of that encoder gives them: transformers' CLIPTokenizer for
+    CLIP; OpenCLIP's own tokenizer for OpenCLIP, which reads '!' as text (diffusers' SD 2.x and SDXL tokenizers hold
+    '!' as their padding token, so transformers would read every '!' of a prompt as padding, id 0): OpenCLIP's split
+    and the tokenizer's BPE, with no added token matched."""
+    if not open_clip:
+        return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    return [open_clip_ids(tokenizer, text) for text in texts]
+
+
+@functools.cache
+def byte_encoder():
+    """CLIP's and OpenCLIP's bytes_to_unicode: each byte's printable stand-in, as their BPE vocabularies spell bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def open_clip_ids(tokenizer, text):
+    """OpenCLIP's encode() of text that normalize_text has cleaned: whitespace collapsed, lower case, its split, each
+    piece's bytes through the BPE of `tokenizer`."""
+    import regex
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    encoder = byte_encoder()
+    ids = []
+    for piece in regex.findall(OPEN_CLIP_SPLIT, re.sub(r"\s+", " ", text).strip().lower(), flags=regex.IGNORECASE):
+        if piece in ("<start_of_text>", "<end_of_text>"):
+            ids.append(tokenizer.bos_token_id if piece == "<start_of_text>" else tokenizer.eos_token_id)
+            continue
+        spelled = "".join(encoder[b] for b in piece.encode("utf-8"))
+        if backend is not None:
+            ids += [token.id for token in backend.model.tokenize(spelled)]
+        else:  # a slow (Python) tokenizer
+            ids += tokenizer.convert_tokens_to_ids(tokenizer.bpe(spelled).split(" "))
+    return ids
+
+
 class PromptEncoder:
     """Prompts to the context a UNet's cross-attention reads, for SD 1.x, SD 2.x and SDXL.
 
@@ -220,13 +269,14 @@ class PromptEncoder:
     cut at 77 tokens.
     """
 
-    def __init__(self, tokenizers, text_encoders, clip_skip=1, encoding="webui"):
+    def __init__(self, tokenizers, text_encoders, clip_skip=1, encoding="webui", sdxl_clip_l_skip=False):
         if encoding not in TEXT_ENCODINGS:
             raise UsageError(f"text encoding {encoding!r}: use one of {', '.join(TEXT_ENCODINGS)}")
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
         self.rules = [EncoderRules.of(t, e) for t, e in zip(self.tokenizers, self.text_encoders)]
         self.sdxl = len(self.text_encoders) == 2
         self.clip_skip, self.encoding = clip_skip, encoding
+        self.sdxl_clip_l_skip = sdxl_clip_l_skip and self.sdxl  # the webui's "Clip skip SDXL" setting
         self._empty = None
         layers = min(rules.layers for rules in self.rules)
         if not 1 <= clip_skip <= layers:
@@ -235,7 +285,7 @@ class PromptEncoder:
     @property
     def clip_skip_applies(self):
         """Whether clip skip changes anything: the webui applies it to SD 1.x only, diffusers to every family."""
-        return self.encoding == "diffusers" or not (self.sdxl or self.rules[0].open_clip)
+        return self.encoding == "diffusers" or self.sdxl_clip_l_skip or not (self.sdxl or self.rules[0].open_clip)
 
     def chunks(self, prompt):
         """Per text encoder, the prompt's chunks (webui encoding; the diffusers encoding has one chunk)."""
@@ -243,8 +293,7 @@ class PromptEncoder:
         result = []
         for tokenizer, rules in zip(self.tokenizers, self.rules):
             texts = [normalize_text(text, rules.open_clip) for text, _ in pieces]
-            ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
-            result.append(split_chunks(pieces, ids, rules))
+            result.append(split_chunks(pieces, token_ids(tokenizer, texts, rules.open_clip), rules))
         if len({len(c) for c in result}) > 1:
             raise UsageError(
                 f"prompt {prompt[:60]!r}: the two text encoders' tokenizers cut it into {len(result[0])} and "
@@ -263,8 +312,7 @@ class PromptEncoder:
         counts = []
         for tokenizer, rules in zip(self.tokenizers, self.rules):
             texts = [normalize_text(text, rules.open_clip) for text, _ in pieces]
-            ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
-            counts.append(sum(len(i) for i in ids))
+            counts.append(sum(len(i) for i in token_ids(tokenizer, texts, rules.open_clip)))
         return max(counts)
 
     def padded(self, prompts, chunks):
@@ -357,6 +405,9 @@ class PromptEncoder:
         output = encoder(ids, output_hidden_states=True)
         pooled = output.text_embeds.float() if hasattr(output, "text_embeds") and self.sdxl else None
         if self.sdxl:
+            if e == 0 and self.sdxl_clip_l_skip and self.encoding == "webui":
+                # the webui's "Clip skip SDXL": CLIP-L's hidden state Clip skip layers from the end, not normed
+                return output.hidden_states[-self.clip_skip].float(), pooled
             skip = self.clip_skip if self.encoding == "diffusers" else 1
             return output.hidden_states[-(skip + 1)].float(), pooled
         if self.clip_skip > 1 and self.clip_skip_applies:

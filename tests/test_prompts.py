@@ -282,3 +282,37 @@ def test_prompt_and_negative_of_different_lengths_are_each_attended_at_their_own
         unmasked = unet(latents, 10, encoder_hidden_states=torch.cat([padded, long])).sample
     torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(unmasked[:1], apart[:1], atol=1e-3), "the hook is gone after the block"
+
+
+def test_openclip_reads_exclamation_marks_as_the_webuis_openclip_tokenizer_does():
+    """diffusers' SD 2.x and SDXL tokenizers hold '!' as their padding token; OpenCLIP's own tokenizer, which the
+    webui uses for those encoders, reads it as text (webui_prompts/openclip_ids.json, made by OpenCLIP itself)."""
+    from hypernet.prompts import normalize_text, token_ids
+
+    with open(os.path.join(FIXTURES, "openclip_ids.json"), encoding="utf-8") as f:
+        expected = json.load(f)
+    open_clip = tokenizer(True)
+    assert open_clip.pad_token == "!" and open_clip.pad_token_id == 0
+    prompts = list(expected)
+    assert token_ids(open_clip, [normalize_text(p, True) for p in prompts], True) == [expected[p] for p in prompts]
+    assert expected["wow!"][-1] != 0, "'!' at a word's end is its own token, not the padding id"
+
+
+def test_clip_skip_sdxl_reads_clip_ls_layer_as_the_webui_setting_does(encoders):
+    """The webui's "Clip skip SDXL" (sdxl_clip_l_skip): CLIP-L's hidden_states[-Clip skip], not normed; OpenCLIP-bigG
+    as before. Without emphasis a chunk's mean is restored to itself, so the context is those states."""
+    tokenizers, text_encoders = encoders["sdxl"]
+    prompt = "a red circle on a teal background"
+    default = PromptEncoder(tokenizers, text_encoders).each([prompt])[0][0]
+    width = text_encoders[0].config.hidden_size
+    for clip_skip in (1, 2, 3):
+        encoder = PromptEncoder(tokenizers, text_encoders, clip_skip, sdxl_clip_l_skip=True)
+        assert encoder.clip_skip_applies
+        context = encoder.each([prompt])[0][0]
+        ids = torch.tensor([encoder.chunks(prompt)[0][0].ids])
+        states = text_encoders[0](ids, output_hidden_states=True).hidden_states[-clip_skip][0]
+        torch.testing.assert_close(context[:, :width], states.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(context[:, width:], default[:, width:])
+        if clip_skip == 2:
+            torch.testing.assert_close(context, default)  # Clip skip 2: the penultimate layer, read anyway
+    assert not PromptEncoder(tokenizers, text_encoders, 2).clip_skip_applies, "off: the webui ignores Clip skip"

@@ -295,6 +295,8 @@ def latent_key(content_hash, placement, settings, encoders):
 def prompt_key(prompt, encoders):
     encoder = encoders.prompt_encoder
     parts = ["prompt", prompt, encoders.text_id, encoder.encoding, encoder.clip_skip, str(encoders.embedding_dtype)]
+    if encoder.sdxl_clip_l_skip:
+        parts.append("sdxl_clip_l_skip")
     return entry_key(*parts)
 
 

@@ -142,6 +142,12 @@ def parse_args(input_args=None):
         "SD 1.x only, and so does --text_encoding webui.",
     )
     prompt_group.add_argument(
+        "--sdxl_clip_l_skip",
+        action="store_true",
+        help="The webui's 'Clip skip SDXL' setting: --clip_skip applies to SDXL's CLIP-L encoder too (its hidden "
+        "state --clip_skip layers from the end); off, the webui reads CLIP-L's penultimate layer whatever Clip skip.",
+    )
+    prompt_group.add_argument(
         "--text_encoding",
         default="webui",
         choices=TEXT_ENCODINGS,
@@ -319,10 +325,10 @@ def prompt_encoder(pipeline, args):
     """The pipeline's tokenizers and text encoders, encoding prompts as --text_encoding and --clip_skip say."""
     tokenizers = [t for t in (pipeline.tokenizer, getattr(pipeline, "tokenizer_2", None)) if t is not None]
     encoders = [e for e in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)) if e is not None]
-    encoder = PromptEncoder(tokenizers, encoders, args.clip_skip, args.text_encoding)
+    encoder = PromptEncoder(tokenizers, encoders, args.clip_skip, args.text_encoding, args.sdxl_clip_l_skip)
     if args.clip_skip > 1 and not encoder.clip_skip_applies:
         print(
-            f"--clip_skip {args.clip_skip}: the webui ignores Clip skip for SD 2.x and SDXL, and so does "
+            f"--clip_skip {args.clip_skip}: the webui ignores Clip skip for SD 2.x and SDXL (but with --sdxl_clip_l_skip), and so does "
             "--text_encoding webui; the last layer is read",
             file=sys.stderr,
         )

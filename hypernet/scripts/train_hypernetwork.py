@@ -251,6 +251,12 @@ def make_parser():
         "models are used with 2). The webui applies it to SD 1.x only, and so does --text_encoding webui.",
     )
     data_group.add_argument(
+        "--sdxl_clip_l_skip",
+        action="store_true",
+        help="The webui's 'Clip skip SDXL' setting: --clip_skip applies to SDXL's CLIP-L encoder too (its hidden "
+        "state --clip_skip layers from the end); off, the webui reads CLIP-L's penultimate layer whatever Clip skip.",
+    )
+    data_group.add_argument(
         "--text_encoding",
         default="webui",
         choices=hypernet.prompts.TEXT_ENCODINGS,
@@ -1117,7 +1123,8 @@ def save_hypernetwork(hn, path, step, optimizer=None, optimizer_name=None, metad
 
 def training_metadata(args):
     """What a .safetensors file records of how it was trained beside the webui's keys: the text conditioning."""
-    return {"clip_skip": args.clip_skip, "text_encoding": args.text_encoding}
+    recorded = {"clip_skip": args.clip_skip, "text_encoding": args.text_encoding}
+    return {**recorded, "sdxl_clip_l_skip": True} if args.sdxl_clip_l_skip else recorded
 
 
 @dataclass
@@ -1508,11 +1515,11 @@ def main(input_args=None):
 
     settings = data_settings(args)
     prompt_encoder = hypernet.prompts.PromptEncoder(
-        models.tokenizers, models.text_encoders, args.clip_skip, args.text_encoding
+        models.tokenizers, models.text_encoders, args.clip_skip, args.text_encoding, args.sdxl_clip_l_skip
     )
     if args.clip_skip > 1 and not prompt_encoder.clip_skip_applies:
         logger.warning(
-            f"--clip_skip {args.clip_skip}: the webui ignores Clip skip for SD 2.x and SDXL, and so does "
+            f"--clip_skip {args.clip_skip}: the webui ignores Clip skip for SD 2.x and SDXL (but with --sdxl_clip_l_skip), and so does "
             "--text_encoding webui; the last layer is read"
         )
     stored = not args.encode_on_the_fly
