@@ -8,6 +8,7 @@ from the Hugging Face cache, into a folder in hypernet's cache named by the file
 webui's name and short hash of the model are the file's own (ResolvedModel.name, .short_hash).
 """
 
+import fcntl
 import json
 import os
 import secrets
@@ -206,7 +207,12 @@ def resolve_checkpoint(path, config, original_config, argument):
     if config is not None:
         check_folder(config, "config")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        convert_checkpoint(path, family, folder, config, original_config, argument)
+        os.makedirs(models_cache(), exist_ok=True)
+        # The processes of a run (and runs side by side) wait for one conversion instead of each making its own.
+        with open(folder + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isfile(os.path.join(folder, "model_index.json")):
+                convert_checkpoint(path, family, folder, config, original_config, argument)
     stem = os.path.splitext(os.path.basename(path))[0]
     return ResolvedModel(folder, path, stem, digest[:10], family)
 
