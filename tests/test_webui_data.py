@@ -166,18 +166,25 @@ def write_images(folder, sizes):
 SIZES = [(100, 60), (60, 100), (80, 80), (120, 64), (64, 64), (90, 50), (50, 90), (70, 72)]
 
 
-def test_bucket_batches_hold_one_size_each(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("no_upscale, buckets", [(False, 3), (True, 5)])
+def test_bucket_batches_hold_one_size_each(tiny_model_dir, tmp_path, no_upscale, buckets):
     from hypernet.prompts import PromptEncoder
 
     models = training.load_models(tiny_model_dir)
     encoders = data.Encoders(models.vae, PromptEncoder(models.tokenizers, models.text_encoders), "cpu", torch.float32)
     settings = data.DataSettings(
-        name="b", resolution=64, image_fit="bucket", min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=8
+        name="b",
+        resolution=64,
+        image_fit="bucket",
+        min_bucket_reso=32,
+        max_bucket_reso=128,
+        bucket_reso_steps=8,
+        bucket_no_upscale=no_upscale,
     )
     entries = data.folder_entries(write_images(tmp_path / "images", SIZES))
     records, _ = data.prepare_records(entries, ["[filewords]"], settings, encoders, str(tmp_path / "store"))
     sizes = [tuple(s) for s in records.sizes().tolist()]
-    assert len(set(sizes)) == 3, "images of other proportions land in other buckets"
+    assert len(set(sizes)) == buckets, "images of other proportions land in other buckets"
     for (width, height), size in zip(SIZES, sizes):
         assert size == data.select_bucket((width, height), settings)[0]
         assert abs(size[0] / size[1] - width / height) < 0.25

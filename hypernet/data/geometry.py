@@ -108,10 +108,10 @@ def select_bucket(original_size, settings):
     steps = settings.bucket_reso_steps
     if not settings.bucket_no_upscale:
         buckets = bucket_resolutions(settings.size, settings.min_bucket_reso, settings.max_bucket_reso, steps)
-        if original_size not in buckets:
+        bucket = tuple(original_size)  # an image of a bucket's own size keeps it, as in kohya's
+        if bucket not in buckets:
             errors = np.abs(np.array([w / h for w, h in buckets]) - aspect)
-            original_size = buckets[int(errors.argmin())]
-        bucket = original_size
+            bucket = buckets[int(errors.argmin())]
         scale = bucket[1] / height if aspect > bucket[0] / bucket[1] else bucket[0] / width
         return bucket, (int(width * scale + 0.5), int(height * scale + 0.5))
     area = settings.size[0] * settings.size[1]
