@@ -27,19 +27,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-
-def bytes_to_unicode():
-    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + n)
-            n += 1
-    return dict(zip(printable, map(chr, codes)))
+from hypernet.prompts import byte_encoder  # CLIP's bytes_to_unicode: the vocabulary's spelling of each byte
 
 
 def write_tokenizer_files(directory, pad_token="<|endoftext|>", merges=()):
@@ -47,7 +35,7 @@ def write_tokenizer_files(directory, pad_token="<|endoftext|>", merges=()):
     BPE applies them) make, and the specials. Without merges it is character-level. OpenCLIP encoders (SD 2.x,
     SDXL's second) pad with '!', as in diffusers' folders of the real models."""
     os.makedirs(directory, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
+    chars = list(byte_encoder().values())
     tokens = chars + [c + "</w>" for c in chars]
     tokens += [a + b for a, b in merges if a + b not in tokens]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
