@@ -179,7 +179,11 @@ def resolve_hub_id(repo_id, revision, argument):
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+        # The parts' configs, tokenizers and plain weights; not the single-file checkpoints some repositories hold
+        # beside them, nor their variants.
+        parts = ["model_index.json", "*/*.json", "*/*.txt", "*/model.safetensors", "*/model-*-of-*.safetensors"]
+        parts += ["*/diffusion_pytorch_model.safetensors", "*/diffusion_pytorch_model-*-of-*.safetensors"]
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=parts)
     except Exception as e:  # no network, no such repository, a gated one: one line each
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArgumentError(argument, f"{repo_id}: cannot be had from the Hugging Face Hub ({reason})") from None

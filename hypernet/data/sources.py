@@ -241,6 +241,8 @@ def opens_as_image(path):
     try:
         with Image.open(path):
             return True
+    except Image.DecompressionBombError:
+        return True  # an image, too large: check_images refuses it by name
     except Exception:  # whatever PIL raises for a file that is not an image it reads
         return False
 

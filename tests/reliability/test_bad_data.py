@@ -70,3 +70,10 @@ def test_tiny_image_is_refused_by_name(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "dot.png")
     with pytest.raises(UsageError, match=r"dot.png: image is 4x4, too small to train on"):
         data.check_images(data.folder_entries(str(tmp_path)))
+
+
+def test_a_huge_image_of_any_suffix_is_refused_by_name_not_passed_over(tmp_path, monkeypatch):
+    Image.new("RGB", (300, 300)).save(tmp_path / "scan.tiff")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    with pytest.raises(UsageError, match=r"scan.tiff: image too large to read safely"):
+        data.check_images(data.folder_entries(str(tmp_path)))
