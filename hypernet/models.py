@@ -33,7 +33,7 @@ class ResolvedModel:
     """folder: the local diffusers folder to load from; source: what was given; name and short_hash: the model as
     the webui names it (a checkpoint file's stem and the first 10 hex digits of its sha256)."""
 
-    folder: str
+    folder: str | None
     source: str
     name: str
     short_hash: str | None
@@ -158,14 +158,15 @@ def models_cache():
     return os.path.join(os.path.dirname(hash_cache_path()), "models")
 
 
-def resolve_model(path, config=None, original_config=None, revision=None, argument="path"):
+def resolve_model(path, config=None, original_config=None, revision=None, argument="path", convert=True):
     """The ResolvedModel of `path` (a diffusers folder, a single checkpoint file, or a Hub id), checked; a single
-    file is converted once (see the module's docstring). Errors are ArgumentErrors about `argument`."""
+    file is converted once (see the module's docstring), unless convert is False: then its folder is None. Errors
+    are ArgumentErrors about `argument`."""
     if os.path.isdir(path):
         check_folder(path, argument)
         return ResolvedModel(path, path, os.path.basename(os.path.normpath(path)), None)
     if os.path.isfile(path):
-        return resolve_checkpoint(path, config, original_config, argument)
+        return resolve_checkpoint(path, config, original_config, argument, convert)
     if os.path.exists(path) or os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:
         raise ArgumentError(
             argument,
@@ -191,7 +192,7 @@ def resolve_hub_id(repo_id, revision, argument):
     return ResolvedModel(folder, repo_id, repo_id.split("/")[-1], None)
 
 
-def resolve_checkpoint(path, config, original_config, argument):
+def resolve_checkpoint(path, config, original_config, argument, convert=True):
     keys, metadata = checkpoint_keys(path)
     if keys is None:
         raise ArgumentError(
@@ -207,6 +208,9 @@ def resolve_checkpoint(path, config, original_config, argument):
             "2.x or SDXL checkpoint, or a diffusers folder",
         )
     digest = cached_sha256(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if not convert:
+        return ResolvedModel(None, path, stem, digest[:10], family)
     folder = os.path.join(models_cache(), f"{family}-{digest[:16]}")
     if config is not None:
         check_folder(config, "config")
@@ -217,7 +221,6 @@ def resolve_checkpoint(path, config, original_config, argument):
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not os.path.isfile(os.path.join(folder, "model_index.json")):
                 convert_checkpoint(path, family, folder, config, original_config, argument)
-    stem = os.path.splitext(os.path.basename(path))[0]
     return ResolvedModel(folder, path, stem, digest[:10], family)
 
 

@@ -614,11 +614,13 @@ def validate_args(args, given=()):
         raise UsageError("--encode_on_the_fly stores nothing; do not give --cache_dir with it")
     with flag_errors(path="--pretrained_model_name_or_path", config="--config"):
         args.base_model = resolve_model(
-            args.pretrained_model_name_or_path, args.config, args.original_config, args.revision
+            args.pretrained_model_name_or_path,
+            args.config,
+            args.original_config,
+            args.revision,
+            convert=args.debug_dataset is None,  # --debug_dataset reads nothing of a checkpoint file
         )
     args.model_folder = args.base_model.folder
-    with flag_errors(clip_skip="--clip_skip"):
-        hypernet.prompts.check_clip_skip(args.clip_skip, args.model_folder)
     if args.use_8bit_adam and args.optimizer != "AdamW":
         raise UsageError("--use_8bit_adam replaces --optimizer AdamW; do not give both")
     check_optimizer(args)
@@ -639,10 +641,8 @@ def validate_args(args, given=()):
             raise UsageError(f"--{flag} {getattr(args, flag)}: at most {MAX_SIZE} pixels")
     if args.preview_steps < 1:
         raise UsageError(f"--preview_steps {args.preview_steps}: must be at least 1")
-    timesteps = model_config(args.model_folder, "scheduler", "scheduler_config.json").get("num_train_timesteps", 1000)
-    if args.preview_steps > timesteps:
-        raise UsageError(f"--preview_steps {args.preview_steps}: at most the scheduler's {timesteps} timesteps")
-    check_model_files(args)
+    if args.model_folder is not None:
+        check_model_folder_flags(args)
     if args.cache_dir is not None:
         with flag_errors(path="--cache_dir"):
             check_writable_folder(args.cache_dir)
@@ -771,6 +771,17 @@ def model_config(folder, subfolder, name):
     return config
 
 
+def check_model_folder_flags(args):
+    """The flags that depend on the model folder: the clip skip its text encoder allows, the preview steps its
+    scheduler has, the files --variant and --pretrained_vae_model_name_or_path name."""
+    with flag_errors(clip_skip="--clip_skip"):
+        hypernet.prompts.check_clip_skip(args.clip_skip, args.model_folder)
+    timesteps = model_config(args.model_folder, "scheduler", "scheduler_config.json").get("num_train_timesteps", 1000)
+    if args.preview_steps > timesteps:
+        raise UsageError(f"--preview_steps {args.preview_steps}: at most the scheduler's {timesteps} timesteps")
+    check_model_files(args)
+
+
 def check_model_files(args):
     """--variant names files the model has; --pretrained_vae_model_name_or_path is a VAE's folder."""
     if args.variant is not None:
@@ -865,7 +876,8 @@ def debug_dataset(args, entries, template):
     vae_folder, subfolder = args.pretrained_vae_model_name_or_path, ""
     if vae_folder is None:
         vae_folder, subfolder = args.model_folder, "vae"
-    config = model_config(vae_folder, subfolder, "config.json")
+    # A checkpoint file's VAE is SD's (4 channels, 1/8 of the pixels a side) in every family.
+    config = {} if vae_folder is None else model_config(vae_folder, subfolder, "config.json")
     channels, factor = config.get("latent_channels", 4), 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
     with flag_errors(path="--debug_dataset"):
         check_writable_folder(args.debug_dataset)
