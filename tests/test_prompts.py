@@ -83,8 +83,12 @@ def test_fixtures_cover_the_issue(fixtures, prompts):
         "break",
         "empty",
         "batch",
+        "exclamation",
+        "exclamation_mixed",
     ):
         assert needed in prompts
+    assert all(("sdxl", "exclamation", f"sdxl_clip_l_skip_{n}") in cases for n in (1, 2, 3))
+    assert any("!!!" in p for p in prompts["exclamation"]) and any("!?" in p for p in prompts["exclamation_mixed"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -96,7 +100,11 @@ def test_encode_prompts_equals_the_webui(family, fixtures, prompts, encoders):
             continue
         clip_skip = int(skip.rsplit("_", 1)[1])
         expected = fixtures.get_tensor(f"{family}/{case}/{skip}/embeddings")
-        embeddings, pooled = encode_prompts(prompts[case], tokenizers, text_encoders, clip_skip=clip_skip)
+        if skip.startswith("sdxl_clip_l_skip"):  # the webui's "Clip skip SDXL" setting on
+            encoder = PromptEncoder(tokenizers, text_encoders, clip_skip, sdxl_clip_l_skip=True)
+            embeddings, pooled = encoder(prompts[case])
+        else:
+            embeddings, pooled = encode_prompts(prompts[case], tokenizers, text_encoders, clip_skip=clip_skip)
         assert embeddings.shape == expected.shape, (case, skip)
         torch.testing.assert_close(embeddings, expected, atol=1e-5, rtol=0, msg=f"{family} {case} {skip}")
         if family == "sdxl":
@@ -296,23 +304,3 @@ def test_openclip_reads_exclamation_marks_as_the_webuis_openclip_tokenizer_does(
     prompts = list(expected)
     assert token_ids(open_clip, [normalize_text(p, True) for p in prompts], True) == [expected[p] for p in prompts]
     assert expected["wow!"][-1] != 0, "'!' at a word's end is its own token, not the padding id"
-
-
-def test_clip_skip_sdxl_reads_clip_ls_layer_as_the_webui_setting_does(encoders):
-    """The webui's "Clip skip SDXL" (sdxl_clip_l_skip): CLIP-L's hidden_states[-Clip skip], not normed; OpenCLIP-bigG
-    as before. Without emphasis a chunk's mean is restored to itself, so the context is those states."""
-    tokenizers, text_encoders = encoders["sdxl"]
-    prompt = "a red circle on a teal background"
-    default = PromptEncoder(tokenizers, text_encoders).each([prompt])[0][0]
-    width = text_encoders[0].config.hidden_size
-    for clip_skip in (1, 2, 3):
-        encoder = PromptEncoder(tokenizers, text_encoders, clip_skip, sdxl_clip_l_skip=True)
-        assert encoder.clip_skip_applies
-        context = encoder.each([prompt])[0][0]
-        ids = torch.tensor([encoder.chunks(prompt)[0][0].ids])
-        states = text_encoders[0](ids, output_hidden_states=True).hidden_states[-clip_skip][0]
-        torch.testing.assert_close(context[:, :width], states.float(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(context[:, width:], default[:, width:])
-        if clip_skip == 2:
-            torch.testing.assert_close(context, default)  # Clip skip 2: the penultimate layer, read anyway
-    assert not PromptEncoder(tokenizers, text_encoders, 2).clip_skip_applies, "off: the webui ignores Clip skip"

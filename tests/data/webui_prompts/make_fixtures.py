@@ -91,8 +91,13 @@ PROMPTS = {
     "html": ["a &amp; b &lt;tag&gt; caf\u00c3\u00a9"],
     "batch": ["a red circle", words(200, comma_every=5), "(a:1.5) b"],
     "batch_empty": ["", "a (red) circle"],
+    # '!' is SD 2.x and SDXL's padding token in diffusers' tokenizers, text in the webui's OpenCLIP tokenizer
+    "exclamation": ["wow! a red circle!!!"],
+    "exclamation_mixed": ["what!? (>_<)! kaomoji, 1girl, !, smile"],
 }
 CLIP_SKIP_2 = ("short", "tokens_200", "emphasis_weight", "break", "batch", "empty")
+# SDXL's cases with the webui's "Clip skip SDXL" setting on (sdxl_clip_l_skip), at Clip skip 1, 2 and 3
+CLIP_L_SKIP = ("short", "emphasis_weight", "exclamation")
 
 
 def write_tokenizer(directory):
@@ -255,6 +260,14 @@ def main():
                     tensors[f"{family}/{case}/clip_skip_{clip_skip}/embeddings"] = embeddings.contiguous()
                     if pooled is not None:
                         tensors[f"{family}/{case}/clip_skip_{clip_skip}/pooled"] = pooled.contiguous()
+        opts.sdxl_clip_l_skip = True
+        for case in CLIP_L_SKIP:
+            for clip_skip in (1, 2, 3):
+                opts.CLIP_stop_at_last_layers = clip_skip
+                embeddings, pooled = embedders["sdxl"](PROMPTS[case])
+                tensors[f"sdxl/{case}/sdxl_clip_l_skip_{clip_skip}/embeddings"] = embeddings.contiguous()
+                tensors[f"sdxl/{case}/sdxl_clip_l_skip_{clip_skip}/pooled"] = pooled.contiguous()
+        opts.sdxl_clip_l_skip = False
     opts.CLIP_stop_at_last_layers = 1
 
     commit = subprocess.run(["git", "-C", args.webui, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
