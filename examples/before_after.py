@@ -42,7 +42,7 @@ def parse_args(argv=None):
 def generated(folder):
     """(prompt, seed, multiplier, image) of each PNG in `folder` that carries generate.py's infotext."""
     for name in sorted(os.listdir(folder)):
-        if not name.endswith(".png") or name == "grid.png":
+        if not name.endswith(".png") or name.startswith("grid-"):
             continue
         image = Image.open(os.path.join(folder, name))
         text = image.info.get("parameters", "")

@@ -51,5 +51,5 @@ Quickstart finished. What it wrote:
   $OUT/run/images/                   preview images every 500 steps
   $OUT/run/hypernetworks/            snapshots every 500 steps
   $OUT/run/checkpoint-2000/          the state to continue exactly with --resume_from_checkpoint latest
-  $OUT/multiplier-0/, multiplier-1/      generate.py's images (PNG with the webui's infotext) and grid.png
+  $OUT/multiplier-0/, multiplier-1/      generate.py's images (PNG with the webui's infotext) and grid-00000.png
 DONE

@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import ArgumentError, UsageError
@@ -70,6 +71,9 @@ def parse_prompt(prompt, hypernetwork_dir, available=None):
 CHUNK_TOKENS = 75
 COMMA_BACKTRACK = 20  # the webui's "Prompt word wrap length limit" (comma_padding_backtrack), at its default
 BREAK = ("BREAK", -1.0)
+# The largest emphasis weight of a piece of a prompt: beyond it a context overflows half precision (and the webui's
+# mean restoring turns it into NaN, a black image), so no such weight is meant: (a:1e38), 1000 nested brackets.
+MAX_EMPHASIS = 100.0
 TEXT_ENCODINGS = ("webui", "diffusers")
 
 EMPHASIS_TOKEN = re.compile(
@@ -128,6 +132,12 @@ def parse_emphasis(prompt):
             merged[-1][0] += text
         else:
             merged.append([text, weight])
+    for text, weight in merged:
+        if not abs(weight) <= MAX_EMPHASIS:
+            raise UsageError(
+                f"prompt {prompt[:60]!r}: {text.strip()[:30]!r} has the emphasis weight {weight:.4g}, beyond "
+                f"{MAX_EMPHASIS:g} either way: no such weight can be meant; lower its brackets' weight or count"
+            )
     return [tuple(piece) for piece in merged]
 
 
@@ -520,7 +530,15 @@ class unpadded_cross_attention:
 
 def text_to_image(pipeline, encoder, prompt, negative_prompt="", num_images_per_prompt=1, **kwargs):
     """The images of a diffusers text-to-image pipeline (SD 1.x, 2.x, SDXL) for one prompt, with the prompt and the
-    negative prompt encoded by `encoder`, each at its own length (pipeline_conditioning, unpadded_cross_attention)."""
+    negative prompt encoded by `encoder`, each at its own length (pipeline_conditioning, unpadded_cross_attention):
+    PIL images, or with output_type="np" an array. An image that turned NaN or infinite is an error, never returned."""
     conditioning, lengths = pipeline_conditioning(encoder, prompt, negative_prompt)
+    output_type = kwargs.pop("output_type", "pil")
     with unpadded_cross_attention(pipeline.unet, lengths, num_images_per_prompt):
-        return pipeline(**conditioning, num_images_per_prompt=num_images_per_prompt, **kwargs).images
+        images = pipeline(**conditioning, num_images_per_prompt=num_images_per_prompt, output_type="np", **kwargs)
+    if not np.isfinite(images.images).all():  # where the webui stops with "A tensor with all NaNs was produced"
+        raise UsageError(
+            f"prompt {prompt[:60]!r}: the image turned NaN or infinite while it was generated, and was not written; "
+            "lower the guidance scale or the prompt's emphasis weights, or generate in float32"
+        )
+    return images.images if output_type == "np" else pipeline.image_processor.numpy_to_pil(images.images)

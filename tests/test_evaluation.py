@@ -116,7 +116,7 @@ def test_before_after_pairs_generated_images_by_prompt_and_seed_and_reports_thei
     ]
     for folder, multiplier in (("s0", 0.0), ("s1", 1.0)):
         for name in os.listdir(tmp_path / folder):
-            if name.endswith(".png") and name != "grid.png":
+            if name.endswith(".png") and not name.startswith("grid-"):
                 image = Image.open(tmp_path / folder / name)
                 prompt, seed = image.info["parameters"].split(",")[0], int(name.split("-")[1].split(".")[0])
                 assert images[prompt, seed, multiplier]["style"] == pytest.approx(colour_distance(image, training))

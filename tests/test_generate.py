@@ -32,7 +32,7 @@ def gen(model, out, *flags):
         "--no_progress",
     ]
     assert run_script("generate.py", *argv, *flags) == 0
-    return sorted(os.path.join(out, n) for n in set(os.listdir(out)) - before if n != "grid.png")
+    return sorted(os.path.join(out, n) for n in set(os.listdir(out)) - before if not n.startswith("grid-"))
 
 
 def pixels(path):
@@ -173,7 +173,7 @@ def test_options_seed_batch_size_negative_scheduler_prompts_file(tiny_model_dir,
         f"Size: 64x96, Model hash: {model_hash}, Model: {os.path.basename(tiny_model_dir)}, "
         f'Hashes: {{"model": "{model_hash}"}}'
     )
-    grid = Image.open(tmp_path / "o" / "grid.png")
+    grid = Image.open(tmp_path / "o" / "grid-00000.png")
     assert grid.size == (3 * 64, 2 * 96)
     single = gen(
         tiny_model_dir,
@@ -194,7 +194,7 @@ def test_options_seed_batch_size_negative_scheduler_prompts_file(tiny_model_dir,
         "DPMSolverMultistepScheduler",
     )[0]
     assert "Sampler: DPMSolverMultistepScheduler" in Image.open(single).info["parameters"]
-    assert not os.path.exists(tmp_path / "s" / "grid.png")
+    assert not [n for n in os.listdir(tmp_path / "s") if n.startswith("grid-")]
 
 
 @pytest.mark.parametrize("model_fixture", ["sd2_model_dir", "sdxl_model_dir"])

@@ -83,6 +83,8 @@ def base_argv(model, data, out):
         (["--noise_offset", "nan"], r"--noise_offset nan: must be a finite number, 0 or more"),
         (["--streaming"], r"--streaming reads a --dataset_name; a --train_data_dir folder is read as it is"),
         (["--adam_beta1", "1.5"], r"--adam_beta1 1.5: must be at least 0 and below 1"),
+        (["--preview_guidance_scale", "1e38"], r"--preview_guidance_scale 1e\+38: at most 100"),
+        (["--preview_prompt", "a (cat:99999)"], r"prompt 'a \(cat:99999\)': 'cat' has the emphasis weight 1e\+05"),
         (["--adam_beta2", "1.0"], r"--adam_beta2 1.0: must be at least 0 and below 1"),
         (["--optimizer", "Muon"], r"--optimizer Muon: cannot train a hypernetwork \(Muon only supports 2D parameters"),
         (["--preview_steps", "5000"], r"--preview_steps 5000: at most the scheduler's 1000 timesteps"),

@@ -12,9 +12,9 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import re
+import signal
 import sys
 
 import torch
@@ -31,7 +31,7 @@ from hypernet.errors import HypernetError, UsageError, flag_errors, run_script
 from hypernet.files import check_writable_folder
 from hypernet.formats import DTYPES
 from hypernet.hashing import base_model_hash
-from hypernet.images import Generation, save_png
+from hypernet.images import MAX_GUIDANCE_SCALE, Generation, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting
 from hypernet.models import resolve_model
 from hypernet.prompts import (
@@ -39,6 +39,7 @@ from hypernet.prompts import (
     PromptEncoder,
     check_clip_skip,
     hypernetworks_in,
+    parse_emphasis,
     parse_multiplier,
     parse_prompt,
 )
@@ -159,7 +160,9 @@ def parse_args(input_args=None):
 
     output_group = parser.add_argument_group("output")
     output_group.add_argument("--output_dir", required=True, help="Where the PNGs are written.")
-    output_group.add_argument("--no_grid", action="store_true", help="Do not write grid.png of all images.")
+    output_group.add_argument(
+        "--no_grid", action="store_true", help="Do not write grid-NNNNN.png of all images (NNNNN: the first's number)."
+    )
     output_group.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
     hypernetwork_group.add_argument(
         "--no_merge",
@@ -235,8 +238,11 @@ def validate_args(args):
         value = getattr(args, flag)
         if value is not None and (value < 8 or value % 8):
             raise UsageError(f"--{flag} {value}: must be a positive multiple of 8")
-    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
-        raise UsageError(f"--guidance_scale {args.guidance_scale}: must be a finite number, 0 or more")
+    if not 0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE:
+        raise UsageError(
+            f"--guidance_scale {args.guidance_scale}: must be from 0 to {MAX_GUIDANCE_SCALE:g} (the webui's CFG Scale "
+            "goes to 30)"
+        )
     images = len(args.prompt) * args.num_images
     if not 0 <= args.seed <= 2**63 - 1 - images:
         raise UsageError(f"--seed {args.seed}: must be from 0 to 2^63 - 1 less the number of images")
@@ -256,6 +262,8 @@ def validate_args(args):
     args.hypernetwork = [parse_hypernetwork_flag(value) for value in args.hypernetwork]
     available = hypernetworks_in(args.hypernetwork_dir)
     args.jobs = [parse_prompt(prompt, args.hypernetwork_dir, available) for prompt in args.prompt]
+    for prompt in [*(prompt for prompt, _ in args.jobs), args.negative_prompt]:
+        parse_emphasis(prompt)  # a weight no one means, refused before the model loads
     if args.torch_compile_mode != "default" and not args.torch_compile:
         raise UsageError(
             f"--torch_compile_mode {args.torch_compile_mode} is for --torch_compile; add it or leave it out"
@@ -296,6 +304,11 @@ def check_all_widths(hypernetworks, widths, warn=False):
         message = unused_widths(hn, widths, path)
         if message and warn:
             print(f"warning: {message}", file=sys.stderr)
+
+
+def grid_name(first):
+    """The grid of a run whose first image is number `first`: named by it, so that no run replaces another's."""
+    return f"grid-{first:05d}.png"
 
 
 def next_image_number(output_dir):
@@ -353,8 +366,30 @@ def stacked(hypernetworks, stack, repeats):
     return result
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(input_args=None):
     args = parse_args(input_args)
+    written = []
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        return generate(args, written)
+    except KeyboardInterrupt as e:  # every PNG is written whole or not at all (save_png): say how many there are
+        stopped = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"generate.py: {stopped}: wrote {len(written)} image(s) to {args.output_dir}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def generate(args, written):
+    """Every prompt's images, each appended to `written` once it is on disk; the grid of them all."""
     hypernetworks = load_hypernetworks(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     apply_retain_setting(args.retain_freed_memory, device)
@@ -377,9 +412,9 @@ def main(input_args=None):
 
     from tqdm.auto import tqdm
 
-    written, images = [], []
+    images = []
     progress = tqdm(total=len(args.jobs) * args.num_images, desc="Images", disable=args.no_progress)
-    index = next_image_number(args.output_dir)
+    index = first = next_image_number(args.output_dir)
     seed = args.seed
     for prompt, prompt_hypernetworks in args.jobs:
         stack = args.hypernetwork + prompt_hypernetworks
@@ -421,7 +456,7 @@ def main(input_args=None):
         columns = min(len(images), args.num_images if args.num_images > 1 else len(images))
         rows = -(-len(images) // columns)
         images += [images[0].copy().point(lambda _: 0)] * (rows * columns - len(images))
-        save_png(make_image_grid(images, rows, columns), os.path.join(args.output_dir, "grid.png"))
+        save_png(make_image_grid(images, rows, columns), os.path.join(args.output_dir, grid_name(first)))
     print(f"wrote {len(written)} image(s) to {args.output_dir}")
     return written
 

@@ -47,7 +47,7 @@ from hypernet.attachment import (
 from hypernet.errors import ArgumentError, HypernetError, UsageError, first_line, flag_errors, run_script
 from hypernet.files import atomic_write, check_writable_folder, write_failure
 from hypernet.hashing import base_model_hash, cached_sha256, weights_id
-from hypernet.images import Generation, infotext_prompt, save_png
+from hypernet.images import MAX_GUIDANCE_SCALE, Generation, infotext_prompt, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting, release_free_memory
 from hypernet.models import resolve_model
 from hypernet.modelspec import model_family, modelspec_metadata, tag_frequency, training_keys
@@ -605,6 +605,13 @@ def validate_args(args, given=()):
         value = getattr(args, flag)
         if value is not None and (not math.isfinite(value) or value < 0):
             raise UsageError(f"--{flag} {value}: must be a finite number, 0 or more")
+    if not args.preview_guidance_scale <= MAX_GUIDANCE_SCALE:
+        raise UsageError(
+            f"--preview_guidance_scale {args.preview_guidance_scale}: at most {MAX_GUIDANCE_SCALE:g} (the webui's CFG "
+            "Scale goes to 30)"
+        )
+    for prompt in [*(args.preview_prompt or ()), args.preview_negative_prompt]:
+        hypernet.prompts.parse_emphasis(prompt)
     for flag in ("adam_beta1", "adam_beta2"):
         if getattr(args, flag) is not None and not getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 0 and below 1")

@@ -1,0 +1,119 @@
+"""generate.py under prompts and flags shared by other people: no black image, one line each, nothing replaced, and
+Ctrl-C or SIGTERM ends in one line saying what was written."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import ROOT, run_script
+from PIL import Image
+
+from hypernet.errors import UsageError
+from hypernet.prompts import MAX_EMPHASIS, parse_emphasis
+
+
+def generate(capsys, model, out, *flags):
+    """(exit code, stderr) of generate.py on the tiny model."""
+    capsys.readouterr()
+    argv = [
+        "--pretrained_model_name_or_path",
+        model,
+        "--output_dir",
+        out,
+        "--num_inference_steps",
+        "2",
+        "--no_progress",
+    ]
+    code = run_script("generate.py", *argv, *flags)
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "(bad:99999999999999999999999999999999999999)",
+        "(" * 5000 + "deep",
+        "((a red circle:50):50)",
+        "[(x:-1000000)]",
+    ],
+)
+def test_emphasis_no_one_means_is_one_line_before_the_model_loads(
+    tiny_model_dir, tmp_path, capsys, monkeypatch, prompt
+):
+    import diffusers
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    for flags in (["--prompt", prompt], ["--prompt", "a cat", "--negative_prompt", prompt]):
+        code, err = generate(capsys, tiny_model_dir, tmp_path / "o", *flags)
+        assert code == 2 and "\n" not in err and "no such weight can be meant" in err, err
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_emphasis_within_the_bound_is_the_webuis():
+    assert parse_emphasis(f"(a:{MAX_EMPHASIS:g})") == [("a", MAX_EMPHASIS)]
+    assert parse_emphasis("((((a))))")[0][1] == pytest.approx(1.1**4)
+    with pytest.raises(UsageError, match=r"'a' has the emphasis weight 1000, beyond 100 either way"):
+        parse_emphasis("(a:1000)")
+
+
+@pytest.mark.parametrize("scale", ["1e38", "101", "inf", "nan", "-1"])
+def test_a_guidance_scale_no_one_means_is_refused(tiny_model_dir, tmp_path, capsys, scale):
+    code, err = generate(capsys, tiny_model_dir, tmp_path / "o", "--prompt", "a cat", "--guidance_scale", scale)
+    assert code == 2 and "\n" not in err and f"--guidance_scale {float(scale)}: must be from 0 to 100" in err, err
+
+
+def test_a_non_finite_image_stops_with_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Whatever makes the latents overflow (a model in fp16, a hypernetwork trained to NaN): no black PNG."""
+    import diffusers
+
+    decode = diffusers.AutoencoderKL.decode
+
+    def overflowing(self, latents, *args, **kwargs):
+        return decode(self, latents * float("inf"), *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "decode", overflowing)
+    code, err = generate(capsys, tiny_model_dir, tmp_path / "o", "--prompt", "a red circle", "--num_images", "2")
+    assert code == 2 and err.endswith(
+        "prompt 'a red circle': the image turned NaN or infinite while it was generated, and was not written; "
+        "lower the guidance scale or the prompt's emphasis weights, or generate in float32"
+    ), err
+    assert not [n for n in os.listdir(tmp_path / "o") if n.endswith(".png")]
+
+
+def test_a_second_run_adds_its_grid_and_replaces_nothing(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    for seed in (0, 5):
+        assert generate(capsys, tiny_model_dir, out, "--prompt", "a cat", "--num_images", "2", "--seed", seed)[0] == 0
+    names = sorted(os.listdir(out))
+    assert names == ["00000-0.png", "00001-1.png", "00002-5.png", "00003-6.png", "grid-00000.png", "grid-00002.png"]
+    first, second = (np.asarray(Image.open(out / n)) for n in ("grid-00000.png", "grid-00002.png"))
+    assert not np.array_equal(first, second), "each run's grid shows its own images"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_ctrl_c_and_sigterm_say_what_was_written(tiny_model_dir, tmp_path, signum, code, word):
+    out = tmp_path / "o"
+    argv = [sys.executable, os.path.join(ROOT, "generate.py"), "--pretrained_model_name_or_path", tiny_model_dir]
+    argv += ["--output_dir", out, "--prompt", "a cat", "--num_images", "400", "--num_inference_steps", "2"]
+    process = subprocess.Popen([str(a) for a in argv], stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out.is_dir() and len(os.listdir(out)) >= 2):
+            assert process.poll() is None, process.stderr.read()[-2000:]
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    lines = [line for line in err.splitlines() if line.strip() and "it/s" not in line and "%|" not in line]
+    written = len([n for n in os.listdir(out) if n.endswith(".png")])
+    assert process.returncode == code
+    assert (
+        lines[-1]
+        == f"generate.py: {'stopped by SIGTERM' if word == 'SIGTERM' else 'interrupted'}: wrote {written} image(s) to {out}"
+    )
+    assert "Traceback" not in err
+    for name in os.listdir(out):
+        Image.open(out / name).load()  # every PNG there is whole
