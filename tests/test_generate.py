@@ -235,7 +235,7 @@ def test_a_hypernetwork_for_another_family_gets_one_warning_line(sd2_model_dir, 
             ["--hypernetwork", "{sd1}"],
             r"sd1.pt has widths \[768, 320, 640, 1280\] but this model's attention layers use \[96, 40, 80, 160\]",
         ),
-        (["--scheduler", "Warp drive"], r"--scheduler 'Warp drive': unknown"),
+        (["--scheduler", "Warp drive"], r"--scheduler 'Warp drive': not a sampler for this model"),
         (["--torch_compile_mode", "reduce-overhead"], r"--torch_compile_mode reduce-overhead is for --torch_compile"),
         (["--from_single_file"], r"no such checkpoint file"),
         (

@@ -27,6 +27,7 @@ from hypernet.attachment import (
     compile_blocks,
     unused_widths,
 )
+from hypernet.data.geometry import MAX_SIDE
 from hypernet.errors import HypernetError, UsageError, flag_errors, run_script
 from hypernet.files import check_writable_folder
 from hypernet.formats import DTYPES
@@ -97,7 +98,8 @@ def parse_args(input_args=None):
     model_group.add_argument(
         "--scheduler",
         default=None,
-        help=f"Sampler: an A1111 name ({', '.join(SCHEDULERS)}) or a diffusers scheduler class name. "
+        help=f"Sampler: a webui name ({', '.join(SCHEDULERS)}) or the name of a diffusers scheduler class compatible "
+        "with the model's own (such as EulerDiscreteScheduler; a wrong one is refused with the list). "
         "Default: the model's own.",
     )
     model_group.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Default: fp16 on CUDA, else fp32.")
@@ -238,6 +240,8 @@ def validate_args(args):
         value = getattr(args, flag)
         if value is not None and (value < 8 or value % 8):
             raise UsageError(f"--{flag} {value}: must be a positive multiple of 8")
+        if value is not None and value > MAX_SIDE:
+            raise UsageError(f"--{flag} {value}: at most {MAX_SIDE} pixels")
     if not 0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE:
         raise UsageError(
             f"--guidance_scale {args.guidance_scale}: must be from 0 to {MAX_GUIDANCE_SCALE:g} (the webui's CFG Scale "
@@ -246,11 +250,6 @@ def validate_args(args):
     images = len(args.prompt) * args.num_images
     if not 0 <= args.seed <= 2**63 - 1 - images:
         raise UsageError(f"--seed {args.seed}: must be from 0 to 2^63 - 1 less the number of images")
-    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
-        import diffusers
-
-        if not args.scheduler.endswith("Scheduler") or not hasattr(diffusers, args.scheduler):
-            raise UsageError(f"--scheduler {args.scheduler!r}: unknown; use one of: {', '.join(SCHEDULERS)}")
     if args.device is not None:
         check_device(args.device)
     model_path = args.pretrained_model_name_or_path
@@ -275,6 +274,38 @@ def validate_args(args):
     args.model_folder = args.base_model.folder
     with flag_errors(clip_skip="--clip_skip"):
         check_clip_skip(args.clip_skip, args.model_folder)
+    check_scheduler_flags(args)
+
+
+def model_scheduler(args):
+    """The model's own scheduler, made from its config alone (no weights)."""
+    import diffusers
+
+    path = os.path.join(args.model_folder, "scheduler", "scheduler_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"{path}: not a readable diffusers scheduler config ({e})") from None
+
+
+def check_scheduler_flags(args):
+    """--scheduler names a sampler this model can use, and --num_inference_steps fits its scheduler's timesteps."""
+    scheduler = model_scheduler(args)
+    timesteps = scheduler.config.num_train_timesteps
+    if args.num_inference_steps > timesteps:
+        raise UsageError(
+            f"--num_inference_steps {args.num_inference_steps}: at most the scheduler's {timesteps} timesteps"
+        )
+    if args.scheduler is None or args.scheduler in SCHEDULERS:
+        return
+    compatible = sorted(cls.__name__ for cls in scheduler.compatibles)
+    if args.scheduler not in compatible:
+        raise UsageError(
+            f"--scheduler {args.scheduler!r}: not a sampler for this model; use a webui name "
+            f"({', '.join(SCHEDULERS)}) or one of {', '.join(compatible)}"
+        )
 
 
 def model_widths_from_config(args):

@@ -117,3 +117,42 @@ def test_ctrl_c_and_sigterm_say_what_was_written(tiny_model_dir, tmp_path, signu
     assert "Traceback" not in err
     for name in os.listdir(out):
         Image.open(out / name).load()  # every PNG there is whole
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--width", "100000"], r"--width 100000: at most 8192 pixels"),
+        (["--height", "16384"], r"--height 16384: at most 8192 pixels"),
+        (
+            ["--num_inference_steps", "1001", "--scheduler", "DDIM"],
+            r"--num_inference_steps 1001: at most the scheduler's 1000",
+        ),
+        (["--num_inference_steps", "100000"], r"--num_inference_steps 100000: at most the scheduler's 1000 timesteps"),
+        (
+            ["--scheduler", "FlowMatchEulerDiscreteScheduler"],
+            r"not a sampler for this model; use a webui name \(DDIM, .*\) or one of .*EulerDiscreteScheduler",
+        ),
+        (["--scheduler", "VQDiffusionScheduler"], r"--scheduler 'VQDiffusionScheduler': not a sampler for this model"),
+        (["--scheduler", "Warp drive"], r"--scheduler 'Warp drive': not a sampler for this model"),
+    ],
+)
+def test_sizes_steps_and_samplers_are_checked_before_the_model_loads(
+    tiny_model_dir, tmp_path, capsys, monkeypatch, flags, message
+):
+    import re
+
+    import diffusers
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    code, err = generate(capsys, tiny_model_dir, tmp_path / "o", "--prompt", "a cat", *flags)
+    assert code == 2 and "\n" not in err and re.search(message, err), err
+
+
+def test_a_compatible_diffusers_scheduler_is_taken(tiny_model_dir, tmp_path, capsys):
+    code, err = generate(
+        capsys, tiny_model_dir, tmp_path / "o", "--prompt", "a cat", "--scheduler", "EulerDiscreteScheduler"
+    )
+    assert code == 0, err
+    (png,) = [n for n in os.listdir(tmp_path / "o") if n.endswith(".png")]
+    assert "Sampler: EulerDiscreteScheduler" in Image.open(tmp_path / "o" / png).info["parameters"]
