@@ -163,7 +163,7 @@ class StreamedEntries:
                 Entry(
                     shard,
                     index,
-                    str(row[self.caption_column]),
+                    caption_text(row[self.caption_column], label, self.caption_column),
                     label,
                     partial(image_bytes, row[self.image_column], label, self.image_column),
                 )
@@ -205,6 +205,14 @@ def check_columns(dataset_name, columns, image_column, caption_column):
             raise ArgumentError(
                 argument, f"{column!r}: {dataset_name} has no such column; it has {', '.join(columns)}"
             )
+
+
+def caption_text(value, label, column):
+    """A caption cell of a `datasets` dataset: text, never a list, a number or null read as its spelling."""
+    if not isinstance(value, str):
+        shown = "null" if value is None else f"{type(value).__name__} {str(value)[:40]}"
+        raise ArgumentError("caption_column", f"{column!r}: {label} holds {shown} there, not text")
+    return value
 
 
 def image_bytes(value, label, column):
@@ -293,7 +301,7 @@ def dataset_entries(dataset_name, config_name=None, image_column="image", captio
     return Entries(
         len(dataset),
         lambda index: image_bytes(images[index][image_column], label(index), image_column),
-        lambda index: str(captions[index][caption_column]),
+        lambda index: caption_text(captions[index][caption_column], label(index), caption_column),
         label,
     )
 

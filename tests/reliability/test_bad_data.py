@@ -1,5 +1,7 @@
 """Images and captions of every kind: handled, or refused with the file's name, never silently skipped."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -77,3 +79,22 @@ def test_a_huge_image_of_any_suffix_is_refused_by_name_not_passed_over(tmp_path,
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     with pytest.raises(UsageError, match=r"scan.tiff: image too large to read safely"):
         data.check_images(data.folder_entries(str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "captions, row, shown",
+    [([[1, 2], [3]], 0, "list [1, 2]"), (["a red circle", None], 1, "null"), ([7, 8], 0, "int 7")],
+)
+def test_a_caption_that_is_not_text_is_refused_by_row(tmp_path, captions, row, shown):
+    import json
+
+    rows = []
+    for n, caption in enumerate(captions):
+        Image.new("RGB", (16, 16)).save(tmp_path / f"{n}.png")
+        rows.append({"file_name": f"{n}.png", "text": caption})
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    entries = data.dataset_entries(str(tmp_path))
+    with pytest.raises(
+        UsageError, match=rf"^caption_column 'text': {tmp_path} row {row} holds {re.escape(shown)} there, not text$"
+    ):
+        data.check_images(entries)
