@@ -18,6 +18,11 @@ logger = logging.getLogger(__name__)
 
 PROMPT_HYPERNET = re.compile(r"<hypernet:([^:>]+)(?::([^>]*))?>")
 MAX_MULTIPLIER = 100.0
+# Bounds on what one prompt may ask for, so that memory and time do not grow with a prompt from someone else: tags
+# (each applies a hypernetwork to every attention layer), characters, and 77-token chunks of its context.
+MAX_PROMPT_TAGS = 32
+MAX_PROMPT_CHARACTERS = 100_000
+MAX_CHUNKS = 100
 
 
 def parse_multiplier(text, where, example="NAME:0.8"):
@@ -45,12 +50,25 @@ def hypernetworks_in(directory):
     return found
 
 
+def check_prompt_length(prompt):
+    if len(prompt) > MAX_PROMPT_CHARACTERS:
+        raise UsageError(
+            f"prompt {prompt[:60]!r}: {len(prompt):,} characters, more than {MAX_PROMPT_CHARACTERS:,}; shorten it"
+        )
+
+
 def parse_prompt(prompt, hypernetwork_dir, available=None):
     """Remove <hypernet:NAME:M> tags from a prompt; return (clean prompt, [(path, multiplier), ...]). NAME is looked up
     only among the files directly inside hypernetwork_dir, never as a path, as the webui looks it up."""
     available = hypernetworks_in(hypernetwork_dir) if available is None else available
+    check_prompt_length(prompt)
+    tags = PROMPT_HYPERNET.findall(prompt)
+    if len(tags) > MAX_PROMPT_TAGS:
+        raise UsageError(
+            f"prompt {prompt[:60]!r}: {len(tags)} <hypernet:...> tags, more than {MAX_PROMPT_TAGS}; stack fewer"
+        )
     found = []
-    for name, multiplier in PROMPT_HYPERNET.findall(prompt):
+    for name, multiplier in tags:
         tag = f"<hypernet:{name}{':' + multiplier if multiplier else ''}>"
         value = parse_multiplier(multiplier, f"prompt tag {tag}") if multiplier else 1.0
         if name not in available:
@@ -93,6 +111,7 @@ def parse_emphasis(prompt):
     """The webui's emphasis syntax (prompt_parser.parse_prompt_attention): [(text, weight), ...] with '(a)' x1.1,
     '[a]' /1.1, '(a:1.3)' x1.3, escapes, brackets left open applying to the end, BREAK as ("BREAK", -1.0), and
     neighbours of equal weight joined."""
+    check_prompt_length(prompt)
     pieces, rounds, squares = [], [], []
 
     def scale(start, factor):
@@ -304,6 +323,10 @@ class PromptEncoder:
         for tokenizer, rules in zip(self.tokenizers, self.rules):
             texts = [normalize_text(text, rules.open_clip) for text, _ in pieces]
             result.append(split_chunks(pieces, token_ids(tokenizer, texts, rules.open_clip), rules))
+        if len(result[0]) > MAX_CHUNKS:
+            raise UsageError(
+                f"prompt {prompt[:60]!r}: {len(result[0])} chunks of 75 tokens, more than {MAX_CHUNKS}; shorten it"
+            )
         if len({len(c) for c in result}) > 1:
             raise UsageError(
                 f"prompt {prompt[:60]!r}: the two text encoders' tokenizers cut it into {len(result[0])} and "

@@ -91,19 +91,33 @@ def test_stacking_order_and_both_syntaxes(tiny_model_dir, hn_dir, tmp_path):
     assert infotext_hashes(info)["hypernet:swish"] == hypernet.shorthash(hn_dir / "swish.safetensors")
 
 
-def test_a_file_stacked_twice_applies_twice_at_each_multiplier(tiny_model_dir, hn_dir, tmp_path):
-    once = gen(tiny_model_dir, tmp_path / "a", "--prompt", "a dog <hypernet:case1:0.8>", "--hypernetwork_dir", hn_dir)
-    twice = gen(
+def test_a_repeated_tag_applies_the_file_again_at_its_last_multiplier_as_the_webui(tiny_model_dir, hn_dir, tmp_path):
+    """The webui's load_hypernetworks keeps one object a loaded file: a repeated tag applies it again, and every
+    occurrence has the multiplier set last. The same as two distinct copies of the file, each at that multiplier."""
+    shutil.copy(hn_dir / "case1.pt", tmp_path / "case1-copy.pt")
+    repeated = gen(
+        tiny_model_dir,
+        tmp_path / "a",
+        "--prompt",
+        "a dog <hypernet:case1:0.3> <hypernet:case1:0.8>",
+        "--hypernetwork_dir",
+        hn_dir,
+    )[0]
+    copies = gen(
         tiny_model_dir,
         tmp_path / "b",
         "--prompt",
-        "a dog <hypernet:case1:0.8> <hypernet:case1:0>",
-        "--hypernetwork_dir",
-        hn_dir,
-    )
-    assert np.array_equal(pixels(once[0]), pixels(twice[0]))
-    info = Image.open(twice[0]).info["parameters"]
-    assert info.startswith("a dog <hypernet:case1:0.8> <hypernet:case1:0>\n")
+        "a dog",
+        "--hypernetwork",
+        f"{hn_dir / 'case1.pt'}:0.8",
+        "--hypernetwork",
+        f"{tmp_path / 'case1-copy.pt'}:0.8",
+    )[0]
+    once = gen(tiny_model_dir, tmp_path / "c", "--prompt", "a dog <hypernet:case1:0.8>", "--hypernetwork_dir", hn_dir)
+    assert np.array_equal(pixels(repeated), pixels(copies))
+    assert not np.array_equal(pixels(repeated), pixels(once[0])), "applied twice"
+    info = Image.open(repeated).info["parameters"]
+    assert info.startswith("a dog <hypernet:case1:0.3> <hypernet:case1:0.8>\n")
 
 
 def test_text_mlp_runs_once_per_step_and_linear_ones_are_merged(tiny_model_dir, hn_dir, tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ A1111's prompt syntax works too: "<hypernet:style:0.8> a castle" loads style.pt 
 """
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -385,16 +384,13 @@ def sampler_name(args, pipeline):
     return type(pipeline.scheduler).__name__
 
 
-def stacked(hypernetworks, stack, repeats):
-    """The loaded hypernetworks for a stack of (path, multiplier), each at its multiplier. A file named twice is
-    applied twice, each time at its own multiplier, so its repeats are copies, made once and kept in `repeats`."""
-    result, seen = [], {}
+def stacked(hypernetworks, stack):
+    """The loaded hypernetworks for a stack of (path, multiplier), as the webui's load_hypernetworks applies a stack of
+    files it has loaded: one object a file, in the stack as often as it is named, at the multiplier it was named with
+    last. One copy of the weights, however often a prompt repeats a tag."""
     for path, multiplier in stack:
-        occurrence = seen[path] = seen.get(path, -1) + 1
-        if occurrence and (path, occurrence) not in repeats:
-            repeats[path, occurrence] = copy.deepcopy(hypernetworks[path])
-        result.append((repeats[path, occurrence] if occurrence else hypernetworks[path]).set_multiplier(multiplier))
-    return result
+        hypernetworks[path].set_multiplier(multiplier)
+    return [hypernetworks[path] for path, _ in stack]
 
 
 class Terminated(KeyboardInterrupt):
@@ -434,7 +430,6 @@ def generate(args, written):
     if args.torch_compile:
         compile_blocks(pipeline.unet, args.torch_compile_mode)
     encoder = prompt_encoder(pipeline, args)
-    repeats = {}  # copies of files stacked more than once in one prompt
     short_hashes = {path: file_hashes(path)["webui"] for path in hypernetworks}
     model_hash = args.base_model.short_hash or base_model_hash(args.model_folder)
     model_name = args.base_model.name
@@ -449,7 +444,7 @@ def generate(args, written):
     seed = args.seed
     for prompt, prompt_hypernetworks in args.jobs:
         stack = args.hypernetwork + prompt_hypernetworks
-        attachment.hypernetworks[:] = stacked(hypernetworks, stack, repeats)
+        attachment.hypernetworks[:] = stacked(hypernetworks, stack)
         if not args.no_merge:
             attachment.merge()  # once for the prompt's images
         names = [(os.path.splitext(os.path.basename(path))[0], m, short_hashes[path]) for path, m in stack]

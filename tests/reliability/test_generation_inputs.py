@@ -156,3 +156,37 @@ def test_a_compatible_diffusers_scheduler_is_taken(tiny_model_dir, tmp_path, cap
     assert code == 0, err
     (png,) = [n for n in os.listdir(tmp_path / "o") if n.endswith(".png")]
     assert "Sampler: EulerDiscreteScheduler" in Image.open(tmp_path / "o" / png).info["parameters"]
+
+
+def test_a_tag_repeated_300_times_holds_one_copy_of_the_file(tmp_path):
+    """Memory does not grow with a tag's repeats: the stack holds the one loaded object, not copies."""
+    import hypernet
+    from hypernet.scripts.generate import stacked
+
+    hn = hypernet.Hypernetwork([8, 16])
+    path = str(tmp_path / "a.pt")
+    stack = stacked({path: hn}, [(path, 0.5)] * 299 + [(path, 0.8)])
+    assert len(stack) == 300 and all(item is hn for item in stack) and hn.multiplier == 0.8
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("<hypernet:a:0.1> " * 33 + "cat", r"33 <hypernet:...> tags, more than 32; stack fewer"),
+        ("word " * 30_000, r"150,000 characters, more than 100,000; shorten it"),
+    ],
+)
+def test_prompts_that_ask_for_unbounded_work_are_one_line(tiny_model_dir, tmp_path, capsys, prompt, message):
+    (tmp_path / "hn").mkdir()
+    import hypernet
+
+    hypernet.save(hypernet.Hypernetwork([96, 40, 80, 160]), str(tmp_path / "hn" / "a.pt"))
+    code, err = generate(
+        capsys, tiny_model_dir, tmp_path / "o", "--prompt", prompt, "--hypernetwork_dir", tmp_path / "hn"
+    )
+    assert code == 2 and "\n" not in err and message in err, err
+
+
+def test_a_prompt_of_more_than_100_chunks_is_one_line(tiny_model_dir, tmp_path, capsys):
+    code, err = generate(capsys, tiny_model_dir, tmp_path / "o", "--prompt", "a, " * 4000 + "cat")
+    assert code == 2 and "chunks of 75 tokens, more than 100; shorten it" in err.splitlines()[-1], err

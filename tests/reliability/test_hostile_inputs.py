@@ -234,7 +234,7 @@ def test_prompt_tags_resolve_only_inside_the_hypernetwork_dir(tiny_model_dir, tm
         (["--hypernetwork", "{case1}:inf"], r"the multiplier must be a finite number"),
         (["--hypernetwork", "{case1}:1e30"], r"the multiplier must be a finite number"),
         (["--prompt", "<hypernet:case1:nan> x"], r"prompt tag <hypernet:case1:nan>: the multiplier must be"),
-        (["--guidance_scale", "nan"], r"--guidance_scale nan: must be a finite number"),
+        (["--guidance_scale", "nan"], r"--guidance_scale nan: must be from 0 to 100"),
         (["--width", "-64"], r"--width -64: must be a positive multiple of 8"),
         (["--width", "0"], r"--width 0: must be a positive multiple of 8"),
         (["--device", "bogus"], r"--device 'bogus': not a device"),
