@@ -17,6 +17,7 @@ by a fused or 8-bit optimizer) need merge() again without being told.
 """
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .errors import HypernetError, UsageError, WidthMismatchError
+from .errors import ArgumentError, HypernetError, UsageError, WidthMismatchError
 from .memory import same_layout
 from .module import Hypernetwork, HypernetworkModule
 
@@ -73,6 +74,10 @@ def apply_hypernetworks(
     hypernetworks: Sequence[Hypernetwork], context: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The webui's apply_hypernetworks: the (K, V) contexts after every hypernetwork in turn."""
+    hypernetworks = check_hypernetworks(hypernetworks)
+    if not isinstance(context, torch.Tensor) or not context.is_floating_point():
+        kind = f"a {context.dtype} tensor" if isinstance(context, torch.Tensor) else type(context).__name__
+        raise ArgumentError("context", f"{kind}: give a floating-point tensor (batch, tokens, width)")
     return apply_side(hypernetworks, context, K), apply_side(hypernetworks, context, V)
 
 
@@ -565,6 +570,16 @@ def unused_widths(hypernetwork, model_widths, what=None):
     )
 
 
+def check_hypernetworks(hypernetworks):
+    """A Hypernetwork, or a list or tuple of them, as a list; anything else (a file's name, None) is refused."""
+    items = list(hypernetworks) if isinstance(hypernetworks, (list, tuple)) else [hypernetworks]
+    for item in items:
+        if not isinstance(item, Hypernetwork):
+            hint = ": load it first, hypernet.load(path)" if isinstance(item, (str, os.PathLike)) else ""
+            raise ArgumentError("hypernetworks", f"{item!r:.60} is a {type(item).__name__}, not a Hypernetwork{hint}")
+    return items
+
+
 def attach(
     unet: nn.Module, hypernetworks: Sequence[Hypernetwork], merge: bool = False, use_linear_maps: bool = True
 ) -> Attachment:
@@ -576,8 +591,7 @@ def attach(
     where a layer's tokens outnumber its width (the same function up to float rounding); pass False to run the
     webui's layers as they are.
     """
-    if not isinstance(hypernetworks, (list, tuple)):
-        hypernetworks = [hypernetworks]
+    hypernetworks = check_hypernetworks(hypernetworks)
     model_widths = attention_widths(unet)
     device = next(unet.parameters()).device
     for hypernetwork in hypernetworks:

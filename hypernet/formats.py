@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file as save_safetensors_file
 
-from .errors import FormatError, HypernetError, NotAHypernetworkError, first_line
+from .errors import ArgumentError, FormatError, HypernetError, NotAHypernetworkError, first_line
 from .files import atomic_writes
 from .hashing import shorthash
 from .modelspec import modelspec_metadata
@@ -293,7 +293,11 @@ def save(
     Both files are written under temporary names and renamed into place together: a failure (a full disk) leaves
     the previous pair whole.
     """
-    path = os.fspath(path)
+    path = check_path(path)
+    if not isinstance(hn, Hypernetwork):
+        raise ArgumentError("hn", f"a {type(hn).__name__}, not a Hypernetwork")
+    if dtype is not None and dtype not in DTYPES.values():
+        raise ArgumentError("dtype", f"{dtype}: a file holds {', '.join(map(str, DTYPES.values()))} weights")
     if not path.endswith((".pt", ".safetensors")):
         raise HypernetError(f"{path}: unknown format; name the file .pt (A1111) or .safetensors")
     paths = [path] if optimizer is None else [path, path + OPTIM_SUFFIX]
@@ -406,6 +410,13 @@ def load_safetensors(path, name=None):
     return build(path, widths, meta, tensors), FileLayout(pt_keys, legacy, extra)
 
 
+def check_path(path):
+    """A file's path as a str: a str or an os.PathLike; bytes (a file's content?) and anything else refused."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+        raise ArgumentError("path", f"a {type(path).__name__}: give the file's path (a str or os.PathLike)")
+    return os.fspath(path)
+
+
 def read(path: str | os.PathLike, optimizer_state: bool = False) -> HypernetworkFile:
     """A webui .pt (either layout) or a .safetensors file, as a HypernetworkFile; anything else is one FormatError.
 
@@ -413,7 +424,7 @@ def read(path: str | os.PathLike, optimizer_state: bool = False) -> Hypernetwork
     continue training, or to convert it along), kept where it belongs to this exact file (its hash) and fits;
     otherwise `optimizer` stays None and a warning says why.
     """
-    path = os.fspath(path)
+    path = check_path(path)
     name = os.path.splitext(os.path.basename(path))[0]
     if path.lower().endswith(".safetensors"):
         hn, layout = load_safetensors(path, name)

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import inspect
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,8 +36,9 @@ def _elementwise(cls):
     """Whether an activation class builds without arguments and maps each element on its own, as a hypernetwork
     layer needs (Softmax, GLU, Threshold, MultiheadAttention do not)."""
     try:
-        activation = cls().eval()
-        x = torch.linspace(-3, 3, 12).reshape(3, 4)
+        with torch.device("cpu"):  # whatever device the caller builds on (a file is checked on "meta"), tried here
+            activation = cls().eval()
+            x = torch.linspace(-3, 3, 12).reshape(3, 4)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             whole = activation(x)
@@ -61,17 +63,51 @@ SD2_WIDTHS = (1024, 320, 640, 1280)
 SDXL_WIDTHS = (2048, 640, 1280)
 
 
+# The largest multiplier either way: the webui's slider ends at 1 and 2 already distorts; beyond this none is meant.
+MAX_MULTIPLIER = 100.0
+
+
 def check_layer_structure(layer_structure):
+    if isinstance(layer_structure, (str, bytes)) or not isinstance(layer_structure, (list, tuple)):
+        raise ArgumentError("layer_structure", f"{layer_structure!r}: give a list of numbers, e.g. [1, 2, 1]")
+    numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in layer_structure)
+    if not numbers or any(not math.isfinite(a) or a <= 0 for a in layer_structure):
+        raise ArgumentError("layer_structure", f"{list(layer_structure)} must hold positive, finite numbers")
     if len(layer_structure) < 2 or layer_structure[0] != 1 or layer_structure[-1] != 1:
         raise ArgumentError("layer_structure", f"{list(layer_structure)} must start and end with 1, e.g. 1,2,1")
-    if any(not isinstance(a, (int, float)) or a <= 0 for a in layer_structure):
-        raise ArgumentError("layer_structure", f"{list(layer_structure)} must hold positive numbers")
+
+
+def check_widths(widths):
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, (list, tuple)):
+        raise ArgumentError("widths", f"{widths!r}: give a list of attention widths, e.g. [768, 320, 640, 1280]")
+    if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ArgumentError("widths", f"{list(widths)} must hold positive whole numbers (attention widths)")
 
 
 def check_activation_func(activation_func):
-    if activation_func is not None and activation_func not in ACTIVATIONS:
+    """A name of ACTIVATIONS whose class builds without arguments (as the webui builds it); the names offered are the
+    elementwise ones a new hypernetwork may train with."""
+    cls = ACTIVATIONS.get(activation_func) if isinstance(activation_func, str) else None
+    if activation_func is not None and not _builds(cls):
         raise ArgumentError(
-            "activation_func", f"{activation_func!r}: unknown; use one of: {', '.join(sorted(ACTIVATIONS))}"
+            "activation_func",
+            f"{activation_func!r}: unknown activation; use one of: {', '.join(trainable_activations())}",
+        )
+
+
+def _builds(cls):
+    try:
+        return cls is not None and (cls() is not None)
+    except Exception:  # a class that needs arguments (MultiheadAttention, Threshold, ...)
+        return False
+
+
+def check_multiplier(multiplier):
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
+        raise ArgumentError("multiplier", f"{multiplier!r}: give a number")
+    if not abs(multiplier) <= MAX_MULTIPLIER:
+        raise ArgumentError(
+            "multiplier", f"{multiplier}: must be a finite number from -{MAX_MULTIPLIER:g} to {MAX_MULTIPLIER:g}"
         )
 
 
@@ -157,6 +193,7 @@ class HypernetworkConfig:
     optional_info: str | None = setting(None, help="Free text the webui shows with the hypernetwork.")
 
     def __post_init__(self):
+        check_widths(self.widths)
         self.widths = [int(width) for width in self.widths]
         self.layer_structure = list(self.layer_structure)
         check_layer_structure(self.layer_structure)
@@ -338,6 +375,7 @@ class Hypernetwork(nn.Module):
 
     def set_multiplier(self, multiplier: float) -> "Hypernetwork":
         """What its output is scaled by in eval mode (the webui's multiplier); training always applies it at 1."""
+        check_multiplier(multiplier)
         for module in self.modules():
             if isinstance(module, HypernetworkModule):
                 module.multiplier = float(multiplier)

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from .errors import ArgumentError, UsageError
+from .module import MAX_MULTIPLIER
 
 logger = logging.getLogger(__name__)
 
 PROMPT_HYPERNET = re.compile(r"<hypernet:([^:>]+)(?::([^>]*))?>")
-MAX_MULTIPLIER = 100.0
 # Bounds on what one prompt may ask for, so that memory and time do not grow with a prompt from someone else: tags
 # (each applies a hypernetwork to every attention layer), characters, and 77-token chunks of its context.
 MAX_PROMPT_TAGS = 32
@@ -48,6 +48,16 @@ def hypernetworks_in(directory):
             if name.lower().endswith(suffix) and not name.startswith(".") and os.path.isfile(path):
                 found[name[: -len(suffix)]] = path
     return found
+
+
+def check_prompts(prompts):
+    """A non-empty list of prompts, each a str (a str itself would be encoded character by character)."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise ArgumentError("prompts", f"{type(prompts).__name__}: give a list of prompts, e.g. [{prompts!r:.40}]")
+    if not prompts:
+        raise ArgumentError("prompts", "[]: give at least one prompt")
+    if not all(isinstance(prompt, str) for prompt in prompts):
+        raise ArgumentError("prompts", f"{[type(p).__name__ for p in prompts][:8]}: every prompt must be a str")
 
 
 def check_prompt_length(prompt):
@@ -379,6 +389,7 @@ class PromptEncoder:
         embeddings (batch, 77 * k, width), k the most chunks of any prompt, shorter ones padded with empty chunks;
         each chunk's emphasis restores the mean of that chunk across the batch. pooled: SDXL's second encoder's
         pooled output of each prompt's first chunk."""
+        check_prompts(prompts)
         if self.encoding == "diffusers":
             return self._diffusers(prompts)
         per_prompt = [self.chunks(p) for p in prompts]
@@ -403,6 +414,7 @@ class PromptEncoder:
     def each(self, prompts):
         """[(embedding (77 * k, width), pooled or None)]: each prompt as the webui encodes it alone, the way it
         encodes a prompt to generate with and a fixed caption to train on; batched for speed."""
+        check_prompts(prompts)
         if self.encoding == "diffusers":
             embeddings, pooled = self._diffusers(prompts)
             return [(embeddings[i], None if pooled is None else pooled[i]) for i in range(len(prompts))]

@@ -102,7 +102,7 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ArgumentError, match=r"^layer_structure \[2, 2, 1\] must start and end with 1") as raised:
         hypernet.Hypernetwork([8], layer_structure=[2, 2, 1])
     assert raised.value.argument == "layer_structure"
-    with pytest.raises(ArgumentError, match="^activation_func 'wobbly': unknown; use one of"):
+    with pytest.raises(ArgumentError, match="^activation_func 'wobbly': unknown activation; use one of"):
         hypernet.Hypernetwork([8], activation_func="wobbly")
     with pytest.raises(ArgumentError, match="^weight_init 'Zeros': unknown; use one of"):
         hypernet.Hypernetwork([8], weight_init="Zeros")
