@@ -65,7 +65,8 @@ def atomic_writes(paths):
             current = path
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+            # at most 240 characters of the name, so that a name up to the file system's 255 bytes has room for it
+            tmp = os.path.join(directory, f".{os.path.basename(path)[:240]}.{secrets.token_hex(4)}.tmp")
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             temporaries.append(tmp)
             modes.append(stat.S_IMODE(os.stat(tmp).st_mode))

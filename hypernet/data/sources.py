@@ -31,6 +31,10 @@ def read_text(path, argument=None):
     ArgumentError about `argument` where the path is a function's argument of that name."""
     error = partial(ArgumentError, argument) if argument else UsageError
     try:
+        if os.path.isdir(path):
+            raise error(f"{path}: a folder, not a text file")
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise error(f"{path}: not a regular file (a device or a pipe?); give a text file")
         if not os.path.isfile(path):
             raise error(f"{path}: no such file")
         if os.path.getsize(path) > 16 << 20:

@@ -190,3 +190,23 @@ def test_prompts_that_ask_for_unbounded_work_are_one_line(tiny_model_dir, tmp_pa
 def test_a_prompt_of_more_than_100_chunks_is_one_line(tiny_model_dir, tmp_path, capsys):
     code, err = generate(capsys, tiny_model_dir, tmp_path / "o", "--prompt", "a, " * 4000 + "cat")
     assert code == 2 and "chunks of 75 tokens, more than 100; shorten it" in err.splitlines()[-1], err
+
+
+def test_a_name_up_to_the_file_systems_limit_is_written(tmp_path):
+    from hypernet.images import save_png
+
+    path = tmp_path / ("x" * 251 + ".png")  # 255 bytes: the limit of a name on common file systems
+    save_png(Image.new("RGB", (8, 8)), path, "a cat")
+    assert Image.open(path).info["parameters"] == "a cat" and os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.parametrize("where", ["folder", "device"])
+def test_a_folder_or_a_device_given_as_a_prompts_file_is_said_to_be_one(tiny_model_dir, tmp_path, capsys, where):
+    path = tmp_path if where == "folder" else "/dev/zero"
+    code, err = generate(capsys, tiny_model_dir, tmp_path / "o", "--prompts_file", path)
+    expected = (
+        "a folder, not a text file"
+        if where == "folder"
+        else "not a regular file (a device or a pipe?); give a text file"
+    )
+    assert code == 2 and err == f"generate.py: error: --prompts_file {path}: {expected}", err
