@@ -160,9 +160,11 @@ def test_a_compatible_diffusers_scheduler_is_taken(tiny_model_dir, tmp_path, cap
 
 def test_a_tag_repeated_300_times_holds_one_copy_of_the_file(tmp_path):
     """Memory does not grow with a tag's repeats: the stack holds the one loaded object, not copies."""
-    import hypernet
-    from hypernet.scripts.generate import stacked
+    import runpy
 
+    import hypernet
+
+    stacked = runpy.run_module("hypernet.scripts.generate")["stacked"]  # not imported: tests run the script anew
     hn = hypernet.Hypernetwork([8, 16])
     path = str(tmp_path / "a.pt")
     stack = stacked({path: hn}, [(path, 0.5)] * 299 + [(path, 0.8)])
