@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 
 from .errors import ArgumentError
-from .hashing import cached_sha256, hash_cache_path, weights_files
+from .hashing import base_model_hash, cached_sha256, hash_cache_path, weights_files
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
@@ -39,9 +39,10 @@ class ResolvedModel:
     short_hash: str | None
     family: str | None = None  # a single file's: sd1, sd2 or sdxl
 
-    @property
-    def single_file(self):
-        return self.family is not None
+    def webui_hash(self):
+        """The short hash the webui shows for the model: a checkpoint file's own; for a folder, the same hash of its
+        UNet's weights (hashing.base_model_hash)."""
+        return self.short_hash or base_model_hash(self.folder)
 
 
 def checkpoint_keys(path):

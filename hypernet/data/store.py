@@ -283,8 +283,14 @@ class Encoders:
 
     def latent_shape(self, size):
         """(channels, height, width) of the latents of an image of `size` (width, height)."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return self.vae.config.latent_channels, size[1] // factor, size[0] // factor
+        return latent_shape(self.vae.config, size)
+
+
+def latent_shape(vae_config, size):
+    """(channels, height, width) of the latents a VAE with `vae_config` (its latent_channels and block_out_channels,
+    as attributes) makes of an image of `size` (width, height): 1/2 a side per block after the first."""
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    return vae_config.latent_channels, size[1] // factor, size[0] // factor
 
 
 def latent_key(content_hash, placement, settings, encoders):

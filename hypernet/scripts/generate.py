@@ -30,7 +30,6 @@ from hypernet.data.geometry import MAX_SIDE
 from hypernet.errors import HypernetError, UsageError, flag_errors, run_script
 from hypernet.files import check_writable_folder
 from hypernet.formats import DTYPES
-from hypernet.hashing import base_model_hash
 from hypernet.images import MAX_GUIDANCE_SCALE, Generation, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting
 from hypernet.models import resolve_model
@@ -307,20 +306,13 @@ def check_scheduler_flags(args):
         )
 
 
-def model_widths_from_config(args):
-    """The UNet's attention widths from its config alone."""
-    return attention_widths_from_config(args.model_folder)
-
-
 def load_hypernetworks(args):
     """Every file named by a flag or a prompt, loaded once, checked against the model's widths."""
     loaded = {}
     for path, _ in args.hypernetwork + [hn for _, found in args.jobs for hn in found]:
         if path not in loaded:
             loaded[path] = hypernet.load(path)
-    widths = model_widths_from_config(args)
-    if widths is not None:
-        check_all_widths(loaded, widths)
+    check_all_widths(loaded, attention_widths_from_config(args.model_folder))
     return loaded
 
 
@@ -424,14 +416,14 @@ def generate(args, written):
     pipeline = load_pipeline(args, dtype, device)
     for hn in hypernetworks.values():
         hn.to(device)
-    # A single file's mismatch shows only now; so does every warning, once, against the model's own layers.
+    # Every warning once, with the widths in the order the loaded model's layers hold them.
     check_all_widths(hypernetworks, hypernet.attention_widths(pipeline.unet), warn=True)
     attachment = hypernet.attach(pipeline.unet, [])
     if args.torch_compile:
         compile_blocks(pipeline.unet, args.torch_compile_mode)
     encoder = prompt_encoder(pipeline, args)
     short_hashes = {path: file_hashes(path)["webui"] for path in hypernetworks}
-    model_hash = args.base_model.short_hash or base_model_hash(args.model_folder)
+    model_hash = args.base_model.webui_hash()
     model_name = args.base_model.name
     width = args.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     height = args.height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor

@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+import types
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from hypernet.attachment import (
 )
 from hypernet.errors import ArgumentError, HypernetError, UsageError, first_line, flag_errors, run_script
 from hypernet.files import atomic_write, check_writable_folder, write_failure
-from hypernet.hashing import base_model_hash, cached_sha256, weights_id
+from hypernet.hashing import cached_sha256, weights_id
 from hypernet.images import MAX_GUIDANCE_SCALE, Generation, infotext_prompt, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting, release_free_memory
 from hypernet.models import resolve_model
@@ -885,15 +886,11 @@ def debug_dataset(args, entries, template):
         vae_folder, subfolder = args.model_folder, "vae"
     # A checkpoint file's VAE is SD's (4 channels, 1/8 of the pixels a side) in every family.
     config = {} if vae_folder is None else model_config(vae_folder, subfolder, "config.json")
-    channels, factor = config.get("latent_channels", 4), 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
+    vae_config = types.SimpleNamespace(**{"latent_channels": 4, "block_out_channels": [0] * 4, **config})
     with flag_errors(path="--debug_dataset"):
         check_writable_folder(args.debug_dataset)
     count = data.write_debug_dataset(
-        entries,
-        template,
-        data_settings(args),
-        lambda size: (channels, size[1] // factor, size[0] // factor),
-        args.debug_dataset,
+        entries, template, data_settings(args), lambda size: data.latent_shape(vae_config, size), args.debug_dataset
     )
     print(f"wrote the pixels and prompts of {count} images to {args.debug_dataset}")
     return 0
@@ -1585,9 +1582,7 @@ def main(input_args=None):
     log_image_fit(args, records)
     initial_step = hn.config.step
     # The webui's name and short hash of a checkpoint file; of a folder, its name and its UNet's weights' hash.
-    hn.config.sd_checkpoint = args.base_model.short_hash or on_main_process(
-        accelerator, base_model_hash, args.model_folder
-    )
+    hn.config.sd_checkpoint = on_main_process(accelerator, args.base_model.webui_hash)
     hn.config.sd_checkpoint_name = args.base_model.name
     hn.train()
     hn.requires_grad_(True)
