@@ -10,7 +10,6 @@ from .prompts import PROMPT_HYPERNET
 
 # The largest classifier-free guidance scale: the webui's CFG Scale slider ends at 30; a thousand times that already
 # makes latents overflow, so no larger scale is meant.
-MAX_GUIDANCE_SCALE = 100.0
 
 
 def infotext(

@@ -162,7 +162,11 @@ def models_cache():
 def resolve_model(path, config=None, original_config=None, revision=None, argument="path", convert=True):
     """The ResolvedModel of `path` (a diffusers folder, a single checkpoint file, or a Hub id), checked; a single
     file is converted once (see the module's docstring), unless convert is False: then its folder is None. Errors
-    are ArgumentErrors about `argument`."""
+    are ArgumentErrors about `argument`, `config` or `original_config`."""
+    if config is not None and not os.path.isdir(config):
+        raise ArgumentError("config", f"{config}: no such folder (give a diffusers folder of the model's family)")
+    if original_config is not None and not os.path.isfile(original_config):
+        raise ArgumentError("original_config", f"{original_config}: no such file (give the checkpoint's .yaml)")
     if os.path.isdir(path):
         check_folder(path, argument)
         return ResolvedModel(path, path, os.path.basename(os.path.normpath(path)), None)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ArgumentError
+from .flags import MULTIPLIER
 
 ACTIVATIONS = {
     "linear": nn.Identity,
@@ -64,7 +65,6 @@ SDXL_WIDTHS = (2048, 640, 1280)
 
 
 # The largest multiplier either way: the webui's slider ends at 1 and 2 already distorts; beyond this none is meant.
-MAX_MULTIPLIER = 100.0
 
 
 def check_layer_structure(layer_structure):
@@ -105,10 +105,8 @@ def _builds(cls):
 def check_multiplier(multiplier):
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
         raise ArgumentError("multiplier", f"{multiplier!r}: give a number")
-    if not abs(multiplier) <= MAX_MULTIPLIER:
-        raise ArgumentError(
-            "multiplier", f"{multiplier}: must be a finite number from -{MAX_MULTIPLIER:g} to {MAX_MULTIPLIER:g}"
-        )
+    if not MULTIPLIER.allows(multiplier):
+        raise ArgumentError("multiplier", f"{multiplier}: {MULTIPLIER.describe()}")
 
 
 def check_dropout_structure(dropout_structure, layer_structure):

@@ -4,7 +4,6 @@
 import functools
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import ArgumentError, UsageError
-from .module import MAX_MULTIPLIER
+from .flags import MULTIPLIER
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +29,8 @@ def parse_multiplier(text, where, example="NAME:0.8"):
         value = float(text)
     except ValueError:
         raise UsageError(f"{where}: the multiplier after ':' must be a number, as in {example}") from None
-    if not math.isfinite(value) or abs(value) > MAX_MULTIPLIER:
-        raise UsageError(
-            f"{where}: the multiplier must be a finite number from -{MAX_MULTIPLIER:g} to {MAX_MULTIPLIER:g}"
-        )
+    if not MULTIPLIER.allows(value):
+        raise UsageError(f"{where}: the multiplier {MULTIPLIER.describe()}")
     return value
 
 

@@ -254,7 +254,7 @@ def test_a_hypernetwork_for_another_family_gets_one_warning_line(sd2_model_dir, 
         (["--from_single_file"], r"no such checkpoint file"),
         (
             ["--from_single_file", "--pretrained_model_name_or_path", "{case1}", "--config", "nowhere"],
-            r"--config nowhere: not found",
+            r"--config nowhere: no such folder \(give a diffusers folder of the model's family\)",
         ),
     ],
 )

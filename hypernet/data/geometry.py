@@ -17,9 +17,8 @@ import torch
 from PIL import Image
 
 from ..errors import UsageError
+from ..flags import MAX_SIDE
 from .settings import sample_key
-
-MAX_SIDE = 8192  # pixels: the largest side an image trains at
 
 
 @dataclass(frozen=True)

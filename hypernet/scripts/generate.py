@@ -26,11 +26,11 @@ from hypernet.attachment import (
     compile_blocks,
     unused_widths,
 )
-from hypernet.data.geometry import MAX_SIDE
 from hypernet.errors import HypernetError, UsageError, flag_errors, run_script
 from hypernet.files import check_writable_folder
+from hypernet.flags import MAX_SEED, SEED, check_flags, check_sampling_steps
 from hypernet.formats import DTYPES
-from hypernet.images import MAX_GUIDANCE_SCALE, Generation, save_png
+from hypernet.images import Generation, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting
 from hypernet.models import resolve_model
 from hypernet.prompts import (
@@ -70,6 +70,13 @@ SCHEDULERS = {
 }
 
 
+def stable_diffusion_schedulers():
+    """The diffusers scheduler classes compatible with Stable Diffusion's own schedulers (PNDM, DDIM, Euler)."""
+    from diffusers.schedulers import KarrasDiffusionSchedulers
+
+    return sorted(member.name for member in KarrasDiffusionSchedulers)
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Generate images with hypernetworks stacked at chosen multipliers.")
     model_group = parser.add_argument_group("model")
@@ -96,9 +103,8 @@ def parse_args(input_args=None):
     model_group.add_argument(
         "--scheduler",
         default=None,
-        help=f"Sampler: a webui name ({', '.join(SCHEDULERS)}) or the name of a diffusers scheduler class compatible "
-        "with the model's own (such as EulerDiscreteScheduler; a wrong one is refused with the list). "
-        "Default: the model's own.",
+        help=f"Sampler: a webui name ({', '.join(SCHEDULERS)}) or a diffusers scheduler class compatible with the "
+        f"model's own; for Stable Diffusion's: {', '.join(stable_diffusion_schedulers())}. Default: the model's own.",
     )
     model_group.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Default: fp16 on CUDA, else fp32.")
     model_group.add_argument("--device", default=None, help="cuda, cpu, mps... Default: cuda when available.")
@@ -231,31 +237,15 @@ def validate_args(args):
         args.prompt += read_prompts_file(args.prompts_file)
     if not args.prompt:
         raise UsageError("give a --prompt or a --prompts_file")
-    for flag in ("num_images", "batch_size", "num_inference_steps"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be at least 1")
-    for flag in ("width", "height"):
-        value = getattr(args, flag)
-        if value is not None and (value < 8 or value % 8):
-            raise UsageError(f"--{flag} {value}: must be a positive multiple of 8")
-        if value is not None and value > MAX_SIDE:
-            raise UsageError(f"--{flag} {value}: at most {MAX_SIDE} pixels")
-    if not 0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE:
-        raise UsageError(
-            f"--guidance_scale {args.guidance_scale}: must be from 0 to {MAX_GUIDANCE_SCALE:g} (the webui's CFG Scale "
-            "goes to 30)"
-        )
-    images = len(args.prompt) * args.num_images
-    if not 0 <= args.seed <= 2**63 - 1 - images:
-        raise UsageError(f"--seed {args.seed}: must be from 0 to 2^63 - 1 less the number of images")
+    check_flags(args)
+    last_seed = args.seed + len(args.prompt) * args.num_images - 1
+    if last_seed > MAX_SEED:
+        raise UsageError(f"--seed {args.seed}: the last image's seed, {last_seed}, {SEED.describe()}")
     if args.device is not None:
         check_device(args.device)
     model_path = args.pretrained_model_name_or_path
     if args.from_single_file and not os.path.isfile(model_path):
         raise UsageError(f"--pretrained_model_name_or_path {model_path}: no such checkpoint file (--from_single_file)")
-    for flag in ("original_config", "config"):
-        if getattr(args, flag) is not None and not os.path.exists(getattr(args, flag)):
-            raise UsageError(f"--{flag} {getattr(args, flag)}: not found")
     args.hypernetwork = [parse_hypernetwork_flag(value) for value in args.hypernetwork]
     available = hypernetworks_in(args.hypernetwork_dir)
     args.jobs = [parse_prompt(prompt, args.hypernetwork_dir, available) for prompt in args.prompt]
@@ -267,7 +257,7 @@ def validate_args(args):
         )
     with flag_errors(path="--output_dir"):
         check_writable_folder(args.output_dir)
-    with flag_errors(path="--pretrained_model_name_or_path", config="--config"):
+    with flag_errors(path="--pretrained_model_name_or_path", config="--config", original_config="--original_config"):
         args.base_model = resolve_model(model_path, args.config, args.original_config)
     args.model_folder = args.base_model.folder
     with flag_errors(clip_skip="--clip_skip"):
@@ -291,11 +281,7 @@ def model_scheduler(args):
 def check_scheduler_flags(args):
     """--scheduler names a sampler this model can use, and --num_inference_steps fits its scheduler's timesteps."""
     scheduler = model_scheduler(args)
-    timesteps = scheduler.config.num_train_timesteps
-    if args.num_inference_steps > timesteps:
-        raise UsageError(
-            f"--num_inference_steps {args.num_inference_steps}: at most the scheduler's {timesteps} timesteps"
-        )
+    check_sampling_steps("--num_inference_steps", args.num_inference_steps, scheduler.config.num_train_timesteps)
     if args.scheduler is None or args.scheduler in SCHEDULERS:
         return
     compatible = sorted(cls.__name__ for cls in scheduler.compatibles)

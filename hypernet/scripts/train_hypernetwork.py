@@ -47,8 +47,9 @@ from hypernet.attachment import (
 )
 from hypernet.errors import ArgumentError, HypernetError, UsageError, first_line, flag_errors, run_script
 from hypernet.files import atomic_write, check_writable_folder, write_failure
+from hypernet.flags import MAX_SIDE, SIDE, check_flags, check_sampling_steps
 from hypernet.hashing import cached_sha256, weights_id
-from hypernet.images import MAX_GUIDANCE_SCALE, Generation, infotext_prompt, save_png
+from hypernet.images import Generation, infotext_prompt, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting, release_free_memory
 from hypernet.models import resolve_model
 from hypernet.modelspec import model_family, modelspec_metadata, tag_frequency, training_keys
@@ -77,7 +78,6 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 # Settings of the hypernetwork itself: a resumed file keeps its own, so giving a different one is an error.
 HYPERNETWORK_FLAGS = (*(setting.name for setting in HypernetworkConfig.architecture()), "widths")
 MAX_PARAMETERS = 2_000_000_000
-MAX_SIZE = data.geometry.MAX_SIDE  # pixels: training resolution and preview sizes
 RUN_FILES = ("training_settings.json",)  # beside NAME.pt, NAME.json and NAME.preview.png in the output folder
 # hypernet.data's arguments and the flags that give them
 DATA_FLAGS = {
@@ -522,9 +522,6 @@ def validate_args(args, given=()):
         raise UsageError("--streaming reads a --dataset_name; a --train_data_dir folder is read as it is")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         raise UsageError(f"--train_data_dir {args.train_data_dir}: no such folder")
-    for flag in ("config", "original_config"):
-        if getattr(args, flag) is not None and not os.path.exists(getattr(args, flag)):
-            raise UsageError(f"--{flag} {getattr(args, flag)}: no such file or folder")
     for flag in ("template_file", "resume_hypernetwork"):
         path = getattr(args, flag)
         if path is not None and not os.path.isfile(path):
@@ -569,58 +566,14 @@ def validate_args(args, given=()):
     args.clip_grad_schedule = parse_schedule(args.clip_grad_value, "--clip_grad_value")
     args.resolution = parse_resolution(args.resolution)
     check_image_fit(args, given)
-    for flag in (
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "max_train_steps",
-        "max_bad_steps",
-        "num_preview_images",
-    ):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    for flag in (
-        "save_every",
-        "checkpointing_steps",
-        "preview_every",
-        "dataloader_num_workers",
-        "lr_warmup_steps",
-        "preview_seed",
-    ):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag} {getattr(args, flag)}: must be 0 or more")
-    if not 0 <= args.seed < 2**32:
-        raise UsageError(f"--seed {args.seed}: must be from 0 to 4294967295")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise UsageError(f"--checkpoints_total_limit {args.checkpoints_total_limit}: must be at least 1")
-    if not 0 <= args.tag_drop_out < 1:
-        raise UsageError(f"--tag_drop_out {args.tag_drop_out}: must be in [0, 1)")
-    for flag in (
-        "snr_gamma",
-        "noise_offset",
-        "adam_beta1",
-        "adam_beta2",
-        "adam_weight_decay",
-        "adam_epsilon",
-        "preview_guidance_scale",
-    ):
-        value = getattr(args, flag)
-        if value is not None and (not math.isfinite(value) or value < 0):
-            raise UsageError(f"--{flag} {value}: must be a finite number, 0 or more")
-    if not args.preview_guidance_scale <= MAX_GUIDANCE_SCALE:
-        raise UsageError(
-            f"--preview_guidance_scale {args.preview_guidance_scale}: at most {MAX_GUIDANCE_SCALE:g} (the webui's CFG "
-            "Scale goes to 30)"
-        )
+    check_flags(args)
     for prompt in [*(args.preview_prompt or ()), args.preview_negative_prompt]:
         hypernet.prompts.parse_emphasis(prompt)
-    for flag in ("adam_beta1", "adam_beta2"):
-        if getattr(args, flag) is not None and not getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 0 and below 1")
     if args.streaming and args.encode_on_the_fly:
         raise UsageError("--encode_on_the_fly reads images again at every step; a --streaming dataset is read once")
     if args.encode_on_the_fly and args.cache_dir is not None:
         raise UsageError("--encode_on_the_fly stores nothing; do not give --cache_dir with it")
-    with flag_errors(path="--pretrained_model_name_or_path", config="--config"):
+    with flag_errors(path="--pretrained_model_name_or_path", config="--config", original_config="--original_config"):
         args.base_model = resolve_model(
             args.pretrained_model_name_or_path,
             args.config,
@@ -642,13 +595,7 @@ def validate_args(args, given=()):
         )
     args.preview_width = args.preview_width or args.resolution[0]
     args.preview_height = args.preview_height or args.resolution[1]
-    for flag in ("preview_width", "preview_height"):
-        if getattr(args, flag) % 8 or getattr(args, flag) < 8:
-            raise UsageError(f"--{flag} {getattr(args, flag)}: must be a positive multiple of 8")
-        if getattr(args, flag) > MAX_SIZE:
-            raise UsageError(f"--{flag} {getattr(args, flag)}: at most {MAX_SIZE} pixels")
-    if args.preview_steps < 1:
-        raise UsageError(f"--preview_steps {args.preview_steps}: must be at least 1")
+    check_flags(args)  # again: the preview sizes default to --resolution's
     if args.model_folder is not None:
         check_model_folder_flags(args)
     if args.cache_dir is not None:
@@ -682,16 +629,14 @@ def validate_args(args, given=()):
 
 
 def parse_resolution(text):
-    """--resolution: 'SIZE' or 'WIDTH,HEIGHT', each a positive multiple of 8 up to MAX_SIZE -> (width, height)."""
+    """--resolution: 'SIZE' or 'WIDTH,HEIGHT', each a positive multiple of 8 up to MAX_SIDE -> (width, height)."""
     sizes = parse_numbers(text, "--resolution", kind=int)
     if len(sizes) not in (1, 2):
         raise UsageError(f"--resolution {text!r}: give one size (512) or width,height (768,512)")
     width, height = sizes * 2 if len(sizes) == 1 else sizes
     for side in (width, height):
-        if side < 8 or side % 8:
-            raise UsageError(f"--resolution {text}: {side} is not a positive multiple of 8")
-        if side > MAX_SIZE:
-            raise UsageError(f"--resolution {text}: {side} is more than {MAX_SIZE} pixels")
+        if not SIDE.allows(side):
+            raise UsageError(f"--resolution {text}: {side} {SIDE.describe()}")
     return width, height
 
 
@@ -710,10 +655,10 @@ def check_image_fit(args, given):
         raise UsageError(f"--bucket_reso_steps {args.bucket_reso_steps}: must be a positive multiple of 8")
     for flag in ("min_bucket_reso", "max_bucket_reso"):
         value = getattr(args, flag)
-        if value < args.bucket_reso_steps or value % args.bucket_reso_steps or value > MAX_SIZE:
+        if value < args.bucket_reso_steps or value % args.bucket_reso_steps or value > MAX_SIDE:
             raise UsageError(
                 f"--{flag} {value}: must be a multiple of --bucket_reso_steps ({args.bucket_reso_steps}) up to "
-                f"{MAX_SIZE}"
+                f"{MAX_SIDE}"
             )
     if args.min_bucket_reso > args.max_bucket_reso:
         raise UsageError(f"--min_bucket_reso {args.min_bucket_reso} is above --max_bucket_reso {args.max_bucket_reso}")
@@ -785,8 +730,7 @@ def check_model_folder_flags(args):
     with flag_errors(clip_skip="--clip_skip"):
         hypernet.prompts.check_clip_skip(args.clip_skip, args.model_folder)
     timesteps = model_config(args.model_folder, "scheduler", "scheduler_config.json").get("num_train_timesteps", 1000)
-    if args.preview_steps > timesteps:
-        raise UsageError(f"--preview_steps {args.preview_steps}: at most the scheduler's {timesteps} timesteps")
+    check_sampling_steps("--preview_steps", args.preview_steps, timesteps)
     check_model_files(args)
 
 

@@ -122,8 +122,8 @@ def test_ctrl_c_and_sigterm_say_what_was_written(tiny_model_dir, tmp_path, signu
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--width", "100000"], r"--width 100000: at most 8192 pixels"),
-        (["--height", "16384"], r"--height 16384: at most 8192 pixels"),
+        (["--width", "100000"], r"--width 100000: must be a multiple of 8 from 8 to 8192 pixels"),
+        (["--height", "16384"], r"--height 16384: must be a multiple of 8 from 8 to 8192 pixels"),
         (
             ["--num_inference_steps", "1001", "--scheduler", "DDIM"],
             r"--num_inference_steps 1001: at most the scheduler's 1000",
@@ -147,6 +147,63 @@ def test_sizes_steps_and_samplers_are_checked_before_the_model_loads(
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
     code, err = generate(capsys, tiny_model_dir, tmp_path / "o", "--prompt", "a cat", *flags)
     assert code == 2 and "\n" not in err and re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    "generate_flag, train_flag, value",
+    [
+        ("--width", "--preview_width", "100"),
+        ("--height", "--preview_height", "100000"),
+        ("--seed", "--preview_seed", "-3"),
+        ("--seed", "--seed", str(2**32)),
+        ("--num_inference_steps", "--preview_steps", "0"),
+        ("--num_inference_steps", "--preview_steps", "1001"),
+        ("--guidance_scale", "--preview_guidance_scale", "inf"),
+        ("--batch_size", "--train_batch_size", "0"),
+    ],
+)
+def test_generate_refuses_what_training_refuses_in_the_same_words(
+    tiny_model_dir, small_dataset, tmp_path, capsys, monkeypatch, generate_flag, train_flag, value
+):
+    import diffusers
+
+    from hypernet import training
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(training, "load_models", lambda *a, **k: pytest.fail("loaded"))
+    code, generate_err = generate(capsys, tiny_model_dir, tmp_path / "g", "--prompt", "a cat", generate_flag, value)
+    assert code == 2, generate_err
+    train_argv = ["--pretrained_model_name_or_path", tiny_model_dir, "--train_data_dir", small_dataset]
+    code = run_script("train_hypernetwork.py", *train_argv, "--output_dir", tmp_path / "t", train_flag, value)
+    train_err = capsys.readouterr().err.strip()
+    assert code == 2, train_err
+    generate_rule = generate_err.split(f"{generate_flag} ", 1)[1].split(": ", 1)[1]
+    train_rule = train_err.split(f"{train_flag} ", 1)[1].split(": ", 1)[1]
+    assert generate_rule == train_rule and generate_rule.startswith(("must", "at most")), (generate_err, train_err)
+
+
+def test_every_image_seed_fits_the_seed_rule(tiny_model_dir, tmp_path, capsys):
+    code, err = generate(
+        capsys, tiny_model_dir, tmp_path / "o", "--prompt", "a cat", "--num_images", "3", "--seed", str(2**32 - 2)
+    )
+    assert code == 2 and err.endswith(
+        "--seed 4294967294: the last image's seed, 4294967296, must be from 0 to 4294967295"
+    ), err
+
+
+def test_help_lists_the_schedulers_the_model_takes(tiny_model_dir, capsys):
+    import json
+    import re
+
+    import diffusers
+
+    assert run_script("generate.py", "--help") == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    listed = re.search(r"for Stable Diffusion's: ([\w, ]+)\. Default", help_text).group(1).split(", ")
+    with open(os.path.join(tiny_model_dir, "scheduler", "scheduler_config.json")) as f:
+        config = json.load(f)
+    own = getattr(diffusers, config["_class_name"]).from_config(config)
+    assert set(listed) == {cls.__name__ for cls in own.compatibles} and "EulerAncestralDiscreteScheduler" in listed
 
 
 def test_a_compatible_diffusers_scheduler_is_taken(tiny_model_dir, tmp_path, capsys):
