@@ -9,6 +9,7 @@ A1111's prompt syntax works too: "<hypernet:style:0.8> a castle" loads style.pt 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -211,11 +212,24 @@ def parse_hypernetwork_flag(value):
 
 
 def read_prompts_file(path):
-    """One prompt a line; UTF-8 or UTF-16 with a BOM, as captions are read."""
+    """One prompt a line, each with where it came from: [(prompt, '--prompts_file PATH line N')]. UTF-8 or UTF-16
+    with a BOM, as captions are read."""
     from hypernet.data import read_text
 
     with flag_errors(path="--prompts_file"):
-        return [line.strip() for line in read_text(path, "path").splitlines() if line.strip()]
+        lines = read_text(path, "path").splitlines()
+    return [(line.strip(), f"--prompts_file {path} line {n}") for n, line in enumerate(lines, 1) if line.strip()]
+
+
+@contextlib.contextmanager
+def prompt_source(source):
+    """An error about a prompt from a file names the file and line first."""
+    try:
+        yield
+    except UsageError as e:
+        if source is None:
+            raise
+        raise UsageError(f"{source}: {e}") from None
 
 
 def check_device(name):
@@ -233,8 +247,11 @@ def check_device(name):
 
 def validate_args(args):
     """Every flag checked before the model loads."""
+    args.prompt_sources = [None] * len(args.prompt)
     if args.prompts_file:
-        args.prompt += read_prompts_file(args.prompts_file)
+        from_file = read_prompts_file(args.prompts_file)
+        args.prompt += [prompt for prompt, _ in from_file]
+        args.prompt_sources += [source for _, source in from_file]
     if not args.prompt:
         raise UsageError("give a --prompt or a --prompts_file")
     check_flags(args)
@@ -248,9 +265,12 @@ def validate_args(args):
         raise UsageError(f"--pretrained_model_name_or_path {model_path}: no such checkpoint file (--from_single_file)")
     args.hypernetwork = [parse_hypernetwork_flag(value) for value in args.hypernetwork]
     available = hypernetworks_in(args.hypernetwork_dir)
-    args.jobs = [parse_prompt(prompt, args.hypernetwork_dir, available) for prompt in args.prompt]
-    for prompt in [*(prompt for prompt, _ in args.jobs), args.negative_prompt]:
-        parse_emphasis(prompt)  # a weight no one means, refused before the model loads
+    args.jobs = []
+    for prompt, source in zip(args.prompt, args.prompt_sources):
+        with prompt_source(source):
+            args.jobs.append(parse_prompt(prompt, args.hypernetwork_dir, available))
+            parse_emphasis(args.jobs[-1][0])  # a weight no one means, refused before the model loads
+    parse_emphasis(args.negative_prompt)
     if args.torch_compile_mode != "default" and not args.torch_compile:
         raise UsageError(
             f"--torch_compile_mode {args.torch_compile_mode} is for --torch_compile; add it or leave it out"
@@ -408,6 +428,9 @@ def generate(args, written):
     if args.torch_compile:
         compile_blocks(pipeline.unet, args.torch_compile_mode)
     encoder = prompt_encoder(pipeline, args)
+    for (prompt, _), source in [*zip(args.jobs, args.prompt_sources), ((args.negative_prompt, None), None)]:
+        with prompt_source(source):
+            encoder.chunks(prompt)  # every prompt's length checked before the first image
     short_hashes = {path: file_hashes(path)["webui"] for path in hypernetworks}
     model_hash = args.base_model.webui_hash()
     model_name = args.base_model.name

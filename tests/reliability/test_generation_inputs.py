@@ -244,11 +244,23 @@ def test_prompts_that_ask_for_unbounded_work_are_one_line(tiny_model_dir, tmp_pa
         capsys, tiny_model_dir, tmp_path / "o", "--prompt", prompt, "--hypernetwork_dir", tmp_path / "hn"
     )
     assert code == 2 and "\n" not in err and message in err, err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a cat\n\n{prompt}\n", encoding="utf-8")
+    code, err = generate(
+        capsys, tiny_model_dir, tmp_path / "o", "--prompts_file", prompts, "--hypernetwork_dir", tmp_path / "hn"
+    )
+    assert code == 2 and err.startswith(f"generate.py: error: --prompts_file {prompts} line 3: prompt "), err
 
 
-def test_a_prompt_of_more_than_100_chunks_is_one_line(tiny_model_dir, tmp_path, capsys):
+def test_a_prompt_of_more_than_100_chunks_is_one_line_before_any_image(tiny_model_dir, tmp_path, capsys):
     code, err = generate(capsys, tiny_model_dir, tmp_path / "o", "--prompt", "a, " * 4000 + "cat")
     assert code == 2 and "chunks of 75 tokens, more than 100; shorten it" in err.splitlines()[-1], err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n" + "a, " * 4000 + "cat\n", encoding="utf-8")
+    code, err = generate(capsys, tiny_model_dir, tmp_path / "o", "--prompts_file", prompts)
+    last = err.splitlines()[-1]
+    assert code == 2 and last.startswith(f"generate.py: error: --prompts_file {prompts} line 2: prompt 'a, a, "), err
+    assert "more than 100; shorten it" in last and not os.listdir(tmp_path / "o")
 
 
 def test_a_name_up_to_the_file_systems_limit_is_written(tmp_path):
