@@ -1,3 +1,4 @@
+import logging
 from contextlib import contextmanager
 
 
@@ -55,6 +56,20 @@ def first_line(error):
     return text.splitlines()[0][:200] if text else ""
 
 
+def printable(text):
+    """`text` safe for one line of a terminal: control characters (a newline or an escape sequence in a file name)
+    escaped as Python escapes them, so that no name can forge a line or recolour the screen."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class PrintableFormatter(logging.Formatter):
+    """A logging formatter whose every record is printable(): one line each, whatever names it holds."""
+
+    def format(self, record):
+        return printable(super().format(record))
+
+
 def run_script(main):
     """Run a script's main(); a HypernetError becomes one line on stderr, named after the command, and exit code 2."""
     import os
@@ -63,6 +78,6 @@ def run_script(main):
     try:
         result = main()
     except HypernetError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        print(f"{os.path.basename(sys.argv[0])}: error: {printable(e)}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0

@@ -83,6 +83,8 @@ def atomic_writes(paths):
         reason = write_failure(e, current)
         if reason is None:
             raise
+        for path, tmp in zip(paths, temporaries):
+            reason = reason.replace(tmp, str(path))  # the name the caller gave, not ours
         raise HypernetError(f"{current}: could not write ({reason}); the previous file, if any, is intact") from e
     finally:
         for tmp in temporaries:

@@ -108,22 +108,39 @@ def test_a_single_file_without_configs_says_what_to_pass(tiny_pipeline, small_da
         (lambda m: (m / "model_index.json").unlink(), r"not a diffusers folder \(no model_index.json\)"),
     ],
 )
-def test_an_incomplete_model_folder_is_one_line(tiny_model_dir, small_dataset, tmp_path, capsys, damage, message):
+@pytest.mark.parametrize("script", ["train_hypernetwork.py", "generate.py"])
+def test_an_incomplete_model_folder_is_one_line(
+    tiny_model_dir, small_dataset, tmp_path, capsys, damage, message, script
+):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     damage(model)
     capsys.readouterr()
-    code = run_script(
-        "train_hypernetwork.py",
-        "--pretrained_model_name_or_path",
-        model,
-        "--train_data_dir",
-        small_dataset,
-        "--output_dir",
-        tmp_path / "o",
-    )
+    flags = ["--train_data_dir", small_dataset] if script == "train_hypernetwork.py" else ["--prompt", "a cat"]
+    code = run_script(script, "--pretrained_model_name_or_path", model, *flags, "--output_dir", tmp_path / "o")
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err and re.search(message, err), err
+    assert code == 2 and "\n" not in err and re.search(message, err) and err.startswith(f"{script}: error: "), err
+
+
+@pytest.mark.parametrize("script", ["train_hypernetwork.py", "generate.py"])
+@pytest.mark.parametrize("content", ["hypernetwork", "random"])
+def test_a_single_file_that_is_not_a_stable_diffusion_checkpoint_is_one_line(
+    small_dataset, tmp_path, capsys, script, content
+):
+    import hypernet
+
+    path = tmp_path / "model.safetensors"
+    if content == "hypernetwork":
+        hypernet.save(hypernet.Hypernetwork([8, 16]), path)
+    else:
+        path.write_bytes(os.urandom(4096))
+    capsys.readouterr()
+    flags = ["--train_data_dir", small_dataset] if script == "train_hypernetwork.py" else ["--prompt", "a cat"]
+    code = run_script(script, "--pretrained_model_name_or_path", path, *flags, "--output_dir", tmp_path / "o")
+    err = capsys.readouterr().err.strip()
+    assert (
+        code == 2 and "\n" not in err and err.startswith(f"{script}: error: --pretrained_model_name_or_path {path}")
+    ), err
 
 
 def test_a_hub_id_loads_from_the_hugging_face_cache(tiny_model_dir, tmp_path, monkeypatch):

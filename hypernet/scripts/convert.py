@@ -21,7 +21,7 @@ import warnings
 import hypernet
 from hypernet.clients import comfyui_verdict, webui_verdict
 from hypernet.conversion import TOLERANCE, check_representable, verify
-from hypernet.errors import HypernetError, UsageError, run_script
+from hypernet.errors import HypernetError, UsageError, printable, run_script
 from hypernet.files import write_failure
 from hypernet.formats import DTYPES
 from hypernet.optimizer_file import OPTIM_SUFFIX
@@ -161,18 +161,19 @@ def main(input_args=None):
             print(json.dumps(fields, indent=2))
         else:
             width = max(len(k) for k in fields)
-            print("\n".join(f"{k:<{width}}  {v}" for k, v in fields.items()))
+            print("\n".join(f"{k:<{width}}  {printable(v)}" for k, v in fields.items()))
         return 0
     if os.path.isdir(args.input):
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise UsageError(f"{args.output}: the input is a folder, so the output must be a folder too")
         reports, skipped, failures = convert_folder(args.input, args.output, args.to, args.dtype, args.overwrite)
-        print("\n".join(reports + [f"skipped: {s}" for s in skipped] + [f"FAILED: {f}" for f in failures]))
+        lines = reports + [f"skipped: {s}" for s in skipped] + [f"FAILED: {f}" for f in failures]
+        print("\n".join(printable(line) for line in lines))
         print(f"converted {len(reports)} file(s), skipped {len(skipped)}, {len(failures)} failed")
         return 2 if failures else 0
     if not os.path.exists(args.input):
         raise UsageError(f"{args.input}: no such file or folder")
-    print(convert_file(args.input, args.output, args.dtype, args.overwrite))
+    print(printable(convert_file(args.input, args.output, args.dtype, args.overwrite)))
     return 0
 
 

@@ -27,7 +27,7 @@ from hypernet.attachment import (
     compile_blocks,
     unused_widths,
 )
-from hypernet.errors import HypernetError, UsageError, flag_errors, run_script
+from hypernet.errors import HypernetError, UsageError, flag_errors, printable, run_script
 from hypernet.files import check_writable_folder
 from hypernet.flags import MAX_SEED, SEED, check_flags, check_sampling_steps
 from hypernet.formats import DTYPES
@@ -331,7 +331,7 @@ def check_all_widths(hypernetworks, widths, warn=False):
             raise UsageError(str(e)) from None
         message = unused_widths(hn, widths, path)
         if message and warn:
-            print(f"warning: {message}", file=sys.stderr)
+            print(f"warning: {printable(message)}", file=sys.stderr)
 
 
 def grid_name(first):
@@ -407,7 +407,9 @@ def main(input_args=None):
         return generate(args, written)
     except KeyboardInterrupt as e:  # every PNG is written whole or not at all (save_png): say how many there are
         stopped = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
-        print(f"generate.py: {stopped}: wrote {len(written)} image(s) to {args.output_dir}", file=sys.stderr)
+        print(
+            printable(f"generate.py: {stopped}: wrote {len(written)} image(s) to {args.output_dir}"), file=sys.stderr
+        )
         return 143 if isinstance(e, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -484,7 +486,7 @@ def generate(args, written):
         rows = -(-len(images) // columns)
         images += [images[0].copy().point(lambda _: 0)] * (rows * columns - len(images))
         save_png(make_image_grid(images, rows, columns), os.path.join(args.output_dir, grid_name(first)))
-    print(f"wrote {len(written)} image(s) to {args.output_dir}")
+    print(printable(f"wrote {len(written)} image(s) to {args.output_dir}"))
     return written
 
 

@@ -45,7 +45,16 @@ from hypernet.attachment import (
     compile_blocks,
     unused_widths,
 )
-from hypernet.errors import ArgumentError, HypernetError, UsageError, first_line, flag_errors, run_script
+from hypernet.errors import (
+    ArgumentError,
+    HypernetError,
+    PrintableFormatter,
+    UsageError,
+    first_line,
+    flag_errors,
+    printable,
+    run_script,
+)
 from hypernet.files import atomic_write, check_writable_folder, write_failure
 from hypernet.flags import MAX_SIDE, SIDE, check_flags, check_sampling_steps
 from hypernet.hashing import cached_sha256, weights_id
@@ -836,7 +845,7 @@ def debug_dataset(args, entries, template):
     count = data.write_debug_dataset(
         entries, template, data_settings(args), lambda size: data.latent_shape(vae_config, size), args.debug_dataset
     )
-    print(f"wrote the pixels and prompts of {count} images to {args.debug_dataset}")
+    print(printable(f"wrote the pixels and prompts of {count} images to {args.debug_dataset}"))
     return 0
 
 
@@ -1451,7 +1460,9 @@ def main(input_args=None):
     lock = claim_output_dir(args, resuming=checkpoint is not None) if accelerator.is_main_process else None
     repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     started_at = time.time()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(handlers=[handler], level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
     if unused:

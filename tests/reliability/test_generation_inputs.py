@@ -281,3 +281,31 @@ def test_a_folder_or_a_device_given_as_a_prompts_file_is_said_to_be_one(tiny_mod
         else "not a regular file (a device or a pipe?); give a text file"
     )
     assert code == 2 and err == f"generate.py: error: --prompts_file {path}: {expected}", err
+
+
+def test_names_with_control_characters_cannot_forge_lines_or_escape_sequences(tmp_path, capsys):
+    import hypernet
+
+    forged = str(tmp_path / "nope.pt\nconvert.py: ok: all good")
+    assert run_script("convert.py", "--info", forged) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.pt\\nconvert.py: ok: all good" in err, err
+    coloured = tmp_path / "a\x1b[31mred.pt"
+    hypernet.save(hypernet.Hypernetwork([8, 16]), coloured)
+    assert run_script("convert.py", "--info", coloured) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "a\\x1b[31mred.pt" in out
+
+
+def test_a_failed_write_names_the_file_asked_for_not_its_temporary_name(tmp_path, monkeypatch):
+    from hypernet.files import atomic_write
+
+    target = tmp_path / "image.png"
+
+    def fail(path):
+        raise RuntimeError(f"File {path} cannot be opened for write")
+
+    with pytest.raises(Exception) as caught, atomic_write(target) as tmp:
+        fail(tmp)
+    assert str(caught.value).startswith(f"{target}: could not write (File {target} cannot be opened for write)")
+    assert ".tmp" not in str(caught.value) and os.listdir(tmp_path) == []
