@@ -56,6 +56,7 @@ SAMPLING_STEPS = Rule(1)  # and at most the scheduler's timesteps: check_samplin
 GUIDANCE_SCALE = Rule(0, MAX_GUIDANCE_SCALE, note="the webui's CFG Scale goes to 30")
 MULTIPLIER = Rule(-MAX_MULTIPLIER, MAX_MULTIPLIER)
 FRACTION = Rule(0, 1, below=True)
+MINUTES = Rule(0.1, unit="minutes")
 
 # Every numeric flag of the scripts; a flag that two scripts share, or that mirrors another script's, has one rule.
 FLAG_RULES = {
@@ -81,6 +82,7 @@ FLAG_RULES = {
     "adam_beta1": FRACTION,
     "adam_beta2": FRACTION,
     "tag_drop_out": FRACTION,
+    "ddp_timeout": MINUTES,
     # sizes, seeds and sampling: generate.py's flags and training's previews
     "width": SIDE,
     "height": SIDE,

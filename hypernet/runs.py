@@ -4,6 +4,7 @@ loss log (loss.csv) with its chart."""
 
 import csv
 import fcntl
+import hashlib
 import io
 import json
 import math
@@ -40,27 +41,79 @@ def list_checkpoints(output_dir):
     return sorted(names, key=lambda d: int(d.split("-")[1]))
 
 
+def count(value):
+    """A whole number, 0 or more (JSON's true is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_training_state(checkpoint):
-    """A checkpoint's training_state.json, checked: step, losses, bad-step count and run id."""
+    """A checkpoint's training_state.json, checked: its step, losses, bad-step count, run id and the processes and
+    batch it was trained with."""
     path = os.path.join(checkpoint, "training_state.json")
     try:
         with open(path) as f:
             saved = json.load(f)
-        if not (
-            isinstance(saved["step"], int)
-            and isinstance(saved["losses"], list)
-            and isinstance(saved["bad_steps"], int)
-        ):
-            raise ValueError("wrong types")
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+        if not (count(saved["step"]) and count(saved["bad_steps"]) and isinstance(saved["losses"], list)):
+            raise ValueError("its step and bad_steps must be whole numbers, 0 or more, and its losses a list")
         if not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in saved["losses"]
         ):
             raise ValueError("its losses are not all finite numbers")
         if not isinstance(saved.get("run_id"), (str, type(None))):
             raise ValueError("its run_id is not text")
+        batch = saved.get("batch", {})
+        if not (isinstance(batch, dict) and all(k in BATCH_KEYS and count(v) and v for k, v in batch.items())):
+            raise ValueError(f"its batch must hold positive whole numbers for {', '.join(BATCH_KEYS)}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path}: damaged ({e}); resume from an earlier checkpoint or start anew") from None
     return saved
+
+
+BATCH_KEYS = ("processes", "train_batch_size", "gradient_accumulation_steps")
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def state_digest(saved):
+    """The sha256 of a training_state.json's content but its digest: an edit to the file shows."""
+    content = {key: value for key, value in saved.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def seal_checkpoint(path):
+    """Complete a written checkpoint's training_state.json with every other file's sha256 and a digest of its own
+    content, so that a damaged or edited checkpoint is found before anything trains on it."""
+    state_path = os.path.join(path, "training_state.json")
+    with open(state_path) as f:
+        saved = json.load(f)
+    names = sorted(name for name in os.listdir(path) if name != "training_state.json")
+    saved["files"] = {name: sha256_of(os.path.join(path, name)) for name in names}
+    saved["digest"] = state_digest(saved)
+    with atomic_write(state_path) as tmp, open(tmp, "w") as f:
+        json.dump(saved, f, indent=2)
+
+
+def check_seal(path, saved):
+    """The checkpoint's files are the ones its training_state.json lists, as they were written, and the state itself
+    is as written (UsageErrors naming the file)."""
+    again = "resume from an earlier checkpoint or start anew"
+    state_path = os.path.join(path, "training_state.json")
+    if not isinstance(saved.get("files"), dict) or saved.get("digest") != state_digest(saved):
+        raise UsageError(f"{state_path}: edited or damaged (its digest does not match its content); {again}")
+    present = sorted(name for name in os.listdir(path) if name != "training_state.json")
+    for name in sorted(set(present) | set(saved["files"])):
+        file = os.path.join(path, name)
+        if name not in saved["files"]:
+            raise UsageError(f"{file}: not a file this checkpoint was written with; remove it or {again}")
+        if name not in present:
+            raise UsageError(f"{file}: missing (the checkpoint was written with it); {again}")
+        if sha256_of(file) != saved["files"][name]:
+            raise UsageError(f"{file}: damaged or edited (not the bytes the checkpoint was written with); {again}")
 
 
 def check_checkpoint_files(path):
@@ -108,8 +161,15 @@ def checkpoint_to_resume(output_dir, checkpoint):
         raise ArgumentError(
             "checkpoint", f"{path}: not a complete checkpoint of this script (missing {', '.join(missing)})"
         )
-    read_training_state(path)
+    saved = read_training_state(path)
     check_checkpoint_files(path)
+    named = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    if named and int(named.group(1)) != saved["step"]:
+        raise UsageError(
+            f"{os.path.join(path, 'training_state.json')}: step {saved['step']}, but the folder is {named.group(0)} "
+            "(edited?); resume from an earlier checkpoint or start anew"
+        )
+    check_seal(path, saved)
     return path
 
 

@@ -68,11 +68,28 @@ def test_every_flag_named_in_the_readme_and_examples_exists(helps):
                 f"{flag} (in: {command[:80]}...) not in {script} --help"
             )
             checked += 1
-    # Flags in the prose and tables belong to train_hypernetwork.py, generate.py or convert.py.
+    # Flags in the prose and tables, the README's and docs/'s, belong to train_hypernetwork.py, generate.py or
+    # convert.py.
     union = " ".join(helps.values())
+    for name in sorted(os.listdir(os.path.join(ROOT, "docs"))):
+        if name.endswith(".md"):
+            with open(os.path.join(ROOT, "docs", name)) as f:
+                text += f.read()
     for flag in flags_of(text.replace("--index-url", "")):
-        if flag in ("--config_file", "--machine_rank", "--main_process_ip"):
-            continue  # accelerate launch's own
+        if flag in (
+            "--config_file",
+            "--machine_rank",
+            "--main_process_ip",
+            "--nnodes",
+            "--nproc_per_node",
+            "--node_rank",
+            "--master_addr",
+            "--master_port",
+            "--max_restarts",
+            "--signal",
+            "--requeue",
+        ):
+            continue  # accelerate launch's, torchrun's and Slurm's own
         assert re.search(rf"(?<![\w-]){flag}\b", union), f"README names {flag}, which no script has"
         checked += 1
     assert checked > 80

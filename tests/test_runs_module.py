@@ -23,6 +23,8 @@ def checkpoint(folder, step, run_id="a", files=runs.CHECKPOINT_FILES):
             torch.save({"state": {}, "param_groups": []}, path / name)
         else:
             hypernet.save(hypernet.Hypernetwork([8]), path / name)
+    if "training_state.json" in files:
+        runs.seal_checkpoint(path)
     return path
 
 
@@ -55,6 +57,51 @@ def test_an_incomplete_or_damaged_checkpoint_is_refused_by_name(tmp_path):
     (path / "model.safetensors").write_bytes(b"")
     with pytest.raises(hypernet.UsageError, match=r"model.safetensors: not a file this script's checkpoints hold"):
         runs.checkpoint_to_resume(tmp_path, "checkpoint-6")
+
+
+def edit_state(path, **changes):
+    state = json.loads((path / "training_state.json").read_text())
+    state.update(changes)
+    (path / "training_state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"step": 1000000000}, r"training_state.json: step 1000000000, but the folder is checkpoint-4 \(edited\?\)"),
+        ({"step": True}, r"training_state.json: damaged \(its step and bad_steps must be whole numbers, 0 or more"),
+        ({"step": -4}, r"training_state.json: damaged \(its step and bad_steps must be whole numbers, 0 or more"),
+        ({"bad_steps": 1.5}, r"damaged \(its step and bad_steps must be whole numbers"),
+        ({"run_id": "another"}, r"training_state.json: edited or damaged \(its digest does not match its content\)"),
+        ({"batch": {"processes": 0}}, r"damaged \(its batch must hold positive whole numbers for processes"),
+        ({"files": {}}, r"training_state.json: edited or damaged"),
+    ],
+)
+def test_an_edited_training_state_is_refused_before_anything_trains_on_it(tmp_path, changes, message):
+    path = checkpoint(tmp_path, 4)
+    edit_state(path, **changes)
+    with pytest.raises(hypernet.UsageError, match=message):
+        runs.checkpoint_to_resume(tmp_path, "latest")
+
+
+def test_a_checkpoint_file_changed_added_or_removed_after_it_was_written_is_refused(tmp_path):
+    path = checkpoint(tmp_path, 4)
+    runs.checkpoint_to_resume(tmp_path, "latest")  # whole
+    hypernet.save(hypernet.Hypernetwork([8, 16]), path / "hypernetwork.safetensors")
+    with pytest.raises(hypernet.UsageError, match=r"hypernetwork.safetensors: damaged or edited \(not the bytes"):
+        runs.checkpoint_to_resume(tmp_path, "latest")
+    path = checkpoint(tmp_path / "b", 4)
+    torch.save({}, path / "random_states_1.pkl")
+    with pytest.raises(hypernet.UsageError, match=r"random_states_1.pkl: not a file this checkpoint was written with"):
+        runs.checkpoint_to_resume(tmp_path / "b", "latest")
+    path = checkpoint(tmp_path / "c", 4)
+    torch.save({}, path / "random_states_0.pkl")
+    runs.seal_checkpoint(path)
+    (path / "random_states_0.pkl").unlink()
+    with pytest.raises(
+        hypernet.UsageError, match=r"random_states_0.pkl: missing \(the checkpoint was written with it\)"
+    ):
+        runs.checkpoint_to_resume(tmp_path / "c", "latest")
 
 
 def test_one_run_per_folder_and_leftovers_removed(tmp_path):

@@ -24,9 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ..errors import ArgumentError, UsageError
+from ..errors import UsageError
 from ..files import atomic_write, check_writable_folder
 from ..hashing import hash_cache_path
+from ..processes import check_shared_folder
 from ..prompts import CHUNK_TOKENS, COMMA_BACKTRACK, PromptEncoder
 from .geometry import Placement, alpha_channel, alpha_weight, image_placement, pixel_values, placed_pixels, to_rgb
 from .sources import check_size, decode_image, fixed_prompt, image_header, make_prompt
@@ -434,7 +435,7 @@ def prepare_records(
     rank, world_size = (0, 1) if state is None else (state.process_index, state.num_processes)
     store = RecordStore(store_dir or default_store_dir())
     if world_size > 1:
-        check_shared(store, state)
+        check_shared_folder(state, store.directory, "store_dir")
     preparation = Preparation(template, settings, encoders, store, encode_latents)
     parts = []
     mine = entries.chunks(rank, world_size)
@@ -505,28 +506,3 @@ def write_index(store, parts, writer):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder
-
-
-def check_shared(store, state):
-    """Every process must see the same store: what one writes, the others read. Refused where a node has a folder
-    of its own under the same path."""
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    token = [secrets.token_hex(8) if state.is_main_process else None]
-    marker = os.path.join(store.directory, ".shared-check")
-    if state.is_main_process:
-        with atomic_write(marker) as tmp, open(tmp, "w") as f:
-            f.write(token[0])
-    broadcast_object_list(token)
-    state.wait_for_everyone()
-    try:
-        with open(marker) as f:
-            sees = f.read() == token[0]
-    except OSError:
-        sees = False
-    if not all(gather_object([sees])):
-        raise ArgumentError(
-            "store_dir",
-            f"{store.directory}: not the same folder on every node (the processes do not see each other's files); "
-            "give a folder on a filesystem every node mounts",
-        )

@@ -28,7 +28,7 @@ import types
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ from hypernet.models import resolve_model
 from hypernet.modelspec import model_family, modelspec_metadata, tag_frequency, training_keys
 from hypernet.module import WEIGHT_INITS, HypernetworkConfig, trainable_activations
 from hypernet.optimizer_file import OPTIM_SUFFIX, OptimizerState
+from hypernet.processes import Processes, check_shared_folder
 from hypernet.publishing import card_description, file_hashes, hub_files, model_card, push_folder, write_card_files
 from hypernet.training import (
     UNetWithHypernetwork,
@@ -373,6 +374,13 @@ def make_parser():
         default=10,
         help="Stop after this many bad steps in a row: a non-finite loss, or an optimizer step that makes the weights "
         "non-finite (each such step is skipped, back to the last good weights).",
+    )
+    training_group.add_argument(
+        "--ddp_timeout",
+        type=float,
+        default=None,
+        help="Minutes a process waits for the others at an exchange (kohya's flag) before the run stops with one line "
+        "naming the process that went away. Default: torch's, 30 minutes with gloo, 10 with NCCL.",
     )
     training_group.add_argument(
         "--dataloader_num_workers",
@@ -915,8 +923,16 @@ def make_hypernetwork(args, model_widths):
 
 def make_accelerator(args, find_unused_parameters):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+    )
 
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+    if args.ddp_timeout is not None:
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -924,7 +940,7 @@ def make_accelerator(args, find_unused_parameters):
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        kwargs_handlers=handlers,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         step_scheduler_with_optimizer=False,
     )
@@ -978,12 +994,21 @@ class RunState:
     losses: deque
     bad_steps: int = 0
     stop: str = None  # why the run stops early: "signal" or "bad"
-    signals: list = field(default_factory=list)
+    signals: list = field(default_factory=list)  # the stop signals this process received
+    stop_asked: bool = False  # whether any process received one: set from the step's gather alone, alike everywhere
+    failure: HypernetError = None  # this process's error, raised on every process at the next step's gather
     run_id: str = None  # the same in every checkpoint of one run, resumed or not
+    batch: dict = None  # runs.BATCH_KEYS: the processes and batch flags the run trains with
     last_preview: tuple = None  # (step, Generation of the first image) of this process's newest previews
 
     def to_json(self):
-        return {"step": self.step, "losses": list(self.losses), "bad_steps": self.bad_steps, "run_id": self.run_id}
+        return {
+            "step": self.step,
+            "losses": list(self.losses),
+            "bad_steps": self.bad_steps,
+            "run_id": self.run_id,
+            "batch": self.batch,
+        }
 
 
 def resolve_checkpoint(args):
@@ -1017,6 +1042,43 @@ def resolve_checkpoint(args):
     return path
 
 
+def check_global_batch(checkpoint, batch):
+    """A checkpoint continues with the global batch it was trained with (processes x --train_batch_size x
+    --gradient_accumulation_steps): where the process count changed, the per-process flags must make up for it."""
+    saved = runs.read_training_state(checkpoint).get("batch")
+    if not saved or saved == batch:
+        return
+    size = math.prod(batch.values())
+    if math.prod(saved.values()) == size:
+        logger.info(
+            f"{checkpoint} was trained by {saved['processes']} process(es), this run has {batch['processes']}: the "
+            f"global batch stays {size} ({describe_batch(batch)})"
+        )
+        return
+    wanted, processes = math.prod(saved.values()), batch["processes"]
+    ways = [
+        f"--{flag} {wanted // (processes * batch[other])}"
+        for flag, other in (
+            ("train_batch_size", "gradient_accumulation_steps"),
+            ("gradient_accumulation_steps", "train_batch_size"),
+        )
+        if wanted % (processes * batch[other]) == 0
+    ]
+    ways.append(f"the checkpoint's {describe_batch(saved)}")
+    raise UsageError(
+        f"--resume_from_checkpoint {checkpoint} was trained with a global batch of {wanted} "
+        f"({describe_batch(saved)}), this run's is {size} ({describe_batch(batch)}); continue it with "
+        + ", or ".join(ways)
+    )
+
+
+def describe_batch(batch):
+    return (
+        f"{batch['processes']} process(es) x --train_batch_size {batch['train_batch_size']} x "
+        f"--gradient_accumulation_steps {batch['gradient_accumulation_steps']}"
+    )
+
+
 def claim_output_dir(args, resuming):
     """One run per --output_dir (hypernet.runs.claim_output_dir), its errors about the flag."""
     try:
@@ -1046,32 +1108,45 @@ def load_state_hook(accelerator, model, state, models, input_dir):
     state.losses.extend(saved_state["losses"])
 
 
-def save_checkpoint(accelerator, args, state, loss_rows):
-    """checkpoint-STEP, written as checkpoint-STEP.partial and renamed when complete; only then are the oldest ones
-    beyond --checkpoints_total_limit removed."""
+def save_checkpoint(accelerator, processes, args, state, loss_rows):
+    """checkpoint-STEP, written as checkpoint-STEP.partial, sealed (runs.seal_checkpoint) and renamed when complete;
+    only then are the oldest ones beyond --checkpoints_total_limit removed. A failure on any process fails all of
+    them, and the checkpoints before it stay whole."""
     final = os.path.join(args.output_dir, f"checkpoint-{state.step}")
     partial = final + ".partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(partial)
-    except (OSError, RuntimeError) as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        reason = write_failure(e, partial)
-        if reason is None:
-            raise
-        raise HypernetError(f"{partial}: could not write the checkpoint ({reason})") from None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+
+    def write_state():
+        try:
+            accelerator.save_state(partial)
+        except (OSError, RuntimeError) as e:
+            reason = write_failure(e, partial)
+            if reason is None:
+                raise
+            raise HypernetError(f"{partial}: could not write the checkpoint ({reason})") from None
+
+    def complete():
+        try:
+            runs.seal_checkpoint(partial)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+        except OSError as e:
+            raise HypernetError(
+                f"{partial}: could not complete the checkpoint ({write_failure(e, partial)})"
+            ) from None
         if args.checkpoints_total_limit is not None:
             existing = runs.list_checkpoints(args.output_dir)
             for name in existing[: max(0, len(existing) - args.checkpoints_total_limit)]:
                 shutil.rmtree(os.path.join(args.output_dir, name))
         runs.write_loss_csv(os.path.join(args.output_dir, "loss.csv"), loss_rows)
-    accelerator.wait_for_everyone()
+
+    processes.on_main(shutil.rmtree, partial, True)
+    try:
+        processes.together(write_state)
+        processes.on_main(complete, share=False)
+    except HypernetError:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def check_finite(hn, where):
@@ -1354,15 +1429,20 @@ def periodic_outputs(
         state.last_preview = (step, generation)
 
 
-def share_loss_and_stop(accelerator, loss, state):
-    """The loss averaged over processes; a stop signal seen by any process is recorded on all of them.
+def share_loss_and_stop(accelerator, processes, loss, state):
+    """The loss averaged over processes; a stop signal or an error on any process is known to all of them.
 
-    One collective per micro-step carries both, so that every process skips, stops and saves at the same step.
+    One collective per micro-step carries the three, so that every process skips, stops, saves or fails at the same
+    step: the decision to stop is taken from what the gather returned, never from this process's own flags, which a
+    signal may change at any moment.
     """
-    local = torch.stack([loss.detach().float(), torch.tensor(float(bool(state.signals)), device=loss.device)])
+    flags = [float(bool(state.signals)), float(state.failure is not None)]
+    local = torch.cat([loss.detach().float().reshape(1), torch.tensor(flags, device=loss.device)])
     shared = accelerator.gather(local.unsqueeze(0))
-    if shared[:, 1].max().item() > 0 and not state.signals:
-        state.signals.append("another process")
+    signalled, failed = (shared[:, 1:].max(dim=0).values > 0).tolist()
+    if failed:
+        processes.raise_first(state.failure)
+    state.stop_asked = state.stop_asked or signalled
     return shared[:, 0].mean().item()
 
 
@@ -1438,6 +1518,22 @@ def check_ranks_agree(accelerator, hn):
         logger.error(f"hypernetwork weights differ between processes: {digests}; gradients were not synchronised")
 
 
+def watched(main):
+    """main, where a lost process of the run ends this one with one line (hypernet.processes.PeerLost)."""
+
+    def run():
+        try:
+            return main()
+        except RuntimeError:
+            processes = Processes.current
+            if processes is None:
+                raise
+            with processes.watched():
+                raise
+
+    return run
+
+
 def main(input_args=None):
     args = parse_args(input_args)
     from accelerate.utils import gather_object, set_seed
@@ -1454,17 +1550,26 @@ def main(input_args=None):
     set_seed(args.seed)
     hn, resumed_optimizer = make_hypernetwork(args, model_widths)
     unused = unused_widths(hn, model_widths, args.resume_hypernetwork or "--widths")
-    checkpoint = resolve_checkpoint(args)
 
     accelerator = make_accelerator(args, find_unused_parameters=unused is not None)
-    lock = claim_output_dir(args, resuming=checkpoint is not None) if accelerator.is_main_process else None
-    repo_id = create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
-    started_at = time.time()
     handler = logging.StreamHandler()
     handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(handlers=[handler], level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
+    processes = Processes(accelerator.state)
+    with flag_errors(output_dir="--output_dir"):
+        check_shared_folder(accelerator.state, args.output_dir, "output_dir")
+    # Chosen once, by the main process: every process resumes the same checkpoint, or none does.
+    checkpoint = processes.on_main(resolve_checkpoint, args)
+    batch = dict(
+        zip(runs.BATCH_KEYS, (accelerator.num_processes, args.train_batch_size, args.gradient_accumulation_steps))
+    )
+    if checkpoint is not None:
+        check_global_batch(checkpoint, batch)
+    lock = processes.on_main(claim_output_dir, args, checkpoint is not None, share=False)
+    repo_id = processes.on_main(create_hub_repo, args) if args.push_to_hub else None
+    started_at = time.time()
     if unused:
         logger.warning(unused)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -1578,7 +1683,7 @@ def main(input_args=None):
         generator=torch.Generator().manual_seed(args.seed),
     )
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
-    state = RunState(step=initial_step, losses=deque(maxlen=3 * len(records)), run_id=runs.new_run_id())
+    state = RunState(step=initial_step, losses=deque(maxlen=3 * len(records)), run_id=runs.new_run_id(), batch=batch)
     accelerator.register_save_state_pre_hook(functools.partial(save_state_hook, accelerator, model, state))
     accelerator.register_load_state_pre_hook(functools.partial(load_state_hook, accelerator, model, state))
 
@@ -1646,7 +1751,7 @@ def main(input_args=None):
             )
             with accelerator.accumulate(model):
                 loss = diffusion_loss(model, models.noise_scheduler, batch, args.snr_gamma)
-                mean_loss = share_loss_and_stop(accelerator, loss, state)
+                mean_loss = share_loss_and_stop(accelerator, processes, loss, state)
                 bad_in_step = bad_in_step or not math.isfinite(mean_loss)
                 step_loss += mean_loss / args.gradient_accumulation_steps
                 accelerator.backward(loss)
@@ -1666,6 +1771,7 @@ def main(input_args=None):
                 continue
 
             state.step += 1
+            processes.reached(state.step)
             progress.update(1)
             if bad_in_step:
                 state.bad_steps += 1
@@ -1696,35 +1802,39 @@ def main(input_args=None):
 
             if state.bad_steps >= args.max_bad_steps:
                 state.stop = "bad"
-            elif state.signals:
+            elif state.stop_asked:
                 state.stop = "signal"
             if state.stop or state.step >= args.max_train_steps:
                 break
             if accelerator.is_main_process:
-                periodic_outputs(
-                    accelerator,
-                    args,
-                    models,
-                    prompt_encoder,
-                    model,
-                    hn,
-                    state,
-                    optimizer,
-                    optimizer_name,
-                    weight_dtype,
-                )
-                if state.step % 50 == 0:
-                    runs.write_loss_csv(csv_path, loss_rows)
+                try:
+                    periodic_outputs(
+                        accelerator,
+                        args,
+                        models,
+                        prompt_encoder,
+                        model,
+                        hn,
+                        state,
+                        optimizer,
+                        optimizer_name,
+                        weight_dtype,
+                    )
+                    if state.step % 50 == 0:
+                        runs.write_loss_csv(csv_path, loss_rows)
+                except HypernetError as e:
+                    state.failure = e  # raised on every process at the next step's gather
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, state, loss_rows)
+                save_checkpoint(accelerator, processes, args, state, loss_rows)
 
+    processes.raise_first(state.failure)  # an error of the last step's outputs
     check_ranks_agree(accelerator, hn)
     if (state.stop == "signal" or args.checkpointing_steps) and not os.path.isdir(
         os.path.join(args.output_dir, f"checkpoint-{state.step}")
     ):
-        save_checkpoint(accelerator, args, state, loss_rows)  # so that --resume_from_checkpoint latest continues here
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+        save_checkpoint(accelerator, processes, args, state, loss_rows)  # so that "latest" continues here
+
+    def finish():
         runs.write_loss_csv(csv_path, loss_rows)
         if state.stop is None:  # the last step's periodic files, before the final file, which may still fail
             periodic_outputs(
@@ -1743,6 +1853,8 @@ def main(input_args=None):
         )
         logger.info(f"wrote {final} at step {state.step}")
         publish_run(args, hn, final, run, state.last_preview, repo_id)
+
+    processes.on_main(finish, share=False)
     # The processes tear down their process groups together, not one while another's is still connected: a gloo
     # process aborted at exit that way once ("terminate called without an active exception").
     accelerator.wait_for_everyone()
@@ -1757,14 +1869,13 @@ def main(input_args=None):
             "hypernetwork is saved. Lower --learning_rate, use --clip_grad_mode norm, or try --mixed_precision bf16/no"
         )
     if state.stop == "signal":
-        logger.info(
-            f"stopped by {state.signals[0]} at step {state.step}; continue with --resume_from_checkpoint latest"
-        )
+        by = state.signals[0] if state.signals else "a signal to another process"
+        logger.info(f"stopped by {by} at step {state.step}; continue with --resume_from_checkpoint latest")
     return 0
 
 
 def cli():
-    return run_script(main)
+    return run_script(watched(main))
 
 
 if __name__ == "__main__":
