@@ -933,17 +933,35 @@ def make_accelerator(args, find_unused_parameters):
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     if args.ddp_timeout is not None:
         handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
-    return Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
-        ),
-        kwargs_handlers=handlers,
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        step_scheduler_with_optimizer=False,
-    )
+    with joining_processes():
+        return Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=None if args.report_to == "none" else args.report_to,
+            project_config=ProjectConfiguration(
+                project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+            ),
+            kwargs_handlers=handlers,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            step_scheduler_with_optimizer=False,
+        )
+
+
+@contextlib.contextmanager
+def joining_processes():
+    """A process group that cannot be formed is one line: where the processes meet, and what to check."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "MASTER_ADDR" not in os.environ:
+            raise
+        raise HypernetError(
+            f"could not join the run's other processes at {os.environ['MASTER_ADDR']}:"
+            f"{os.environ.get('MASTER_PORT', '?')} ({first_line(e)}); every node must run the same command with the "
+            "same master address and port, reach it, and use the interface the nodes share (GLOO_SOCKET_IFNAME, "
+            "NCCL_SOCKET_IFNAME). In-job restarts (torchrun --max_restarts) do not rejoin: launch again with "
+            "--resume_from_checkpoint latest"
+        ) from None
 
 
 def vae_weights_id(args):

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, small_disk
 from test_train import assert_same_weights
 
 import hypernet
@@ -186,6 +186,49 @@ def test_a_node_that_goes_away_ends_the_other_within_the_timeout_with_one_line(
     assert runs.checkpoint_to_resume(out, "latest") == str(latest)  # whole: the resume takes it
 
 
+def test_an_in_job_restart_ends_with_one_line_and_the_checkpoints_stay_whole(tiny_model_dir, small_dataset, tmp_path):
+    out = tmp_path / "run"
+    flags = training_flags(
+        tiny_model_dir, small_dataset, out, 100000, "--checkpointing_steps", 2, "--ddp_timeout", 0.25
+    )
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max_restarts", "1"]
+    launcher += ["--master_port", str(free_port()), os.path.join(ROOT, "train_hypernetwork.py")]
+    home = tmp_path / "home"
+    home.mkdir()
+    log = tmp_path / "restart.log"
+    with open(log, "w") as f:
+        process = subprocess.Popen(
+            [*launcher, *flags, "--resume_from_checkpoint", "latest"], env=dict(ENV, HOME=str(home)), stderr=f
+        )
+    try:
+        deadline = time.time() + 180
+        while not (out.is_dir() and any(re.fullmatch(r"checkpoint-\d+", n) for n in os.listdir(out))):
+            assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        kill_local_rank(home, 1)
+        process.wait(120)
+    finally:
+        signal_processes(f"HOME={home}", signal.SIGKILL)
+    lines = our_lines(log.read_text())
+    assert lines and all("In-job restarts (torchrun --max_restarts) do not rejoin" in line for line in lines)
+    assert all(
+        line.startswith("train_hypernetwork.py: error: could not join the run's other processes at ") for line in lines
+    )
+    assert runs.checkpoint_to_resume(out, "latest") is not None  # whole
+
+
+def kill_local_rank(home, local_rank):
+    """SIGKILL the trainer of `local_rank` among the processes whose HOME is `home`."""
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                variables = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"HOME={home}".encode() in variables and f"LOCAL_RANK={local_rank}".encode() in variables:
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_an_output_folder_that_is_not_shared_is_refused_on_every_node(tiny_model_dir, small_dataset, tmp_path):
     flags = training_flags(tiny_model_dir, small_dataset, "out", 4, "--cache_dir", tmp_path / "cache")
     nodes = two_nodes(tmp_path, flags)  # "out" in each node's own working folder
@@ -223,6 +266,22 @@ def test_an_error_on_the_main_process_alone_ends_every_process_with_its_line(tin
             assert "pair.cc" not in err and "Connection reset" not in err
     finally:
         holder.kill()
+
+
+def test_a_full_disk_on_the_main_process_ends_every_process_with_its_line(tiny_model_dir, small_dataset, tmp_path):
+    with small_disk(tmp_path / "disk", size="12m") as mounted:
+        if not mounted:
+            pytest.skip("needs a tmpfs mount (root)")
+        out = tmp_path / "disk" / "run"
+        flags = training_flags(tiny_model_dir, small_dataset, out, 200, "--checkpointing_steps", 1)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        launcher += ["--master_port", str(free_port()), os.path.join(ROOT, "train_hypernetwork.py")]
+        run = subprocess.run([*launcher, *flags], env=ENV, capture_output=True, text=True, timeout=300)
+        lines = our_lines(run.stderr)
+        assert run.returncode != 0 and len(lines) == 2 and lines[0] == lines[1], run.stderr[-3000:]
+        assert "could not write the checkpoint (no space left on the device" in lines[0]
+        assert "pair.cc" not in run.stderr and "Connection reset" not in run.stderr
+        assert runs.checkpoint_to_resume(out, "latest") is not None  # the one before is whole
 
 
 def test_resuming_with_another_process_count_keeps_the_global_batch_or_says_how(
