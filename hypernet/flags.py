@@ -1,6 +1,7 @@
 """The rules the scripts' numeric flags follow: one table, so that generate.py refuses what training refuses, before
 anything loads and in the same words."""
 
+import difflib
 import math
 from dataclasses import dataclass
 
@@ -99,6 +100,37 @@ FLAG_RULES = {
 
 def _number(x):
     return str(int(x)) if math.isfinite(x) and x == int(x) else f"{x:g}"
+
+
+def parse_flags(parser, argv):
+    """`parser.parse_args(argv)` with every flag spelled in full, and each problem one line: an unknown flag, a
+    misspelled one or a prefix of one (which argparse would otherwise take for the flag) names the nearest flags; a
+    bad value or a missing flag names the flag."""
+
+    def error(message):
+        raise UsageError(message.removeprefix("argument ").replace("arguments are required", "flags are required"))
+
+    parser.allow_abbrev, parser.error = False, error
+    required = [action for action in parser._actions if action.required]
+    for action in required:  # a misspelled required flag is named as misspelled, not as missing
+        action.required = False
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    finally:
+        for action in required:
+            action.required = True
+    if unknown:
+        word = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=", 1)[0]
+        if not word.startswith("-"):
+            raise UsageError(f"{word!r}: not a flag's value; flags come as --name value (see --help)")
+        names = [name for action in parser._actions for name in action.option_strings if name.startswith("--")]
+        close = difflib.get_close_matches(word, names, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "see --help for the flags"
+        raise UsageError(f"{word}: no such flag; {hint}")
+    missing = [action.option_strings[0] for action in required if getattr(args, action.dest) is None]
+    if missing:
+        error(f"the following arguments are required: {', '.join(missing)}")
+    return args
 
 
 def check_flags(args):

@@ -135,7 +135,7 @@ with hypernet.attach(pipeline.unet, [style], merge=True):
 
 
 # What a pushed run folder leaves out: accelerate checkpoints, tracker logs, the intermediate hypernetworks, the lock.
-PUSH_IGNORED = ["checkpoint-*", "logs/*", "hypernetworks/*", ".*", "*/.*"]
+PUSH_IGNORED = ["checkpoint-*", "logs/*", "wandb/*", "hypernetworks/*", ".*", "*/.*"]
 
 
 def hub_files(folder, extra=()):

@@ -2,6 +2,7 @@
 which checkpoint to resume and whether it is whole, the last good weights to go back to after a bad step, and the
 loss log (loss.csv) with its chart."""
 
+import contextlib
 import csv
 import fcntl
 import hashlib
@@ -195,6 +196,9 @@ class RunLock:
         self.file.flush()
 
     def close(self):
+        """End the lock and remove its file (still holding it, so that no other run holds a removed file)."""
+        with contextlib.suppress(OSError):
+            os.remove(self.file.name)
         self.file.close()
 
 

@@ -139,6 +139,7 @@ def test_model_card_front_matter_and_text(tmp_path):
         "images/style-10.png",
         "checkpoint-10/optimizer.bin",
         "logs/x/events",
+        "wandb/run-1/files/config.yaml",
         "hypernetworks/style-5.pt",
         ".hypernet.lock",
     ):

@@ -172,7 +172,6 @@ def test_example_scripts_run(sandbox, tiny_model_dir):
         os.environ,
         WANDB_MODE="offline",
         WANDB_SILENT="true",
-        WANDB_DIR=str(sandbox),
         MODEL=tiny_model_dir,
         OUT=str(sandbox / "wandb-run"),
         IN=str(sandbox / "my-style.pt"),
@@ -183,6 +182,7 @@ def test_example_scripts_run(sandbox, tiny_model_dir):
         )
         assert result.returncode == 0, f"{script}\n{result.stderr[-2000:]}"
     assert os.path.isfile(sandbox / "wandb-run" / "images" / "wandb-run-10.png")
+    assert os.path.isdir(sandbox / "wandb-run" / "wandb") and not os.path.exists(sandbox / "wandb")
     assert os.path.isfile(sandbox / "quickstart" / "converted" / "quick-style-fp16.pt")
 
 

@@ -119,6 +119,7 @@ def test_one_run_per_folder_and_leftovers_removed(tmp_path):
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert f"another run is writing to it (pid {os.getpid()}); give each run its own folder" in other.stderr
     lock.close()
+    assert not (tmp_path / ".hypernet.lock").exists()
     subprocess.run([sys.executable, "-c", code], check=True)  # the lock ended with its holder
     checkpoint(tmp_path, 2)
     with pytest.raises(hypernet.errors.ArgumentError, match=r"holds checkpoints of an earlier run \(checkpoint-2\)"):

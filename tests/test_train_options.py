@@ -279,7 +279,7 @@ def test_bad_data_is_reported_by_file_before_heavy_work(
     assert code == 2 and text == f"{broken / 'zz-bad.png'}: larger than 1 GiB, too large for a training image"
 
     code, text = run_cli(capsys, base_argv(tiny_model_dir, small_dataset, tmp_path / "o")[:-2])
-    assert code == 2 and "the following arguments are required: --output_dir" in text
+    assert code == 2 and text == "the following flags are required: --output_dir"
 
     other = tmp_path / "sd1.pt"
     hypernet.save(hypernet.Hypernetwork(hypernet.SD1_WIDTHS, name="sd1"), other)
@@ -673,3 +673,49 @@ def test_a_missing_extra_is_named_in_one_line(
         argv.remove("--train_data_dir"), argv.remove(str(small_dataset))
     code, text = run_cli(capsys, argv)
     assert code == 2 and "\n" not in text and message in text, text
+
+
+@pytest.mark.parametrize(
+    "script, flag, message",
+    [
+        ("train_hypernetwork.py", "--learning_rte", "--learning_rte: no such flag; did you mean --learning_rate"),
+        (
+            "train_hypernetwork.py",
+            "--max_train_step",
+            "--max_train_step: no such flag; did you mean --max_train_steps",
+        ),
+        ("train_hypernetwork.py", "--train_batch", "--train_batch: no such flag; did you mean --train_batch_size"),
+        ("generate.py", "--num_image", "--num_image: no such flag; did you mean --num_images"),
+        ("convert.py", "--inf", "--inf: no such flag; did you mean --info"),
+        ("generate.py", "--zzzz", "--zzzz: no such flag; see --help for the flags"),
+    ],
+)
+def test_a_misspelled_or_shortened_flag_is_one_line_naming_the_nearest(capsys, script, flag, message):
+    code = run_script(script, flag, "3")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"{script}: error: {message}") and "\n" not in err, err
+
+
+def test_libraries_are_quiet_unless_verbose(tiny_model_dir, small_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    def stderr(out, *flags):
+        argv = [
+            sys.executable,
+            os.path.join(ROOT, "train_hypernetwork.py"),
+            *base_argv(tiny_model_dir, small_dataset, out),
+        ]
+        argv += ["--max_train_steps", "1", "--resolution", "64", "--preview_every", "0", *flags]
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run.stderr
+
+    quiet = stderr(tmp_path / "quiet")
+    assert "Loading weights" not in quiet and "should be kept in float32" not in quiet and "[RANK 0]" not in quiet
+    assert "bitsandbytes" not in quiet
+    assert "wrote " in quiet  # hypernet's own lines stay
+    loud = stderr(tmp_path / "loud", "--verbose")
+    assert "Loading weights" in loud and "[RANK 0] Saving current state" in loud

@@ -23,6 +23,7 @@ from hypernet.clients import comfyui_verdict, webui_verdict
 from hypernet.conversion import TOLERANCE, check_representable, verify
 from hypernet.errors import HypernetError, UsageError, printable, run_script
 from hypernet.files import write_failure
+from hypernet.flags import parse_flags
 from hypernet.formats import DTYPES
 from hypernet.optimizer_file import OPTIM_SUFFIX
 from hypernet.publishing import file_hashes
@@ -44,7 +45,7 @@ def parse_args(input_args=None):
     parser.add_argument("--overwrite", action="store_true", help="Replace existing output files.")
     parser.add_argument("--info", metavar="FILE", default=None, help="Print what a hypernetwork file holds.")
     parser.add_argument("--json", action="store_true", help="With --info: print JSON.")
-    args = parser.parse_args(input_args)
+    args = parse_flags(parser, input_args)
     if args.info is None and (args.input is None or args.output is None):
         parser.error("give INPUT and OUTPUT, or --info FILE")
     return args

@@ -29,7 +29,7 @@ from hypernet.attachment import (
 )
 from hypernet.errors import HypernetError, UsageError, flag_errors, printable, run_script
 from hypernet.files import check_writable_folder
-from hypernet.flags import MAX_SEED, SEED, check_flags, check_sampling_steps
+from hypernet.flags import MAX_SEED, SEED, check_flags, check_sampling_steps, parse_flags
 from hypernet.formats import DTYPES
 from hypernet.images import Generation, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting
@@ -44,6 +44,7 @@ from hypernet.prompts import (
     parse_prompt,
 )
 from hypernet.publishing import file_hashes
+from hypernet.verbosity import quiet_libraries
 
 # A1111 sampler names -> (diffusers scheduler class, extra config). diffusers class names work as well.
 SCHEDULERS = {
@@ -171,6 +172,12 @@ def parse_args(input_args=None):
         "--no_grid", action="store_true", help="Do not write grid-NNNNN.png of all images (NNNNN: the first's number)."
     )
     output_group.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
+    output_group.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Show what the libraries hypernet runs on say (their warnings, deprecation notices and loading bars); "
+        "by default they report errors only.",
+    )
     hypernetwork_group.add_argument(
         "--no_merge",
         action="store_true",
@@ -190,7 +197,7 @@ def parse_args(input_args=None):
         help="torch.compile's mode: reduce-overhead uses CUDA graphs, max-autotune searches for faster kernels.",
     )
 
-    args = parser.parse_args(input_args)
+    args = parse_flags(parser, input_args)
     validate_args(args)
     return args
 
@@ -401,6 +408,8 @@ def raise_terminated(signum, frame):
 
 def main(input_args=None):
     args = parse_args(input_args)
+    if not args.verbose:
+        quiet_libraries()
     written = []
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:

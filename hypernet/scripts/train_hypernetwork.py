@@ -8,6 +8,7 @@ Only the hypernetwork trains; the UNet, text encoders and VAE stay frozen. See R
 """
 
 import argparse
+import atexit
 import collections
 import contextlib
 import dataclasses
@@ -56,7 +57,7 @@ from hypernet.errors import (
     run_script,
 )
 from hypernet.files import atomic_write, check_writable_folder, write_failure
-from hypernet.flags import MAX_SIDE, SIDE, check_flags, check_sampling_steps
+from hypernet.flags import MAX_SIDE, SIDE, check_flags, check_sampling_steps, parse_flags
 from hypernet.hashing import cached_sha256, weights_id
 from hypernet.images import Generation, infotext_prompt, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting, release_free_memory
@@ -81,6 +82,7 @@ from hypernet.training import (
     schedule_end,
     weights_digest,
 )
+from hypernet.verbosity import quiet_libraries
 
 logger = logging.getLogger("train_hypernetwork")
 
@@ -376,6 +378,12 @@ def make_parser():
         "non-finite (each such step is skipped, back to the last good weights).",
     )
     training_group.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Show what the libraries hypernet runs on say (their warnings, deprecation notices and loading bars); "
+        "by default they report errors only.",
+    )
+    training_group.add_argument(
         "--ddp_timeout",
         type=float,
         default=None,
@@ -500,7 +508,7 @@ def add_architecture_flags(group):
 def parse_args(input_args=None):
     parser = make_parser()
     argv = sys.argv[1:] if input_args is None else [str(a) for a in input_args]
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     given = {
         a.dest
         for a in parser._actions
@@ -1554,6 +1562,8 @@ def watched(main):
 
 def main(input_args=None):
     args = parse_args(input_args)
+    if not args.verbose:
+        quiet_libraries()
     from accelerate.utils import gather_object, set_seed
 
     # Everything cheap is checked before any model or image is loaded.
@@ -1586,6 +1596,8 @@ def main(input_args=None):
     if checkpoint is not None:
         check_global_batch(checkpoint, batch)
     lock = processes.on_main(claim_output_dir, args, checkpoint is not None, share=False)
+    if lock is not None:
+        atexit.register(lock.close)  # the lock's file goes with the run, however it ends
     repo_id = processes.on_main(create_hub_repo, args) if args.push_to_hub else None
     started_at = time.time()
     if unused:
@@ -1727,7 +1739,13 @@ def main(input_args=None):
             accelerator.init_trackers(
                 args.tracker_project_name,
                 config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_settings.items()},
-                init_kwargs={"wandb": {"name": args.run_name or args.hypernetwork_name}},
+                # W&B's own folder under the run's, unless WANDB_DIR says where
+                init_kwargs={
+                    "wandb": {
+                        "name": args.run_name or args.hypernetwork_name,
+                        "dir": os.environ.get("WANDB_DIR", args.output_dir),
+                    }
+                },
             )
 
     if checkpoint:

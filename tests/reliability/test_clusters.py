@@ -166,14 +166,14 @@ def test_a_node_that_goes_away_ends_the_other_within_the_timeout_with_one_line(
 ):
     out = tmp_path / "run"
     flags = training_flags(tiny_model_dir, small_dataset, out, 100000, "--cache_dir", tmp_path / "cache")
-    nodes = two_nodes(tmp_path, [*flags, "--checkpointing_steps", "2", "--ddp_timeout", "0.25"])
+    nodes = two_nodes(tmp_path, [*flags, "--checkpointing_steps", "2", "--ddp_timeout", "0.5"])
     wait_for_checkpoint(out, nodes[0])
     nodes[1].signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
     started = time.time()
     code, err = nodes[0].finish(120)
     waited = time.time() - started
     nodes[1].signal(signal.SIGKILL)
-    assert code != 0 and waited < 15 + 30, waited  # the 15 s timeout, and torchrun's own wind-down
+    assert code != 0 and waited < 30 + 30, waited  # the 30 s timeout, and torchrun's own wind-down
     (line,) = our_lines(err)
     assert re.search(r"error: lost rank 1 on node \S+ \(last at step \d+\): it ended or stopped answering \(", line), (
         line
