@@ -5,11 +5,64 @@ from dataclasses import dataclass, field
 
 from PIL import PngImagePlugin
 
+from .errors import ArgumentError
 from .files import atomic_write
 from .prompts import PROMPT_HYPERNET
 
-# The largest classifier-free guidance scale: the webui's CFG Scale slider ends at 30; a thousand times that already
-# makes latents overflow, so no larger scale is meant.
+# The webui's sampler names -> (the diffusers scheduler class, its options), as diffusers' documentation maps them.
+# PNDM, DDPM: diffusers' own, which the webui lacks; Stable Diffusion 1.x's default PNDM scheduler is its "PLMS".
+SAMPLERS = {
+    "DDIM": ("DDIMScheduler", {}),
+    "PLMS": ("PNDMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),
+    "DDPM": ("DDPMScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "DPM++ 2S a Karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+}
+# The options that tell the webui's samplers of one class apart, at diffusers' defaults.
+SAMPLER_OPTIONS = {"use_karras_sigmas": False, "algorithm_type": "dpmsolver++"}
+
+
+def make_scheduler(name, config):
+    """A scheduler for a webui sampler name or a diffusers class name, from a model's scheduler config; one that needs
+    a package this environment lacks is an ArgumentError about `sampler`."""
+    import diffusers
+
+    class_name, options = SAMPLERS.get(name, (name, {}))
+    try:
+        return getattr(diffusers, class_name).from_config(config, **options)
+    except ImportError as e:
+        reason = " ".join(str(e).split()).split(" You can install")[0]
+        raise ArgumentError("sampler", f"{name!r}: {reason} (pip install the package it names)") from None
+
+
+def sampler_name(scheduler):
+    """The webui's name of a diffusers scheduler, from its class and options, as infotext writes it (so that the
+    webui's PNG Info restores it); the class's own name where the webui has none."""
+    config = scheduler.config
+    for name, (class_name, options) in SAMPLERS.items():
+        wanted = {**SAMPLER_OPTIONS, **options}
+        if class_name == type(scheduler).__name__ and all(
+            config.get(key, value) == value for key, value in wanted.items()
+        ):
+            return name
+    return type(scheduler).__name__
 
 
 def infotext(

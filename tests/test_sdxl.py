@@ -60,9 +60,7 @@ def test_a_full_sdxl_run_writes_every_file(sdxl_model_dir, small_dataset, tmp_pa
     assert hn.widths == [96, 80, 160], "the text width first, then the self-attention widths, as the webui orders"
     assert hn.config.step == 6 and hn.config.sd_checkpoint == hypernet.hashing.base_model_hash(sdxl_model_dir)
     info = Image.open(out / "images" / "xl-6.png").info["parameters"]
-    assert info.startswith(
-        "a red circle <hypernet:xl-6:1>\nSteps: 3, Sampler: EulerDiscreteScheduler, CFG scale: 7.0, Seed: 0, "
-    )
+    assert info.startswith("a red circle <hypernet:xl-6:1>\nSteps: 3, Sampler: Euler, CFG scale: 7.0, Seed: 0, ")
     assert "Size: 64x64" in info
     with safe_open(out / "safetensors" / "xl.safetensors", "pt") as f:
         keys = f.metadata()

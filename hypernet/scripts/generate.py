@@ -31,7 +31,7 @@ from hypernet.errors import HypernetError, UsageError, flag_errors, printable, r
 from hypernet.files import check_writable_folder
 from hypernet.flags import MAX_SEED, SEED, check_flags, check_sampling_steps, parse_flags
 from hypernet.formats import DTYPES
-from hypernet.images import Generation, save_png
+from hypernet.images import SAMPLERS, Generation, make_scheduler, sampler_name, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting
 from hypernet.models import resolve_model
 from hypernet.prompts import (
@@ -45,31 +45,6 @@ from hypernet.prompts import (
 )
 from hypernet.publishing import file_hashes
 from hypernet.verbosity import quiet_libraries
-
-# A1111 sampler names -> (diffusers scheduler class, extra config). diffusers class names work as well.
-SCHEDULERS = {
-    "DDIM": ("DDIMScheduler", {}),
-    "PNDM": ("PNDMScheduler", {}),
-    "PLMS": ("PNDMScheduler", {}),
-    "DDPM": ("DDPMScheduler", {}),
-    "LMS": ("LMSDiscreteScheduler", {}),
-    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "Heun": ("HeunDiscreteScheduler", {}),
-    "DPM2": ("KDPM2DiscreteScheduler", {}),
-    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "DPM++ SDE": ("DPMSolverSinglestepScheduler", {}),
-    "DPM++ SDE Karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
-    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "DPM++ 2M SDE Karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
-    ),
-    "UniPC": ("UniPCMultistepScheduler", {}),
-}
 
 
 def stable_diffusion_schedulers():
@@ -103,10 +78,14 @@ def parse_args(input_args=None):
         "that family's configs are not in the Hugging Face cache.",
     )
     model_group.add_argument(
+        "--sampler",
         "--scheduler",
+        dest="scheduler",
         default=None,
-        help=f"Sampler: a webui name ({', '.join(SCHEDULERS)}) or a diffusers scheduler class compatible with the "
-        f"model's own; for Stable Diffusion's: {', '.join(stable_diffusion_schedulers())}. Default: the model's own.",
+        help=f"The webui's sampler, by the name its PNG Info shows ({', '.join(SAMPLERS)}), or a diffusers "
+        f"scheduler class compatible with the model's own; for Stable Diffusion's: "
+        f"{', '.join(stable_diffusion_schedulers())}. The images' infotext names it as the webui does. Default: the "
+        "model's own.",
     )
     model_group.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="Default: fp16 on CUDA, else fp32.")
     model_group.add_argument("--device", default=None, help="cuda, cpu, mps... Default: cuda when available.")
@@ -309,13 +288,16 @@ def check_scheduler_flags(args):
     """--scheduler names a sampler this model can use, and --num_inference_steps fits its scheduler's timesteps."""
     scheduler = model_scheduler(args)
     check_sampling_steps("--num_inference_steps", args.num_inference_steps, scheduler.config.num_train_timesteps)
-    if args.scheduler is None or args.scheduler in SCHEDULERS:
+    if args.scheduler in SAMPLERS:
+        with flag_errors(sampler="--sampler"):
+            make_scheduler(args.scheduler, scheduler.config)  # a package it needs is missing: said before loading
+    if args.scheduler is None or args.scheduler in SAMPLERS:
         return
     compatible = sorted(cls.__name__ for cls in scheduler.compatibles)
     if args.scheduler not in compatible:
         raise UsageError(
             f"--scheduler {args.scheduler!r}: not a sampler for this model; use a webui name "
-            f"({', '.join(SCHEDULERS)}) or one of {', '.join(compatible)}"
+            f"({', '.join(SAMPLERS)}) or one of {', '.join(compatible)}"
         )
 
 
@@ -363,8 +345,7 @@ def load_pipeline(args, dtype, device):
             common.pop("safety_checker"), common.pop("requires_safety_checker")
     pipeline = diffusers.DiffusionPipeline.from_pretrained(args.model_folder, **common)
     if args.scheduler:
-        class_name, extra = SCHEDULERS.get(args.scheduler, (args.scheduler, {}))
-        pipeline.scheduler = getattr(diffusers, class_name).from_config(pipeline.scheduler.config, **extra)
+        pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=args.no_progress)
     return pipeline.to(device)
 
@@ -381,12 +362,6 @@ def prompt_encoder(pipeline, args):
             file=sys.stderr,
         )
     return encoder
-
-
-def sampler_name(args, pipeline):
-    if args.scheduler in SCHEDULERS:
-        return args.scheduler
-    return type(pipeline.scheduler).__name__
 
 
 def stacked(hypernetworks, stack):
@@ -466,7 +441,7 @@ def generate(args, written):
                 prompt=prompt,
                 negative_prompt=args.negative_prompt,
                 steps=args.num_inference_steps,
-                sampler=sampler_name(args, pipeline),
+                sampler=sampler_name(pipeline.scheduler),
                 cfg_scale=args.guidance_scale,
                 seed=seed,
                 width=width,

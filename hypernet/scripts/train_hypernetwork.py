@@ -59,7 +59,7 @@ from hypernet.errors import (
 from hypernet.files import atomic_write, check_writable_folder, write_failure
 from hypernet.flags import MAX_SIDE, SIDE, check_flags, check_sampling_steps, parse_flags
 from hypernet.hashing import cached_sha256, weights_id
-from hypernet.images import Generation, infotext_prompt, save_png
+from hypernet.images import Generation, infotext_prompt, sampler_name, save_png
 from hypernet.memory import RETAIN_SETTINGS, apply_retain_setting, release_free_memory
 from hypernet.models import resolve_model
 from hypernet.modelspec import model_family, modelspec_metadata, tag_frequency, training_keys
@@ -1411,7 +1411,7 @@ def log_previews(accelerator, args, models, prompt_encoder, model, hn, step, wei
                 prompt=prompt,
                 negative_prompt=args.preview_negative_prompt,
                 steps=args.preview_steps,
-                sampler=type(pipeline.scheduler).__name__,
+                sampler=sampler_name(pipeline.scheduler),
                 cfg_scale=args.preview_guidance_scale,
                 seed=args.preview_seed,
                 width=args.preview_width,
