@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -31,7 +32,10 @@ def test_every_a1111_file_round_trips_with_identical_outputs(case, tmp_path, cap
 
 
 def test_optimizer_state_is_carried_with_a_new_hash(tmp_path, capsys):
-    code, out = run(capsys, a1111_file("case8_with_optim"), tmp_path / "c.safetensors")
+    code, out = run(capsys, a1111_file("case8_with_optim"), tmp_path / "plain.safetensors")
+    assert "optimizer state left out (a pickle; --optimizer_state writes it beside a .safetensors)" in out
+    assert os.listdir(tmp_path) == ["plain.safetensors"]  # no pickle beside a safetensors file unless asked
+    code, out = run(capsys, a1111_file("case8_with_optim"), tmp_path / "c.safetensors", "--optimizer_state")
     assert "optimizer state carried to c.safetensors.optim" in out
     optim = torch.load(str(tmp_path / "c.safetensors") + ".optim", weights_only=True)
     assert optim["hash"] == shorthash(tmp_path / "c.safetensors") != shorthash(a1111_file("case8_with_optim"))
@@ -73,9 +77,7 @@ def test_verification_catches_a_wrong_file(tmp_path):
 def test_folder_conversion_with_summary(tmp_path, capsys):
     code, out = run(capsys, A1111, tmp_path / "st", "--to", "safetensors")
     assert code == 0
-    assert sorted(os.listdir(tmp_path / "st")) == sorted(
-        [c + ".safetensors" for c in CASES] + ["case8_with_optim.safetensors.optim"]
-    )
+    assert sorted(os.listdir(tmp_path / "st")) == sorted(c + ".safetensors" for c in CASES)
     assert "skipped: " in out and "expected.safetensors: not a hypernet safetensors file" in out
     assert out.strip().endswith("converted 4 file(s), skipped 1, 0 failed")
     code, out = run(capsys, tmp_path / "st", tmp_path / "pt")
@@ -130,10 +132,12 @@ def test_info_prints_every_field(tmp_path, capsys):
 
     assert run(capsys, a1111_file("case1_default_relu"), tmp_path / "c.safetensors")[0] == 0
     code, out = run(capsys, "--info", tmp_path / "c.safetensors")
-    assert code == 0 and (
-        "others              ComfyUI, Easy Diffusion and ersatzForge list a .safetensors in a hypernetwork folder and "
-        "apply nothing from this layout; give them the .pt" in out
+    assert code == 0 and re.search(
+        r"\nothers +ComfyUI, Easy Diffusion and ersatzForge list a .safetensors in a hypernetwork folder and "
+        r"apply nothing from this layout; give them the .pt",
+        out,
     )
+    assert re.search(r"\nmetadata.widths +\[96, 40, 80, 160\]\n", out)
 
 
 UNREADABLE = "/proc/self/mem"  # a regular file whose read fails with EIO

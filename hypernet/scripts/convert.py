@@ -8,7 +8,8 @@
 
 Every conversion is verified before it is reported: the written file is read back and its outputs are compared with
 the input's on a random context for every width; they must be equal (fp32) or within the stated tolerance
-(fp16/bf16). The optimizer state companion (FILE.optim) is carried along with its hash recomputed for the new file.
+(fp16/bf16). The optimizer state companion (FILE.optim, a pickle the webui reads beside a .pt) is carried along to a
+.pt with its hash recomputed for the new file, and to a .safetensors only with --optimizer_state.
 """
 
 import argparse
@@ -43,6 +44,12 @@ def parse_args(input_args=None):
         "--to", choices=["pt", "safetensors"], default=None, help="Target format for folders (default: the other one)."
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace existing output files.")
+    parser.add_argument(
+        "--optimizer_state",
+        action="store_true",
+        help="Write the optimizer state (FILE.optim, a torch pickle) beside a .safetensors output too; beside a .pt, "
+        "where the webui reads it to continue training, it is always written.",
+    )
     parser.add_argument("--info", metavar="FILE", default=None, help="Print what a hypernetwork file holds.")
     parser.add_argument("--json", action="store_true", help="With --info: print JSON.")
     args = parse_flags(parser, input_args)
@@ -55,7 +62,7 @@ def same_file(a, b):
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
-def convert_file(source, target, dtype_name=None, overwrite=False):
+def convert_file(source, target, dtype_name=None, overwrite=False, optimizer_state=False):
     """Convert one file; return a one-line report. The output (and its .optim) is written and verified in a
     temporary folder beside it and moved into place only when both are good: a failure leaves nothing behind, and
     no file is replaced that was not asked for."""
@@ -77,7 +84,8 @@ def convert_file(source, target, dtype_name=None, overwrite=False):
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".convert-", dir=directory) as work:
             staged = os.path.join(work, os.path.basename(target))
-            hypernet.save(hn, staged, loaded.optimizer, layout=loaded.layout, dtype=dtype)
+            carried = loaded.optimizer if target.endswith(".pt") or optimizer_state else None
+            hypernet.save(hn, staged, carried, layout=loaded.layout, dtype=dtype)
             worst = verify(hn, staged, dtype_name or "fp32")  # keeping or widening the precision must be exact
             if os.path.exists(staged + OPTIM_SUFFIX):
                 os.replace(staged + OPTIM_SUFFIX, target + OPTIM_SUFFIX)
@@ -87,8 +95,10 @@ def convert_file(source, target, dtype_name=None, overwrite=False):
     except OSError as e:
         raise HypernetError(f"{target}: could not write ({write_failure(e, target)})") from None
     notes = []
-    if loaded.optimizer is not None:
+    if carried is not None:
         notes.append(f"optimizer state carried to {os.path.basename(target)}{OPTIM_SUFFIX}")
+    elif loaded.optimizer is not None:
+        notes.append("optimizer state left out (a pickle; --optimizer_state writes it beside a .safetensors)")
     elif os.path.lexists(source + OPTIM_SUFFIX):
         reason = str(caught[-1].message) if caught else "unreadable"
         notes.append(f"optimizer state NOT carried ({reason})")
@@ -96,7 +106,7 @@ def convert_file(source, target, dtype_name=None, overwrite=False):
     return f"{source} -> {target}: {check}" + "".join(f"; {n}" for n in notes)
 
 
-def convert_folder(source_dir, target_dir, to=None, dtype_name=None, overwrite=False):
+def convert_folder(source_dir, target_dir, to=None, dtype_name=None, overwrite=False, optimizer_state=False):
     """Convert every hypernetwork file in a folder; return (reports, skipped files, failures)."""
     files = sorted(f for f in os.listdir(source_dir) if f.lower().endswith(SUFFIXES) and not f.startswith("."))
     if not files:
@@ -107,7 +117,9 @@ def convert_folder(source_dir, target_dir, to=None, dtype_name=None, overwrite=F
         new_suffix = "." + to if to else (".safetensors" if suffix.lower() == ".pt" else ".pt")
         target = os.path.join(target_dir, stem + new_suffix)
         try:
-            reports.append(convert_file(os.path.join(source_dir, name), target, dtype_name, overwrite))
+            reports.append(
+                convert_file(os.path.join(source_dir, name), target, dtype_name, overwrite, optimizer_state)
+            )
         except hypernet.NotAHypernetworkError as e:
             skipped.append(str(e))
         except HypernetError as e:
@@ -151,7 +163,18 @@ def info(path):
         "webui": webui_verdict(path),
         "comfyui": comfyui_verdict(loaded, path),
         "others": other_programs_verdict(path),
+        **{f"metadata.{key}": value for key, value in file_metadata(path).items()},
     }
+
+
+def file_metadata(path):
+    """A .safetensors file's metadata (the ModelSpec keys, kohya's ss_* keys, the hypernetwork's own), by key."""
+    if not path.endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return dict(sorted((f.metadata() or {}).items()))
 
 
 def main(input_args=None):
@@ -167,14 +190,16 @@ def main(input_args=None):
     if os.path.isdir(args.input):
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise UsageError(f"{args.output}: the input is a folder, so the output must be a folder too")
-        reports, skipped, failures = convert_folder(args.input, args.output, args.to, args.dtype, args.overwrite)
+        reports, skipped, failures = convert_folder(
+            args.input, args.output, args.to, args.dtype, args.overwrite, args.optimizer_state
+        )
         lines = reports + [f"skipped: {s}" for s in skipped] + [f"FAILED: {f}" for f in failures]
         print("\n".join(printable(line) for line in lines))
         print(f"converted {len(reports)} file(s), skipped {len(skipped)}, {len(failures)} failed")
         return 2 if failures else 0
     if not os.path.exists(args.input):
         raise UsageError(f"{args.input}: no such file or folder")
-    print(printable(convert_file(args.input, args.output, args.dtype, args.overwrite)))
+    print(printable(convert_file(args.input, args.output, args.dtype, args.overwrite, args.optimizer_state)))
     return 0
 
 
