@@ -92,6 +92,9 @@ def model_card(
     rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
     listing = "\n".join(f"- `{path}`" for path in files)
     repo = hub_model_id or "USER/REPO"
+    load_base = f"pipeline = DiffusionPipeline.from_pretrained({json.dumps(hub_base or 'BASE_MODEL')})"
+    if not hub_base:  # a local folder or file: its path means nothing elsewhere
+        load_base += f"  # BASE_MODEL: {os.path.basename(os.path.normpath(base_model))}'s Hub id or folder"
     body = f"""
 # {name}
 
@@ -101,11 +104,14 @@ def model_card(
 
 ## Use it
 
-**AUTOMATIC1111 webui, Forge:** copy `{name}.pt` (and `{name}.preview.png`, `{name}.json` for its card) into
+**AUTOMATIC1111 webui:** copy `{name}.pt` (and `{name}.preview.png`, `{name}.json` for its card) into
 `models/hypernetworks/` and write `<hypernet:{name}:1>` in the prompt; the number is its multiplier.
 
 **ComfyUI:** copy `{name}.pt` into `models/hypernetworks/` and load it with the *HypernetworkLoader* node, its
 strength 1.0, between the checkpoint loader and the sampler.
+
+Forge and reForge list and load the file but never apply it (the hypernetwork call in their attention code is
+commented out); SD.Next and InvokeAI have no hypernetwork support.
 
 **diffusers**, with this project's `hypernet` library:
 
@@ -114,7 +120,7 @@ import hypernet
 from diffusers import DiffusionPipeline
 from huggingface_hub import hf_hub_download
 
-pipeline = DiffusionPipeline.from_pretrained({json.dumps(hub_base or base_model)})
+{load_base}
 style = hypernet.load(hf_hub_download({json.dumps(repo)}, {json.dumps(name + ".pt")})).set_multiplier(1.0)
 with hypernet.attach(pipeline.unet, [style], merge=True):
     image = pipeline({json.dumps(previews[0][0] if previews else "a picture")}).images[0]
@@ -134,11 +140,14 @@ with hypernet.attach(pipeline.unet, [style], merge=True):
     return populate_model_card(card, tags=list(HUB_TAGS))
 
 
-# What a pushed run folder leaves out: accelerate checkpoints, tracker logs, the intermediate hypernetworks, the lock.
+# What a pushed run folder leaves out: accelerate checkpoints, tracker logs, the intermediate hypernetworks, the lock,
+# and, unless asked for, the optimizer state (a pickle, for continuing training).
 PUSH_IGNORED = ["checkpoint-*", "logs/*", "wandb/*", "hypernetworks/*", ".*", "*/.*"]
+OPTIMIZER_STATE = "*.optim"
+SETTINGS_FILE = "training_settings.json"
 
 
-def hub_files(folder, extra=()):
+def hub_files(folder, extra=(), optimizer_state=False):
     """The files of a run's folder that a push uploads (relative paths, sorted), and `extra` ones to be written."""
     from huggingface_hub.utils import filter_repo_objects
 
@@ -147,18 +156,38 @@ def hub_files(folder, extra=()):
         for root, _, names in os.walk(folder)
         for name in names
     ]
-    return sorted(set(filter_repo_objects(paths, ignore_patterns=PUSH_IGNORED)) | set(extra))
+    ignored = PUSH_IGNORED + ([] if optimizer_state else [OPTIMIZER_STATE])
+    return sorted(set(filter_repo_objects(paths, ignore_patterns=ignored)) | set(extra))
 
 
-def push_folder(repo_id, folder, token=None):
-    """Upload a run's folder to the Hub repository `repo_id`, as diffusers' scripts upload theirs, without what
-    PUSH_IGNORED names."""
+def shareable(value, folder):
+    """A setting as it may leave this machine: a path inside the run's folder relative to it, any other local path
+    reduced to its name."""
+    if isinstance(value, list):
+        return [shareable(item, folder) for item in value]
+    if not isinstance(value, str) or not (os.path.isabs(value) or os.sep in value and os.path.exists(value)):
+        return value
+    inside = os.path.relpath(os.path.abspath(value), os.path.abspath(folder))
+    return inside if not inside.startswith("..") else os.path.basename(os.path.normpath(value))
+
+
+def push_folder(repo_id, folder, token=None, optimizer_state=False):
+    """Upload a run's folder to the Hub repository `repo_id`, as diffusers' scripts upload theirs: the files
+    hub_files names, training_settings.json with its local paths made shareable."""
+    import tempfile
+
     from huggingface_hub import upload_folder
 
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        commit_message="End of training",
-        ignore_patterns=PUSH_IGNORED,
-        token=token,
-    )
+    with tempfile.TemporaryDirectory(prefix="hypernet-push-") as staging:
+        for path in hub_files(folder, optimizer_state=optimizer_state):
+            os.makedirs(os.path.dirname(os.path.join(staging, path)), exist_ok=True)
+            if path == SETTINGS_FILE:
+                with open(os.path.join(folder, path)) as f:
+                    settings = {key: shareable(value, folder) for key, value in json.load(f).items()}
+                with open(os.path.join(staging, path), "w") as f:
+                    json.dump(settings, f, indent=2)
+            else:
+                os.symlink(os.path.abspath(os.path.join(folder, path)), os.path.join(staging, path))
+        upload_folder(
+            repo_id=repo_id, folder_path=staging, commit_message="End of training", ignore_patterns=[], token=token
+        )

@@ -175,3 +175,59 @@ def test_model_card_front_matter_and_text(tmp_path):
         assert expected in loaded.text, expected
     local = model_card("style", str(tmp_path), "Trained.", [], {}, files)
     assert local.data.base_model is None, "a local folder is no Hub model id"
+    assert str(tmp_path) not in local.text
+    assert f'from_pretrained("BASE_MODEL")  # BASE_MODEL: {tmp_path.name}\'s Hub id or folder' in local.text
+    # The clients the card names agree with the README's table: Forge loads a hypernetwork and never applies it.
+    assert (
+        "**AUTOMATIC1111 webui:**" in loaded.text
+        and "Forge and reForge list and load the file but never apply" in (loaded.text.replace("\n", " "))
+    )
+
+
+def test_a_push_uploads_shareable_settings_and_no_optimizer_state_unless_asked(tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub
+
+    from hypernet.publishing import push_folder
+
+    run = tmp_path / "run"
+    (run / "images").mkdir(parents=True)
+    (run / "style.pt").write_bytes(b"pt")
+    (run / "style.pt.optim").write_bytes(b"optim")
+    (run / "images" / "style-10.png").write_bytes(b"png")
+    settings = {
+        "pretrained_model_name_or_path": "/home/me/models/sd15",
+        "train_data_dir": str(tmp_path / "data"),
+        "output_dir": str(run),
+        "template_file": str(run / "images"),
+        "preview_prompt": ["a cat", "/srv/secret/path"],
+        "learning_rate": "5e-3",
+        "pretrained_vae_model_name_or_path": None,
+    }
+    (run / "training_settings.json").write_text(json.dumps(settings))
+    uploaded = {}
+
+    def fake_upload_folder(repo_id, folder_path, commit_message, ignore_patterns, token):
+        for root, _, names in os.walk(folder_path):
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    uploaded[os.path.relpath(os.path.join(root, name), folder_path)] = f.read()
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    push_folder("me/style", run)
+    assert sorted(uploaded) == ["images/style-10.png", "style.pt", "training_settings.json"]
+    shared = json.loads(uploaded["training_settings.json"])
+    assert shared == {
+        "pretrained_model_name_or_path": "sd15",
+        "train_data_dir": "data",
+        "output_dir": ".",
+        "template_file": "images",
+        "preview_prompt": ["a cat", "path"],
+        "learning_rate": "5e-3",
+        "pretrained_vae_model_name_or_path": None,
+    }
+    assert str(tmp_path) not in uploaded["training_settings.json"].decode()
+    uploaded.clear()
+    push_folder("me/style", run, optimizer_state=True)
+    assert uploaded["style.pt.optim"] == b"optim"

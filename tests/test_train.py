@@ -55,6 +55,8 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
         files = [os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs]
         pushed["files"] = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
         pushed["repo"] = repo_id
+        with open(os.path.join(folder_path, "training_settings.json")) as f:
+            pushed["settings"] = f.read()
 
     monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
@@ -211,6 +213,7 @@ def test_full_run_writes_every_file_and_keeps_base_frozen(tiny_model_dir, small_
     assert pushed["created"] == pushed["repo"] == "me/inky"
     assert {"inky.pt", "README.md", "inky.preview.png", "inky.json", "images/inky-8-0.png"} <= set(pushed["files"])
     assert not [f for f in pushed["files"] if f.startswith(("checkpoint-", "logs", "hypernetworks", "."))]
+    assert not [f for f in pushed["files"] if f.endswith(".optim")] and str(tmp_path) not in pushed["settings"]
     assert "hub_token" not in settings
 
     for model, before in zip(captured["models"], captured["before"]):

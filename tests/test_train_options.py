@@ -124,7 +124,7 @@ def base_argv(model, data, out):
         ),
         (
             ["--hub_model_id", "me/x"],
-            r"--hub_model_id and --hub_token are for --push_to_hub; add it or leave them out",
+            r"--hub_model_id, --hub_token and --hub_optimizer_state are for --push_to_hub; add it or leave them out",
         ),
         (
             ["--push_to_hub", "--hub_token", "t", "--report_to", "wandb"],

@@ -474,7 +474,15 @@ def make_parser():
     output_group.add_argument(
         "--push_to_hub",
         action="store_true",
-        help="Upload the output folder (without checkpoints and logs) to the Hugging Face Hub at the end.",
+        help="Upload the output folder to the Hugging Face Hub at the end: the hypernetwork, its card files, previews "
+        "and loss chart, the model card, and training_settings.json with local paths reduced to names (no "
+        "checkpoints, logs, intermediate files or optimizer state).",
+    )
+    output_group.add_argument(
+        "--hub_optimizer_state",
+        action="store_true",
+        help="With --push_to_hub: upload NAME.pt.optim too (the optimizer state, a torch pickle, for whoever continues "
+        "training).",
     )
     output_group.add_argument(
         "--hub_model_id", default=None, help="The Hub repository to push to (default: the output folder's name)."
@@ -645,8 +653,10 @@ def validate_args(args, given=()):
         )
     if args.push_to_hub:
         check_hub_login(args)
-    elif args.hub_model_id or args.hub_token:
-        raise UsageError("--hub_model_id and --hub_token are for --push_to_hub; add it or leave them out")
+    elif args.hub_model_id or args.hub_token or args.hub_optimizer_state:
+        raise UsageError(
+            "--hub_model_id, --hub_token and --hub_optimizer_state are for --push_to_hub; add it or leave them out"
+        )
     if args.report_to in ("wandb", "all"):
         check_wandb()
     if args.report_to in ("tensorboard", "all"):
@@ -1331,7 +1341,7 @@ def publish_run(args, hn, final, run, last_preview, repo_id):
         description,
         previews,
         {"steps": run.steps, "images": run.images, **run.settings},
-        hub_files(args.output_dir, extra=["README.md"]),
+        hub_files(args.output_dir, extra=["README.md"], optimizer_state=args.hub_optimizer_state),
         repo_id,
     )
     readme = os.path.join(args.output_dir, "README.md")
@@ -1339,7 +1349,7 @@ def publish_run(args, hn, final, run, last_preview, repo_id):
         card.save(tmp)
     if repo_id is not None:
         try:
-            push_folder(repo_id, args.output_dir, args.hub_token)
+            push_folder(repo_id, args.output_dir, args.hub_token, args.hub_optimizer_state)
         except Exception as e:  # an HTTP or network error: the files are all here
             raise HypernetError(
                 f"--push_to_hub: uploading to {repo_id} failed ({first_line(e)}); every file is in "
