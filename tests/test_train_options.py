@@ -719,3 +719,34 @@ def test_libraries_are_quiet_unless_verbose(tiny_model_dir, small_dataset, tmp_p
     assert "wrote " in quiet  # hypernet's own lines stay
     loud = stderr(tmp_path / "loud", "--verbose")
     assert "Loading weights" in loud and "[RANK 0] Saving current state" in loud
+
+
+def test_a_run_ends_naming_every_file_it_wrote_and_the_next_command(tiny_model_dir, small_dataset, tmp_path):
+    import shlex
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    out = tmp_path / "run"
+    argv = [
+        sys.executable,
+        os.path.join(ROOT, "train_hypernetwork.py"),
+        *base_argv(tiny_model_dir, small_dataset, out),
+    ]
+    argv += ["--max_train_steps", "4", "--resolution", "64", "--preview_every", "2", "--save_every", "2"]
+    argv += ["--checkpointing_steps", "2", "--save_safetensors", "--cache_dir", tmp_path / "store"]
+    run = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = run.stdout.splitlines()
+    assert report[0] == "wrote:" and "next:" in report
+    named = [line.strip().split(": ", 1)[0] for line in report[1 : report.index("next:")]]
+    assert all(os.path.exists(path) for path in named), named
+    written = {os.path.join(out, name) for name in os.listdir(out)} - {os.path.join(out, "checkpoint-2")}
+    mentioned = "\n".join(report)
+    assert all(path in mentioned for path in written), written - set(named)
+    assert str(tmp_path / "store") in named and "images: 2 previews; step 4's: run-4.png" in mentioned
+    command = report[report.index("next:") + 1].strip()
+    assert command.startswith("python generate.py ") and "<hypernet:run:1> a picture, art by run" in shlex.split(
+        command
+    )

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -1358,6 +1359,53 @@ def publish_run(args, hn, final, run, last_preview, repo_id):
         logger.info(f"pushed {args.output_dir} to https://huggingface.co/{repo_id}")
 
 
+def folder_size(path):
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def run_report(args, final, stored):
+    """What the run wrote, one line each, and what to do next: the lines a run ends with."""
+    out, name = args.output_dir, args.hypernetwork_name
+    lines = ["wrote:"]
+
+    def line(path, what):
+        if os.path.exists(path):
+            lines.append(f"  {path}: {what}")
+
+    line(final, "the hypernetwork, for the webui, ComfyUI and diffusers")
+    line(final + OPTIM_SUFFIX, "its optimizer state; the webui continues training from it")
+    line(os.path.join(out, "safetensors", f"{name}.safetensors"), "the same weights as safetensors, for diffusers")
+    line(os.path.join(out, f"{name}.preview.png"), "its card's image in the webui's Extra Networks")
+    line(os.path.join(out, f"{name}.json"), "its card's description and notes in the webui")
+    line(os.path.join(out, "README.md"), "the model card")
+    step, newest = newest_previews(args)
+    if newest:
+        count = len(os.listdir(os.path.join(out, "images")))
+        shown = ", ".join(os.path.basename(path) for _, path in newest)
+        lines.append(f"  {os.path.join(out, 'images')}: {count} previews; step {step}'s: {shown}")
+    line(os.path.join(out, "loss.png"), "the loss per step")
+    line(
+        os.path.join(out, "loss.csv"), "the loss and learning rate of every step, as the webui's hypernetwork_loss.csv"
+    )
+    line(os.path.join(out, "hypernetworks"), "the hypernetwork every --save_every steps")
+    checkpoints = runs.list_checkpoints(out)
+    if checkpoints:
+        line(os.path.join(out, checkpoints[-1]), "the newest checkpoint; --resume_from_checkpoint latest continues it")
+    line(os.path.join(out, "training_settings.json"), "every setting of the run")
+    if stored:
+        store = args.cache_dir or data.default_store_dir()
+        lines.append(f"  {store}: the record store, {folder_size(store) / 2**20:.1f} MiB (later runs reuse it)")
+    lines += [
+        "next:",
+        f"  python generate.py --pretrained_model_name_or_path {shlex.quote(args.pretrained_model_name_or_path)} "
+        f"--hypernetwork_dir {shlex.quote(out)} --prompt {shlex.quote(f'<hypernet:{name}:1> {args.preview_prompt[0]}')} "
+        f"--output_dir {shlex.quote(os.path.join(out, 'generated'))}",
+        f"  the webui: copy {name}.pt, {name}.preview.png and {name}.json into its models/hypernetworks/ and write "
+        f"<hypernet:{name}:1> in a prompt",
+    ]
+    return lines
+
+
 def create_hub_repo(args):
     """The Hub repository of --push_to_hub, created now (where it is not there) so that a refusal comes before
     training, not after."""
@@ -1899,6 +1947,7 @@ def main(input_args=None):
         )
         logger.info(f"wrote {final} at step {state.step}")
         publish_run(args, hn, final, run, state.last_preview, repo_id)
+        print("\n".join(printable(line) for line in run_report(args, final, stored)), flush=True)
 
     processes.on_main(finish, share=False)
     # The processes tear down their process groups together, not one while another's is still connected: a gloo
