@@ -750,3 +750,26 @@ def test_a_run_ends_naming_every_file_it_wrote_and_the_next_command(tiny_model_d
     assert command.startswith("python generate.py ") and "<hypernet:run:1> a picture, art by run" in shlex.split(
         command
     )
+
+
+@pytest.mark.parametrize(
+    "script, flag, default",
+    [
+        ("train_hypernetwork.py", "--learning_rate", "0.00001"),
+        ("train_hypernetwork.py", "--max_train_steps", "1000"),
+        ("train_hypernetwork.py", "--resolution", "512"),
+        ("train_hypernetwork.py", "--seed", "0"),
+        ("train_hypernetwork.py", "--save_every", "500"),
+        ("train_hypernetwork.py", "--preview_every", "500"),
+        ("generate.py", "--num_inference_steps", "20"),
+        ("generate.py", "--guidance_scale", "7.0"),
+        ("convert.py", "--to", "the other one"),
+    ],
+)
+def test_help_shows_every_default(capsys, script, flag, default):
+    assert run_script(script, "--help") == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {flag}"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("    ") or not lines[i].strip())
+    entry = " ".join(" ".join(lines[start:end]).split())
+    assert f"(default: {default})" in entry, entry

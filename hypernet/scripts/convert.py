@@ -28,6 +28,7 @@ from hypernet.flags import parse_flags
 from hypernet.formats import DTYPES
 from hypernet.optimizer_file import OPTIM_SUFFIX
 from hypernet.publishing import file_hashes
+from hypernet.scripts import HelpFormatter
 
 SUFFIXES = (".pt", ".safetensors")
 
@@ -35,6 +36,7 @@ SUFFIXES = (".pt", ".safetensors")
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(
         description="Convert hypernetworks between .pt and .safetensors, and inspect them.",
+        formatter_class=HelpFormatter,
         epilog=f"Tolerances after --dtype, relative to the largest output: {TOLERANCE}.",
     )
     parser.add_argument("input", nargs="?", help="A .pt/.safetensors file, or a folder of them.")

@@ -44,6 +44,7 @@ from hypernet.prompts import (
     parse_prompt,
 )
 from hypernet.publishing import file_hashes
+from hypernet.scripts import HelpFormatter
 from hypernet.verbosity import quiet_libraries
 
 
@@ -55,7 +56,9 @@ def stable_diffusion_schedulers():
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Generate images with hypernetworks stacked at chosen multipliers.")
+    parser = argparse.ArgumentParser(
+        description="Generate images with hypernetworks stacked at chosen multipliers.", formatter_class=HelpFormatter
+    )
     model_group = parser.add_argument_group("model")
     model_group.add_argument(
         "--pretrained_model_name_or_path",

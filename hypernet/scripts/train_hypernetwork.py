@@ -68,6 +68,7 @@ from hypernet.module import WEIGHT_INITS, HypernetworkConfig, trainable_activati
 from hypernet.optimizer_file import OPTIM_SUFFIX, OptimizerState
 from hypernet.processes import Processes, check_shared_folder
 from hypernet.publishing import card_description, file_hashes, hub_files, model_card, push_folder, write_card_files
+from hypernet.scripts import HelpFormatter
 from hypernet.training import (
     UNetWithHypernetwork,
     batch_to_device,
@@ -103,7 +104,9 @@ DATA_FLAGS = {
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(description="Train an AUTOMATIC1111-style hypernetwork with accelerate.")
+    parser = argparse.ArgumentParser(
+        description="Train an AUTOMATIC1111-style hypernetwork with accelerate.", formatter_class=HelpFormatter
+    )
     model_group = parser.add_argument_group("model")
     model_group.add_argument(
         "--pretrained_model_name_or_path",
@@ -177,7 +180,8 @@ def make_parser():
         "--template_file",
         default=None,
         help="Prompt template file, one template a line, with [filewords] (the caption) and [name]. Default: the "
-        "caption alone. A1111's standard sets are in examples/templates/.",
+        "caption alone, as kohya's and diffusers' scripts train (the webui's 'Prompt template' field says "
+        "style_filewords.txt, whose templates add 'art by [name]'). A1111's standard sets are in examples/templates/.",
     )
     data_group.add_argument(
         "--shuffle_tags", action="store_true", help="Shuffle the comma-separated tags of each caption."
@@ -299,12 +303,13 @@ def make_parser():
         "--max_train_steps",
         type=int,
         default=1000,
-        help="Train until the hypernetwork's step reaches this (counted like A1111, from the resumed file's step).",
+        help="Train until the hypernetwork's step reaches this (counted like A1111, from the resumed file's step). The "
+        "webui's 'Max steps' field says 100000: it runs until stopped by hand, where a script needs an end.",
     )
     training_group.add_argument(
         "--learning_rate",
-        default="5e-6",
-        help="A rate, or the webui's schedule such as '5e-5:100, 5e-6:1500, 5e-7': each rate until its step, the last "
+        default="0.00001",
+        help="As the webui's 'Hypernetwork Learning rate' field: a rate, or the webui's schedule such as '5e-5:100, 5e-6:1500, 5e-7': each rate until its step, the last "
         "to the end; a last rate with a step ends training there, as in the webui ('1e-3:500'), and -1 means to the "
         "end ('1e-3:100, 1e-4:-1').",
     )
@@ -403,7 +408,7 @@ def make_parser():
         default="auto",
         choices=RETAIN_SETTINGS,
         help="Keep the memory a step frees for the next one instead of handing it back to the kernel (glibc only; "
-        "the whole process's allocator). auto: on when training on the CPU, where it makes steps about a fifth faster.",
+        "the whole process's allocator). auto: on when training on the CPU, where it makes steps faster (bench/RESULTS.md).",
     )
 
     output_group = parser.add_argument_group("outputs")
