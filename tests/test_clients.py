@@ -87,7 +87,9 @@ def test_api_save_and_conversions_pass_the_webui_checks(tmp_path, umask):
     assert_webui_accepts(str(tmp_path / "api.pt"))
     assert_optim_accepted(str(tmp_path / "api.pt"))
 
-    assert run_script("convert.py", a1111_file("case8_with_optim"), tmp_path / "c.safetensors") == 0
+    assert (
+        run_script("convert.py", a1111_file("case8_with_optim"), tmp_path / "c.safetensors", "--optimizer_state") == 0
+    )
     assert run_script("convert.py", tmp_path / "c.safetensors", tmp_path / "from-safetensors.pt") == 0
     assert run_script("convert.py", a1111_file("case3_layernorm_swish"), tmp_path / "half.pt", "--dtype", "fp16") == 0
     assert run_script("convert.py", a1111_file("case7_old_format"), tmp_path / "legacy.pt", "--dtype", "bf16") == 0

@@ -1,4 +1,5 @@
-"""The README stays true: its commands run (scaled down to the tiny model), and every flag it names exists."""
+"""The README and docs/ stay true: their commands run (scaled down to the tiny model), and every flag and file they
+name exists."""
 
 import os
 import re
@@ -15,12 +16,29 @@ pytestmark = pytest.mark.slow
 
 SCRIPTS = ["train_hypernetwork.py", "generate.py", "convert.py", "examples/make_tiny_model.py"]
 # Run where the project runs them: CI (quickstart, install, tests) or only on a cluster.
-NOT_RUN_HERE = ("bash examples/quickstart.sh", "python -m pytest", "pip install", "sbatch ", "--config_file")
+NOT_RUN_HERE = (
+    "bash examples/quickstart.sh",
+    "python -m pytest",
+    "pip install",
+    "sbatch ",
+    "--config_file",
+    "torchrun ",
+)
 
 
 def readme():
     with open(os.path.join(ROOT, "README.md")) as f:
         return f.read()
+
+
+def documents():
+    """The README and every page of docs/, one text."""
+    texts = [readme()]
+    for name in sorted(os.listdir(os.path.join(ROOT, "docs"))):
+        if name.endswith(".md"):
+            with open(os.path.join(ROOT, "docs", name)) as f:
+                texts.append(f.read())
+    return "\n".join(texts)
 
 
 def code_blocks(text, language):
@@ -51,7 +69,7 @@ def script_of(command):
 
 
 def test_every_flag_named_in_the_readme_and_examples_exists(helps):
-    text = readme()
+    text = documents()
     checked = 0
     sources = [c for b in code_blocks(text, "bash") for c in commands(b)]
     for name in os.listdir(os.path.join(ROOT, "examples")):
@@ -71,10 +89,6 @@ def test_every_flag_named_in_the_readme_and_examples_exists(helps):
     # Flags in the prose and tables, the README's and docs/'s, belong to train_hypernetwork.py, generate.py or
     # convert.py.
     union = " ".join(helps.values())
-    for name in sorted(os.listdir(os.path.join(ROOT, "docs"))):
-        if name.endswith(".md"):
-            with open(os.path.join(ROOT, "docs", name)) as f:
-                text += f.read()
     for flag in flags_of(text.replace("--index-url", "")):
         if flag in (
             "--config_file",
@@ -96,7 +110,7 @@ def test_every_flag_named_in_the_readme_and_examples_exists(helps):
 
 
 def test_every_file_the_readme_points_to_exists():
-    for path in re.findall(r"`((?:examples|docs|bench)/[\w./-]+)`", readme()):
+    for path in re.findall(r"`((?:examples|docs|bench)/[\w./-]+)`", documents()):
         assert os.path.exists(os.path.join(ROOT, path)), path
 
 
@@ -140,14 +154,14 @@ def scaled_down(command):
 
 def test_readme_commands_run(sandbox):
     ran = []
-    for block in code_blocks(readme(), "bash"):
+    for block in code_blocks(documents(), "bash"):
         for command in commands(block):
             if command.startswith(NOT_RUN_HERE) or "...same flags..." in command or command.endswith("..."):
                 continue
             result = subprocess.run(scaled_down(command), cwd=sandbox, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
             ran.append(command.split()[1] if command.startswith("python") else command.split()[2])
-    assert ran.count("train_hypernetwork.py") == 2 and ran.count("generate.py") == 2 and ran.count("convert.py") == 4
+    assert ran.count("train_hypernetwork.py") == 2 and ran.count("generate.py") == 4 and ran.count("convert.py") == 4
     assert os.path.isfile(sandbox / "outputs" / "my-style" / "my-style.pt")
     assert hypernet.load(sandbox / "outputs" / "my-xl-style" / "my-xl-style.pt").widths == [96, 80, 160]
     assert len([f for f in os.listdir(sandbox / "out") if f.endswith(".png")]) >= 3

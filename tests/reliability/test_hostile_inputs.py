@@ -353,7 +353,7 @@ def test_folder_conversion_converts_every_good_file_and_lists_the_bad(tmp_path, 
     (source / "b-broken.pt").write_bytes(b"not a model")
     (source / "c-lora.safetensors").write_bytes(b"")
     save_file({"w": torch.zeros(2)}, source / "d-lora.safetensors", metadata={"format": "pt"})
-    assert run_script("convert.py", source, tmp_path / "out", "--to", "safetensors") == 2
+    assert run_script("convert.py", source, tmp_path / "out", "--to", "safetensors", "--optimizer_state") == 2
     out = capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "out")) == [
         "case1_default_relu.safetensors",
