@@ -773,3 +773,24 @@ def test_help_shows_every_default(capsys, script, flag, default):
     end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("    ") or not lines[i].strip())
     entry = " ".join(" ".join(lines[start:end]).split())
     assert f"(default: {default})" in entry, entry
+
+
+def test_previews_start_with_the_base_model_and_each_step_has_a_grid(tiny_model_dir, small_dataset, tmp_path):
+    from hypernet.images import infotext_prompt
+
+    out = tmp_path / "run"
+    flags = ["--preview_every", 2, "--preview_prompt", "a cat", "--preview_prompt", "a dog", "--num_preview_images", 2]
+    assert train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", *flags, steps=2) == 0
+    names = sorted(os.listdir(out / "images"))
+    assert names == [
+        "x-2-0-0.png", "x-2-0-1.png", "x-2-1-0.png", "x-2-1-1.png", "x-2-grid.png",
+        "x-base-0-0.png", "x-base-0-1.png", "x-base-1-0.png", "x-base-1-1.png", "x-base-grid.png",
+    ]  # fmt: skip
+    base = Image.open(out / "images" / "x-base-1-1.png")
+    assert infotext_prompt(base.info["parameters"]) == ("a dog", []) and "Seed: 1," in base.info["parameters"]
+    assert infotext_prompt(Image.open(out / "images" / "x-2-1-1.png").info["parameters"])[1] == [("x", 1.0)]
+    grid = Image.open(out / "images" / "x-2-grid.png")
+    assert grid.size == (2 * base.width, 2 * base.height)
+    assert np.array_equal(
+        np.asarray(grid)[base.height :, base.width :], np.asarray(Image.open(out / "images" / "x-2-1-1.png"))
+    )

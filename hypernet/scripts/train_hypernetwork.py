@@ -1388,6 +1388,8 @@ def run_report(args, final, stored):
         count = len(os.listdir(os.path.join(out, "images")))
         shown = ", ".join(os.path.basename(path) for _, path in newest)
         lines.append(f"  {os.path.join(out, 'images')}: {count} previews; step {step}'s: {shown}")
+    line(preview_path(args, step, None, None).replace(".png", "-grid.png"), f"step {step}'s previews in one grid")
+    line(preview_path(args, "base", None, None).replace(".png", "-grid.png"), "the base model's (multiplier 0) grid")
     line(os.path.join(out, "loss.png"), "the loss per step")
     line(
         os.path.join(out, "loss.csv"), "the loss and learning rate of every step, as the webui's hypernetwork_loss.csv"
@@ -1453,20 +1455,28 @@ def preview_hypernetwork(args, step):
 
 
 def preview_path(args, step, prompt_index, image_index):
-    suffix = f"-{prompt_index}" if len(args.preview_prompt) > 1 else ""
-    suffix += f"-{image_index}" if args.num_preview_images > 1 else ""
+    """images/NAME-STEP[-P][-I].png: P the preview prompt's index where there are several, I the image's where
+    --num_preview_images is above 1; neither for the step's grid."""
+    suffix = f"-{prompt_index}" if len(args.preview_prompt) > 1 and prompt_index is not None else ""
+    suffix += f"-{image_index}" if args.num_preview_images > 1 and image_index is not None else ""
     return os.path.join(args.output_dir, "images", f"{args.hypernetwork_name}-{step}{suffix}.png")
 
 
-def log_previews(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype):
+def log_previews(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype, base=False):
     """Preview images of the hypernetwork as it is now, with webui infotext, logged to the trackers under
-    "validation" with their prompts as captions, as diffusers' scripts log them; the random number generators are
-    left as they were, so previews change nothing about the training."""
+    "validation" with their prompts as captions, as diffusers' scripts log them, and, where there are several, as
+    one grid (NAME-STEP-grid.png); with `base`, the base model's images (multiplier 0, NAME-base.png) to compare
+    them with. The random number generators are left as they were, so previews change nothing about the training."""
     pipeline = preview_pipeline(args, models, accelerator.unwrap_model(model).unet, weight_dtype)
     name, short_hash = preview_hypernetwork(args, step)
     images, generations = [], []
     hn.eval()
-    merged = accelerator.unwrap_model(model).attachment.merged()  # baked once for all the previews' steps
+    multiplier = hn.multiplier
+    if base:
+        hn.set_multiplier(0.0)  # x + mlp(x) * 0: the base model's context exactly
+        merged = contextlib.nullcontext()
+    else:
+        merged = accelerator.unwrap_model(model).attachment.merged()  # baked once for all the previews' steps
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad(), merged:
         for i, prompt in enumerate(args.preview_prompt):
@@ -1481,17 +1491,23 @@ def log_previews(accelerator, args, models, prompt_encoder, model, hn, step, wei
                 height=args.preview_height,
                 model_hash=hn.config.sd_checkpoint,
                 model=hn.config.sd_checkpoint_name,
-                hypernetworks=[(name, 1.0, short_hash)],
+                hypernetworks=[] if base else [(name, 1.0, short_hash)],
                 clip_skip=args.clip_skip if prompt_encoder.clip_skip_applies else 1,
             )
             with accelerator.autocast():
                 batch = generation.images(pipeline, prompt_encoder, accelerator.device, args.num_preview_images)
             for j, image in enumerate(batch):
                 one = dataclasses.replace(generation, seed=args.preview_seed + j)
-                save_png(image, preview_path(args, step, i, j), one.infotext())
+                save_png(image, preview_path(args, "base" if base else step, i, j), one.infotext())
                 images.append((prompt, image))
                 generations.append(one)
+    hn.set_multiplier(multiplier)
     hn.train()
+    if len(images) > 1:
+        from diffusers.utils import make_image_grid
+
+        grid = make_image_grid([im for _, im in images], len(args.preview_prompt), args.num_preview_images)
+        save_png(grid, preview_path(args, "base" if base else step, None, None).replace(".png", "-grid.png"))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(
@@ -1843,6 +1859,11 @@ def main(input_args=None):
         (done % steps_per_epoch) * args.gradient_accumulation_steps,
     )
     step_loss, bad_in_step = 0.0, False
+    if accelerator.is_main_process and args.preview_every and not os.path.exists(preview_path(args, "base", 0, 0)):
+        try:
+            log_previews(accelerator, args, models, prompt_encoder, model, hn, state.step, weight_dtype, base=True)
+        except HypernetError as e:
+            state.failure = e  # raised on every process at the first step's gather
     with stop_signals(state), contextlib.closing(progress):  # closed before an error's line is printed
         for epoch, samples in batches if state.step < args.max_train_steps else ():
             batch = batch_to_device(
