@@ -745,7 +745,7 @@ def test_a_run_ends_naming_every_file_it_wrote_and_the_next_command(tiny_model_d
     written = {os.path.join(out, name) for name in os.listdir(out)} - {os.path.join(out, "checkpoint-2")}
     mentioned = "\n".join(report)
     assert all(path in mentioned for path in written), written - set(named)
-    assert str(tmp_path / "store") in named and "images: 2 previews; step 4's: run-4.png" in mentioned
+    assert str(tmp_path / "store") in named and "images: 3 previews; step 4's: run-4.png" in mentioned
     command = report[report.index("next:") + 1].strip()
     assert command.startswith("python generate.py ") and "<hypernet:run:1> a picture, art by run" in shlex.split(
         command
