@@ -55,6 +55,7 @@ def peak_mib(model, hypernetwork_dir, output_dir, prompt, workdir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer_width", type=int, default=64, help="L of the hypernetwork's layer structure 1,L,1.")
+    parser.add_argument("--only", nargs="+", default=None, help="Run these cases alone (and plain, the reference).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         model = os.path.join(workdir, "model")
@@ -69,6 +70,8 @@ def main():
         file_mib = os.path.getsize(os.path.join(hypernetwork_dir, "big.pt")) / 2**20
         peaks, exit_codes = {}, {}
         for name, prompt in cases(args.layer_width).items():
+            if args.only and name not in {"plain", *args.only}:
+                continue
             output_dir = os.path.join(workdir, "out-" + name)
             peaks[name], exit_codes[name] = peak_mib(model, hypernetwork_dir, output_dir, prompt, workdir)
     print(

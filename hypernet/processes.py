@@ -8,6 +8,7 @@ every remaining process then names it from the rendezvous store, where each proc
 it reached.
 """
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -44,9 +45,20 @@ class Processes:
         self.state = state
         self.rank, self.count = state.process_index, state.num_processes
         self.step = 0
-        if self.count > 1:
-            self.stopped = threading.Event()
-            threading.Thread(target=self._beat, args=(open_store(),), daemon=True).start()
+        self.stopped = threading.Event()
+        # The store is where torch's launchers put it; a launcher that names none leaves the processes unnamed.
+        self.beating = self.count > 1 and {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ)
+        self.beat = None
+        if self.beating:
+            self.beat = threading.Thread(target=self._beat, args=(open_store(),), daemon=True)
+            self.beat.start()
+            atexit.register(self.close)  # before the interpreter's teardown: a store call cut off there aborts
+
+    def close(self):
+        """Stop the heartbeat and wait for it to end."""
+        self.stopped.set()
+        if self.beat is not None:
+            self.beat.join(timeout=10)
 
     def _beat(self, store):
         store.set(f"hypernet/node/{self.rank}", socket.gethostname())
@@ -109,6 +121,8 @@ class Processes:
         """One line about an exchange that failed because a process went away or stopped answering: the processes
         whose heartbeat stopped, read twice, a few beats apart."""
         cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error)).split(". This is typically")[0]
+        if not self.beating:
+            return f"lost a process of the run: it ended or stopped answering ({cause}); every process stops here; {RESUME_HINT}"
         try:
             store = open_store(timeout=10)
             before = self._heartbeats(store)

@@ -126,16 +126,17 @@ def test_cpu_peak_memory_counts_a_step_whose_memory_was_freed_by_the_step_before
 
 
 def test_bench_prompts_memory_does_not_grow_with_repeated_tags_and_refusals_cost_less_than_a_run():
+    cases = ["one_tag", "32_tags", "10_mb_line"]
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "bench_prompts.py"), "--layer_width", "64"],
+        [sys.executable, os.path.join(ROOT, "bench", "bench_prompts.py"), "--layer_width", "64", "--only", *cases],
         capture_output=True,
         text=True,
         check=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     peak, codes = result["peak_mib"], result["exit_codes"]
-    assert codes == {"plain": 0, "one_tag": 0, "32_tags": 0, "100_chunks": 0, "101_chunks": 2, "10_mb_line": 2}
+    assert codes == {"plain": 0, "one_tag": 0, "32_tags": 0, "10_mb_line": 2}
     assert result["hypernetwork_file_mib"] > 40
     # A copy of the 42 MiB file per repeat would add 31 x 42 MiB to the one tag's peak.
     assert peak["32_tags"] - peak["one_tag"] < result["hypernetwork_file_mib"]
-    assert peak["101_chunks"] < peak["100_chunks"] and peak["10_mb_line"] < peak["plain"]
+    assert peak["10_mb_line"] < peak["plain"]

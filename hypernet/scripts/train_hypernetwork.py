@@ -1658,6 +1658,11 @@ def main(input_args=None):
     hn, resumed_optimizer = make_hypernetwork(args, model_widths)
     unused = unused_widths(hn, model_widths, args.resume_hypernetwork or "--widths")
 
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
+        raise UsageError(
+            "this process is an in-job restart (torchrun --max_restarts), which torch cannot rejoin to a process group "
+            "in this version; launch again with --resume_from_checkpoint latest, as the SLURM example requeues"
+        )
     accelerator = make_accelerator(args, find_unused_parameters=unused is not None)
     handler = logging.StreamHandler()
     handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))

@@ -98,8 +98,9 @@ def two_nodes(tmp_path, flags, cwds=(None, None)):
 
 
 def our_lines(err):
-    """The trainers' own error lines."""
-    return [line for line in err.splitlines() if "train_hypernetwork.py: error: " in line]
+    """The trainers' own error lines (from where each begins: another process's progress bar may precede it)."""
+    marker = "train_hypernetwork.py: error: "
+    return [line[line.index(marker) :] for line in err.splitlines() if marker in line]
 
 
 def wait_for_checkpoint(out, node, timeout=180):
@@ -166,14 +167,14 @@ def test_a_node_that_goes_away_ends_the_other_within_the_timeout_with_one_line(
 ):
     out = tmp_path / "run"
     flags = training_flags(tiny_model_dir, small_dataset, out, 100000, "--cache_dir", tmp_path / "cache")
-    nodes = two_nodes(tmp_path, [*flags, "--checkpointing_steps", "2", "--ddp_timeout", "0.5"])
+    nodes = two_nodes(tmp_path, [*flags, "--checkpointing_steps", "2", "--ddp_timeout", "0.25"])
     wait_for_checkpoint(out, nodes[0])
     nodes[1].signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
     started = time.time()
     code, err = nodes[0].finish(120)
     waited = time.time() - started
     nodes[1].signal(signal.SIGKILL)
-    assert code != 0 and waited < 30 + 30, waited  # the 30 s timeout, and torchrun's own wind-down
+    assert code != 0 and waited < 15 + 30, waited  # the 15 s timeout, and torchrun's own wind-down
     (line,) = our_lines(err)
     assert re.search(r"error: lost rank 1 on node \S+ \(last at step \d+\): it ended or stopped answering \(", line), (
         line
@@ -210,10 +211,16 @@ def test_an_in_job_restart_ends_with_one_line_and_the_checkpoints_stay_whole(tin
     finally:
         signal_processes(f"HOME={home}", signal.SIGKILL)
     lines = our_lines(log.read_text())
-    assert lines and all("In-job restarts (torchrun --max_restarts) do not rejoin" in line for line in lines)
-    assert all(
-        line.startswith("train_hypernetwork.py: error: could not join the run's other processes at ") for line in lines
-    )
+    restarted = [line for line in lines if "in-job restart" in line]
+    assert all("in-job restart" in line or "error: lost " in line for line in lines)  # the first group's survivor
+    assert restarted and all(
+        line.endswith(
+            "error: this process is an in-job restart (torchrun --max_restarts), which torch cannot rejoin to a "
+            "process group in this version; launch again with --resume_from_checkpoint latest, as the SLURM example "
+            "requeues"
+        )
+        for line in restarted
+    ), log.read_text()[-3000:]
     assert runs.checkpoint_to_resume(out, "latest") is not None  # whole
 
 
