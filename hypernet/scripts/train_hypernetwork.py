@@ -1388,8 +1388,8 @@ def run_report(args, final, stored):
         count = len(os.listdir(os.path.join(out, "images")))
         shown = ", ".join(os.path.basename(path) for _, path in newest)
         lines.append(f"  {os.path.join(out, 'images')}: {count} previews; step {step}'s: {shown}")
-    line(preview_path(args, step, None, None).replace(".png", "-grid.png"), f"step {step}'s previews in one grid")
-    line(preview_path(args, "base", None, None).replace(".png", "-grid.png"), "the base model's (multiplier 0) grid")
+    line(preview_grid_path(args, step), f"step {step}'s previews in one grid")
+    line(preview_grid_path(args, "base"), "the base model's (multiplier 0) grid")
     line(os.path.join(out, "loss.png"), "the loss per step")
     line(
         os.path.join(out, "loss.csv"), "the loss and learning rate of every step, as the webui's hypernetwork_loss.csv"
@@ -1456,10 +1456,15 @@ def preview_hypernetwork(args, step):
 
 def preview_path(args, step, prompt_index, image_index):
     """images/NAME-STEP[-P][-I].png: P the preview prompt's index where there are several, I the image's where
-    --num_preview_images is above 1; neither for the step's grid."""
-    suffix = f"-{prompt_index}" if len(args.preview_prompt) > 1 and prompt_index is not None else ""
-    suffix += f"-{image_index}" if args.num_preview_images > 1 and image_index is not None else ""
+    --num_preview_images is above 1."""
+    suffix = f"-{prompt_index}" if len(args.preview_prompt) > 1 else ""
+    suffix += f"-{image_index}" if args.num_preview_images > 1 else ""
     return os.path.join(args.output_dir, "images", f"{args.hypernetwork_name}-{step}{suffix}.png")
+
+
+def preview_grid_path(args, step):
+    """images/NAME-STEP-grid.png: all of a step's previews, a row per prompt."""
+    return os.path.join(args.output_dir, "images", f"{args.hypernetwork_name}-{step}-grid.png")
 
 
 def log_previews(accelerator, args, models, prompt_encoder, model, hn, step, weight_dtype, base=False):
@@ -1507,7 +1512,7 @@ def log_previews(accelerator, args, models, prompt_encoder, model, hn, step, wei
         from diffusers.utils import make_image_grid
 
         grid = make_image_grid([im for _, im in images], len(args.preview_prompt), args.num_preview_images)
-        save_png(grid, preview_path(args, "base" if base else step, None, None).replace(".png", "-grid.png"))
+        save_png(grid, preview_grid_path(args, "base" if base else step))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(

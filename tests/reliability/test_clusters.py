@@ -306,13 +306,12 @@ def test_resuming_with_another_process_count_keeps_the_global_batch_or_says_how(
         "gradient_accumulation_steps": 1,
     }
     resume = training_flags(tiny_model_dir, small_dataset, out, 4, "--resume_from_checkpoint", "latest")
-    run = subprocess.run(
-        [sys.executable, script, *resume, "--train_batch_size", "1"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def resume_with(batch_size):
+        argv = [sys.executable, script, *resume, "--train_batch_size", batch_size]
+        return subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
+
+    run = resume_with("1")
     (line,) = our_lines(run.stderr)
     assert run.returncode == 2 and line.endswith(
         "was trained with a global batch of 2 (2 process(es) x --train_batch_size 1 x --gradient_accumulation_steps 1),"
@@ -320,13 +319,7 @@ def test_resuming_with_another_process_count_keeps_the_global_batch_or_says_how(
         "--train_batch_size 2, or --gradient_accumulation_steps 2, or the checkpoint's 2 process(es) x "
         "--train_batch_size 1 x --gradient_accumulation_steps 1"
     ), run.stderr[-2000:]
-    run = subprocess.run(
-        [sys.executable, script, *resume, "--train_batch_size", "2"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = resume_with("2")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "was trained by 2 process(es), this run has 1: the global batch stays 2" in run.stderr
     assert hypernet.load(out / "x.pt").config.step == 4
