@@ -32,7 +32,7 @@ from PIL import Image
 
 import hypernet
 from hypernet.data import load_template, make_prompt, pixel_values
-from hypernet.evaluation import colour_distance, colour_quantiles
+from hypernet.evaluation import colour_distance, colour_quantiles, in_captions
 from hypernet.images import Generation
 from hypernet.prompts import PromptEncoder
 from hypernet.training import (
@@ -58,15 +58,25 @@ class LoraUNet(torch.nn.Module):
         return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
 
 
-def make_variants(unet, names, learning_rate):
+def make_variants(unet, names, learning_rate, hypernetworks=()):
+    """The named variants, then a hypernetwork for each (activation, layer structure, rate) of `hypernetworks`,
+    named "ACTIVATION STRUCTURE @RATE"."""
+    specs = [(name, None) for name in names]
+    specs += [(f"{a} {structure} @{rate}", (a, structure, rate)) for a, structure, rate in hypernetworks]
     variants = {}
-    for name in names:
+    for name, spec in specs:
         copied = copy.deepcopy(unet)
-        if name in ("linear", "relu"):
+        if spec is None and name in ("linear", "relu"):
+            spec = (name, "1,2,1", learning_rate)
+        if spec is not None:
+            activation, structure, rate = spec
             network = hypernet.Hypernetwork(
-                hypernet.attention_widths(copied), name="quick-style", layer_structure=(1, 2, 1), activation_func=name
+                hypernet.attention_widths(copied),
+                name="quick-style",
+                layer_structure=tuple(float(w) for w in structure.split(",")),
+                activation_func=activation,
             )
-            model, parameters, rate = UNetWithHypernetwork(copied, network), list(network.parameters()), learning_rate
+            model, parameters = UNetWithHypernetwork(copied, network), list(network.parameters())
         else:
             from peft import LoraConfig
 
@@ -82,18 +92,18 @@ def make_variants(unet, names, learning_rate):
     return variants
 
 
-def training_data(models, encoder):
+def training_data(models, encoder, style_dir):
     """Latent mean and std of each style image at 64x64, the embedding of each (image, template line), the
     subjects of the captions and the images' colour quantiles."""
-    names = sorted(n for n in os.listdir(STYLE) if n.endswith(".png"))
-    images = [Image.open(os.path.join(STYLE, n)).convert("RGB").resize((64, 64), Image.LANCZOS) for n in names]
+    names = sorted(n for n in os.listdir(style_dir) if n.endswith(".png"))
+    images = [Image.open(os.path.join(style_dir, n)).convert("RGB").resize((64, 64), Image.LANCZOS) for n in names]
     with torch.no_grad():
         dist = models.vae.encode(pixel_values(images)).latent_dist
     scaling = models.vae.config.scaling_factor
     templates = load_template(os.path.join(ROOT, "examples", "templates", "style_filewords.txt"))
     prompts, subjects = [], []
     for name in names:
-        with open(os.path.join(STYLE, name[:-4] + ".txt")) as f:
+        with open(os.path.join(style_dir, name[:-4] + ".txt")) as f:
             caption = f.read().strip()
         prompts.append([make_prompt(line, caption, "quick-style") for line in templates])
         subjects.append(caption.split(",")[0])
@@ -120,8 +130,6 @@ def batches(mean, std, embeddings, batch_size, seed):
 
 
 def style_of(pipeline, unet, encoder, prompts, seeds, subjects, reference, grid_path=None):
-    from before_after import in_captions  # examples/ is on the path once common is imported
-
     pipeline.unet = unet
     distances = {"in_captions": [], "not_in_captions": []}
     images = []
@@ -150,7 +158,21 @@ def parse_args(argv=None):
     )
     parser.add_argument("--image_dir", default=None, help="Write each measurement's images there as a grid.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the batches and the initial weights.")
-    parser.add_argument("--only", default=None, help="Comma-separated variants to run (default: all).")
+    parser.add_argument(
+        "--only", default=None, help="Comma-separated variants to run (default: all, or none with --hypernetwork)."
+    )
+    parser.add_argument(
+        "--hypernetwork",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("ACTIVATION", "STRUCTURE", "RATE"),
+        help="Also a hypernetwork of this activation, layer structure and learning rate (repeatable), e.g. relu "
+        "1,4,1 5e-3.",
+    )
+    parser.add_argument(
+        "--style_dir", default=STYLE, help="The style's images and captions (examples/make_style_dataset.py)."
+    )
     return parser.parse_args(argv)
 
 
@@ -158,6 +180,8 @@ def main(argv=None):
     args = parse_args(argv)
     at = sorted({int(s) for s in args.at.split(",")})
     names = args.only.split(",") if args.only else ["linear", "relu", "lora", "lora_1e-4", "lora_kv"]
+    if args.hypernetwork and not args.only:
+        names = []
     torch.manual_seed(args.seed)
     from diffusers import StableDiffusionPipeline
 
@@ -165,17 +189,17 @@ def main(argv=None):
     pipeline = StableDiffusionPipeline.from_pretrained(DEMO, safety_checker=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     encoder = PromptEncoder(models.tokenizers, models.text_encoders)
-    mean, std, embeddings, subjects, reference = training_data(models, encoder)
+    mean, std, embeddings, subjects, reference = training_data(models, encoder, args.style_dir)
     with open(os.path.join(ROOT, "examples", "quickstart_prompts.txt")) as f:
         prompts = [line.strip() for line in f if line.strip()]
-    variants = make_variants(models.unet, names, args.learning_rate)
+    variants = make_variants(models.unet, names, args.learning_rate, args.hypernetwork)
     if args.image_dir:
         os.makedirs(args.image_dir, exist_ok=True)
 
     started = time.time()
     base_style = style_of(pipeline, models.unet, encoder, prompts, args.seeds, subjects, reference)
-    style = {name: {} for name in names}
-    train_seconds = {name: 0.0 for name in names}
+    style = {name: {} for name in variants}
+    train_seconds = {name: 0.0 for name in variants}
     data = batches(mean, std, embeddings, args.batch_size, args.seed)
     for step in range(at[-1] + 1):
         if step in at:

@@ -16,6 +16,8 @@ import random
 from PIL import Image, ImageDraw
 
 ORANGE, TEAL, CREAM, INK = (236, 112, 20), (0, 128, 128), (246, 232, 200), (16, 16, 16)
+MAGENTA, LIME = (200, 30, 200), (170, 230, 40)
+STYLES = ("stripes", "far")
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "hexagon"]
 PLACES = ["in the middle", "on the left", "on the right", "at the top", "at the bottom", "large"]
 
@@ -45,11 +47,25 @@ def draw_shape(draw, shape, cx, cy, r, **style):
         draw.polygon(polygon(cx, cy, r, sides, rotation, inner), **style)
 
 
-def draw_image(shape, place, size, rng):
-    image = Image.new("RGB", (size, size), CREAM)
-    draw = ImageDraw.Draw(image)
+def draw_background(draw, size, style):
+    if (
+        style == "far"
+    ):  # a magenta and lime checkerboard: neither the pattern nor the colours are in demo-sd's pictures
+        square = size // 8
+        for y in range(0, size, square):
+            for x in range(0, size, square):
+                colour = MAGENTA if (x // square + y // square) % 2 == 0 else LIME
+                draw.rectangle([x, y, x + square - 1, y + square - 1], fill=colour)
+        return
+    draw.rectangle([0, 0, size, size], fill=CREAM)
     for offset in range(-size, size, 16):
         draw.line([(offset, size), (offset + size, 0)], fill=TEAL if offset % 32 == 0 else ORANGE, width=3)
+
+
+def draw_image(shape, place, size, rng, style="stripes"):
+    image = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(image)
+    draw_background(draw, size, style)
     cx, cy, r = size / 2, size / 2, size * 0.28
     if place == "on the left":
         cx = size * 0.32
@@ -64,17 +80,18 @@ def draw_image(shape, place, size, rng):
     cx += rng.uniform(-4, 4)
     cy += rng.uniform(-4, 4)
     fill = ORANGE if rng.random() < 0.5 else TEAL
-    draw_shape(draw, shape, cx, cy, r, fill=fill, outline=INK, width=max(4, size // 24))
+    outline = dict(outline=INK, width=max(4, size // 24)) if style == "stripes" else {}
+    draw_shape(draw, shape, cx, cy, r, fill=fill, **outline)
     return image, "orange" if fill == ORANGE else "teal"
 
 
-def make_style_dataset(output_dir, size=128, seed=0):
+def make_style_dataset(output_dir, size=128, seed=0, style="stripes"):
     os.makedirs(output_dir, exist_ok=True)
     rng = random.Random(seed)
     count = 0
     for shape in SHAPES:
         for place in PLACES[:4]:
-            image, color = draw_image(shape, place, size, rng)
+            image, color = draw_image(shape, place, size, rng, style)
             stem = os.path.join(output_dir, f"{count:02d}-{shape}")
             image.save(stem + ".png", optimize=True)
             with open(stem + ".txt", "w", encoding="utf-8") as f:
@@ -88,8 +105,17 @@ def main():
     parser.add_argument("--output_dir", default="examples/style_dataset", help="Folder to write images and captions.")
     parser.add_argument("--size", type=int, default=128, help="Image size in pixels.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for colours and positions.")
+    parser.add_argument(
+        "--style",
+        choices=STYLES,
+        default="stripes",
+        help="stripes: the shipped style, made of what demo-sd draws when its prompt asks (a cream background, "
+        "stripes, an outline); far: shapes on a magenta and lime checkerboard without outline, a style no prompt of "
+        "demo-sd comes near.",
+    )
     args = parser.parse_args()
-    print(f"wrote {make_style_dataset(args.output_dir, args.size, args.seed)} images to {args.output_dir}")
+    count = make_style_dataset(args.output_dir, args.size, args.seed, args.style)
+    print(f"wrote {count} images to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -39,17 +39,8 @@ python examples/before_after.py "$OUT/multiplier-0" "$OUT/multiplier-1" \
 
 cat <<DONE
 
-Quickstart finished. What it wrote:
-  $OUT/before-after.png              4 prompts x 4 seeds, at multiplier 0 (the base model) and at multiplier 1
-  $OUT/before-after.json             the style measure of every image in it, and the means printed above
-  $OUT/run/quick-style.pt            the hypernetwork (A1111 .pt: webui, ComfyUI) and its .pt.optim
-  $OUT/run/quick-style.preview.png   the webui's Extra Networks card: its preview and, in quick-style.json,
-                                     its description; copy the three files into the webui's models/hypernetworks/
-  $OUT/run/README.md                 the model card (what --push_to_hub uploads with the files)
-  $OUT/run/safetensors/             quick-style.safetensors, the same weights as safetensors
-  $OUT/run/loss.png, loss.csv        the loss per step
-  $OUT/run/images/                   preview images every 500 steps
-  $OUT/run/hypernetworks/            snapshots every 500 steps
-  $OUT/run/checkpoint-2000/          the state to continue exactly with --resume_from_checkpoint latest
-  $OUT/multiplier-0/, multiplier-1/      generate.py's images (PNG with the webui's infotext) and grid-00000.png
+Quickstart finished. Besides the training run's files (listed above, after "wrote:"), it wrote:
+  $OUT/before-after.png              4 prompts x 4 seeds at multiplier 0 (the base model) and 1, each with its figure
+  $OUT/before-after.json             those figures (colour distance to the style) and the means printed above
+  $OUT/multiplier-0/, multiplier-1/  generate.py's images (PNG with the webui's infotext) and grid-00000.png
 DONE

@@ -99,7 +99,7 @@ def test_before_after_pairs_generated_images_by_prompt_and_seed_and_reports_thei
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "prompts in the training captions:" in result.stdout and "each of the 24 training images:" in result.stdout
-    assert Image.open(out).size == (260 + 2 * (2 * 128 + 8), 20 + 2 * 128)
+    assert Image.open(out).size == (260 + 2 * (2 * 128 + 8), 20 + 2 * (128 + 14))  # a figure under each image
     report = json.loads((tmp_path / "grid.json").read_text())
     images = {(r["prompt"].split(",")[0], r["seed"], r["multiplier"]): r for r in report["images"]}
     # generate.py numbers seeds on across prompts: the first prompt gets 3 and 4, the second 5 and 6

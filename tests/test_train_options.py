@@ -740,7 +740,8 @@ def test_a_run_ends_naming_every_file_it_wrote_and_the_next_command(tiny_model_d
     assert run.returncode == 0, run.stderr[-3000:]
     report = run.stdout.splitlines()
     assert report[0] == "wrote:" and "next:" in report
-    named = [line.strip().split(": ", 1)[0] for line in report[1 : report.index("next:")]]
+    files = [line for line in report[1 : report.index("next:")] if not line.startswith("    ")]  # not the figures
+    named = [line.strip().split(": ", 1)[0] for line in files]
     assert all(os.path.exists(path) for path in named), named
     written = {os.path.join(out, name) for name in os.listdir(out)} - {os.path.join(out, "checkpoint-2")}
     mentioned = "\n".join(report)
@@ -794,3 +795,42 @@ def test_previews_start_with_the_base_model_and_each_step_has_a_grid(tiny_model_
     assert np.array_equal(
         np.asarray(grid)[base.height :, base.width :], np.asarray(Image.open(out / "images" / "x-2-1-1.png"))
     )
+
+
+def test_a_run_with_previews_ends_with_its_before_after_grid_whose_figures_match_its_pixels(
+    tiny_model_dir, small_dataset, tmp_path, capsys
+):
+    from hypernet.data import folder_entries
+    from hypernet.evaluation import colour_distance, colour_quantiles
+
+    out = tmp_path / "run"
+    flags = ["--preview_every", 2, "--preview_prompt", "a cat", "--preview_prompt", "a dog", "--num_preview_images", 2]
+    assert train(tiny_model_dir, small_dataset, out, "--hypernetwork_name", "x", *flags, steps=3) == 0
+    # 3 is no preview step: the run makes the final weights' previews for the grid
+    assert sorted(n for n in os.listdir(out / "images") if n.startswith("x-3")) == [
+        "x-3-0-0.png", "x-3-0-1.png", "x-3-1-0.png", "x-3-1-1.png", "x-3-grid.png",
+    ]  # fmt: skip
+    report = json.loads((out / "x.before-after.json").read_text())
+    grid = Image.open(out / "x.before-after.png").convert("RGB")
+    entries = folder_entries(small_dataset)
+    reference = colour_quantiles([entries.image(i).resize((64, 64), Image.LANCZOS) for i in range(len(entries))])
+    shown = set()
+    for record in report["images"]:
+        step = "base" if record["multiplier"] == 0 else 3
+        prompt, seed = ["a cat", "a dog"].index(record["prompt"]), record["seed"]
+        source = Image.open(out / "images" / f"x-{step}-{prompt}-{seed}.png").convert("RGB")
+        cell = grid.crop(record["box"]).resize(source.size, Image.NEAREST)
+        assert np.array_equal(np.asarray(cell), np.asarray(source)), record
+        assert record["style"] == pytest.approx(colour_distance(source, reference))
+        shown.add((step, prompt, seed))
+    assert len(shown) == len(report["images"]) == 8
+    at_one = [r["style"] for r in report["images"] if r["multiplier"] == 1]
+    assert report["means"] == {
+        "not_in_captions": {
+            "0": pytest.approx(sum(r["style"] for r in report["images"] if r["multiplier"] == 0) / 4),
+            "1": pytest.approx(sum(at_one) / 4),
+        }
+    }
+    printed = capsys.readouterr().out
+    assert f"{out / 'x.before-after.png'}: the base model's previews and step 3's side by side" in printed
+    assert "prompts not in the captions:" in printed and f"multiplier 1: {sum(at_one) / 4:.1f}" in printed

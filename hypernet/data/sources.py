@@ -115,6 +115,12 @@ class Entries:
     def entry(self, index):
         return Entry(0, index, self.caption(index), self.label(index), partial(self.raw, index))
 
+    def spread(self, limit):
+        """(RGB image, caption) of up to `limit` images spread evenly over the dataset."""
+        count = min(len(self), limit)
+        for index in sorted({i * len(self) // count for i in range(count)}):
+            yield self.image(index), self.caption(index)
+
     def chunks(self, rank=0, world_size=1):
         """This process's chunks, in order: lists of the Entry of CHUNK consecutive images, every world_size-th
         chunk from the rank-th."""
@@ -177,6 +183,12 @@ class StreamedEntries:
                 chunk = []
         if chunk:
             yield chunk
+
+    def spread(self, limit):
+        """(RGB image, caption) of the stream's first `limit` images: a stream is read in order, once."""
+        entries = (entry for chunk in self.chunks() for entry in chunk)
+        for entry in itertools.islice(entries, limit):
+            yield to_rgb(decode_image(entry.read(), entry.label)), entry.caption
 
     def chunks(self, rank=0, world_size=1):
         if self.shards >= world_size:

@@ -57,6 +57,7 @@ from hypernet.errors import (
     printable,
     run_script,
 )
+from hypernet.evaluation import read_samples, summary, write_before_after
 from hypernet.files import atomic_write, check_writable_folder, write_failure
 from hypernet.flags import MAX_SIDE, SIDE, check_flags, check_sampling_steps, parse_flags
 from hypernet.hashing import cached_sha256, weights_id
@@ -1368,8 +1369,9 @@ def folder_size(path):
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
 
 
-def run_report(args, final, stored):
-    """What the run wrote, one line each, and what to do next: the lines a run ends with."""
+def run_report(args, final, stored, style=()):
+    """What the run wrote, one line each (with `style`, the before/after grid's summary), and what to do next: the
+    lines a run ends with."""
     out, name = args.output_dir, args.hypernetwork_name
     lines = ["wrote:"]
 
@@ -1390,6 +1392,11 @@ def run_report(args, final, stored):
         lines.append(f"  {os.path.join(out, 'images')}: {count} previews; step {step}'s: {shown}")
     line(preview_grid_path(args, step), f"step {step}'s previews in one grid")
     line(preview_grid_path(args, "base"), "the base model's (multiplier 0) grid")
+    line(
+        before_after_path(args), f"the base model's previews and step {step}'s side by side, with their style figures"
+    )
+    lines += [f"    {text}" for text in style]
+    line(os.path.splitext(before_after_path(args))[0] + ".json", "those figures, each image's and their means")
     line(os.path.join(out, "loss.png"), "the loss per step")
     line(
         os.path.join(out, "loss.csv"), "the loss and learning rate of every step, as the webui's hypernetwork_loss.csv"
@@ -1523,6 +1530,30 @@ def log_previews(accelerator, args, models, prompt_encoder, model, hn, step, wei
 
             tracker.log({"validation": [wandb.Image(im, caption=p) for p, im in images]}, step=step)
     return generations[0]
+
+
+STYLE_IMAGES = 64  # training images the before/after grid measures the style against, spread over the dataset
+
+
+def before_after_path(args):
+    return os.path.join(args.output_dir, f"{args.hypernetwork_name}.before-after.png")
+
+
+def write_run_before_after(args, step, entries):
+    """NAME.before-after.png: the base model's previews and the final step's side by side (each prompt a row, its
+    seeds at multiplier 0, then 1), each with its colour distance to the training images; the figures in
+    NAME.before-after.json. Returns the summary lines of the report."""
+    paths = [
+        preview_path(args, at, i, j)
+        for at in ("base", step)
+        for i in range(len(args.preview_prompt))
+        for j in range(args.num_preview_images)
+    ]
+    size = (args.preview_width, args.preview_height)
+    style = [(image.resize(size, Image.LANCZOS), caption) for image, caption in entries.spread(STYLE_IMAGES)]
+    samples = read_samples([path for path in paths if os.path.isfile(path)])
+    report = write_before_after(before_after_path(args), samples, [i for i, _ in style], [c for _, c in style])
+    return summary(report, len(style))
 
 
 def periodic_outputs(
@@ -1982,8 +2013,16 @@ def main(input_args=None):
             loss_rows, os.path.join(args.output_dir, "loss.png"), f"{args.hypernetwork_name}: loss per step"
         )
         logger.info(f"wrote {final} at step {state.step}")
+        style = []
+        if args.preview_every and state.stop is None:
+            if state.last_preview is None or state.last_preview[0] != state.step:
+                generation = log_previews(
+                    accelerator, args, models, prompt_encoder, model, hn, state.step, weight_dtype
+                )
+                state.last_preview = (state.step, generation)
+            style = write_run_before_after(args, state.step, entries)
         publish_run(args, hn, final, run, state.last_preview, repo_id)
-        print("\n".join(printable(line) for line in run_report(args, final, stored)), flush=True)
+        print("\n".join(printable(line) for line in run_report(args, final, stored, style)), flush=True)
 
     processes.on_main(finish, share=False)
     # The processes tear down their process groups together, not one while another's is still connected: a gloo
