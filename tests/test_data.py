@@ -441,3 +441,18 @@ def test_two_processes_hold_the_records_of_one(tiny_model_dir, varied_dataset, t
         for two in saved[2]:
             assert_same_records((one["tensors"], one["fields"]), (two["tensors"], two["fields"]))
             assert os.path.basename(two["index"]) == os.path.basename(one["index"]), "the same index, bit for bit"
+
+
+def test_spread_takes_images_evenly_over_a_folder_and_the_first_of_a_stream(varied_dataset):
+    images, parquet = varied_dataset
+    folder = data.folder_entries(images)
+    spread = list(folder.spread(8))
+    expected = [i * 40 // 8 for i in range(8)]
+    assert [caption for _, caption in spread] == [folder.caption(i) for i in expected]
+    assert all(
+        np.array_equal(np.asarray(image), np.asarray(folder.image(i))) for (image, _), i in zip(spread, expected)
+    )
+    assert len(list(folder.spread(100))) == 40
+    streamed = list(data.dataset_entries(parquet, streaming=True).spread(3))
+    assert [caption for _, caption in streamed] == [folder.caption(i) for i in range(3)]
+    assert all(image.mode == "RGB" for image, _ in streamed)
