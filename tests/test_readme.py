@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from helpers import ROOT, a1111_file
+from PIL import Image
 
 import hypernet
 
@@ -158,6 +159,8 @@ def test_readme_commands_run(sandbox):
         for command in commands(block):
             if command.startswith(NOT_RUN_HERE) or "...same flags..." in command or command.endswith("..."):
                 continue
+            if command == guide_first_run():
+                continue  # test_a_newcomer_follows_the_guide_to_their_own_before_after_grid runs it
             result = subprocess.run(scaled_down(command), cwd=sandbox, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
             ran.append(command.split()[1] if command.startswith("python") else command.split()[2])
@@ -220,3 +223,28 @@ def test_installed_commands_are_the_scripts(command, script, helps):
     assert result.returncode == 0 and result.stdout.startswith(f"usage: {command} ")
     assert flags_of(result.stdout) == flags_of(helps[script])
     assert version("hypernet") == hypernet.__version__, "one source for the version"
+
+
+def guide_first_run():
+    with open(os.path.join(ROOT, "docs", "own-data.md")) as f:
+        (command,) = commands(code_blocks(f.read(), "bash")[0])
+    return command
+
+
+def test_a_newcomer_follows_the_guide_to_their_own_before_after_grid(sandbox):
+    """docs/own-data.md's first run on a folder of one's own, then the command its last lines give."""
+    words = scaled_down(guide_first_run().replace("--max_train_steps 2000", "--max_train_steps 2"))
+    words += ["--resolution", "64", "--preview_steps", "4"]
+    run = subprocess.run(words, cwd=sandbox, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    grid = next(line.split(": ", 1)[0].strip() for line in lines if "before-after.png: " in line)
+    assert grid == os.path.join("outputs", "first-try", "first-try.before-after.png")
+    assert os.path.isfile(sandbox / grid) and os.path.isfile(sandbox / grid.replace(".png", ".json"))
+    assert any("prompts not in the captions:" in line and "multiplier 1: " in line for line in lines)
+    command = lines[lines.index("next:") + 1].strip()
+    result = subprocess.run(scaled_down(command), cwd=sandbox, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    made = [n for n in os.listdir(sandbox / "outputs" / "first-try" / "generated") if not n.startswith("grid-")]
+    with Image.open(sandbox / "outputs" / "first-try" / "generated" / made[0]) as image:
+        assert "<hypernet:first-try:1>" in image.info["parameters"]
