@@ -91,8 +91,11 @@ def test_bench_data_reports_held_memory_caching_and_step_times():
 
 
 def test_bench_style_measures_every_variant_at_every_step_count_for_both_prompt_groups():
-    result = bench("bench_style.py", "--at", "0,2", "--seeds", "1", "--only", "relu,lora", model=())
-    assert set(result["style"]) == {"relu", "lora"}
+    result = bench(
+        "bench_style.py", "--at", "0,2", "--seeds", "1", "--only", "relu,lora", "--hypernetwork", "relu", "1,4,1", "1e-3",
+        model=(),
+    )  # fmt: skip
+    assert set(result["style"]) == {"relu", "lora", "relu 1,4,1 @1e-3"}
     for variant in result["style"].values():
         assert set(variant) == {"0", "2"}
         for measured in variant.values():
@@ -100,6 +103,8 @@ def test_bench_style_measures_every_variant_at_every_step_count_for_both_prompt_
             assert all(0 <= distance <= 255 * 3**0.5 for distance in measured.values())
     assert result["style"]["lora"]["0"] == result["base_style"], "LoRA starts at B = 0: the base model's images"
     assert result["trainable_parameters"]["relu"] > result["trainable_parameters"]["lora"] > 0
+    widths = (32, 64, 96)  # demo-sd's; a module pair per width, each w -> 4w -> w with biases
+    assert result["trainable_parameters"]["relu 1,4,1 @1e-3"] == sum(2 * (8 * w * w + 5 * w) for w in widths)
 
 
 PEAK = """
