@@ -52,11 +52,8 @@ def main(argv=None):
         training = folder_entries(args.train_data_dir)
     except HypernetError:
         fail(f"--train_data_dir {args.train_data_dir}: no training images to measure the style against")
-    images = [training.image(i) for i in range(len(training))]
-    captions = [training.caption(i) for i in range(len(training))]
-
-    report = write_before_after(args.output, samples, images, captions)
-    print("\n".join(summary(report, len(images))))
+    report = write_before_after(args.output, samples, training.spread(len(training)))
+    print("\n".join(summary(report)))
     print(f"wrote {args.output} and {os.path.splitext(args.output)[0]}.json")
     return report
 

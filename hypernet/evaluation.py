@@ -146,13 +146,19 @@ MEASURE = (
 )
 
 
-def write_before_after(path, samples, style_images, captions):
-    """before_after's grid at `path` and its report beside it (.json), each written under a temporary name; the
-    report also gives the training images' own mean distance to their pooled colours, the floor to read the
+def write_before_after(path, samples, training):
+    """before_after's grid at `path` and its report beside it (.json), each written under a temporary name.
+    `training` gives (image, caption) of the training images, each resized to the samples' size as it is read; the
+    report also gives their number and their own mean distance to their pooled colours, the floor to read the
     figures against. Returns the report."""
-    style_images = [image.convert("RGB").resize(samples[0].image.size, Image.LANCZOS) for image in style_images]
+    size = samples[0].image.size
+    style_images, captions = [], []
+    for image, caption in training:
+        style_images.append(image.convert("RGB").resize(size, Image.LANCZOS))
+        captions.append(caption)
     reference = colour_quantiles(style_images)
     grid, report = before_after(samples, reference, captions)
+    report["training_image_count"] = len(style_images)
     report["training_images"] = sum(colour_distance(image, reference) for image in style_images) / len(style_images)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as tmp:
@@ -163,11 +169,11 @@ def write_before_after(path, samples, style_images, captions):
     return report
 
 
-def summary(report, images):
-    """The report's means as lines to print, `images` the number of training images measured."""
+def summary(report):
+    """The report's means as lines to print."""
     lines = [
         "style = colour distance to the training images (lower is closer):",
-        f"  each of the {images} training images:{'':13}{report['training_images']:.1f}",
+        f"  each of the {report['training_image_count']} training images:{'':13}{report['training_images']:.1f}",
     ]
     for group, label in (
         ("in_captions", "prompts in the training captions:"),

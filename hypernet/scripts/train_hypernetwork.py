@@ -1549,11 +1549,8 @@ def write_run_before_after(args, step, entries):
         for i in range(len(args.preview_prompt))
         for j in range(args.num_preview_images)
     ]
-    size = (args.preview_width, args.preview_height)
-    style = [(image.resize(size, Image.LANCZOS), caption) for image, caption in entries.spread(STYLE_IMAGES)]
     samples = read_samples([path for path in paths if os.path.isfile(path)])
-    report = write_before_after(before_after_path(args), samples, [i for i, _ in style], [c for _, c in style])
-    return summary(report, len(style))
+    return summary(write_before_after(before_after_path(args), samples, entries.spread(STYLE_IMAGES)))
 
 
 def periodic_outputs(
